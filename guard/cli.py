@@ -1,0 +1,198 @@
+"""The ``guard`` command line: serve, describe, config check, and the SAE tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import grpc
+import structlog
+
+from guard import __version__
+from guard.config import DEFAULT_LISTEN, GuardConfig, load_config, load_default_config
+from guard.errors import GuardError
+
+log = structlog.get_logger(__name__)
+
+
+def _load(path: str | None) -> GuardConfig:
+    return load_config(path) if path else load_default_config()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from guard.engine import Engine
+    from guard.server import GuardServer
+    from guard.telemetry import configure_logging
+
+    config = _load(args.config)
+    configure_logging(config.logging)
+    stop = threading.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:  # a second signal: stop now, no drain
+            log.warning("second signal, stopping without drain", signal=signum)
+            raise SystemExit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server = GuardServer(config)
+    server.start()
+    try:
+        engine = Engine.load(config)
+    except GuardError as exc:
+        log.error("cannot start", reason=str(exc))
+        server.stop(0)
+        return 1
+    if not stop.is_set():
+        server.set_ready(engine)
+    while not stop.wait(0.5):  # short waits so signal handlers run promptly
+        pass
+    log.info("signal received", signal=signal.Signals(signals_seen[0]).name)
+    server.stop()
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    saes = ", ".join(str(s.path) for s in config.saes) or "none"
+    print(f"{config.source}: OK (listen {config.server.listen}; SAEs: {saes})")
+    if args.load:
+        from guard.engine import Engine
+
+        engine = Engine.load(config)
+        for name, runtime in sorted(engine.hooks.items()):
+            info = runtime.info
+            print(f"  {name}: {info.architecture} d_in={info.d_in} d_sae={info.d_sae} "
+                  f"sha256={info.sha256[:12]} provider={runtime.execution_provider}")
+    return 0
+
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from guard.v1 import guard_pb2 as pb
+    from guard.v1 import guard_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.GuardStub(channel)
+        try:
+            reply = stub.Describe(pb.DescribeRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"guard describe: {args.target}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
+            return 1
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json.dumps(json_format.MessageToDict(reply), indent=2))
+        return 0
+    print(format_description(reply, args.target))
+    return 0
+
+
+def format_description(reply: object, target: str) -> str:
+    """A readable rendering of a DescribeResponse."""
+    from guard.v1 import guard_pb2 as pb
+
+    assert isinstance(reply, pb.DescribeResponse)
+    lines = [
+        f"Activation Guard {reply.guard_version} at {target} (protocol {reply.protocol_version})",
+        f"max message: {reply.max_message_bytes / 2**20:.1f} MiB "
+        f"(server.max_message_bytes); datatypes: {', '.join(reply.datatypes)}",
+    ]
+    subs = {s.hook: s for s in reply.subscriptions}
+    if not reply.saes:
+        lines.append("hooks: none (no SAE configured)")
+    else:
+        lines.append("hooks:")
+    for sae in reply.saes:
+        lines.append(f"  {sae.hook}")
+        lines.append(f"    SAE         {sae.architecture}, d_in {sae.d_in}, d_sae {sae.d_sae}, "
+                     f"{sae.weight_dtype}, from {sae.source}")
+        lines.append(f"    provider    {sae.execution_provider}")
+        lines.append(f"    sha256      {sae.sha256}")
+        sub = subs.get(sae.hook)
+        if sub is None or (not sub.all_features and not sub.feature_ids):
+            features = "none subscribed (no encode)"
+        elif sub.all_features:
+            features = f"all {sae.d_sae}"
+        else:
+            ids = list(sub.feature_ids)
+            shown = ", ".join(str(i) for i in ids[:16]) + (" ..." if len(ids) > 16 else "")
+            features = f"{len(ids)}: {shown}"
+        lines.append(f"    features    {features}")
+    plugins = ", ".join(f"{p.name} {p.version}" for p in reply.plugins) or "none"
+    lines.append(f"plugins: {plugins}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guard",
+        description="Activation Guard: an SAE-based runtime guard sidecar for LLM inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the sidecar",
+        description="Run the gRPC sidecar until SIGTERM or SIGINT, then drain and exit.",
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="YAML configuration (default: the embedded default)")
+    serve.set_defaults(func=cmd_serve)
+
+    describe = commands.add_parser(
+        "describe", help="ask a running guard what it serves",
+        description="Call Describe on a running guard and print the reply.",
+    )
+    describe.add_argument("--target", default=DEFAULT_LISTEN,
+                          help="address: unix:///path.sock or host:port "
+                          f"(default {DEFAULT_LISTEN})")
+    describe.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    describe.add_argument("--json", action="store_true", help="print the reply as JSON")
+    describe.set_defaults(func=cmd_describe)
+
+    config = commands.add_parser("config", help="configuration tools",
+                                 description="Configuration tools.")
+    config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND",
+                                            required=True)
+    check = config_commands.add_parser(
+        "check", help="validate a configuration file without starting",
+        description="Validate a configuration file; exit 0 when valid, 2 when not.",
+    )
+    check.add_argument("file", nargs="?", metavar="FILE",
+                       help="YAML configuration (default: the embedded default)")
+    check.add_argument("--load", action="store_true",
+                       help="also load every SAE (checks files, shapes and sha256 pins)")
+    check.set_defaults(func=cmd_config_check)
+
+    from guard.sae.cli import register as register_sae
+
+    register_sae(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except GuardError as exc:
+        print(f"guard {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

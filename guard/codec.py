@@ -1,0 +1,107 @@
+"""Tensor codec: wire tensors (datatype, shape, raw bytes) to NumPy arrays and back.
+
+The wire convention is KServe v2 / Triton's: a datatype string, a shape, and row-major
+little-endian raw bytes. NumPy has no bfloat16, so BF16 is decoded by shifting its 16 bits
+into the high half of a float32 (exact) and encoded by rounding float32 to nearest-even.
+Decoding F32 is zero-copy (a read-only view on the message's bytes) on little-endian hosts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.errors import InvalidInput
+
+#: Datatypes the guard accepts on the wire, with their item size in bytes.
+DATATYPES: Final[dict[str, int]] = {"F32": 4, "F16": 2, "BF16": 2}
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+}
+
+
+def expected_nbytes(datatype: str, shape: Sequence[int]) -> int:
+    """Byte length of a tensor of this datatype and shape; validates both."""
+    itemsize = DATATYPES.get(datatype)
+    if itemsize is None:
+        raise InvalidInput(
+            f"tensor datatype: expected one of {', '.join(DATATYPES)}, found {datatype!r}"
+        )
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidInput(f"tensor shape: dimensions must be >= 0, found {list(shape)}")
+        count *= dim
+    return count * itemsize
+
+
+def decode(datatype: str, shape: Sequence[int], raw: bytes) -> NDArray[np.float32]:
+    """Decode wire bytes into a float32 array of ``shape``.
+
+    F32 returns a read-only view on ``raw`` (no copy); F16 and BF16 are widened to float32
+    (one copy). Raises :class:`InvalidInput` naming the datatype, the shape and the byte
+    lengths expected and found.
+    """
+    shape = tuple(int(d) for d in shape)
+    nbytes = expected_nbytes(datatype, shape)
+    if len(raw) != nbytes:
+        raise InvalidInput(
+            f"tensor raw: {datatype} with shape {list(shape)} needs {nbytes} bytes, "
+            f"found {len(raw)}"
+        )
+    flat = np.frombuffer(raw, dtype=_NUMPY_DTYPES[datatype])
+    if datatype == "F32":
+        out = flat if _LITTLE_ENDIAN else flat.astype(np.float32)
+    elif datatype == "F16":
+        out = flat.astype(np.float32)
+    else:
+        out = (flat.astype(np.uint32) << 16).view(np.float32)
+    return out.reshape(shape)
+
+
+def encode(array: NDArray[np.floating], datatype: str = "F32") -> tuple[list[int], bytes]:
+    """Encode an array as (shape, raw bytes) in ``datatype``; returns copies, C order."""
+    if datatype not in DATATYPES:
+        raise InvalidInput(
+            f"tensor datatype: expected one of {', '.join(DATATYPES)}, found {datatype!r}"
+        )
+    shape = [int(d) for d in array.shape]
+    if datatype == "F32":
+        raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    elif datatype == "F16":
+        raw = np.ascontiguousarray(array, dtype="<f2").tobytes()
+    else:
+        raw = float32_to_bf16_bits(np.asarray(array, dtype=np.float32)).astype("<u2").tobytes()
+    return shape, raw
+
+
+def float32_to_bf16_bits(array: NDArray[np.float32]) -> NDArray[np.uint16]:
+    """Round float32 to bfloat16 (nearest, ties to even) and return the 16-bit patterns.
+
+    NaN stays NaN (quiet); infinities and signed zeros are kept.
+    """
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+def nonfinite_rows(array: NDArray[np.float32]) -> NDArray[np.intp]:
+    """Indices of the rows of a 2-D array that hold a NaN or an infinity."""
+    if array.size == 0:
+        return np.empty(0, dtype=np.intp)
+    # One reduction instead of an elementwise isfinite pass: a float64 sum of float32 values
+    # cannot overflow, so it is non-finite exactly when the row holds a NaN or an infinity.
+    sums = array.sum(axis=1, dtype=np.float64)
+    return np.flatnonzero(~np.isfinite(sums))

@@ -1,0 +1,313 @@
+"""The guard's configuration: one YAML file, validated at load.
+
+The same file is mounted by the Helm chart. Every error names the key path, what was
+expected and what was found (``saes[1].sha256: expected 64 hex characters, found 'abc'``).
+A few deployment knobs can be overridden by environment variables (see ``ENV_OVERRIDES``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, cast
+
+import yaml
+
+from guard.errors import ConfigError
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+SaeDtype = Literal["auto", "fp32", "fp16", "int8"]
+
+#: Default fits a [512, 8192] F32 batch (16 MiB of tensor bytes) with room for labels.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+DEFAULT_LISTEN: Final = "unix:///tmp/activation-guard/guard.sock"
+
+#: Environment variable -> (section, key). Applied after the file is read, then validated.
+ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
+    "GUARD_LISTEN": ("server", "listen"),
+    "GUARD_TCP_LISTEN": ("server", "tcp_listen"),
+    "GUARD_HEALTH_LISTEN": ("server", "health_listen"),
+    "GUARD_LOG_LEVEL": ("logging", "level"),
+    "GUARD_LOG_FORMAT": ("logging", "format"),
+}
+
+_HOOK_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the gRPC server listens."""
+
+    #: Main listener: ``unix:///path/guard.sock`` (the in-pod path) or ``host:port``.
+    listen: str = DEFAULT_LISTEN
+    #: Optional second listener on TCP (``host:port``); empty for none.
+    tcp_listen: str = ""
+    #: Optional TCP listener serving only the health service (Kubernetes probes).
+    health_listen: str = ""
+    #: Largest accepted message; a larger batch gets RESOURCE_EXHAUSTED naming this key.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: On SIGTERM, in-flight streams get this long to finish before they are cancelled.
+    drain_grace_seconds: float = 10.0
+    #: Concurrent RPCs (streams and unary calls); more get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 64
+    #: Serve gRPC server reflection (``grpcurl list``).
+    reflection: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """structlog output: JSON lines when not on a TTY (``auto``), readable on a TTY."""
+
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """One SAE served on one hook."""
+
+    #: SAELens folder, sparsify layer folder, Gemma Scope params.npz or exported artifact.
+    path: Path
+    #: Hook name; defaults to the one stored with the SAE.
+    hook: str | None = None
+    #: sha256 pin of the SAE weights; a mismatch refuses to start.
+    sha256: str | None = None
+    #: Weight dtype of the encoder graph.
+    dtype: SaeDtype = "auto"
+    #: Features computed for every batch until plugins subscribe (``all`` or a list of ids).
+    features: tuple[int, ...] | Literal["all"] = ()
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The whole configuration file."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    saes: tuple[SaeConfig, ...] = ()
+    #: Where the configuration came from (a path, or ``<embedded default>``).
+    source: str = "<defaults>"
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A mapping read with type checks; errors carry the full key path."""
+
+    def __init__(self, data: object, path: str, source: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "<top level>", "a mapping", data, source=source)
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.source = source
+        self.read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, check: Callable[[str, object], T], default: T) -> T:
+        self.read.add(name)
+        if name not in self.data:
+            return default
+        return check(self.key(name), self.data[name])
+
+    def finish(self) -> None:
+        """Reject keys nobody read: a typo must not silently fall back to a default."""
+        unknown = sorted(str(k) for k in self.data if k not in self.read)
+        if unknown:
+            raise ConfigError(
+                self.key(unknown[0]),
+                f"one of the keys {', '.join(sorted(self.read))}",
+                f"unknown key {unknown[0]!r}",
+                source=self.source,
+            )
+        return None
+
+
+def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) -> GuardConfig:
+    def fail(key: str, expected: str, found: object) -> ConfigError:
+        return ConfigError(key, expected, found, source=source)
+
+    def string(key: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise fail(key, "a string", value)
+        return value
+
+    def optional_string(key: str, value: object) -> str | None:
+        return None if value is None else string(key, value)
+
+    def positive_int(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise fail(key, "a positive integer", value)
+        return value
+
+    def nonneg_number(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise fail(key, "a number >= 0", value)
+        return float(value)
+
+    def boolean(key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise fail(key, "true or false", value)
+        return value
+
+    def choice(*options: str) -> Callable[[str, object], Any]:
+        def check(key: str, value: object) -> str:
+            if not isinstance(value, str) or value.lower() not in options:
+                raise fail(key, f"one of {', '.join(options)}", value)
+            return value.lower()
+
+        return check
+
+    def address(key: str, value: object) -> str:
+        text = string(key, value).strip()
+        if text and not (text.startswith("unix:") or re.match(r"^[\w.\-\[\]:]*:\d+$", text)):
+            raise fail(key, "unix:///path/to.sock or host:port", value)
+        return text
+
+    top = _Section(data, "", source)
+    server_section = _Section(top.get("server", lambda k, v: v, None), "server", source)
+    defaults = ServerConfig()
+    server = ServerConfig(
+        listen=server_section.get("listen", address, defaults.listen),
+        tcp_listen=server_section.get("tcp_listen", address, defaults.tcp_listen),
+        health_listen=server_section.get("health_listen", address, defaults.health_listen),
+        max_message_bytes=server_section.get(
+            "max_message_bytes", positive_int, defaults.max_message_bytes
+        ),
+        drain_grace_seconds=server_section.get(
+            "drain_grace_seconds", nonneg_number, defaults.drain_grace_seconds
+        ),
+        max_concurrent_rpcs=server_section.get(
+            "max_concurrent_rpcs", positive_int, defaults.max_concurrent_rpcs
+        ),
+        reflection=server_section.get("reflection", boolean, defaults.reflection),
+    )
+    server_section.finish()
+    if not server.listen:
+        raise fail("server.listen", "an address (unix:///path or host:port)", server.listen)
+
+    log_section = _Section(top.get("logging", lambda k, v: v, None), "logging", source)
+    logging_config = LoggingConfig(
+        level=log_section.get("level", choice("debug", "info", "warning", "error"), "info"),
+        format=log_section.get("format", choice("auto", "json", "console"), "auto"),
+    )
+    log_section.finish()
+
+    raw_saes = top.get("saes", lambda k, v: v, None)
+    if raw_saes is None:
+        raw_saes = []
+    if not isinstance(raw_saes, list):
+        raise fail("saes", "a list of SAE entries", raw_saes)
+    saes: list[SaeConfig] = []
+    for index, entry in enumerate(raw_saes):
+        section = _Section(entry, f"saes[{index}]", source)
+
+        def hook_name(key: str, value: object) -> str:
+            text = string(key, value)
+            if not _HOOK_NAME.match(text):
+                raise fail(key, "a hook name such as blocks.12.hook_resid_post", value)
+            return text
+
+        def sha256(key: str, value: object) -> str:
+            text = string(key, value).lower()
+            if not _SHA256.match(text):
+                raise fail(key, "64 hex characters (a sha256 digest)", value)
+            return text
+
+        def features(key: str, value: object) -> tuple[int, ...] | Literal["all"]:
+            if value == "all":
+                return "all"
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise fail(key, "'all' or a list of feature ids (integers >= 0)", value)
+            return tuple(sorted(set(cast(list[int], value))))
+
+        raw_path = section.get("path", optional_string, None)
+        if not raw_path:
+            raise fail(f"saes[{index}].path", "the path of an SAE", raw_path)
+        path = Path(os.path.expanduser(raw_path))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        saes.append(
+            SaeConfig(
+                path=path,
+                hook=section.get("hook", hook_name, None),
+                sha256=section.get("sha256", sha256, None),
+                dtype=section.get("dtype", choice("auto", "fp32", "fp16", "int8"), "auto"),
+                features=section.get("features", features, ()),
+            )
+        )
+        section.finish()
+    top.finish()
+    return GuardConfig(
+        server=server, logging=logging_config, saes=tuple(saes), source=source
+    )
+
+
+def _apply_env(data: object, env: Mapping[str, str]) -> object:
+    if not isinstance(data, Mapping):
+        return data  # the validator reports it
+    merged: dict[str, Any] = dict(data)
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        if variable in env:
+            current = merged.get(section)
+            block = dict(current) if isinstance(current, Mapping) else {}
+            block[key] = env[variable]
+            merged[section] = block
+    return merged
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "<string>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> GuardConfig:
+    """Parse and validate YAML text; ``env`` overrides apply (pass ``{}`` for none)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("<file>", f"valid YAML{where}", str(exc).splitlines()[0],
+                          source=source) from exc
+    if data is None:
+        data = {}
+    data = _apply_env(data, os.environ if env is None else env)
+    return _load_config_from_mapping(data, source, base_dir)
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+                ) -> GuardConfig:
+    """Read and validate a configuration file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", "a readable configuration file", f"{exc.strerror}",
+                          source=str(file)) from exc
+    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), env=env)
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (what ``guard serve`` uses without --config)."""
+    return resources.files("guard").joinpath("defaults/guard.yaml").read_text(encoding="utf-8")
+
+
+def load_default_config(*, env: Mapping[str, str] | None = None) -> GuardConfig:
+    """The embedded default configuration, validated, with env overrides applied."""
+    base = Path(str(resources.files("guard").joinpath("defaults")))
+    return parse_config(default_config_text(), source="<embedded default>", base_dir=base,
+                        env=env)

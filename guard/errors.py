@@ -1,0 +1,91 @@
+"""Domain errors, and the one place that maps them to gRPC status codes.
+
+Raise the most specific class; the server turns it into a status (or a per-batch error
+reply) through :func:`status_code`. Anything that is not a :class:`GuardError` is a bug:
+the client gets INTERNAL with a generic message and the details go to the log only.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GuardError(Exception):
+    """Base class of every error the guard raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(GuardError):
+    """The peer sent something malformed (bad tensor, bad shape, bad field)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(GuardError):
+    """The peer named something the guard does not serve (a hook, a feature)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadySeen(GuardError):
+    """A sequence number was repeated or went backwards on a stream."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ProtocolViolation(GuardError):
+    """Messages arrived in an order the protocol forbids (a batch before the config)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class TooLarge(GuardError):
+    """A message exceeds a configured size limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotReady(GuardError):
+    """The guard is starting or draining and cannot take the call."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ConfigError(GuardError):
+    """The configuration file is invalid; the message names the key path."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, key: str, expected: str, found: object, *, source: str = "") -> None:
+        self.key = key
+        self.expected = expected
+        self.found = found
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: expected {expected}, found {found!r}")
+
+
+class SaeFileError(GuardError):
+    """An SAE file on disk is unreadable or inconsistent; the message names file and field."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+def status_code(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status for an exception: its own code for a GuardError, else INTERNAL."""
+    if isinstance(error, GuardError):
+        return error.code
+    return grpc.StatusCode.INTERNAL
+
+
+def public_message(error: BaseException) -> str:
+    """What the peer may read: the message of a GuardError, a generic text otherwise."""
+    if isinstance(error, GuardError):
+        return str(error)
+    return "internal error in the guard; see the guard's log"

@@ -1,0 +1,217 @@
+"""The gRPC server: Inspect and Describe, health checking, reflection, graceful drain.
+
+Sync grpcio with a thread per RPC: bench/RESULTS.md has the sync-versus-asyncio numbers that
+chose it. The health service reports NOT_SERVING until the engine (SAEs, and later
+plugins) is loaded, and again as soon as a drain begins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from guard import __version__, codec
+from guard.config import GuardConfig
+from guard.engine import Engine
+from guard.errors import GuardError, NotReady
+from guard.stream import PROTOCOL_VERSION, InspectStream, StreamEnded
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Guard"].full_name
+#: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
+#: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
+TRANSPORT_HEADROOM = 2
+
+
+class ListenError(GuardError):
+    """An address could not be bound."""
+
+
+def socket_path(address: str) -> Path | None:
+    """The filesystem path of a ``unix:`` address, or None for TCP."""
+    if not address.startswith("unix:"):
+        return None
+    rest = address[len("unix:"):]
+    return Path(rest[2:] if rest.startswith("//") else rest)
+
+
+class GuardServicer(pb_grpc.GuardServicer):
+    """Serves guard.v1.Guard; answers UNAVAILABLE until an engine is set."""
+
+    def __init__(self, config: GuardConfig) -> None:
+        self._config = config
+        self.engine: Engine | None = None
+
+    def _ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise NotReady("the guard is starting (loading SAEs and plugins); retry when the "
+                           "health service reports SERVING")
+        return self.engine
+
+    def Inspect(
+        self, request_iterator: Iterator[pb.InspectRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.InspectResponse]:
+        try:
+            engine = self._ready_engine()
+        except NotReady as exc:
+            context.abort(exc.code, str(exc))
+        stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer())
+        try:
+            for request in request_iterator:
+                reply = stream.handle(request)
+                if reply is not None:
+                    yield reply
+        except StreamEnded as ended:
+            log.info("stream ended by the guard", peer=stream.peer, code=ended.code.name,
+                     reason=ended.details)
+            context.abort(ended.code, ended.details)
+        finally:
+            counters = stream.counters
+            log.info("stream closed", peer=stream.peer, mode=stream.mode,
+                     batches=counters.batches, rows=counters.rows, rejected=counters.rejected,
+                     skipped_sequences=counters.skipped_sequences)
+
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeResponse:
+        try:
+            engine = self._ready_engine()
+        except NotReady as exc:
+            context.abort(exc.code, str(exc))
+        response = pb.DescribeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            guard_version=__version__,
+            hooks=sorted(engine.hooks),
+            max_message_bytes=self._config.server.max_message_bytes,
+            datatypes=list(codec.DATATYPES),
+        )
+        for name in sorted(engine.hooks):
+            runtime = engine.hooks[name]
+            info = runtime.info
+            response.saes.add(
+                hook=name,
+                d_in=info.d_in,
+                d_sae=info.d_sae,
+                architecture=info.architecture,
+                sha256=info.sha256,
+                execution_provider=runtime.execution_provider,
+                source=info.source_format,
+                weight_dtype=info.weight_dtype,
+            )
+            sub = runtime.subscription
+            response.subscriptions.add(
+                hook=name, feature_ids=sub.feature_ids, all_features=sub.all_features
+            )
+        return response
+
+
+class GuardServer:
+    """The guard's gRPC server(s): start, mark ready, drain and stop."""
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        server_config = config.server
+        transport_limit = server_config.max_message_bytes * TRANSPORT_HEADROOM
+        options = [
+            ("grpc.max_receive_message_length", transport_limit),
+            ("grpc.max_send_message_length", transport_limit),
+            ("grpc.so_reuseport", 0),
+        ]
+        workers = server_config.max_concurrent_rpcs
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guard-rpc"),
+            options=options,
+            maximum_concurrent_rpcs=workers,
+        )
+        self.servicer = GuardServicer(config)
+        self.health = health.HealthServicer()
+        pb_grpc.add_GuardServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        if server_config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+        self._health_server: grpc.Server | None = None
+        if server_config.health_listen:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="guard-health")
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.addresses: list[str] = []
+        self.health_address = ""
+        self._sockets: list[Path] = []
+        self._stopped = threading.Event()
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+    def _bind(self, server: grpc.Server, address: str) -> str:
+        path = socket_path(address)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()  # a stale socket left by a killed guard
+            self._sockets.append(path)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on {address!r}: {exc}") from exc
+        if path is not None:
+            return f"unix://{path}"
+        host = address.rsplit(":", 1)[0]
+        return f"{host}:{port}"
+
+    def start(self) -> list[str]:
+        """Bind and start serving (NOT_SERVING until :meth:`set_ready`); returns addresses."""
+        server_config = self.config.server
+        self.addresses.append(self._bind(self._server, server_config.listen))
+        if server_config.tcp_listen:
+            self.addresses.append(self._bind(self._server, server_config.tcp_listen))
+        self._server.start()
+        if self._health_server is not None:
+            self.health_address = self._bind(self._health_server, server_config.health_listen)
+            self._health_server.start()
+        log.info("listening", addresses=self.addresses, health=self.health_address or None,
+                 pid=os.getpid())
+        return self.addresses
+
+    def set_ready(self, engine: Engine) -> None:
+        """Serve this engine and report SERVING."""
+        self.servicer.engine = engine
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", hooks=sorted(engine.hooks), addresses=self.addresses)
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, then let in-flight streams finish within ``grace`` seconds."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.server.drain_grace_seconds if grace is None else grace
+        log.info("draining", grace_seconds=grace)
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
+        for path in self._sockets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)

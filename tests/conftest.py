@@ -1,0 +1,123 @@
+"""Shared fixtures: SAEs on disk, a running guard server, and a stream client."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from guard.config import GuardConfig, LoggingConfig, SaeConfig, ServerConfig
+from guard.engine import Engine
+from guard.server import GuardServer
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
+from tests.sae_fixtures import write_saelens
+
+HOOK = "blocks.6.hook_resid_post"
+D_IN = 16
+D_SAE = 64
+
+
+@pytest.fixture(scope="session")
+def sae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SAELens SAE (d_in 16, d_sae 64) on blocks.6.hook_resid_post."""
+    return write_saelens(tmp_path_factory.mktemp("sae") / "sae", D_IN, D_SAE, hook_name=HOOK)
+
+
+def make_config(tmp_path: Path, sae_dir: Path, **server: Any) -> GuardConfig:
+    listen = server.pop("listen", f"unix://{tmp_path}/guard.sock")
+    return GuardConfig(
+        server=ServerConfig(listen=listen, **server),
+        logging=LoggingConfig(level="warning"),
+        saes=(SaeConfig(path=sae_dir, features="all"),),
+    )
+
+
+@pytest.fixture
+def running_server(tmp_path: Path, sae_dir: Path) -> Iterator[GuardServer]:
+    """A ready guard on a Unix socket and an ephemeral TCP port, stopped after the test."""
+    config = make_config(tmp_path, sae_dir, tcp_listen="127.0.0.1:0", drain_grace_seconds=1)
+    server = GuardServer(config)
+    server.start()
+    server.set_ready(Engine.load(config))
+    yield server
+    server.stop(0)
+
+
+class StreamClient:
+    """Drives one Inspect stream message by message (INLINE style)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._requests: queue.Queue[pb.InspectRequest | None] = queue.Queue()
+        stub = pb_grpc.GuardStub(channel)
+        self._call = stub.Inspect(self._iterate(), timeout=30)
+        self._responses = iter(self._call)
+
+    def _iterate(self) -> Iterator[pb.InspectRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, request: pb.InspectRequest) -> None:
+        self._requests.put(request)
+
+    def configure(self, hooks: list[str] | None = None, mode: int = pb.MODE_INLINE) -> None:
+        self.send(pb.InspectRequest(config=pb.StreamConfig(mode=pb.Mode.ValueType(mode), hooks=hooks or [HOOK])))
+
+    def ask(self, batch: pb.ActivationBatch) -> pb.InspectResponse:
+        self.send(pb.InspectRequest(batch=batch))
+        return next(self._responses)
+
+    def next(self) -> pb.InspectResponse:
+        return next(self._responses)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+    def rest(self) -> list[pb.InspectResponse]:
+        self.close()
+        return list(self._responses)
+
+
+def make_batch(
+    rows: NDArray[np.float32] | None = None,
+    *,
+    sequence: int = 1,
+    hook: str = HOOK,
+    request_id: str = "req-1",
+    datatype: str = "F32",
+    n_rows: int = 3,
+    width: int = D_IN,
+) -> pb.ActivationBatch:
+    if rows is None:
+        rows = np.random.default_rng(sequence).normal(size=(n_rows, width)).astype(np.float32)
+    from guard import codec
+
+    shape, raw = codec.encode(rows, datatype)
+    return pb.ActivationBatch(
+        request_id=request_id,
+        sequence=sequence,
+        hook=hook,
+        activations=pb.Tensor(datatype=datatype, shape=shape, raw=raw),
+        positions=list(range(rows.shape[0])),
+        token_ids=[100 + i for i in range(rows.shape[0])],
+        phase=pb.PHASE_PROMPT,
+    )
+
+
+@pytest.fixture
+def channel(running_server: GuardServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(running_server.addresses[0]) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stream(channel: grpc.Channel) -> Iterator[StreamClient]:
+    client = StreamClient(channel)
+    yield client
+    client.close()

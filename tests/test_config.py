@@ -1,0 +1,105 @@
+"""Configuration: validation errors name the key path; env overrides; the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guard.cli import main
+from guard.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    load_config,
+    load_default_config,
+    parse_config,
+)
+from guard.errors import ConfigError
+
+
+def test_embedded_default_is_valid() -> None:
+    config = load_default_config(env={})
+    assert config.server.listen.startswith("unix://")
+    assert config.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    # The default fits a [512, 8192] F32 batch.
+    assert config.server.max_message_bytes >= 512 * 8192 * 4
+    assert config.source == "<embedded default>"
+
+
+def test_empty_file_gives_defaults() -> None:
+    config = parse_config("", env={})
+    assert config.logging.level == "info"
+    assert config.saes == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server: [1]", "server: expected a mapping, found [1]"),
+        ("server: {listne: x}", "server.listne: expected one of the keys"),
+        ("server: {max_message_bytes: -3}",
+         "server.max_message_bytes: expected a positive integer, found -3"),
+        ("server: {max_message_bytes: '32MB'}",
+         "server.max_message_bytes: expected a positive integer, found '32MB'"),
+        ("server: {listen: 'not an address'}",
+         "server.listen: expected unix:///path/to.sock or host:port"),
+        ("server: {reflection: 'yes'}", "server.reflection: expected true or false"),
+        ("server: {drain_grace_seconds: -1}", "server.drain_grace_seconds: expected a number >= 0"),
+        ("logging: {level: loud}", "logging.level: expected one of debug, info, warning, error"),
+        ("saes: {path: x}", "saes: expected a list of SAE entries"),
+        ("saes: [{hook: blocks.1.hook_resid_post}]", r"saes\[0\].path: expected the path"),
+        ("saes: [{path: a}, {path: b, sha256: abc}]",
+         r"saes\[1\].sha256: expected 64 hex characters"),
+        ("saes: [{path: a, features: [1, -2]}]",
+         r"saes\[0\].features: expected 'all' or a list of feature ids"),
+        ("saes: [{path: a, hook: 'blocks 1'}]", r"saes\[0\].hook: expected a hook name"),
+        ("saes: [{path: a, dtype: fp8}]", r"saes\[0\].dtype: expected one of auto, fp32"),
+        ("saes: [{path: a, featurs: all}]", r"saes\[0\].featurs: expected one of the keys"),
+        ("bogus: 1", "bogus: expected one of the keys"),
+        ("server: {listen: [unclosed", "<file>: expected valid YAML at line 1"),
+        ("- just\n- a list", "<top level>: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, source="guard.yaml", env={})
+
+
+def test_error_names_the_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("logging: {level: loud}", source="/etc/guard/guard.yaml", env={})
+    assert str(info.value).startswith("/etc/guard/guard.yaml: logging.level:")
+
+
+def test_env_overrides_apply_and_are_validated() -> None:
+    env = {"GUARD_LISTEN": "127.0.0.1:7000", "GUARD_LOG_LEVEL": "DEBUG"}
+    config = parse_config("server: {listen: 'unix:///x.sock'}", env=env)
+    assert config.server.listen == "127.0.0.1:7000"
+    assert config.logging.level == "debug"
+    with pytest.raises(ConfigError, match=r"logging\.level"):
+        parse_config("", env={"GUARD_LOG_LEVEL": "chatty"})
+
+
+def test_relative_sae_paths_resolve_from_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "guard.yaml").write_text(
+        "saes:\n  - path: saes/layer6\n    features: [3, 1, 3]\n"
+    )
+    config = load_config(tmp_path / "guard.yaml", env={})
+    assert config.saes[0].path == tmp_path.resolve() / "saes" / "layer6"
+    assert config.saes[0].features == (1, 3)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected a readable configuration file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("server: {listen: '127.0.0.1:0'}\n")
+    assert main(["config", "check", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {max_message_bytes: 0}\n")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: server.max_message_bytes: expected a positive integer, found 0" in err

