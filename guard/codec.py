@@ -99,9 +99,9 @@ def float32_to_bf16_bits(array: NDArray[np.float32]) -> NDArray[np.uint16]:
 
 def nonfinite_rows(array: NDArray[np.float32]) -> NDArray[np.intp]:
     """Indices of the rows of a 2-D array that hold a NaN or an infinity."""
-    if array.size == 0:
+    # Fast path, one float32 reduction: NaN and Inf always propagate into the total, so a
+    # finite total proves every row finite. A non-finite total (also from an overflow of
+    # huge finite values) falls through to the exact per-row check.
+    if np.isfinite(array.sum(dtype=np.float32)):
         return np.empty(0, dtype=np.intp)
-    # One reduction instead of an elementwise isfinite pass: a float64 sum of float32 values
-    # cannot overflow, so it is non-finite exactly when the row holds a NaN or an infinity.
-    sums = array.sum(axis=1, dtype=np.float64)
-    return np.flatnonzero(~np.isfinite(sums))
+    return np.flatnonzero(~np.isfinite(array).all(axis=1))

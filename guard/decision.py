@@ -6,7 +6,8 @@ These are plain data, independent of gRPC; the server turns them into protocol m
 from __future__ import annotations
 
 import enum
-import uuid
+import itertools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ class Decision:
     action: Action
     request_id: str
     sequence: int
-    positions: tuple[int, ...]
+    positions: NDArray[np.int64]
     findings: tuple[Finding, ...] = ()
     steering: tuple[Steering, ...] = ()
     details: str = ""
@@ -83,6 +84,14 @@ class Decision:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def new_decision_id() -> str:
-    """A unique, opaque decision id (names the decision log record)."""
-    return uuid.uuid4().hex
+    """A unique, opaque decision id (names the decision log record).
+
+    64 random bits per process plus a counter: unique across restarts and replicas, and
+    cheaper than uuid4 on the hot path. ``next`` on itertools.count is atomic under the GIL.
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"

@@ -111,7 +111,7 @@ class Engine:
             action=Action.CONTINUE,
             request_id=batch.request_id,
             sequence=batch.sequence,
-            positions=tuple(int(p) for p in batch.positions),
+            positions=batch.positions,
             timings=timings,
         )
 

@@ -21,6 +21,7 @@ Rules for bad input, as the README documents them:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,9 +153,9 @@ class InspectStream:
         except Exception as exc:  # a bug: the peer gets a generic message, the log the details
             log.exception("batch failed", request_id=batch.request_id, sequence=batch.sequence)
             return self._reject(batch, exc, skipped)
-        self.counters.rows += len(decision.positions)
+        self.counters.rows += len(batch.positions)
         timings["total"] = time.perf_counter() - started  # the decision holds this dict
-        return decision_to_proto(decision, skipped)
+        return decision_to_proto(decision, skipped, batch.positions)
 
     def _check_sequence(self, sequence: int) -> int:
         last = self._last_sequence
@@ -177,9 +178,10 @@ class InspectStream:
             raise InvalidInput("batch.request_id: expected a non-empty request id, found ''")
         runtime = self._engine.hook(batch.hook)
         tensor = batch.activations
-        if len(tensor.raw) > self._max_message_bytes:
+        raw = tensor.raw  # each attribute access copies the bytes: read once
+        if len(raw) > self._max_message_bytes:
             raise TooLarge(
-                f"batch.activations: {len(tensor.raw)} bytes exceed the limit of "
+                f"batch.activations: {len(raw)} bytes exceed the limit of "
                 f"{self._max_message_bytes}; raise server.max_message_bytes in the guard's "
                 "config (and the host's max send size) or send fewer rows per batch"
             )
@@ -194,7 +196,7 @@ class InspectStream:
             )
         if n_rows < 1:
             raise InvalidInput(f"batch.activations.shape: expected at least one row, found {shape}")
-        rows = codec.decode(tensor.datatype, shape, tensor.raw)
+        rows = codec.decode(tensor.datatype, shape, raw)
         if len(batch.positions) != n_rows:
             raise InvalidInput(
                 f"batch.positions: expected one position per row ({n_rows}), "
@@ -248,17 +250,19 @@ def _enum_name(enum: Any, value: int) -> str:
     return str(enum.Name(value)) if value in enum.values() else str(value)
 
 
-def decision_to_proto(decision: Decision, skipped_sequences: int = 0) -> pb.InspectResponse:
-    """The wire form of a decision."""
+def decision_to_proto(
+    decision: Decision, skipped_sequences: int = 0, positions: Iterable[int] | None = None
+) -> pb.InspectResponse:
+    """The wire form of a decision; ``positions`` may pass the request's own field (faster)."""
     response = pb.InspectResponse(
         request_id=decision.request_id,
         sequence=decision.sequence,
         decision_id=decision.decision_id,
         action=pb.Action.ValueType(decision.action.value),
         details=decision.details,
-        positions=decision.positions,
         skipped_sequences=skipped_sequences,
     )
+    response.positions.extend(decision.positions.tolist() if positions is None else positions)
     for finding in decision.findings:
         response.findings.add(
             detector=finding.detector,

@@ -67,7 +67,8 @@ class StreamClient:
         self._requests.put(request)
 
     def configure(self, hooks: list[str] | None = None, mode: int = pb.MODE_INLINE) -> None:
-        self.send(pb.InspectRequest(config=pb.StreamConfig(mode=pb.Mode.ValueType(mode), hooks=hooks or [HOOK])))
+        config = pb.StreamConfig(mode=pb.Mode.ValueType(mode), hooks=hooks or [HOOK])
+        self.send(pb.InspectRequest(config=config))
 
     def ask(self, batch: pb.ActivationBatch) -> pb.InspectResponse:
         self.send(pb.InspectRequest(batch=batch))

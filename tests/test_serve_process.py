@@ -54,6 +54,12 @@ class GuardProcess:
             time.sleep(0.1)
         raise AssertionError(f"guard not SERVING after {timeout}s:\n{self.log.read_text()}")
 
+    def health_address(self) -> str:
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{") and json.loads(line)["event"] == "listening":
+                return str(json.loads(line)["health"])
+        raise AssertionError(f"no 'listening' event in the log:\n{self.log.read_text()}")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -67,7 +73,8 @@ def guard_process(tmp_path: Path, sae_dir: Path) -> Iterator[GuardProcess]:
     socket = Path(f"/tmp/guard-test-{os.getpid()}-{time.monotonic_ns()}.sock")
     config = tmp_path / "guard.yaml"
     config.write_text(
-        f"server:\n  listen: unix://{socket}\n  drain_grace_seconds: 20\n"
+        f"server:\n  listen: unix://{socket}\n  health_listen: 127.0.0.1:0\n"
+        "  drain_grace_seconds: 20\n"
         f"saes:\n  - path: {sae_dir}\n    features: [1, 5, 7]\n"
     )
     guard = GuardProcess(config, socket)
@@ -82,15 +89,17 @@ def test_sigterm_drains_a_stream_in_flight(guard_process: GuardProcess) -> None:
         client.configure()
         assert client.ask(make_batch(sequence=1)).action == pb.ACTION_CONTINUE
         guard_process.process.send_signal(signal.SIGTERM)
-        # Health flips to NOT_SERVING first, while the stream is still served.
-        deadline = time.monotonic() + 10
-        status = None
-        while time.monotonic() < deadline:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.05)
+        # The health listener reports NOT_SERVING as soon as the drain begins, while the
+        # stream in flight is still served (new calls on the main listener are refused).
+        with grpc.insecure_channel(guard_process.health_address()) as health_channel:
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                status = health_pb2_grpc.HealthStub(health_channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.02)
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         for sequence in range(2, 6):
             reply = client.ask(make_batch(sequence=sequence))
@@ -146,7 +155,8 @@ def test_grpcurl_lists_and_calls(guard_process: GuardProcess) -> None:
     assert {"guard.v1.Guard", "grpc.health.v1.Health"} <= set(services)
     described = json.loads(grpcurl(str(guard_process.socket), "guard.v1.Guard/Describe"))
     assert described["hooks"] == [HOOK]
-    assert described["saes"][0]["dIn"] == "16"
+    assert described["saes"][0]["d_in"] == "16"
+    assert described["saes"][0]["execution_provider"] == "CPUExecutionProvider"
     health = json.loads(grpcurl(str(guard_process.socket), "grpc.health.v1.Health/Check"))
     assert health == {"status": "SERVING"}
 
