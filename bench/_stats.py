@@ -1,0 +1,63 @@
+"""Latency summaries, machine facts and Markdown tables shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Percentiles of one case's round trips and the rate they ran at."""
+
+    n: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    per_s: float
+    """Operations per second over the measured wall time (not 1 / mean)."""
+
+
+def summarize(latencies_ms: list[float], elapsed_s: float) -> LatencySummary:
+    """Summarise latencies measured back to back over `elapsed_s` seconds of wall time."""
+    if not latencies_ms:
+        raise ValueError("summarize: no latencies to summarise")
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    p50, p99 = np.percentile(values, [50.0, 99.0])
+    return LatencySummary(
+        n=len(latencies_ms),
+        p50_ms=float(p50),
+        p99_ms=float(p99),
+        mean_ms=float(values.mean()),
+        per_s=len(latencies_ms) / elapsed_s,
+    )
+
+
+def machine() -> dict[str, str | int | None]:
+    """What the numbers were measured on, for the JSON next to them."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if "model name" in line),
+                         model)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table, columns padded so that it also reads well in a terminal."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
+        for line in lines
+    )
