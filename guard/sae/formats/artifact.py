@@ -1,0 +1,232 @@
+"""Exported artifact folders: what ``guard sae export`` writes and the sidecar loads.
+
+Layout::
+
+    manifest.json        what the SAE is (hook, sizes, architecture, source sha256, dtype,
+                         labels) and the sha256 of every other file here
+    encoder.onnx         the full encoder graph in the artifact's weight dtype
+    weights.safetensors  canonical float32 parameters: the encoder's (for building subset
+                         encoders) and the decoder's (W_dec, b_dec, optional W_skip), read
+                         memory-mapped so steering can fetch a few decoder rows cheaply
+
+Every file's hash is checked at load: an artifact that changed after export is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast, get_args
+
+import numpy as np
+
+from guard.errors import SaeFileError
+from guard.sae.architectures.base import FloatArray
+from guard.sae.formats.fields import positive_int, read_json_object
+from guard.sae.model import (
+    INPUT_NORMALIZATIONS,
+    Decoder,
+    SaeModel,
+    SourceFormat,
+)
+from guard.sae.registry import get_architecture, known_architectures
+from guard.sae.safetensors import SafetensorsFile, sha256_of_files, write_safetensors
+
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT_NAME = "activation-guard-sae"
+FORMAT_VERSION = 1
+WEIGHT_DTYPES = ("fp32", "fp16", "int8")
+_SOURCE_FORMATS = tuple(f for f in get_args(SourceFormat) if f != "artifact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: the canonical SAE plus what only artifacts carry."""
+
+    folder: Path
+    model: SaeModel
+    """``source_format`` is the format the SAE was exported from."""
+    weight_dtype: str
+    feature_labels: dict[int, str]
+    encoder_path: Path
+    manifest: dict[str, Any]
+
+
+def is_artifact_folder(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file()
+
+
+def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
+    manifest_path = folder / MANIFEST_FILE
+    manifest = read_json_object(manifest_path)
+    if manifest.get("format") != FORMAT_NAME:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'format': expected {FORMAT_NAME!r}, found {manifest.get('format')!r}",
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'format_version': expected {FORMAT_VERSION}, found "
+            f"{manifest.get('format_version')!r} (exported by another guard version: re-export)",
+        )
+    _verify_files(folder, manifest_path, manifest)
+    d_in = positive_int(manifest_path, manifest, "d_in")
+    d_sae = positive_int(manifest_path, manifest, "d_sae")
+    arch_name = manifest.get("architecture")
+    arch_cls = get_architecture(arch_name) if isinstance(arch_name, str) else None
+    if arch_cls is None:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'architecture': unknown architecture {arch_name!r}; known: "
+            + ", ".join(known_architectures()),
+        )
+    arch_config = manifest.get("architecture_config")
+    if not isinstance(arch_config, dict):
+        raise SaeFileError(manifest_path, "missing field 'architecture_config': expected an object")
+    config = arch_cls.config_type.from_dict({**arch_config, "d_in": d_in, "d_sae": d_sae})
+    normalization = manifest.get("input_normalization")
+    if normalization not in INPUT_NORMALIZATIONS:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'input_normalization': expected one of {list(INPUT_NORMALIZATIONS)}, "
+            f"found {normalization!r}",
+        )
+    source_format = manifest.get("source_format")
+    if source_format not in _SOURCE_FORMATS:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'source_format': expected one of {list(_SOURCE_FORMATS)}, "
+            f"found {source_format!r}",
+        )
+    weight_dtype = manifest.get("weight_dtype")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'weight_dtype': expected one of {list(WEIGHT_DTYPES)}, found {weight_dtype!r}",
+        )
+    for key in ("hook_name", "sha256"):
+        if not isinstance(manifest.get(key), str):
+            raise SaeFileError(manifest_path, f"missing field {key!r}: expected a string")
+
+    weights_path = folder / WEIGHTS_FILE
+    weights = SafetensorsFile(weights_path)
+    shapes = arch_cls.param_shapes(config)
+    shapes.update({"W_dec": (d_sae, d_in), "b_dec": (d_in,)})
+    if manifest.get("skip_connection"):
+        shapes["W_skip"] = (d_in, d_in)
+    params: dict[str, FloatArray] = {}
+    for name, shape in shapes.items():
+        array = weights.raw(name)
+        if tuple(array.shape) != shape or weights.entries[name].dtype != "F32":
+            raise SaeFileError(
+                weights_path,
+                f"tensor {name!r}: expected F32 {list(shape)}, found {weights.entries[name].dtype} "
+                f"{list(array.shape)}",
+            )
+        # Memory-mapped: the hashes above vouch for the values, and pages load on first use.
+        params[name] = array
+    decoder = Decoder(params.pop("W_dec"), params.pop("b_dec"), params.pop("W_skip", None))
+    model = SaeModel(
+        architecture=arch_cls(config, params),
+        normalization=normalization,
+        decoder=decoder,
+        hook_name=hook or manifest["hook_name"],
+        source_format=cast(SourceFormat, source_format),
+        sha256=manifest["sha256"],
+        weights_file=folder / MANIFEST_FILE,
+    )
+    return Artifact(
+        folder=folder,
+        model=model,
+        weight_dtype=weight_dtype,
+        feature_labels=_labels(manifest_path, manifest.get("feature_labels", {}), d_sae),
+        encoder_path=folder / ENCODER_FILE,
+        manifest=manifest,
+    )
+
+
+def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or ENCODER_FILE not in files or WEIGHTS_FILE not in files:
+        raise SaeFileError(
+            manifest_path,
+            f"field 'files': expected the sha256 of {ENCODER_FILE} and {WEIGHTS_FILE}, "
+            f"found {files!r}",
+        )
+    for name, expected in files.items():
+        path = folder / name
+        if not isinstance(name, str) or "/" in name or not path.is_file():
+            raise SaeFileError(path, "file listed in the manifest is missing")
+        found = sha256_of_files([path])
+        if found != expected:
+            raise SaeFileError(
+                path,
+                f"sha256 expected {expected} (from {MANIFEST_FILE}), found {found}: the file "
+                "changed after export",
+            )
+
+
+def _labels(path: Path, raw: object, d_sae: int) -> dict[int, str]:
+    if not isinstance(raw, dict):
+        raise SaeFileError(path, f"field 'feature_labels': expected an object, found {raw!r}")
+    return parse_feature_labels(path, raw, d_sae)
+
+
+def parse_feature_labels(path: Path, raw: Mapping[str, Any], d_sae: int) -> dict[int, str]:
+    """``{"12": "deception"}`` as ``{12: "deception"}``, ids checked against ``d_sae``."""
+    labels: dict[int, str] = {}
+    for key, label in raw.items():
+        try:
+            feature = int(key)
+        except ValueError:
+            raise SaeFileError(path, f"feature label key {key!r}: expected a feature id") from None
+        if not 0 <= feature < d_sae:
+            raise SaeFileError(path, f"feature label key {key!r}: expected an id in [0, {d_sae})")
+        if not isinstance(label, str):
+            raise SaeFileError(path, f"feature label {key!r}: expected a string, found {label!r}")
+        labels[feature] = label
+    return labels
+
+
+def write_artifact(
+    folder: Path,
+    model: SaeModel,
+    encoder_bytes: bytes,
+    *,
+    weight_dtype: str,
+    feature_labels: Mapping[int, str],
+    accuracy: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write the three files into an existing empty ``folder``; returns the manifest."""
+    (folder / ENCODER_FILE).write_bytes(encoder_bytes)
+    tensors: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = dict(model.architecture.params)
+    tensors["W_dec"] = model.decoder.w_dec
+    tensors["b_dec"] = model.decoder.b_dec
+    if model.decoder.w_skip is not None:
+        tensors["W_skip"] = model.decoder.w_skip
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    config = model.architecture.config.to_dict()
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "hook_name": model.hook_name,
+        "d_in": model.d_in,
+        "d_sae": model.d_sae,
+        "architecture": model.architecture.name,
+        "architecture_config": {k: v for k, v in config.items() if k not in ("d_in", "d_sae")},
+        "input_normalization": model.normalization,
+        "skip_connection": model.decoder.w_skip is not None,
+        "source_format": model.source_format,
+        "sha256": model.sha256,
+        "weight_dtype": weight_dtype,
+        "feature_labels": {str(k): v for k, v in sorted(feature_labels.items())},
+        "accuracy_vs_fp32": dict(accuracy),
+        "files": {name: sha256_of_files([folder / name]) for name in (ENCODER_FILE, WEIGHTS_FILE)},
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,208 @@
+"""An SAE in the runtime's canonical form, whatever format it came from.
+
+Loaders turn SAELens, sparsify, Gemma Scope and exported artifacts into a :class:`SaeModel`:
+an input normalisation, an architecture's encoder (with ``b_dec`` centering and scaling
+factors already folded in), and the decoder. Everything downstream (ONNX graphs, the NumPy
+reference encode, reconstructions, decoder directions) reads only this form, so each
+convention lives in exactly one loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from guard.errors import SaeFileError
+from guard.sae.architectures.base import Architecture, FloatArray, IndexArray
+from guard.sae.graph import INPUT_NAME, GraphBuilder, GraphDtype
+
+InputNormalization = Literal["none", "constant_norm_rescale", "layer_norm"]
+INPUT_NORMALIZATIONS: tuple[str, ...] = get_args(InputNormalization)
+
+SourceFormat = Literal["saelens", "sparsify", "gemmascope", "artifact"]
+
+# SAELens's layer_norm adds this to the standard deviation before dividing.
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """Decoder parameters; ``W_dec`` rows already include any per-feature decode scale."""
+
+    w_dec: FloatArray
+    """``[d_sae, d_in]``: row ``i`` is what one unit of feature ``i`` adds to the output."""
+    b_dec: FloatArray
+    """``[d_in]``."""
+    w_skip: FloatArray | None = None
+    """``[d_in, d_in]`` sparsify skip connection: the output gains ``x @ W_skip.T``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeModel:
+    """One SAE, canonical and validated."""
+
+    architecture: Architecture[Any]
+    normalization: InputNormalization
+    decoder: Decoder
+    hook_name: str
+    source_format: SourceFormat
+    sha256: str
+    """sha256 of the source weights file (for artifacts: of the SAE they were exported from)."""
+    weights_file: Path
+    """The file ``sha256`` vouches for (for artifacts: their manifest, which records it)."""
+
+    @property
+    def d_in(self) -> int:
+        return int(self.architecture.config.d_in)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.architecture.config.d_sae)
+
+    def normalize(self, x: FloatArray) -> FloatArray:
+        """The SAE's input normalisation (SAELens ``run_time_activation_norm_fn_in``)."""
+        if self.normalization == "constant_norm_rescale":
+            coeff = math.sqrt(self.d_in) / np.linalg.norm(x, axis=-1, keepdims=True)
+            return np.asarray(x * coeff, dtype=np.float32)
+        if self.normalization == "layer_norm":
+            mu = x.mean(axis=-1, keepdims=True)
+            centered = x - mu
+            std = centered.std(axis=-1, ddof=1, keepdims=True)
+            return np.asarray(centered / (std + LAYER_NORM_EPS), dtype=np.float32)
+        return x
+
+    def encode(self, x: FloatArray) -> FloatArray:
+        """Reference encode in NumPy float32 (the ONNX graph computes the same)."""
+        acts: FloatArray = self.architecture.encode(self.normalize(x))
+        return acts
+
+    def decode(self, acts: FloatArray, x: FloatArray | None = None) -> FloatArray:
+        """Reconstruct rows from full feature activations ``[rows, d_sae]``.
+
+        ``x`` (the encoded rows) is needed when the SAE normalises its input (the output is
+        un-normalised with the input's statistics) or has a skip connection.
+        """
+        out = acts.astype(np.float32) @ self.decoder.w_dec + self.decoder.b_dec
+        if self.decoder.w_skip is not None:
+            if x is None:
+                raise ValueError("this SAE has a skip connection: decode needs the input rows")
+            out = out + x @ self.decoder.w_skip.T
+        if self.normalization == "none":
+            return np.asarray(out, dtype=np.float32)
+        if x is None:
+            raise ValueError(f"{self.normalization} SAEs need the input rows to decode")
+        if self.normalization == "constant_norm_rescale":
+            coeff = math.sqrt(self.d_in) / np.linalg.norm(x, axis=-1, keepdims=True)
+            return np.asarray(out / coeff, dtype=np.float32)
+        mu = x.mean(axis=-1, keepdims=True)
+        std = (x - mu).std(axis=-1, ddof=1, keepdims=True)
+        return np.asarray(out * std + mu, dtype=np.float32)
+
+    def encoder_model(
+        self,
+        columns: IndexArray | None,
+        dtype: GraphDtype,
+        *,
+        approximate_topk: bool = False,
+        for_int8: bool = False,
+    ) -> onnx.ModelProto:
+        """The ONNX encoder over ``columns`` (None: all features) in ``dtype`` weights;
+        ``for_int8`` shapes the matmul for dynamic quantization (see ``GraphBuilder.matmul``)."""
+        g = GraphBuilder(dtype, row_scaled_matmul=for_int8)
+        z = g.to_weight_dtype(self._normalization_graph(g))
+        acts = self.architecture.encoder_graph(g, z, columns, approximate_topk=approximate_topk)
+        n_out = self.d_sae if columns is None else len(columns)
+        doc = (
+            f"{self.architecture.name} SAE encoder for {self.hook_name}: d_in={self.d_in}, "
+            f"d_sae={self.d_sae}, source sha256 {self.sha256}"
+        )
+        return g.model(g.to_float32(acts), self.d_in, n_out, doc)
+
+    def _normalization_graph(self, g: GraphBuilder) -> str:
+        x = INPUT_NAME
+        if self.normalization == "constant_norm_rescale":
+            norm = g.op("ReduceL2", [x], "row_norm", axes=[1], keepdims=1)
+            root_d = g.const("sqrt_d_in", np.array(math.sqrt(self.d_in), dtype=np.float32))
+            return g.op("Mul", [x, g.op("Div", [root_d, norm], "norm_coeff")], "z")
+        if self.normalization == "layer_norm":
+            mu = g.op("ReduceMean", [x], "row_mean", axes=[1], keepdims=1)
+            centered = g.op("Sub", [x, mu], "centered")
+            sum_sq = g.op("ReduceSumSquare", [centered], "sum_sq", axes=[1], keepdims=1)
+            # torch's std is the unbiased one (divides by d_in - 1).
+            dof = g.const("dof", np.array(self.d_in - 1, dtype=np.float32))
+            std = g.op("Sqrt", [g.op("Div", [sum_sq, dof], "var")], "std")
+            eps = g.const("eps", np.array(LAYER_NORM_EPS, dtype=np.float32))
+            return g.op("Div", [centered, g.op("Add", [std, eps], "std_eps")], "z")
+        return x
+
+
+def checked_params(
+    path: Path,
+    architecture: type[Architecture[Any]],
+    config: Any,
+    params: Mapping[str, NDArray[Any]],
+    *,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, FloatArray]:
+    """Float32 copies of ``params`` after checking their shapes against the config and that
+    every value is finite. ``names`` maps canonical names to the names in the file, so errors
+    name the field the user can find."""
+    shapes = architecture.param_shapes(config)
+    checked: dict[str, FloatArray] = {}
+    for name, shape in shapes.items():
+        field = (names or {}).get(name, name)
+        array = params[name]
+        if tuple(array.shape) != shape:
+            raise SaeFileError(
+                path,
+                f"tensor {field!r}: expected shape {list(shape)} (d_in={config.d_in}, "
+                f"d_sae={config.d_sae}), found {list(array.shape)}",
+            )
+        checked[name] = finite_float32(path, field, array)
+    return checked
+
+
+def finite_float32(path: Path, field: str, array: NDArray[Any]) -> FloatArray:
+    """``array`` as float32, refusing NaN or infinite values (they poison every feature)."""
+    values = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        first = np.unravel_index(int(np.argmin(finite)), values.shape)
+        raise SaeFileError(
+            path,
+            f"tensor {field!r}: expected finite values, found {bad} NaN/Inf "
+            f"(first at index {list(map(int, first))})",
+        )
+    return values
+
+
+def check_decoder(
+    path: Path,
+    d_in: int,
+    d_sae: int,
+    w_dec: NDArray[Any],
+    b_dec: NDArray[Any],
+    *,
+    w_dec_name: str = "W_dec",
+    b_dec_name: str = "b_dec",
+) -> tuple[FloatArray, FloatArray]:
+    """Shape- and value-checked float32 decoder weights."""
+    if tuple(w_dec.shape) != (d_sae, d_in):
+        raise SaeFileError(
+            path,
+            f"tensor {w_dec_name!r}: expected shape {[d_sae, d_in]} (d_sae, d_in), "
+            f"found {list(w_dec.shape)}",
+        )
+    if tuple(b_dec.shape) != (d_in,):
+        raise SaeFileError(
+            path, f"tensor {b_dec_name!r}: expected shape {[d_in]}, found {list(b_dec.shape)}"
+        )
+    return finite_float32(path, w_dec_name, w_dec), finite_float32(path, b_dec_name, b_dec)

@@ -1,0 +1,254 @@
+"""The SAE the engine holds: :func:`open_sae`, :class:`Sae` and :class:`SaeInfo`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+import onnx
+import structlog
+from numpy.typing import NDArray
+
+from guard.errors import InvalidInput, NotFound, SaeFileError
+from guard.sae.encoder import CPU, CUDA, Encoder, create_session, resolve_providers
+from guard.sae.formats import Artifact, load_any
+from guard.sae.model import SaeModel
+from guard.sae.quantize import quantize_int8
+
+log = structlog.get_logger(__name__)
+
+WeightDtype = Literal["auto", "fp32", "fp16", "int8"]
+_DTYPES = ("auto", "fp32", "fp16", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeInfo:
+    """What an opened SAE is, for ``Describe``, decision logs and plugins."""
+
+    hook_name: str
+    d_in: int
+    d_sae: int
+    architecture: str
+    sha256: str
+    """sha256 of the source weights file (the same for a source folder and its artifacts)."""
+    source_format: str
+    """``saelens``, ``sparsify``, ``gemmascope`` or ``artifact``."""
+    weight_dtype: str
+    """The dtype the full encoder runs in: ``fp32``, ``fp16`` or ``int8``."""
+    feature_labels: Mapping[int, str]
+
+
+class Sae:
+    """An opened SAE: makes encoders over chosen features and hands out decoder rows."""
+
+    def __init__(
+        self,
+        model: SaeModel,
+        *,
+        source_format: str,
+        weight_dtype: Literal["fp32", "fp16", "int8"],
+        providers: Sequence[str],
+        threads: int | None = None,
+        feature_labels: Mapping[int, str] | None = None,
+        prebuilt_encoder: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.info = SaeInfo(
+            hook_name=model.hook_name,
+            d_in=model.d_in,
+            d_sae=model.d_sae,
+            architecture=model.architecture.name,
+            sha256=model.sha256,
+            source_format=source_format,
+            weight_dtype=weight_dtype,
+            feature_labels=MappingProxyType(dict(feature_labels or {})),
+        )
+        self.providers = list(providers)
+        self._threads = threads
+        self._prebuilt_encoder = prebuilt_encoder
+        self._encoders: dict[tuple[tuple[int, ...] | None, bool], Encoder] = {}
+        self._lock = threading.Lock()
+
+    def encoder(
+        self, feature_ids: Sequence[int] | None = None, *, approximate_topk: bool = False
+    ) -> Encoder:
+        """An encoder over ``feature_ids`` (None: all features), built once and cached.
+
+        Standard, JumpReLU and gated SAEs get a graph over just those columns, exact. TopK
+        SAEs run the full encoder and select the columns, because whether a feature survives
+        depends on every other feature of the row; ``approximate_topk`` instead computes only
+        the columns and reports ``relu(pre-activation)`` (see ``guard.sae.architectures.topk``).
+        """
+        columns = self._columns(feature_ids)
+        approximate = (
+            approximate_topk and columns is not None and not self.model.architecture.exact_subsets
+        )
+        key = (None if columns is None else tuple(int(c) for c in columns), approximate)
+        with self._lock:
+            encoder = self._encoders.get(key)
+            if encoder is None:
+                encoder = self._build(columns, approximate)
+                self._encoders[key] = encoder
+        return encoder
+
+    def decoder_directions(self, feature_ids: Sequence[int]) -> NDArray[np.float32]:
+        """``[k, d_in]`` rows of ``W_dec`` (with any per-feature decode scale folded in):
+        what one unit of each feature adds to the reconstruction, for steering."""
+        columns = self._columns(feature_ids)
+        ids = np.arange(self.info.d_sae) if columns is None else columns
+        return np.ascontiguousarray(self.model.decoder.w_dec[ids], dtype=np.float32)
+
+    def decode(
+        self, feature_acts: NDArray[np.float32], x: NDArray[np.float32] | None = None
+    ) -> NDArray[np.float32]:
+        """Reconstruct rows from full activations (``x``: the encoded rows, needed by SAEs that
+        normalise their input or have a skip connection)."""
+        return self.model.decode(feature_acts, x)
+
+    def _columns(self, feature_ids: Sequence[int] | None) -> NDArray[np.int64] | None:
+        if feature_ids is None:
+            return None
+        ids = np.asarray(list(feature_ids))
+        if ids.size == 0:
+            raise InvalidInput("feature_ids: expected at least one feature id")
+        if ids.dtype.kind not in "iu":
+            raise InvalidInput(f"feature_ids: expected integer ids, found {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.info.d_sae)]
+        if bad.size:
+            raise NotFound(
+                f"feature {int(bad[0])} of SAE at {self.info.hook_name}: expected an id in "
+                f"[0, d_sae={self.info.d_sae})"
+            )
+        columns = ids.astype(np.int64)
+        if len(columns) == self.info.d_sae and (columns == np.arange(self.info.d_sae)).all():
+            return None
+        return columns
+
+    def _build(self, columns: NDArray[np.int64] | None, approximate: bool) -> Encoder:
+        dtype = self.info.weight_dtype
+        graph: onnx.ModelProto | Path
+        if columns is None and self._prebuilt_encoder is not None:
+            graph = self._prebuilt_encoder
+        else:
+            full_matmul = columns is None or not (
+                self.model.architecture.exact_subsets or approximate
+            )
+            # int8 pays off only on the full matmul; a few columns stay exact in float32.
+            if dtype == "int8" and not full_matmul:
+                dtype = "fp32"
+            if dtype == "int8":
+                graph = quantize_int8(self.model.encoder_model(columns, "fp32", for_int8=True))
+            else:
+                graph = self.model.encoder_model(
+                    columns, "fp16" if dtype == "fp16" else "fp32", approximate_topk=approximate
+                )
+        session = create_session(graph, self.providers, self._threads)
+        ids = np.arange(self.info.d_sae) if columns is None else columns
+        encoder = Encoder(session, ids, self.info.d_in)
+        log.info(
+            "sae.encoder_ready",
+            hook=self.info.hook_name,
+            features=encoder.n_features,
+            approximate_topk=approximate,
+            weight_dtype=dtype,
+            provider=encoder.execution_provider,
+        )
+        if self.providers[0] == CUDA and encoder.execution_provider != CUDA:
+            log.warning(
+                "sae.cuda_unavailable",
+                hook=self.info.hook_name,
+                requested=self.providers,
+                running_on=encoder.execution_provider,
+            )
+        return encoder
+
+
+def open_sae(
+    path: str | os.PathLike[str],
+    *,
+    hook: str | None = None,
+    sha256: str | None = None,
+    dtype: WeightDtype = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> Sae:
+    """Open an SAE: an exported artifact folder, a SAELens folder, a sparsify layer folder or
+    a Gemma Scope ``params.npz`` (or a folder holding one).
+
+    :param hook: overrides the hook name found in the files.
+    :param sha256: pin on the source weights file; a different hash refuses to load.
+    :param dtype: ``auto`` keeps an artifact's dtype and otherwise picks fp16 on CUDA and
+        fp32 on CPU; an explicit dtype different from an artifact's rebuilds the encoder
+        from the artifact's float32 weights.
+    :param providers: ONNX Runtime execution providers; None means CUDA when onnxruntime-gpu
+        sees a GPU, else CPU.
+    :param threads: ONNX Runtime intra-op threads per session (None: its default).
+    """
+    if dtype not in _DTYPES:
+        raise InvalidInput(f"dtype: expected one of {list(_DTYPES)}, found {dtype!r}")
+    loaded = load_any(path, hook)
+    model = loaded.model if isinstance(loaded, Artifact) else loaded
+    if sha256 is not None:
+        _check_pin(model, sha256)
+    chosen = resolve_providers(providers)
+    prebuilt: Path | None = None
+    labels: Mapping[int, str] = {}
+    resolved: Literal["fp32", "fp16", "int8"]
+    if dtype == "auto":
+        if isinstance(loaded, Artifact):
+            resolved = _artifact_dtype(loaded.weight_dtype)
+        else:
+            resolved = "fp16" if chosen[0] == CUDA else "fp32"
+    else:
+        resolved = dtype
+    if isinstance(loaded, Artifact):
+        labels = loaded.feature_labels
+        if resolved == loaded.weight_dtype:
+            prebuilt = loaded.encoder_path
+    sae = Sae(
+        model,
+        source_format="artifact" if isinstance(loaded, Artifact) else model.source_format,
+        weight_dtype=resolved,
+        providers=chosen,
+        threads=threads,
+        feature_labels=labels,
+        prebuilt_encoder=prebuilt,
+    )
+    log.info(
+        "sae.opened",
+        path=str(path),
+        hook=sae.info.hook_name,
+        architecture=sae.info.architecture,
+        d_in=sae.info.d_in,
+        d_sae=sae.info.d_sae,
+        source_format=sae.info.source_format,
+        weight_dtype=resolved,
+        providers=chosen,
+        sha256=sae.info.sha256,
+    )
+    if chosen[0] == CPU and resolved == "fp16":
+        log.warning("sae.fp16_on_cpu", hook=sae.info.hook_name, note="fp16 gains nothing on CPU")
+    return sae
+
+
+def _artifact_dtype(value: str) -> Literal["fp32", "fp16", "int8"]:
+    if value == "fp16":
+        return "fp16"
+    if value == "int8":
+        return "int8"
+    return "fp32"
+
+
+def _check_pin(model: SaeModel, pinned: str) -> None:
+    expected = pinned.strip().lower().removeprefix("sha256:")
+    if expected != model.sha256:
+        raise SaeFileError(
+            model.weights_file,
+            f"sha256 expected {expected} (pinned), found {model.sha256}: refusing to load",
+        )
