@@ -1,8 +1,43 @@
 """Activation Guard: a gRPC sidecar that reads an LLM's activations through sparse
-autoencoders and lets plugins detect, steer and record."""
+autoencoders and lets plugins detect, steer and record.
+
+The public plugin API is what this module exports: the ``hookimpl`` marker and the data
+types handed to and returned from hooks. Everything else is internal.
+"""
 
 from __future__ import annotations
 
+from guard.decision import (
+    Action,
+    Decision,
+    EditKind,
+    FeatureBatch,
+    FeatureEdit,
+    FeatureRequest,
+    Finding,
+    FindingAction,
+    Phase,
+    PluginRun,
+    Steering,
+)
+from guard.errors import ConfigError
+from guard.hookspecs import hookimpl
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Action",
+    "ConfigError",
+    "Decision",
+    "EditKind",
+    "FeatureBatch",
+    "FeatureEdit",
+    "FeatureRequest",
+    "Finding",
+    "FindingAction",
+    "Phase",
+    "PluginRun",
+    "Steering",
+    "__version__",
+    "hookimpl",
+]

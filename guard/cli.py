@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -26,23 +27,29 @@ def _load(path: str | None) -> GuardConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from guard.engine import Engine
+    from guard.reload import ConfigReloader
     from guard.server import GuardServer
     from guard.telemetry import configure_logging
 
     config = _load(args.config)
     configure_logging(config.logging)
     stop = threading.Event()
+    reload_requested = threading.Event()
     signals_seen: list[int] = []
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
         signals_seen.append(signum)
         if len(signals_seen) > 1:  # a second signal: stop now, no drain
             log.warning("second signal, stopping without drain", signal=signum)
             raise SystemExit(1)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        reload_requested.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hangup)
 
     server = GuardServer(config)
     server.start()
@@ -52,11 +59,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("cannot start", reason=str(exc))
         server.stop(0)
         return 1
+    reloader = None
+    if args.config:
+        reloader = ConfigReloader(engine, Path(args.config), config)
+        reloader.start(config.plugins.watch_interval_seconds)
     if not stop.is_set():
         server.set_ready(engine)
-    while not stop.wait(0.5):  # short waits so signal handlers run promptly
-        pass
+    while not stop.wait(0.2):  # short waits so signal handlers run promptly
+        if reload_requested.is_set():
+            reload_requested.clear()
+            if reloader is not None:
+                reloader.reload("SIGHUP")
+            else:
+                log.warning("SIGHUP ignored: the embedded default config cannot change")
     log.info("signal received", signal=signal.Signals(signals_seen[0]).name)
+    if reloader is not None:
+        reloader.stop()
     server.stop()
     return 0
 

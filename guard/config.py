@@ -84,6 +84,35 @@ class SaeConfig:
     features: tuple[int, ...] | Literal["all"] = ()
 
 
+FailureMode = Literal["open", "closed"]
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    """Plugin discovery, fault handling and each plugin's settings (hot-reloadable)."""
+
+    #: Load every plugin of the ``guard`` entry-point group (env GUARD_DISABLE_PLUGIN_AUTOLOAD=1
+    #: turns this off: then only ``enabled`` plugins load).
+    autoload: bool = True
+    #: When non-empty, only these plugins load (a name not installed is an error).
+    enabled: tuple[str, ...] = ()
+    #: These plugins never load.
+    disabled: tuple[str, ...] = ()
+    #: Log every hook call with its duration.
+    trace: bool = False
+    #: Budget for all detect and steer calls of one batch; an overrun is a plugin failure.
+    timeout_ms: float = 100.0
+    #: What a batch gets when a plugin fails: ``open`` (CONTINUE with an error finding) or
+    #: ``closed`` (ABORT naming the plugin).
+    failure_mode: FailureMode = "open"
+    #: Decisions waiting for sinks; when full, new records are dropped and counted.
+    record_queue_size: int = 10_000
+    #: Check the config file for changes this often (seconds; 0: only on SIGHUP).
+    watch_interval_seconds: float = 2.0
+    #: Plugin name -> that plugin's settings (handed to guard_configure).
+    config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """The whole configuration file."""
@@ -91,6 +120,7 @@ class GuardConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     saes: tuple[SaeConfig, ...] = ()
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     #: Where the configuration came from (a path, or ``<embedded default>``).
     source: str = "<defaults>"
 
@@ -249,10 +279,69 @@ def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) 
             )
         )
         section.finish()
+    plugins = _plugins_section(top.get("plugins", lambda k, v: v, None), source)
     top.finish()
     return GuardConfig(
-        server=server, logging=logging_config, saes=tuple(saes), source=source
+        server=server, logging=logging_config, saes=tuple(saes), plugins=plugins, source=source
     )
+
+
+def _plugins_section(data: object, source: str) -> PluginsConfig:
+    def fail(key: str, expected: str, found: object) -> ConfigError:
+        return ConfigError(key, expected, found, source=source)
+
+    def boolean(key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise fail(key, "true or false", value)
+        return value
+
+    def names(key: str, value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise fail(key, "a list of plugin names", value)
+        return tuple(value)
+
+    def number(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise fail(key, "a number >= 0", value)
+        return float(value)
+
+    def positive_int(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise fail(key, "a positive integer", value)
+        return value
+
+    def failure_mode(key: str, value: object) -> FailureMode:
+        if value == "open" or value == "closed":
+            return value
+        raise fail(key, "open or closed", value)
+
+    def blocks(key: str, value: object) -> Mapping[str, Mapping[str, Any]]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise fail(key, "a mapping of plugin name to its settings", value)
+        for name, block in value.items():
+            if not isinstance(block, Mapping) and block is not None:
+                raise fail(f"{key}.{name}", "a mapping of settings", block)
+        return {str(n): (b if b is not None else {}) for n, b in value.items()}
+
+    section = _Section(data, "plugins", source)
+    defaults = PluginsConfig()
+    plugins = PluginsConfig(
+        autoload=section.get("autoload", boolean, defaults.autoload),
+        enabled=section.get("enabled", names, defaults.enabled),
+        disabled=section.get("disabled", names, defaults.disabled),
+        trace=section.get("trace", boolean, defaults.trace),
+        timeout_ms=section.get("timeout_ms", number, defaults.timeout_ms),
+        failure_mode=section.get("failure_mode", failure_mode, defaults.failure_mode),
+        record_queue_size=section.get("record_queue_size", positive_int,
+                                      defaults.record_queue_size),
+        watch_interval_seconds=section.get("watch_interval_seconds", number,
+                                           defaults.watch_interval_seconds),
+        config=section.get("config", blocks, {}),
+    )
+    section.finish()
+    return plugins
 
 
 def _apply_env(data: object, env: Mapping[str, str]) -> object:

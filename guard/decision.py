@@ -1,6 +1,7 @@
-"""What the guard decides about a batch: the domain types the engine produces.
+"""The data handed to plugins and produced by the engine: part of the public plugin API.
 
-These are plain data, independent of gRPC; the server turns them into protocol messages.
+Plain, immutable data, independent of gRPC; the server turns decisions into protocol
+messages. Plugins import these names from ``guard`` (``from guard import Finding``).
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +33,11 @@ class Phase(enum.IntEnum):
     GENERATION = 2
 
 
+#: What a finding asks for: ``log`` (decision log only), ``flag`` (also in the reply to the
+#: host, decision stays CONTINUE), ``abort`` (the decision becomes ABORT).
+FindingAction = Literal["log", "flag", "abort"]
+
+
 @dataclass(frozen=True)
 class ActivationRows:
     """One validated batch: ``rows`` is float32 ``[n, d_in]`` of one hook of one request."""
@@ -46,18 +53,113 @@ class ActivationRows:
 
 
 @dataclass(frozen=True)
+class FeatureRequest:
+    """A plugin's subscription: the features of one hook it reads (from guard_subscriptions).
+
+    ``feature_ids="all"`` asks for every feature (the full encoder). For TopK SAEs a subset is
+    only exact with the full pre-activations; ``approximate_topk=True`` accepts a subset
+    computed without the TopK selection (see the README).
+    """
+
+    hook: str
+    feature_ids: Sequence[int] | Literal["all"]
+    approximate_topk: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Feature activations of one batch, handed to ``guard_detect`` and ``guard_steer``.
+
+    ``activations`` is ``[rows, len(feature_ids)]``: column ``j`` holds feature
+    ``feature_ids[j]``. Every plugin sees the union of all plugins' subscriptions on the hook.
+    """
+
+    request_id: str
+    sequence: int
+    hook: str
+    feature_ids: NDArray[np.int64]
+    activations: NDArray[np.float32]
+    positions: NDArray[np.int64]
+    token_ids: NDArray[np.int64] | None
+    phase: Phase
+    feature_labels: Mapping[int, str]
+    #: sha256 of the SAE weights that produced the features (the SAE revision).
+    sae_sha256: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def column(self, feature_id: int) -> NDArray[np.float32]:
+        """Activations of one feature across the rows; KeyError if it was not encoded."""
+        index = self._index().get(int(feature_id))
+        if index is None:
+            raise KeyError(
+                f"feature {feature_id} of hook {self.hook!r} was not encoded: subscribe to it "
+                "in guard_subscriptions"
+            )
+        return self.activations[:, index]
+
+    def columns(self, feature_ids: Sequence[int]) -> NDArray[np.float32]:
+        """Activations ``[rows, len(feature_ids)]`` of the given features, in that order."""
+        return np.stack([self.column(f) for f in feature_ids], axis=1) if feature_ids else (
+            np.zeros((self.activations.shape[0], 0), dtype=np.float32)
+        )
+
+    def has(self, feature_id: int) -> bool:
+        return int(feature_id) in self._index()
+
+    def label(self, feature_id: int) -> str:
+        """The feature's label, or ``""`` when it has none."""
+        return self.feature_labels.get(int(feature_id), "")
+
+    def _index(self) -> dict[int, int]:
+        cached: dict[int, int] | None = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {int(f): j for j, f in enumerate(self.feature_ids)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+
+@dataclass(frozen=True)
 class Finding:
-    """One detector's verdict on a batch."""
+    """One detector's verdict on a batch (returned by ``guard_detect``)."""
 
     detector: str
     score: float
     threshold: float
-    action: Action
+    action: FindingAction = "flag"
     feature_ids: tuple[int, ...] = ()
     feature_activations: tuple[float, ...] = ()
     feature_labels: tuple[str, ...] = ()
+    #: Positions of the rows that fired.
     positions: tuple[int, ...] = ()
     message: str = ""
+    #: Set by the engine: the plugin that returned the finding.
+    plugin: str = ""
+
+
+EditKind = Literal["pin", "nudge", "scale"]
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """A steering edit on one feature (returned by ``guard_steer``).
+
+    - ``pin``: set the feature's activation to ``value`` (its decoder direction times
+      ``value - current`` is added);
+    - ``nudge``: add ``value`` times the feature's decoder direction;
+    - ``scale``: multiply the feature's contribution by ``value`` (adds
+      ``(value - 1) * current`` times the decoder direction).
+
+    ``positions`` limits the edit to those rows (default: every row of the batch).
+    Conflicts on one feature are resolved by the engine (see ``guard.steering``).
+    """
+
+    hook: str
+    feature_id: int
+    kind: EditKind
+    value: float
+    positions: tuple[int, ...] | None = None
+    #: Set by the engine: the plugin that returned the edit.
+    plugin: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,19 +171,41 @@ class Steering:
 
 
 @dataclass(frozen=True)
+class PluginRun:
+    """A plugin that took part in a decision, with its version."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The guard's answer to one batch."""
+    """The guard's answer to one batch; also the record handed to ``guard_record``.
+
+    Records never hold activations or token text; ``feature_activations`` in findings are
+    scores of named features, which the decision log can mask (see the decision log plugin).
+    """
 
     decision_id: str
     action: Action
     request_id: str
     sequence: int
+    hook: str
     positions: NDArray[np.int64]
     findings: tuple[Finding, ...] = ()
+    edits: tuple[FeatureEdit, ...] = ()
     steering: tuple[Steering, ...] = ()
     details: str = ""
-    #: Stage name -> seconds (decode, encode, ...).
+    phase: Phase = Phase.UNSPECIFIED
+    #: sha256 of the SAE weights (the SAE revision) that produced the features.
+    sae_sha256: str = ""
+    plugins: tuple[PluginRun, ...] = ()
+    #: Plugins that failed on this batch (raised or overran their budget).
+    plugin_errors: tuple[str, ...] = ()
+    #: Stage name -> seconds (decode, encode, detect, steer, total).
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: Unix time (seconds) the decision was made.
+    timestamp: float = 0.0
 
 
 _ID_PREFIX = os.urandom(8).hex()

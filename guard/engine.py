@@ -1,35 +1,64 @@
-"""The decision engine: one validated batch in, one decision out.
+"""The decision engine, one batch at a time:
 
-encode (only the subscribed features) -> decide. Plugins (detect, steer, record) join this
-path with the plugin work; until then no detector runs and every decision is CONTINUE, but
-the SAEs are real: hooks, d_in and the encoder come from the loaded SAE files.
+encode (only subscribed features) -> detect -> steer -> decide -> (reply) -> record.
+
+The decision is ABORT if any finding asks to abort, STEER if the edits give a nonzero
+residual delta, CONTINUE otherwise. Plugins run within ``plugins.timeout_ms`` per batch; a
+plugin that raises or overruns is logged and counted, the others still run, and the batch
+gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the rest,
+``closed`` aborts naming the plugin. A plugin still running past its budget is skipped by
+later batches (as a failure) until its call returns. Records go to sinks through a bounded
+queue off the hot path (``guard.records``).
+
+The plugin part of the configuration reloads without dropping streams: a new set of plugin
+instances is configured and started aside, then swapped in; a rejected configuration
+leaves the old one in force.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from guard.config import GuardConfig, SaeConfig
-from guard.decision import Action, ActivationRows, Decision, new_decision_id
-from guard.errors import ConfigError, NotFound
+from guard.config import GuardConfig, PluginsConfig, SaeConfig
+from guard.decision import (
+    Action,
+    ActivationRows,
+    Decision,
+    FeatureBatch,
+    FeatureEdit,
+    FeatureRequest,
+    Finding,
+    PluginRun,
+    Steering,
+    new_decision_id,
+)
+from guard.errors import ConfigError, GuardError, NotFound
+from guard.plugin_manager import CallProgress, PluginFailure, PluginSet, PluginSource, discover
+from guard.records import RecordQueue
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
+from guard.steering import build_delta
 
 log = structlog.get_logger(__name__)
+
+_EMPTY_IDS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class Subscription:
-    """The features computed for a hook: ``feature_ids`` or every feature."""
+    """The features encoded for a hook: ``feature_ids`` or every feature."""
 
     hook: str
     feature_ids: tuple[int, ...]
     all_features: bool
+    approximate_topk: bool = False
 
 
 @dataclass
@@ -39,6 +68,9 @@ class HookRuntime:
     sae: Sae
     encoder: Encoder | None
     subscription: Subscription
+    feature_ids: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_IDS)
+    _directions: dict[int, NDArray[np.float32]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def info(self) -> SaeInfo:
@@ -52,83 +84,323 @@ class HookRuntime:
     def execution_provider(self) -> str:
         return self.encoder.execution_provider if self.encoder is not None else "none"
 
+    def directions(self, feature_ids: Sequence[int]) -> NDArray[np.float32]:
+        """Decoder rows of these features, cached so the full decoder stays off the hot path."""
+        missing = [f for f in feature_ids if f not in self._directions]
+        if missing:
+            rows = self.sae.decoder_directions(missing)
+            with self._lock:
+                for f, row in zip(missing, rows, strict=True):
+                    self._directions[f] = np.asarray(row, dtype=np.float32)
+        return np.stack([self._directions[f] for f in feature_ids])
+
+
+@dataclass
+class Pipeline:
+    """One configuration of plugins and the encoders their subscriptions need."""
+
+    plugins: PluginSet
+    hooks: dict[str, HookRuntime]
+    config: PluginsConfig
+    runs_plugins: bool
+    plugin_runs: tuple[PluginRun, ...]
+
 
 class Engine:
-    """Holds the loaded SAEs and turns batches into decisions. Thread-safe."""
+    """Holds the SAEs and the current pipeline; turns batches into decisions. Thread-safe."""
 
-    def __init__(self, hooks: Mapping[str, HookRuntime]) -> None:
-        self._hooks = dict(hooks)
+    def __init__(
+        self,
+        saes: Mapping[str, tuple[Sae, SaeConfig]],
+        plugins_config: PluginsConfig,
+        *,
+        extra_plugins: Sequence[PluginSource] = (),
+    ) -> None:
+        self._saes = dict(saes)
+        self._extra_plugins = tuple(extra_plugins)
+        self._swap_lock = threading.Lock()
+        self._stuck: dict[str, int] = {}
+        self._stuck_lock = threading.Lock()
+        self._pipeline = self._build(plugins_config)
+        self._pipeline.plugins.startup()
+        self._executor = futures.ThreadPoolExecutor(thread_name_prefix="guard-plugins")
+        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
+        self.counters: dict[str, int] = {"plugin_failures": 0, "plugin_timeouts": 0,
+                                         "steering_conflicts": 0, "reloads": 0,
+                                         "reloads_rejected": 0}
 
     @classmethod
-    def load(cls, config: GuardConfig) -> Engine:
-        """Load every SAE in the config and build its encoder; refuses duplicate hooks."""
-        hooks: dict[str, HookRuntime] = {}
+    def load(
+        cls, config: GuardConfig, *, extra_plugins: Sequence[PluginSource] = ()
+    ) -> Engine:
+        """Open every SAE, load and configure the plugins, build the encoders, start."""
+        saes: dict[str, tuple[Sae, SaeConfig]] = {}
         for index, entry in enumerate(config.saes):
-            runtime = _load_hook(entry)
-            hook = runtime.info.hook_name
-            if hook in hooks:
-                raise ConfigError(
-                    f"saes[{index}].hook",
-                    "a hook not served by an earlier entry",
-                    hook,
-                    source=config.source,
-                )
-            hooks[hook] = runtime
-            log.info(
-                "sae loaded",
-                hook=hook,
-                d_in=runtime.info.d_in,
-                d_sae=runtime.info.d_sae,
-                architecture=runtime.info.architecture,
-                sha256=runtime.info.sha256,
-                execution_provider=runtime.execution_provider,
-                features="all" if runtime.subscription.all_features
-                else len(runtime.subscription.feature_ids),
+            sae = open_sae(entry.path, hook=entry.hook, sha256=entry.sha256, dtype=entry.dtype)
+            hook = sae.info.hook_name
+            if hook in saes:
+                raise ConfigError(f"saes[{index}].hook", "a hook not served by an earlier entry",
+                                  hook, source=config.source)
+            saes[hook] = (sae, entry)
+        engine = cls(saes, config.plugins, extra_plugins=extra_plugins)
+        for name, runtime in sorted(engine.hooks.items()):
+            info = runtime.info
+            sub = runtime.subscription
+            log.info("sae loaded", hook=name, d_in=info.d_in, d_sae=info.d_sae,
+                     architecture=info.architecture, sha256=info.sha256,
+                     execution_provider=runtime.execution_provider,
+                     features="all" if sub.all_features else len(sub.feature_ids))
+        log.info("plugins loaded", plugins=engine.plugins)
+        return engine
+
+    # -- configuration --------------------------------------------------------------------
+
+    def _build(self, plugins_config: PluginsConfig) -> Pipeline:
+        sources = discover(plugins_config.enabled, plugins_config.disabled,
+                           autoload=plugins_config.autoload)
+        sources += [s for s in self._extra_plugins if s.name not in plugins_config.disabled]
+        plugins = PluginSet(sources, trace=plugins_config.trace)
+        plugins.configure(plugins_config.config)
+        requests = plugins.subscriptions(plugins_config.config)
+        hooks = {hook: self._runtime(hook, sae, entry, requests)
+                 for hook, (sae, entry) in self._saes.items()}
+        unknown = sorted({r.hook for r in requests} - set(hooks))
+        if unknown:
+            raise ConfigError(
+                "plugins", f"subscriptions to served hooks ({', '.join(sorted(hooks)) or 'none'})",
+                unknown[0],
             )
-        return cls(hooks)
+        runs = plugins.has_hook("guard_detect") or plugins.has_hook("guard_steer")
+        plugin_runs = tuple(PluginRun(n, v) for n, v in plugins.plugins.items())
+        return Pipeline(plugins, hooks, plugins_config, runs, plugin_runs)
+
+    @staticmethod
+    def _runtime(hook: str, sae: Sae, entry: SaeConfig,
+                 requests: Iterable[FeatureRequest]) -> HookRuntime:
+        wanted: set[int] = set()
+        everything = False
+        exact_needed = False
+        if entry.features == "all":
+            everything = True
+        elif entry.features:
+            wanted.update(entry.features)
+            exact_needed = True
+        for request in requests:
+            if request.hook != hook:
+                continue
+            if request.feature_ids == "all":
+                everything = True
+            else:
+                wanted.update(int(f) for f in request.feature_ids)
+            if not request.approximate_topk:
+                exact_needed = True
+        approximate = not exact_needed
+        if everything:
+            encoder: Encoder | None = sae.encoder(None)
+            ids = np.arange(sae.info.d_sae, dtype=np.int64)
+            sub = Subscription(hook, (), all_features=True)
+        elif wanted:
+            ordered = sorted(wanted)
+            encoder = sae.encoder(ordered, approximate_topk=approximate)
+            ids = np.asarray(ordered, dtype=np.int64)
+            sub = Subscription(hook, tuple(ordered), all_features=False,
+                               approximate_topk=approximate)
+        else:  # nothing subscribes: computing features nobody reads would only cost time
+            encoder, ids = None, _EMPTY_IDS
+            sub = Subscription(hook, (), all_features=False)
+        return HookRuntime(sae=sae, encoder=encoder, subscription=sub, feature_ids=ids)
+
+    def reload(self, config: GuardConfig) -> None:
+        """Swap in the plugin part of ``config``; on any error the old pipeline stays."""
+        try:
+            new = self._build(config.plugins)
+            new.plugins.startup()
+        except GuardError:
+            self.counters["reloads_rejected"] += 1
+            raise
+        with self._swap_lock:
+            old, self._pipeline = self._pipeline, new
+        self.counters["reloads"] += 1
+        old.plugins.shutdown()
+        log.info("plugins reloaded", plugins=new.plugins.plugins, source=config.source)
+
+    # -- read-only views ------------------------------------------------------------------
 
     @property
     def hooks(self) -> Mapping[str, HookRuntime]:
-        return self._hooks
+        return self._pipeline.hooks
+
+    @property
+    def plugins(self) -> dict[str, str]:
+        return self._pipeline.plugins.plugins
+
+    @property
+    def plugin_set(self) -> PluginSet:
+        return self._pipeline.plugins
+
+    @property
+    def records(self) -> RecordQueue:
+        return self._records
 
     def hook(self, name: str) -> HookRuntime:
         """The runtime of a served hook; NotFound lists the served hooks."""
-        runtime = self._hooks.get(name)
+        runtime = self._pipeline.hooks.get(name)
         if runtime is None:
-            served = ", ".join(sorted(self._hooks)) or "none"
+            served = ", ".join(sorted(self._pipeline.hooks)) or "none"
             raise NotFound(f"hook {name!r} is not served by this guard; served hooks: {served}")
         return runtime
 
+    # -- the hot path ---------------------------------------------------------------------
+
     def inspect(self, batch: ActivationRows, timings: dict[str, float]) -> Decision:
-        """Encode the subscribed features of a validated batch and decide."""
-        runtime = self.hook(batch.hook)
+        """Encode, run the plugins and decide on one validated batch; queue its record."""
+        pipeline = self._pipeline  # one consistent configuration for the whole batch
+        runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
+        started = time.perf_counter()
         if runtime.encoder is not None:
-            started = time.perf_counter()
-            _features: NDArray[np.float32] = runtime.encoder.encode(batch.rows)
+            activations = runtime.encoder.encode(batch.rows)
             timings["encode"] = time.perf_counter() - started
+        else:
+            activations = np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
+        features = FeatureBatch(
+            request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
+            feature_ids=runtime.feature_ids, activations=activations,
+            positions=batch.positions, token_ids=batch.token_ids, phase=batch.phase,
+            feature_labels=runtime.info.feature_labels, sae_sha256=runtime.info.sha256,
+            attributes=batch.attributes,
+        )
+        findings: list[Finding] = []
+        edits: list[FeatureEdit] = []
+        failures: list[PluginFailure] = []
+        if pipeline.runs_plugins:
+            findings, edits, failures = self._run_plugins(pipeline, features, timings)
+        steering: tuple[Steering, ...] = ()
+        if edits:
+            try:
+                result = build_delta(features, edits, runtime.directions)
+            except GuardError as exc:
+                failures.append(PluginFailure(",".join(sorted({e.plugin for e in edits})),
+                                              "guard_steer", str(exc)))
+                log.error("steering edits rejected", reason=str(exc))
+            else:
+                self.counters["steering_conflicts"] += result.conflicts
+                if result.delta is not None:
+                    steering = (Steering(batch.hook, result.delta),)
+        decision = self._decide(pipeline, batch, runtime, findings, edits, steering, failures,
+                                timings)
+        if pipeline.plugins.has_hook("guard_record"):
+            self._records.offer(decision)
+        return decision
+
+    def _run_plugins(
+        self, pipeline: Pipeline, features: FeatureBatch, timings: dict[str, float]
+    ) -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
+        budget = pipeline.config.timeout_ms / 1e3
+        with self._stuck_lock:
+            progress = CallProgress(skip=frozenset(self._stuck))
+
+        def run() -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
+            t0 = time.perf_counter()
+            found, failed = pipeline.plugins.detect(features, progress)
+            t1 = time.perf_counter()
+            timings["detect"] = t1 - t0
+            edits, failed_steer = pipeline.plugins.steer(features, found, progress)
+            timings["steer"] = time.perf_counter() - t1
+            return found, edits, failed + failed_steer
+
+        if budget <= 0:
+            return run()
+        future = self._executor.submit(run)
+        try:
+            return future.result(timeout=budget)
+        except futures.TimeoutError:
+            culprit = progress.current or "unknown"
+            self.counters["plugin_timeouts"] += 1
+            with self._stuck_lock:
+                self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
+            future.add_done_callback(lambda _f: self._unstick(culprit))
+            log.error("plugin overran its budget", plugin=culprit,
+                      budget_ms=pipeline.config.timeout_ms, request_id=features.request_id,
+                      sequence=features.sequence)
+            message = f"overran the plugin budget of {pipeline.config.timeout_ms:g} ms"
+            return [], [], [PluginFailure(culprit, "guard_detect/guard_steer", message)]
+
+    def _unstick(self, plugin: str) -> None:
+        with self._stuck_lock:
+            left = self._stuck.get(plugin, 0) - 1
+            if left > 0:
+                self._stuck[plugin] = left
+            else:
+                self._stuck.pop(plugin, None)
+
+    def _decide(
+        self, pipeline: Pipeline, batch: ActivationRows, runtime: HookRuntime,
+        findings: list[Finding], edits: list[FeatureEdit], steering: tuple[Steering, ...],
+        failures: list[PluginFailure], timings: dict[str, float],
+    ) -> Decision:
+        labels = runtime.info.feature_labels
+        findings = [
+            replace(f, feature_labels=tuple(labels.get(i, "") for i in f.feature_ids))
+            if f.feature_ids and not f.feature_labels else f
+            for f in findings
+        ]
+        details = ""
+        if failures:
+            self.counters["plugin_failures"] += len(failures)
+            if pipeline.config.failure_mode == "closed":
+                details = "; ".join(f"plugin {f.plugin} failed in {f.hook}: {f.error}"
+                                    for f in failures) + " (plugins.failure_mode: closed)"
+                return self._decision(batch, runtime, pipeline, Action.ABORT, findings, edits,
+                                      (), details, failures, timings)
+            findings += [
+                Finding(detector=f"plugin-error:{f.plugin}", score=float("nan"), threshold=0.0,
+                        action="flag", message=f"{f.hook}: {f.error}", plugin=f.plugin)
+                for f in failures
+            ]
+        aborts = [f for f in findings if f.action == "abort"]
+        if aborts:
+            details = "; ".join(_describe_finding(f) for f in aborts)
+            return self._decision(batch, runtime, pipeline, Action.ABORT, findings, edits, (),
+                                  details, failures, timings)
+        action = Action.STEER if steering else Action.CONTINUE
+        return self._decision(batch, runtime, pipeline, action, findings, edits, steering,
+                              details, failures, timings)
+
+    @staticmethod
+    def _decision(
+        batch: ActivationRows, runtime: HookRuntime, pipeline: Pipeline, action: Action,
+        findings: list[Finding], edits: list[FeatureEdit], steering: tuple[Steering, ...],
+        details: str, failures: list[PluginFailure], timings: dict[str, float],
+    ) -> Decision:
         return Decision(
-            decision_id=new_decision_id(),
-            action=Action.CONTINUE,
-            request_id=batch.request_id,
-            sequence=batch.sequence,
-            positions=batch.positions,
-            timings=timings,
+            decision_id=new_decision_id(), action=action, request_id=batch.request_id,
+            sequence=batch.sequence, hook=batch.hook, positions=batch.positions,
+            findings=tuple(findings), edits=tuple(edits), steering=steering, details=details,
+            phase=batch.phase, sae_sha256=runtime.info.sha256, plugins=pipeline.plugin_runs,
+            plugin_errors=tuple(sorted({f.plugin for f in failures})), timings=timings,
+            timestamp=time.time(),
         )
 
+    def _deliver(self, decision: Decision) -> None:
+        with self._swap_lock:  # never into plugins that a reload is shutting down
+            plugins = self._pipeline.plugins
+            plugins.record(decision)
 
-def _load_hook(entry: SaeConfig) -> HookRuntime:
-    sae = open_sae(entry.path, hook=entry.hook, sha256=entry.sha256, dtype=entry.dtype)
-    hook = sae.info.hook_name
-    if entry.features == "all":
-        subscription = Subscription(hook, (), all_features=True)
-        encoder: Encoder | None = sae.encoder(None)
-    elif entry.features:
-        subscription = Subscription(hook, tuple(entry.features), all_features=False)
-        encoder = sae.encoder(list(entry.features))
-    else:
-        # Nothing subscribes: computing features nobody reads would only cost time.
-        subscription = Subscription(hook, (), all_features=False)
-        encoder = None
-    return HookRuntime(sae=sae, encoder=encoder, subscription=subscription)
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Deliver every accepted record, then call guard_shutdown."""
+        self._records.close(timeout)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pipeline.plugins.shutdown()
 
 
+def _describe_finding(finding: Finding) -> str:
+    features = ""
+    if finding.feature_ids:
+        named = [f"{i}" + (f" ({label})" if label else "")
+                 for i, label in zip(finding.feature_ids,
+                                     finding.feature_labels or ("",) * len(finding.feature_ids),
+                                     strict=False)]
+        features = f" on features {', '.join(named)}"
+    text = (f"detector {finding.detector} fired: score {finding.score:.4g} >= threshold "
+            f"{finding.threshold:.4g}{features}")
+    return f"{text}: {finding.message}" if finding.message else text

@@ -115,6 +115,8 @@ class GuardServicer(pb_grpc.GuardServicer):
             response.subscriptions.add(
                 hook=name, feature_ids=sub.feature_ids, all_features=sub.all_features
             )
+        for plugin, version in engine.plugins.items():
+            response.plugins.add(name=plugin, version=version)
         return response
 
 
@@ -205,6 +207,8 @@ class GuardServer:
         log.info("draining", grace_seconds=grace)
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self.servicer.engine is not None:
+            self.servicer.engine.close()  # every accepted record reaches its sinks
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         for path in self._sockets:

@@ -264,11 +264,13 @@ def decision_to_proto(
     )
     response.positions.extend(decision.positions.tolist() if positions is None else positions)
     for finding in decision.findings:
+        if finding.action == "log":  # log-only findings go to the decision log, not the host
+            continue
         response.findings.add(
             detector=finding.detector,
             score=finding.score,
             threshold=finding.threshold,
-            action=pb.Action.ValueType(finding.action.value),
+            action=pb.ACTION_ABORT if finding.action == "abort" else pb.ACTION_CONTINUE,
             feature_ids=finding.feature_ids,
             feature_activations=finding.feature_activations,
             feature_labels=finding.feature_labels,

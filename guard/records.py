@@ -1,0 +1,80 @@
+"""Decisions to sinks, off the hot path: a bounded queue and one sink thread.
+
+Policy when the queue is full: the new record is dropped (never the hot path blocked, never
+an accepted record lost from the middle of the queue), ``dropped`` is incremented and a
+warning is logged for the first drop and every 1000th after. Every record accepted into the
+queue reaches the sinks: :meth:`RecordQueue.close` drains the queue before it returns.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from guard.decision import Decision
+
+log = structlog.get_logger(__name__)
+
+_STOP = object()
+
+
+class RecordQueue:
+    """A bounded queue of decisions, drained by one daemon thread into ``deliver``."""
+
+    def __init__(self, deliver: Callable[[Decision], None], maxsize: int = 10_000) -> None:
+        self._deliver = deliver
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.delivered = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="guard-records", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def offer(self, decision: Decision) -> bool:
+        """Queue a decision without blocking; False (and counted) when full or closed."""
+        with self._lock:  # so that nothing is queued behind the stop marker
+            if not self._closed:
+                try:
+                    self._queue.put_nowait(decision)
+                    return True
+                except queue.Full:
+                    pass
+            self.dropped += 1
+            dropped = self.dropped
+        if dropped == 1 or dropped % 1000 == 0:
+            log.warning("decision record dropped", reason="closed" if self._closed
+                        else "record queue full", dropped=dropped, queue_size=self.maxsize,
+                        decision_id=decision.decision_id)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, Decision)
+            try:
+                self._deliver(item)
+            except Exception:  # a sink bug must not stop later records
+                log.exception("record delivery failed", decision_id=item.decision_id)
+            self.delivered += 1
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, deliver everything already accepted, then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_STOP)  # blocks only while the queue is full: the thread is draining
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("record queue did not drain in time", pending=self._queue.qsize())

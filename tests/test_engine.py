@@ -1,0 +1,311 @@
+"""The decision engine with real plugins in a real PluginSet: isolation, budgets, records,
+steering against hand-computed decoder directions, subscriptions and reload."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guard import ConfigError, FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
+from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
+from guard.decision import Action, ActivationRows, Decision, Phase
+from guard.engine import Engine
+from guard.plugin_manager import PluginSource
+from tests.conftest import D_IN, D_SAE, HOOK
+from tests.sae_fixtures import random_standard_weights
+
+
+def _config(sae_dir: Path, **plugins: Any) -> GuardConfig:
+    return GuardConfig(
+        server=ServerConfig(listen="unix:///tmp/unused.sock"),
+        logging=LoggingConfig(level="warning"),
+        saes=(SaeConfig(path=sae_dir),),
+        plugins=PluginsConfig(autoload=False, **plugins),
+    )
+
+
+def _rows(n: int = 3, seed: int = 0) -> ActivationRows:
+    rows = np.random.default_rng(seed).normal(size=(n, D_IN)).astype(np.float32)
+    return ActivationRows("req-1", 1, HOOK, rows, np.arange(n, dtype=np.int64), None,
+                          Phase.GENERATION)
+
+
+def _encode(x: np.ndarray, feature_ids: Sequence[int]) -> np.ndarray:
+    """SAELens standard SAE: relu((x - b_dec) @ W_enc + b_enc), in float64."""
+    w = random_standard_weights(D_IN, D_SAE, seed=0)
+    pre = (x.astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    return np.maximum(pre, 0.0)[:, list(feature_ids)]
+
+
+class Subscriber:
+    def __init__(self, features: Sequence[int] | str = (3, 9)) -> None:
+        self.features = features
+
+    @hookimpl
+    def guard_subscriptions(self) -> list[FeatureRequest]:
+        ids: Any = self.features
+        return [FeatureRequest(HOOK, ids)]
+
+
+class Flagger(Subscriber):
+    """Flags every batch, with the max of feature 3."""
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        return [Finding("flagger", float(batch.column(3).max()), 0.0, "flag",
+                        feature_ids=(3,))]
+
+
+class Raiser:
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        raise RuntimeError("detector bug")
+
+
+class Sleeper:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> None:
+        self.release.wait(10)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[Decision] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.shut = False
+
+    @hookimpl
+    def guard_record(self, decision: Decision) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        self.records.append(decision)
+
+    @hookimpl
+    def guard_shutdown(self) -> None:
+        self.shut = True
+
+
+def _engine(sae_dir: Path, *plugins: tuple[str, object], **config: Any) -> Engine:
+    sources = [PluginSource(name, "1.0", plugin) for name, plugin in plugins]
+    return Engine.load(_config(sae_dir, **config), extra_plugins=sources)
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.close(timeout=5)
+
+
+def test_no_plugins_no_encode(sae_dir: Path, engines: list[Engine]) -> None:
+    engine = _engine(sae_dir)
+    engines.append(engine)
+    assert engine.hook(HOOK).encoder is None
+    decision = engine.inspect(_rows(), {})
+    assert decision.action == Action.CONTINUE
+    assert decision.findings == ()
+
+
+def test_subscriptions_build_a_subset_encoder(sae_dir: Path, engines: list[Engine]) -> None:
+    engine = _engine(sae_dir, ("a", Subscriber((9, 3))), ("b", Subscriber((5,))),
+                     ("c", Flagger((3,))))
+    engines.append(engine)
+    runtime = engine.hook(HOOK)
+    assert runtime.subscription.feature_ids == (3, 5, 9)
+    assert runtime.feature_ids.tolist() == [3, 5, 9]
+    rows = _rows()
+    decision = engine.inspect(rows, {})
+    (finding,) = decision.findings
+    expected = _encode(rows.rows, [3]).max()
+    assert finding.score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert finding.plugin == "c"
+    assert [(p.name, p.version) for p in decision.plugins] == [("a", "1.0"), ("b", "1.0"),
+                                                                 ("c", "1.0")]
+    assert decision.sae_sha256 == runtime.info.sha256
+
+
+def test_subscribing_to_all_features(sae_dir: Path, engines: list[Engine]) -> None:
+    engine = _engine(sae_dir, ("all", Subscriber("all")))
+    engines.append(engine)
+    assert engine.hook(HOOK).subscription.all_features
+    assert engine.hook(HOOK).feature_ids.shape == (D_SAE,)
+
+
+def test_subscription_to_an_unknown_hook_fails_start(sae_dir: Path) -> None:
+    class Lost:
+        @hookimpl
+        def guard_subscriptions(self) -> list[FeatureRequest]:
+            return [FeatureRequest("blocks.99.hook_resid_post", [1])]
+
+    with pytest.raises(ConfigError, match=r"blocks\.99\.hook_resid_post"):
+        _engine(sae_dir, ("lost", Lost()))
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_raising_plugin_is_isolated(sae_dir: Path, engines: list[Engine], mode: str) -> None:
+    engine = _engine(sae_dir, ("raiser", Raiser()), ("flagger", Flagger()), failure_mode=mode)
+    engines.append(engine)
+    decision = engine.inspect(_rows(), {})
+    assert decision.plugin_errors == ("raiser",)
+    assert engine.counters["plugin_failures"] == 1
+    assert engine.plugin_set.failures[("raiser", "guard_detect")] == 1
+    if mode == "open":
+        assert decision.action == Action.CONTINUE
+        detectors = {f.detector for f in decision.findings}
+        assert detectors == {"flagger", "plugin-error:raiser"}  # the other plugin still ran
+        error = next(f for f in decision.findings if f.detector == "plugin-error:raiser")
+        assert "RuntimeError: detector bug" in error.message
+    else:
+        assert decision.action == Action.ABORT
+        assert "plugin raiser failed in guard_detect: RuntimeError: detector bug" in (
+            decision.details)
+
+
+def test_a_hanging_plugin_overruns_its_budget(sae_dir: Path, engines: list[Engine]) -> None:
+    sleeper = Sleeper()
+    engine = _engine(sae_dir, ("sleeper", sleeper), ("flagger", Flagger()), timeout_ms=50)
+    engines.append(engine)
+    try:
+        started = time.monotonic()
+        first = engine.inspect(_rows(), {})
+        assert time.monotonic() - started < 5
+        assert first.action == Action.CONTINUE
+        assert first.plugin_errors == ("sleeper",)
+        assert any("overran the plugin budget of 50 ms" in f.message for f in first.findings)
+        assert engine.counters["plugin_timeouts"] == 1
+        # While its call is still running, later batches skip it (counted as a failure)
+        # and the other plugins still run.
+        second = engine.inspect(_rows(), {})
+        assert second.plugin_errors == ("sleeper",)
+        assert {f.detector for f in second.findings} == {"flagger", "plugin-error:sleeper"}
+    finally:
+        sleeper.release.set()
+    deadline = time.monotonic() + 5
+    while engine._stuck and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sleeper.release.set()
+    third = engine.inspect(_rows(), {})
+    assert third.plugin_errors == ()
+
+
+def test_full_record_queue_drops_new_records_and_counts(
+    sae_dir: Path, engines: list[Engine]
+) -> None:
+    sink = Sink()
+    sink.gate.clear()
+    engine = _engine(sae_dir, ("sink", sink), record_queue_size=2)
+    decisions = [engine.inspect(_rows(), {})]
+    assert sink.entered.wait(5)  # the sink thread now holds the first record
+    decisions += [engine.inspect(_rows(), {}) for _ in range(5)]
+    # One record is held by the blocked sink, two wait in the queue, the rest were dropped.
+    assert engine.records.dropped == 3
+    sink.gate.set()
+    engine.close(timeout=5)
+    assert [d.decision_id for d in sink.records] == [d.decision_id for d in decisions[:3]]
+    assert sink.shut
+
+
+def test_close_delivers_every_accepted_record(sae_dir: Path) -> None:
+    sink = Sink()
+    engine = _engine(sae_dir, ("sink", sink))
+    ids = [engine.inspect(_rows(), {}).decision_id for _ in range(50)]
+    engine.close(timeout=5)
+    assert [d.decision_id for d in sink.records] == ids
+    assert engine.records.dropped == 0
+
+
+class Pinner(Subscriber):
+    def __init__(self, kind: str, value: float, feature: int = 3) -> None:
+        super().__init__((feature,))
+        self.kind, self.value, self.feature = kind, value, feature
+
+    @hookimpl
+    def guard_steer(self, batch: FeatureBatch) -> list[FeatureEdit]:
+        return [FeatureEdit(HOOK, self.feature, self.kind, self.value)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "value"), [("pin", 0.0), ("pin", 4.0), ("nudge", -2.5),
+                                             ("scale", 0.5)])
+def test_steering_delta_matches_decoder_directions(
+    sae_dir: Path, engines: list[Engine], kind: str, value: float
+) -> None:
+    engine = _engine(sae_dir, ("pinner", Pinner(kind, value)))
+    engines.append(engine)
+    rows = _rows(n=4, seed=3)
+    decision = engine.inspect(rows, {})
+    a = _encode(rows.rows, [3])[:, 0]
+    w_dec = random_standard_weights(D_IN, D_SAE, seed=0)["W_dec"].astype(np.float64)
+    coefficient = {"pin": value - a, "nudge": np.full(4, value), "scale": (value - 1) * a}[kind]
+    expected = coefficient[:, None] * w_dec[3][None, :]
+    if not np.any(coefficient):
+        assert decision.action == Action.CONTINUE
+        return
+    assert decision.action == Action.STEER
+    (steering,) = decision.steering
+    assert steering.hook == HOOK
+    np.testing.assert_allclose(steering.delta, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_abort_wins_and_names_the_detector(sae_dir: Path, engines: list[Engine]) -> None:
+    class Aborter(Subscriber):
+        @hookimpl
+        def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+            return [Finding("harm", 7.5, 2.0, "abort", feature_ids=(3,), message="too much")]
+
+    engine = _engine(sae_dir, ("pinner", Pinner("nudge", 1.0)), ("aborter", Aborter()))
+    engines.append(engine)
+    decision = engine.inspect(_rows(), {})
+    assert decision.action == Action.ABORT
+    assert decision.steering == ()
+    assert decision.details == ("detector harm fired: score 7.5 >= threshold 2 on features 3: "
+                                "too much")
+
+
+class Configurable:
+    def __init__(self) -> None:
+        self.threshold = -1.0
+
+    @hookimpl
+    def guard_configure(self, settings: Mapping[str, Any]) -> None:
+        value = settings.get("threshold", 0.0)
+        if not isinstance(value, int | float):
+            raise ConfigError("threshold", "a number", value)
+        self.threshold = float(value)
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        return [Finding("configured", 0.0, self.threshold, "log")]
+
+
+def test_configure_errors_name_the_plugin_key(sae_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"plugins\.config\.conf\.threshold: expected a number"):
+        _engine(sae_dir, ("conf", Configurable), config={"conf": {"threshold": "high"}})
+
+
+def test_reload_swaps_plugins_and_rejects_bad_config(
+    sae_dir: Path, engines: list[Engine]
+) -> None:
+    sink = Sink()
+    engine = _engine(sae_dir, ("conf", Configurable), ("sink", sink),
+                     config={"conf": {"threshold": 1.0}})
+    engines.append(engine)
+    assert engine.inspect(_rows(), {}).findings[0].threshold == 1.0
+    engine.reload(_config(sae_dir, config={"conf": {"threshold": 2.0}}))
+    assert engine.inspect(_rows(), {}).findings[0].threshold == 2.0  # a fresh instance
+    with pytest.raises(ConfigError, match=r"plugins\.config\.conf\.threshold"):
+        engine.reload(_config(sae_dir, config={"conf": {"threshold": "x"}}))
+    assert engine.inspect(_rows(), {}).findings[0].threshold == 2.0  # old one in force
+    assert engine.counters["reloads"] == 1
+    assert engine.counters["reloads_rejected"] == 1
