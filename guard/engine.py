@@ -103,6 +103,7 @@ class Pipeline:
     hooks: dict[str, HookRuntime]
     config: PluginsConfig
     runs_plugins: bool
+    records: bool
     plugin_runs: tuple[PluginRun, ...]
 
 
@@ -172,7 +173,8 @@ class Engine:
             )
         runs = plugins.has_hook("guard_detect") or plugins.has_hook("guard_steer")
         plugin_runs = tuple(PluginRun(n, v) for n, v in plugins.plugins.items())
-        return Pipeline(plugins, hooks, plugins_config, runs, plugin_runs)
+        return Pipeline(plugins, hooks, plugins_config, runs, plugins.has_hook("guard_record"),
+                        plugin_runs)
 
     @staticmethod
     def _runtime(hook: str, sae: Sae, entry: SaeConfig,
@@ -256,8 +258,8 @@ class Engine:
         """Encode, run the plugins and decide on one validated batch; queue its record."""
         pipeline = self._pipeline  # one consistent configuration for the whole batch
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
-        started = time.perf_counter()
         if runtime.encoder is not None:
+            started = time.perf_counter()
             activations = runtime.encoder.encode(batch.rows)
             timings["encode"] = time.perf_counter() - started
         else:
@@ -274,6 +276,9 @@ class Engine:
         failures: list[PluginFailure] = []
         if pipeline.runs_plugins:
             findings, edits, failures = self._run_plugins(pipeline, features, timings)
+        elif not pipeline.records:  # nobody reads features or records: answer at once
+            return self._decision(batch, runtime, pipeline, Action.CONTINUE, [], [], (), "", [],
+                                  timings)
         steering: tuple[Steering, ...] = ()
         if edits:
             try:
@@ -288,7 +293,7 @@ class Engine:
                     steering = (Steering(batch.hook, result.delta),)
         decision = self._decide(pipeline, batch, runtime, findings, edits, steering, failures,
                                 timings)
-        if pipeline.plugins.has_hook("guard_record"):
+        if pipeline.records:
             self._records.offer(decision)
         return decision
 
@@ -377,7 +382,8 @@ class Engine:
             sequence=batch.sequence, hook=batch.hook, positions=batch.positions,
             findings=tuple(findings), edits=tuple(edits), steering=steering, details=details,
             phase=batch.phase, sae_sha256=runtime.info.sha256, plugins=pipeline.plugin_runs,
-            plugin_errors=tuple(sorted({f.plugin for f in failures})), timings=timings,
+            plugin_errors=tuple(sorted({f.plugin for f in failures})) if failures else (),
+            timings=timings,
             timestamp=time.time(),
         )
 

@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSION = "1.0"
 _MODES = {pb.MODE_MONITOR: "monitor", pb.MODE_INLINE: "inline"}
+_PHASES = {int(p): p for p in Phase}
 
 
 class StreamEnded(Exception):
@@ -216,7 +217,7 @@ class InspectStream:
                 f"batch.activations: rows at positions {shown}{more} hold NaN or Inf; "
                 "expected finite values (non-finite rows are rejected, never encoded)"
             )
-        phase = Phase(batch.phase) if batch.phase in (0, 1, 2) else Phase.UNSPECIFIED
+        phase = _PHASES.get(batch.phase, Phase.UNSPECIFIED)
         return ActivationRows(
             request_id=batch.request_id,
             sequence=batch.sequence,

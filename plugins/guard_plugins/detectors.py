@@ -1,0 +1,391 @@
+"""First-party detectors: threshold, sustained and linear rules over SAE features."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard import (
+    ConfigError,
+    FeatureBatch,
+    FeatureRequest,
+    Finding,
+    FindingAction,
+    Phase,
+    hookimpl,
+)
+from guard_plugins import _settings as s
+
+Combine = Literal["any", "all"]
+Reduce = Literal["max", "mean"]
+
+_PHASES: Mapping[str, Phase] = {"prompt": Phase.PROMPT, "generation": Phase.GENERATION}
+_ALL_PHASES = frozenset(_PHASES.values())
+
+#: Keys every detector reads, then the keys of each type (a key of another type is an error).
+_COMMON_KEYS = ("type", "hook", "threshold", "action", "phases")
+_TYPE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "threshold": ("features", "combine", "reduce"),
+    "sustained": ("features", "combine", "window", "max_requests", "idle_seconds"),
+    "linear": ("weights", "bias", "reduce"),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What every detector has: where it reads, what it compares and what a hit asks for."""
+
+    name: str
+    hook: str
+    features: tuple[int, ...]
+    threshold: float
+    action: FindingAction
+    phases: frozenset[Phase]
+
+    def runs_on(self, phase: Phase) -> bool:
+        # A host that does not label phases gets every detector: a guard errs on the side
+        # of looking rather than silently skipping rows.
+        return phase == Phase.UNSPECIFIED or phase in self.phases
+
+    def finding(
+        self,
+        positions: NDArray[np.int64],
+        score: float,
+        fired_rows: NDArray[np.bool_],
+        contributing: NDArray[np.bool_],
+        evidence: NDArray[np.float64],
+        message: str,
+    ) -> Finding:
+        return Finding(
+            detector=self.name,
+            score=float(score),
+            threshold=self.threshold,
+            action=self.action,
+            feature_ids=tuple(f for f, c in zip(self.features, contributing, strict=True) if c),
+            feature_activations=tuple(float(v) for v in evidence[contributing]),
+            positions=tuple(int(p) for p in positions[fired_rows]),
+            message=message,
+        )
+
+
+def _columns(batch: FeatureBatch, features: tuple[int, ...]) -> NDArray[np.float64]:
+    """``batch.columns(features)`` as float64, found by binary search.
+
+    The engine hands feature ids in ascending order; ``FeatureBatch.columns`` instead builds a
+    dict over every id of the batch (about 3 ms per batch for a full-width 24k SAE). The
+    result is verified, so unsorted ids fall back to ``columns``, whose KeyError names a
+    feature that was not encoded.
+    """
+    available = batch.feature_ids
+    wanted = np.asarray(features, dtype=np.int64)
+    if len(available):
+        index = np.minimum(np.searchsorted(available, wanted), len(available) - 1)
+        if bool((available[index] == wanted).all()):
+            return batch.activations[:, index].astype(np.float64)
+    return batch.columns(features).astype(np.float64)
+
+
+def _over(acts: NDArray[np.float64], threshold: float, combine: Combine) -> NDArray[np.bool_]:
+    """Per row: any (or all) of the features at or above the threshold."""
+    over = acts >= threshold
+    reduce = np.logical_or.reduce if combine == "any" else np.logical_and.reduce
+    met: NDArray[np.bool_] = reduce(over, axis=1)
+    return met
+
+
+@dataclass(frozen=True)
+class ThresholdDetector:
+    """Reduce each feature over the rows (max or mean), then compare with the threshold.
+
+    Fires when any (or all) of the reduced values reach the threshold. The score is the
+    largest reduced value over the threshold (``any``) or the smallest reduced value
+    (``all``), so ``score >= threshold`` exactly when it fires. Positions are the rows whose
+    own values of the contributing features meet the condition; when no row does alone
+    (``all`` with the features peaking on different rows), the rows where any of them does.
+    """
+
+    rule: Rule
+    combine: Combine
+    reduce: Reduce
+
+    def evaluate(self, batch: FeatureBatch) -> Finding | None:
+        acts = _columns(batch, self.rule.features)
+        reduced = acts.max(axis=0) if self.reduce == "max" else acts.mean(axis=0)
+        threshold = self.rule.threshold
+        over = reduced >= threshold
+        if not (over.any() if self.combine == "any" else over.all()):
+            return None
+        if self.combine == "any":
+            score, contributing = reduced[over].max(), over
+        else:
+            score, contributing = reduced.min(), np.ones_like(over)
+        # Positions come from the contributing features only: under `mean`, a row where a
+        # feature that did not fire spikes is not a row of this finding.
+        fired_columns = acts[:, contributing]
+        rows = _over(fired_columns, threshold, self.combine)
+        if not rows.any():
+            rows = _over(fired_columns, threshold, "any")
+        n = len(self.rule.features)
+        message = (f"{int(contributing.sum())} of {n} features at or above {threshold:g} "
+                   f"({self.reduce} over {acts.shape[0]} rows, combine {self.combine})")
+        return self.rule.finding(batch.positions, score, rows, contributing, reduced, message)
+
+
+@dataclass(frozen=True)
+class LinearDetector:
+    """``score = bias + sum_f w_f * a_f`` per row, reduced over rows (max or mean).
+
+    The reported feature activations are those the score was computed from (the top row's
+    for ``max``, the mean for ``mean``), so ``bias + sum(w * a)`` reproduces the score.
+    """
+
+    rule: Rule
+    weights: NDArray[np.float64]
+    bias: float
+    reduce: Reduce
+
+    def evaluate(self, batch: FeatureBatch) -> Finding | None:
+        acts = _columns(batch, self.rule.features)
+        scores = self.bias + acts @ self.weights
+        if self.reduce == "max":
+            top = int(np.argmax(scores))
+            score, evidence = scores[top], acts[top]
+        else:
+            score, evidence = scores.mean(), acts.mean(axis=0)
+        if not score >= self.rule.threshold:  # also false for NaN
+            return None
+        rows = scores >= self.rule.threshold
+        message = (f"linear score {score:.4g} at or above {self.rule.threshold:g} "
+                   f"({self.reduce} over {acts.shape[0]} rows)")
+        everything = np.ones(len(self.rule.features), dtype=np.bool_)
+        return self.rule.finding(batch.positions, score, rows, everything, evidence, message)
+
+
+@dataclass
+class _Run:
+    length: int
+    last_position: int
+    seen: float
+
+
+class RunTracker:
+    """Per request: how many consecutive tokens met the condition so far. Thread-safe.
+
+    Memory is bounded: a request whose run is broken holds no state; the least recently
+    updated requests are evicted beyond ``max_requests``, and any idle for ``idle_seconds``.
+    """
+
+    def __init__(self, max_requests: int, idle_seconds: float) -> None:
+        self.max_requests = max_requests
+        self.idle_seconds = idle_seconds
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def advance(
+        self, request_id: str, positions: NDArray[np.int64], met: NDArray[np.bool_],
+        now: float | None = None,
+    ) -> NDArray[np.int64]:
+        """Run length at each row (rows in position order) after the carried-over run."""
+        now = time.monotonic() if now is None else now
+        n = len(met)
+        index = np.arange(n)
+        with self._lock:
+            previous = self._runs.pop(request_id, None)
+            carry = 0
+            contiguous = np.empty(n, dtype=np.bool_)
+            contiguous[1:] = positions[1:] == positions[:-1] + 1
+            contiguous[0] = previous is not None and positions[0] == previous.last_position + 1
+            if previous is not None and contiguous[0]:
+                carry = previous.length
+            # A row that misses the condition ends the run (its run is 0); a row that meets it
+            # after a gap in positions starts a new run of 1. Each such break sets the base the
+            # run counts from; bases only grow with the row index, so a running maximum finds
+            # the last break before every row.
+            misses = ~met
+            restarts = met & ~contiguous
+            base = np.where(misses, index, np.where(restarts, index - 1, -1 - carry))
+            runs = np.where(met, index - np.maximum.accumulate(base), 0).astype(np.int64)
+            if runs[-1] > 0:
+                self._runs[request_id] = _Run(int(runs[-1]), int(positions[-1]), now)
+            self._evict(now)
+        return runs
+
+    def _evict(self, now: float) -> None:
+        while len(self._runs) > self.max_requests:
+            self._runs.popitem(last=False)
+        while self._runs:
+            oldest = next(iter(self._runs.values()))
+            if now - oldest.seen <= self.idle_seconds:
+                break
+            self._runs.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class SustainedDetector:
+    """Fires on every token at which any (or all) of the features have reached the threshold
+    on ``window`` consecutive tokens (positions) of one request, counted across batches. A
+    token that misses the condition, or a gap in positions, restarts the count; so does a
+    reload (fresh instances).
+
+    The score is the largest per-row value (max over features for ``any``, min for ``all``)
+    among the rows that fired.
+    """
+
+    rule: Rule
+    combine: Combine
+    window: int
+    runs: RunTracker = field(compare=False)
+
+    def evaluate(self, batch: FeatureBatch) -> Finding | None:
+        acts = _columns(batch, self.rule.features)
+        positions = batch.positions
+        if len(positions) > 1 and not bool((positions[1:] > positions[:-1]).all()):
+            order = np.argsort(positions, kind="stable")
+            acts, positions = acts[order], positions[order]
+        threshold = self.rule.threshold
+        met = _over(acts, threshold, self.combine)
+        runs = self.runs.advance(batch.request_id, positions, met)
+        fired = runs >= self.window
+        if not fired.any():
+            return None
+        per_row = acts.max(axis=1) if self.combine == "any" else acts.min(axis=1)
+        evidence = acts[fired].max(axis=0)
+        contributing = (
+            evidence >= threshold if self.combine == "any" else np.ones_like(evidence, bool)
+        )
+        message = (f"{self.combine} of the features at or above {threshold:g} for "
+                   f"{int(runs.max())} consecutive tokens (window {self.window})")
+        return self.rule.finding(positions, per_row[fired].max(), fired, contributing, evidence,
+                                 message)
+
+
+Detector = ThresholdDetector | SustainedDetector | LinearDetector
+
+
+class Detectors:
+    """Feature detectors configured by name; each finding is named after its detector.
+
+    ``plugins.config.detectors`` maps a detector name to its settings::
+
+        jailbreak:
+          type: threshold        # threshold (default) | sustained | linear
+          hook: blocks.15.hook_resid_post
+          features: [123, 456]   # threshold and sustained
+          threshold: 2.5
+          combine: any           # any (default) | all: threshold and sustained
+          reduce: max            # max (default) | mean over the batch's rows: threshold, linear
+          action: flag           # log | flag (default) | abort
+          phases: [prompt, generation]   # default: both (unlabelled batches always run)
+        evasive:
+          type: sustained
+          hook: blocks.15.hook_resid_post
+          features: [77]
+          threshold: 1.0
+          window: 8              # fires once 8 consecutive tokens of one request met it
+          max_requests: 10000    # state kept for at most this many requests (LRU)
+          idle_seconds: 600      # and dropped for a request idle this long
+        deception:
+          type: linear
+          hook: blocks.15.hook_resid_post
+          weights: {123: 0.7, 456: -0.2}   # score = bias + sum w_f * a_f per row
+          bias: -1.0
+          threshold: 0.0
+          action: abort
+    """
+
+    def __init__(self) -> None:
+        self._detectors: tuple[Detector, ...] = ()
+        self._by_hook: Mapping[str, tuple[Detector, ...]] = {}
+
+    @property
+    def detectors(self) -> tuple[Detector, ...]:
+        return self._detectors
+
+    @hookimpl
+    def guard_configure(self, settings: Mapping[str, Any]) -> None:
+        detectors = tuple(_parse(name, block) for name, block in
+                          s.entries(settings, "", "detector"))
+        by_hook: dict[str, tuple[Detector, ...]] = {}
+        for detector in detectors:
+            by_hook[detector.rule.hook] = (*by_hook.get(detector.rule.hook, ()), detector)
+        self._detectors, self._by_hook = detectors, by_hook
+
+    @hookimpl
+    def guard_subscriptions(self) -> Sequence[FeatureRequest]:
+        return [FeatureRequest(hook, sorted({f for d in group for f in d.rule.features}))
+                for hook, group in self._by_hook.items()]
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> Sequence[Finding] | None:
+        group = self._by_hook.get(batch.hook)
+        if not group or batch.activations.shape[0] == 0:
+            return None
+        findings = []
+        for detector in group:
+            if detector.rule.runs_on(batch.phase):
+                finding = detector.evaluate(batch)
+                if finding is not None:
+                    findings.append(finding)
+        return findings
+
+
+def _parse(name: str, data: object) -> Detector:
+    block = s.Block(data, name, what="a mapping of detector settings")
+    kind = block.optional("type", s.choice(*_TYPE_KEYS), "threshold")
+    block.only((*_COMMON_KEYS, *_TYPE_KEYS[kind]), f"of a {kind} detector")
+
+    def phases(key: str, value: object) -> frozenset[Phase]:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(key, "a non-empty list of phases (prompt, generation)", value)
+        return frozenset(_PHASES[s.choice(*_PHASES)(f"{key}[{i}]", v)]
+                         for i, v in enumerate(value))
+
+    hook = block.required("hook", s.string)
+    threshold = block.required("threshold", s.number)
+    action = cast(FindingAction, block.optional("action", s.choice("log", "flag", "abort"),
+                                                "flag"))
+    phase_set = block.optional("phases", phases, _ALL_PHASES)
+    combine = cast(Combine, block.optional("combine", s.choice("any", "all"), "any"))
+    reduce = cast(Reduce, block.optional("reduce", s.choice("max", "mean"), "max"))
+
+    detector: Detector
+    if kind == "linear":
+        weights = block.required("weights", _weights)
+        bias = block.optional("bias", s.number, 0.0)
+        rule = Rule(name, hook, tuple(weights), threshold, action, phase_set)
+        detector = LinearDetector(rule, np.array(list(weights.values()), dtype=np.float64),
+                                  bias, reduce)
+    else:
+        rule = Rule(name, hook, block.required("features", s.feature_ids), threshold, action,
+                    phase_set)
+        if kind == "threshold":
+            detector = ThresholdDetector(rule, combine, reduce)
+        else:
+            window = block.required("window", s.positive_int)
+            tracker = RunTracker(block.optional("max_requests", s.positive_int, 10_000),
+                                 block.optional("idle_seconds", s.positive_number, 600.0))
+            detector = SustainedDetector(rule, combine, window, tracker)
+    return detector
+
+
+def _weights(key: str, value: object) -> dict[int, float]:
+    """Feature id -> weight; a map (not a list) so that Helm ``--set`` can change one."""
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(key, "a non-empty mapping of feature id to weight", value)
+    weights: dict[int, float] = {}
+    for raw, weight in value.items():
+        feature = s.feature_id(f"{key}.{raw}", raw)
+        if feature in weights:  # 123 and "123" both given
+            raise ConfigError(f"{key}.{raw}", "each feature id once", raw)
+        weights[feature] = s.number(f"{key}.{raw}", weight)
+    return weights

@@ -1,0 +1,162 @@
+"""First-party steering: pin, nudge and scale features, optionally when a detector fires."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from guard import (
+    ConfigError,
+    EditKind,
+    FeatureBatch,
+    FeatureEdit,
+    FeatureRequest,
+    Finding,
+    hookimpl,
+)
+from guard_plugins import _settings as s
+
+Rows = Literal["fired", "all"]
+_KINDS: tuple[EditKind, ...] = ("pin", "nudge", "scale")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One configured edit: ``kind`` of ``feature`` by ``value``."""
+
+    feature: int
+    kind: EditKind
+    value: float
+
+
+@dataclass(frozen=True)
+class SteeringRule:
+    """A named set of edits on one hook, applied always or when a detector fired."""
+
+    name: str
+    hook: str
+    edits: tuple[Edit, ...]
+    #: Detector names; empty: steer every batch of the hook.
+    when: tuple[str, ...] = ()
+    #: ``fired``: only the positions the triggering findings name; ``all``: every row.
+    rows: Rows = "all"
+
+    @property
+    def needs_activations(self) -> tuple[int, ...]:
+        """Features whose current activation the edits need (pin and scale; nudge needs none)."""
+        return tuple(e.feature for e in self.edits if e.kind != "nudge")
+
+    def triggers(self, findings: Sequence[Finding]) -> list[Finding]:
+        """The findings of this rule's ``when`` detectors."""
+        return [f for f in findings if f.detector in self.when]
+
+    def positions(self, triggers: Sequence[Finding]) -> tuple[int, ...] | None:
+        """The rows to edit, given the triggering findings (None: every row)."""
+        # A finding with no positions speaks for the whole batch.
+        if self.rows == "all" or any(not f.positions for f in triggers):
+            return None
+        return tuple(sorted({int(p) for f in triggers for p in f.positions}))
+
+
+class SteeringPlugin:
+    """Feature edits per hook, each rule optionally conditional on a detector's finding.
+
+    ``plugins.config.steering`` maps a rule name to its settings::
+
+        calm:
+          hook: blocks.15.hook_resid_post
+          when: jailbreak      # optional: a detector name (any plugin's) or a list of them
+          rows: fired          # with `when`: fired (default, the findings' positions) | all
+          edits:
+            - {feature: 12, pin: 0.0}     # set the activation to 0
+            - {feature: 40, nudge: -2.0}  # add -2 times the decoder direction
+            - {feature: 7, scale: 0.5}    # halve the feature's contribution
+
+    The engine turns the edits into one residual delta per hook and resolves conflicting
+    edits on one feature (see ``guard.steering``). Pin and scale need the current activation,
+    so this plugin subscribes to those features.
+    """
+
+    def __init__(self) -> None:
+        self._rules: tuple[SteeringRule, ...] = ()
+        self._by_hook: Mapping[str, tuple[SteeringRule, ...]] = {}
+
+    @property
+    def rules(self) -> tuple[SteeringRule, ...]:
+        return self._rules
+
+    @hookimpl
+    def guard_configure(self, settings: Mapping[str, Any]) -> None:
+        rules = tuple(_parse(name, block) for name, block in s.entries(settings, "", "rule"))
+        by_hook: dict[str, tuple[SteeringRule, ...]] = {}
+        for rule in rules:
+            by_hook[rule.hook] = (*by_hook.get(rule.hook, ()), rule)
+        self._rules, self._by_hook = rules, by_hook
+
+    @hookimpl
+    def guard_subscriptions(self) -> Sequence[FeatureRequest]:
+        requests = []
+        for hook, rules in self._by_hook.items():
+            needed = sorted({f for rule in rules for f in rule.needs_activations})
+            if needed:  # a hook steered only by nudges costs no encode
+                requests.append(FeatureRequest(hook, needed))
+        return requests
+
+    @hookimpl
+    def guard_steer(
+        self, batch: FeatureBatch, findings: Sequence[Finding]
+    ) -> Sequence[FeatureEdit] | None:
+        rules = self._by_hook.get(batch.hook)
+        if not rules:
+            return None
+        edits: list[FeatureEdit] = []
+        for rule in rules:
+            positions = None
+            if rule.when:
+                triggers = rule.triggers(findings)
+                if not triggers:
+                    continue
+                positions = rule.positions(triggers)
+            edits.extend(FeatureEdit(rule.hook, e.feature, e.kind, e.value, positions)
+                         for e in rule.edits)
+        return edits
+
+
+def _parse(name: str, data: object) -> SteeringRule:
+    block = s.Block(data, name, what="a mapping of steering settings")
+    block.only(("hook", "when", "rows", "edits"), "of a steering rule")
+    hook = block.required("hook", s.string)
+    when: tuple[str, ...] = block.optional("when", _detector_names, ())
+    chosen = block.optional("rows", s.choice("fired", "all"), "fired" if when else "all")
+    rows: Rows = "fired" if chosen == "fired" else "all"
+    if rows == "fired" and not when:
+        raise ConfigError(block.key("rows"), "all (fired needs `when`)", rows)
+    edits = block.required("edits", _edits)
+    return SteeringRule(name, hook, edits, when, rows)
+
+
+def _detector_names(key: str, value: object) -> tuple[str, ...]:
+    """Plain strings only: the detector may belong to any plugin, so its name is not checked."""
+    if isinstance(value, str):
+        return (s.string(key, value),)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "a detector name or a non-empty list of them", value)
+    return tuple(s.string(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _edits(key: str, value: object) -> tuple[Edit, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "a non-empty list of edits ({feature: N, pin|nudge|scale: V})",
+                          value)
+    edits = []
+    for i, item in enumerate(value):
+        block = s.Block(item, f"{key}[{i}]", what="an edit: {feature: N, pin|nudge|scale: V}")
+        block.only(("feature", *_KINDS), "of an edit")
+        feature = block.required("feature", s.feature_id)
+        kinds = [k for k in _KINDS if block.has(k)]
+        if len(kinds) != 1:
+            raise ConfigError(block.path, "exactly one of pin, nudge, scale",
+                              ", ".join(kinds) or "none")
+        edits.append(Edit(feature, kinds[0], block.required(kinds[0], s.number)))
+    return tuple(edits)
