@@ -87,10 +87,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         from guard.engine import Engine
 
         engine = Engine.load(config)
-        for name, runtime in sorted(engine.hooks.items()):
-            info = runtime.info
-            print(f"  {name}: {info.architecture} d_in={info.d_in} d_sae={info.d_sae} "
-                  f"sha256={info.sha256[:12]} provider={runtime.execution_provider}")
+        try:
+            for name, runtime in sorted(engine.hooks.items()):
+                info = runtime.info
+                print(f"  {name}: {info.architecture} d_in={info.d_in} d_sae={info.d_sae} "
+                      f"sha256={info.sha256[:12]} provider={runtime.execution_provider}")
+            plugins = ", ".join(f"{n} {v}" for n, v in engine.plugins.items()) or "none"
+            print(f"  plugins: {plugins}")
+        finally:
+            engine.close()
     return 0
 
 

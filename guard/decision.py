@@ -193,6 +193,7 @@ class Decision:
     hook: str
     positions: NDArray[np.int64]
     findings: tuple[Finding, ...] = ()
+    #: Edits applied (empty on ABORT: nothing is applied when generation stops).
     edits: tuple[FeatureEdit, ...] = ()
     steering: tuple[Steering, ...] = ()
     details: str = ""
@@ -206,6 +207,9 @@ class Decision:
     timings: Mapping[str, float] = field(default_factory=dict)
     #: Unix time (seconds) the decision was made.
     timestamp: float = 0.0
+    #: Token ids of the rows (None when the host sent none). Sinks must not write them
+    #: unless the user turned that on: token ids are the prompt's text.
+    token_ids: NDArray[np.int64] | None = None
 
 
 _ID_PREFIX = os.urandom(8).hex()

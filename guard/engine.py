@@ -69,6 +69,8 @@ class HookRuntime:
     encoder: Encoder | None
     subscription: Subscription
     feature_ids: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_IDS)
+    #: feature id -> column of the encoder's output (built once, not per batch).
+    index: dict[int, int] = field(default_factory=dict)
     _directions: dict[int, NDArray[np.float32]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,13 +124,13 @@ class Engine:
         self._swap_lock = threading.Lock()
         self._stuck: dict[str, int] = {}
         self._stuck_lock = threading.Lock()
-        self._pipeline = self._build(plugins_config)
-        self._pipeline.plugins.startup()
-        self._executor = futures.ThreadPoolExecutor(thread_name_prefix="guard-plugins")
-        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
+        self._counter_lock = threading.Lock()
         self.counters: dict[str, int] = {"plugin_failures": 0, "plugin_timeouts": 0,
                                          "steering_conflicts": 0, "reloads": 0,
                                          "reloads_rejected": 0}
+        self._pipeline = self._start(plugins_config)
+        self._executor = futures.ThreadPoolExecutor(thread_name_prefix="guard-plugins")
+        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
 
     @classmethod
     def load(
@@ -154,23 +156,47 @@ class Engine:
         log.info("plugins loaded", plugins=engine.plugins)
         return engine
 
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += amount
+
     # -- configuration --------------------------------------------------------------------
 
-    def _build(self, plugins_config: PluginsConfig) -> Pipeline:
+    def _start(self, plugins_config: PluginsConfig) -> Pipeline:
+        """Build and start a pipeline; on failure, shut its plugins down (no leaked files)."""
+        built: list[PluginSet] = []
+        try:
+            pipeline = self._build(plugins_config, built)
+            pipeline.plugins.startup()
+        except BaseException:
+            for plugins in built:
+                plugins.shutdown()
+            raise
+        return pipeline
+
+    def _build(self, plugins_config: PluginsConfig, built: list[PluginSet]) -> Pipeline:
         sources = discover(plugins_config.enabled, plugins_config.disabled,
                            autoload=plugins_config.autoload)
         sources += [s for s in self._extra_plugins if s.name not in plugins_config.disabled]
         plugins = PluginSet(sources, trace=plugins_config.trace)
+        built.append(plugins)
         plugins.configure(plugins_config.config)
-        requests = plugins.subscriptions(plugins_config.config)
+        named = plugins.named_subscriptions(plugins_config.config)
+        served = ", ".join(sorted(self._saes)) or "none"
+        for plugin, request in named:
+            if request.hook not in self._saes:
+                raise ConfigError(f"plugins.config.{plugin}",
+                                  f"subscriptions to served hooks ({served})", request.hook)
+            d_sae = self._saes[request.hook][0].info.d_sae
+            if request.feature_ids != "all":
+                bad = [f for f in request.feature_ids if not 0 <= int(f) < d_sae]
+                if bad:
+                    raise ConfigError(
+                        f"plugins.config.{plugin}",
+                        f"feature ids of hook {request.hook} in [0, {d_sae})", bad[0])
+        requests = [request for _plugin, request in named]
         hooks = {hook: self._runtime(hook, sae, entry, requests)
                  for hook, (sae, entry) in self._saes.items()}
-        unknown = sorted({r.hook for r in requests} - set(hooks))
-        if unknown:
-            raise ConfigError(
-                "plugins", f"subscriptions to served hooks ({', '.join(sorted(hooks)) or 'none'})",
-                unknown[0],
-            )
         runs = plugins.has_hook("guard_detect") or plugins.has_hook("guard_steer")
         plugin_runs = tuple(PluginRun(n, v) for n, v in plugins.plugins.items())
         return Pipeline(plugins, hooks, plugins_config, runs, plugins.has_hook("guard_record"),
@@ -210,19 +236,19 @@ class Engine:
         else:  # nothing subscribes: computing features nobody reads would only cost time
             encoder, ids = None, _EMPTY_IDS
             sub = Subscription(hook, (), all_features=False)
-        return HookRuntime(sae=sae, encoder=encoder, subscription=sub, feature_ids=ids)
+        return HookRuntime(sae=sae, encoder=encoder, subscription=sub, feature_ids=ids,
+                           index={int(f): j for j, f in enumerate(ids)})
 
     def reload(self, config: GuardConfig) -> None:
         """Swap in the plugin part of ``config``; on any error the old pipeline stays."""
         try:
-            new = self._build(config.plugins)
-            new.plugins.startup()
+            new = self._start(config.plugins)
         except GuardError:
-            self.counters["reloads_rejected"] += 1
+            self._count("reloads_rejected")
             raise
         with self._swap_lock:
             old, self._pipeline = self._pipeline, new
-        self.counters["reloads"] += 1
+        self._count("reloads")
         old.plugins.shutdown()
         log.info("plugins reloaded", plugins=new.plugins.plugins, source=config.source)
 
@@ -254,8 +280,15 @@ class Engine:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def inspect(self, batch: ActivationRows, timings: dict[str, float]) -> Decision:
-        """Encode, run the plugins and decide on one validated batch; queue its record."""
+    def inspect(
+        self, batch: ActivationRows, timings: dict[str, float], started: float | None = None
+    ) -> Decision:
+        """Encode, run the plugins and decide on one validated batch; queue its record.
+
+        ``timings`` holds the stages measured so far; ``started`` (a perf_counter value)
+        is when the batch arrived, for the ``total`` timing.
+        """
+        t0 = time.perf_counter() if started is None else started
         pipeline = self._pipeline  # one consistent configuration for the whole batch
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
         if runtime.encoder is not None:
@@ -271,12 +304,14 @@ class Engine:
             feature_labels=runtime.info.feature_labels, sae_sha256=runtime.info.sha256,
             attributes=batch.attributes,
         )
+        object.__setattr__(features, "_index_cache", runtime.index)  # see FeatureBatch.column
         findings: list[Finding] = []
         edits: list[FeatureEdit] = []
         failures: list[PluginFailure] = []
         if pipeline.runs_plugins:
             findings, edits, failures = self._run_plugins(pipeline, features, timings)
         elif not pipeline.records:  # nobody reads features or records: answer at once
+            timings["total"] = time.perf_counter() - t0
             return self._decision(batch, runtime, pipeline, Action.CONTINUE, [], [], (), "", [],
                                   timings)
         steering: tuple[Steering, ...] = ()
@@ -288,9 +323,11 @@ class Engine:
                                               "guard_steer", str(exc)))
                 log.error("steering edits rejected", reason=str(exc))
             else:
-                self.counters["steering_conflicts"] += result.conflicts
+                if result.conflicts:
+                    self._count("steering_conflicts", result.conflicts)
                 if result.delta is not None:
                     steering = (Steering(batch.hook, result.delta),)
+        timings["total"] = time.perf_counter() - t0
         decision = self._decide(pipeline, batch, runtime, findings, edits, steering, failures,
                                 timings)
         if pipeline.records:
@@ -304,23 +341,29 @@ class Engine:
         with self._stuck_lock:
             progress = CallProgress(skip=frozenset(self._stuck))
 
+        stages: dict[str, float] = {}  # the worker's own: it may outlive the batch
+
         def run() -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
             t0 = time.perf_counter()
             found, failed = pipeline.plugins.detect(features, progress)
             t1 = time.perf_counter()
-            timings["detect"] = t1 - t0
+            stages["detect"] = t1 - t0
             edits, failed_steer = pipeline.plugins.steer(features, found, progress)
-            timings["steer"] = time.perf_counter() - t1
+            stages["steer"] = time.perf_counter() - t1
             return found, edits, failed + failed_steer
 
         if budget <= 0:
-            return run()
+            result = run()
+            timings.update(stages)
+            return result
         future = self._executor.submit(run)
         try:
-            return future.result(timeout=budget)
+            result = future.result(timeout=budget)
+            timings.update(stages)
+            return result
         except futures.TimeoutError:
             culprit = progress.current or "unknown"
-            self.counters["plugin_timeouts"] += 1
+            self._count("plugin_timeouts")
             with self._stuck_lock:
                 self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
             future.add_done_callback(lambda _f: self._unstick(culprit))
@@ -328,7 +371,9 @@ class Engine:
                       budget_ms=pipeline.config.timeout_ms, request_id=features.request_id,
                       sequence=features.sequence)
             message = f"overran the plugin budget of {pipeline.config.timeout_ms:g} ms"
-            return [], [], [PluginFailure(culprit, "guard_detect/guard_steer", message)]
+            # Keep what the plugins before the culprit found: an abort must not be lost.
+            return (list(progress.findings), list(progress.edits),
+                    [PluginFailure(culprit, "guard_detect/guard_steer", message)])
 
     def _unstick(self, plugin: str) -> None:
         with self._stuck_lock:
@@ -351,11 +396,11 @@ class Engine:
         ]
         details = ""
         if failures:
-            self.counters["plugin_failures"] += len(failures)
+            self._count("plugin_failures", len(failures))
             if pipeline.config.failure_mode == "closed":
                 details = "; ".join(f"plugin {f.plugin} failed in {f.hook}: {f.error}"
                                     for f in failures) + " (plugins.failure_mode: closed)"
-                return self._decision(batch, runtime, pipeline, Action.ABORT, findings, edits,
+                return self._decision(batch, runtime, pipeline, Action.ABORT, findings, [],
                                       (), details, failures, timings)
             findings += [
                 Finding(detector=f"plugin-error:{f.plugin}", score=float("nan"), threshold=0.0,
@@ -365,7 +410,7 @@ class Engine:
         aborts = [f for f in findings if f.action == "abort"]
         if aborts:
             details = "; ".join(_describe_finding(f) for f in aborts)
-            return self._decision(batch, runtime, pipeline, Action.ABORT, findings, edits, (),
+            return self._decision(batch, runtime, pipeline, Action.ABORT, findings, [], (),
                                   details, failures, timings)
         action = Action.STEER if steering else Action.CONTINUE
         return self._decision(batch, runtime, pipeline, action, findings, edits, steering,
@@ -383,8 +428,7 @@ class Engine:
             findings=tuple(findings), edits=tuple(edits), steering=steering, details=details,
             phase=batch.phase, sae_sha256=runtime.info.sha256, plugins=pipeline.plugin_runs,
             plugin_errors=tuple(sorted({f.plugin for f in failures})) if failures else (),
-            timings=timings,
-            timestamp=time.time(),
+            timings=dict(timings), timestamp=time.time(), token_ids=batch.token_ids,
         )
 
     def _deliver(self, decision: Decision) -> None:

@@ -7,55 +7,61 @@ the client gets INTERNAL with a generic message and the details go to the log on
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # grpc is imported lazily: plugins import guard.errors and stay light
+    import grpc
 
 
 class GuardError(Exception):
-    """Base class of every error the guard raises on purpose."""
+    """Base class of every error the guard raises on purpose.
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    ``code`` names the gRPC status (``grpc.StatusCode`` member) the error maps to.
+    """
+
+    code: str = "INTERNAL"
 
 
 class InvalidInput(GuardError):
     """The peer sent something malformed (bad tensor, bad shape, bad field)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(GuardError):
     """The peer named something the guard does not serve (a hook, a feature)."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class AlreadySeen(GuardError):
     """A sequence number was repeated or went backwards on a stream."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class ProtocolViolation(GuardError):
     """Messages arrived in an order the protocol forbids (a batch before the config)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class TooLarge(GuardError):
     """A message exceeds a configured size limit."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class NotReady(GuardError):
     """The guard is starting or draining and cannot take the call."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class ConfigError(GuardError):
     """The configuration file is invalid; the message names the key path."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, key: str, expected: str, found: object, *, source: str = "") -> None:
         self.key = key
@@ -69,7 +75,7 @@ class ConfigError(GuardError):
 class SaeFileError(GuardError):
     """An SAE file on disk is unreadable or inconsistent; the message names file and field."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
     def __init__(self, path: object, problem: str) -> None:
         self.path = str(path)
@@ -79,8 +85,10 @@ class SaeFileError(GuardError):
 
 def status_code(error: BaseException) -> grpc.StatusCode:
     """The gRPC status for an exception: its own code for a GuardError, else INTERNAL."""
+    import grpc
+
     if isinstance(error, GuardError):
-        return error.code
+        return getattr(grpc.StatusCode, error.code)  # type: ignore[no-any-return]
     return grpc.StatusCode.INTERNAL
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import pluggy
@@ -52,6 +52,10 @@ class CallProgress:
 
     skip: frozenset[str] = frozenset()
     current: str = ""
+    #: Results collected so far, kept when the run overruns (an abort found before a hang
+    #: must not be lost).
+    findings: list[Finding] = field(default_factory=list)
+    edits: list[FeatureEdit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class PluginFailure:
     plugin: str
     hook: str
     error: str
+    #: The exception raised, when there was one (None for an overrun or a skip).
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 def discover(
@@ -106,6 +112,19 @@ def discover(
     return sources
 
 
+def _check_markers(name: str, plugin: object) -> None:
+    """A ``guard_*`` attribute without ``@hookimpl`` would be silently ignored: refuse it."""
+    for attribute in dir(plugin):
+        if not attribute.startswith("guard_"):
+            continue
+        function = getattr(plugin, attribute, None)
+        if callable(function) and not hasattr(function, f"{hookspecs.PROJECT}_impl"):
+            raise PluginError(
+                f"plugin {name!r}: {attribute} is not marked with @guard.hookimpl, so it "
+                "would never be called; add the marker (or rename it)"
+            )
+
+
 class PluginSet:
     """A configured set of plugin instances, called hook by hook with fault isolation.
 
@@ -120,6 +139,7 @@ class PluginSet:
         self.trace = trace
         for source in sources:
             plugin = source.target() if inspect.isclass(source.target) else source.target
+            _check_markers(source.name, plugin)
             try:
                 self._pm.register(plugin, name=source.name)
             except ValueError as exc:
@@ -133,6 +153,13 @@ class PluginSet:
             raise PluginError(
                 f"{exc}; the hooks are: {', '.join(self.hook_names())}"
             ) from exc
+        for hook in self.hook_names():
+            for impl in self._impls(hook):
+                if impl.wrapper or impl.hookwrapper:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r}: {hook} is a hook wrapper; guard calls "
+                        "each plugin on its own, so wrappers are not supported"
+                    )
         self._lock = threading.Lock()
         self.failures: Counter[tuple[str, str]] = Counter()
 
@@ -147,8 +174,15 @@ class PluginSet:
 
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         caller: pluggy.HookCaller = getattr(self._pm.hook, hook)
-        # pluggy calls the last registered first; keep registration order for determinism.
-        return list(caller.get_hookimpls())
+        # tryfirst plugins first and trylast ones last (as pluggy does); otherwise in
+        # registration order, which is deterministic (discovery sorts by name).
+        return sorted(caller.get_hookimpls(),
+                      key=lambda impl: 0 if impl.tryfirst else 2 if impl.trylast else 1)
+
+    def _traced(self, hook: str, plugin: str, started: float) -> None:
+        if self.trace:
+            log.info("hook call", hook=hook, plugin=plugin,
+                     duration_ms=round((time.perf_counter() - started) * 1e3, 3))
 
     def _call(
         self, hook: str, kwargs: Mapping[str, Any],
@@ -172,9 +206,7 @@ class PluginSet:
                 failures.append(self._failed(impl.plugin_name, hook, exc))
                 continue
             finally:
-                if self.trace:
-                    log.info("hook call", hook=hook, plugin=impl.plugin_name,
-                             duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+                self._traced(hook, impl.plugin_name, started)
             if on_result is not None and result is not None:
                 on_result(impl.plugin_name, result)
         return failures
@@ -184,7 +216,7 @@ class PluginSet:
             self.failures[(plugin, hook)] += 1
         log.error("plugin failed", plugin=plugin, hook=hook, error=type(exc).__name__,
                   reason=str(exc), exc_info=exc)
-        return PluginFailure(plugin, hook, f"{type(exc).__name__}: {exc}")
+        return PluginFailure(plugin, hook, f"{type(exc).__name__}: {exc}", exc)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -193,6 +225,7 @@ class PluginSet:
         for impl in self._impls("guard_configure"):
             name = impl.plugin_name
             settings = config.get(name, {})
+            started = time.perf_counter()
             try:
                 impl.function(**({"settings": settings} if "settings" in impl.argnames else {}))
             except ConfigError as exc:
@@ -205,13 +238,22 @@ class PluginSet:
                     f"plugin {name!r} rejected its settings (plugins.config.{name}): "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                self._traced("guard_configure", name, started)
 
     def subscriptions(self, config: Mapping[str, Mapping[str, Any]]) -> list[FeatureRequest]:
         """Every plugin's feature requests; a raising plugin is a start-up error."""
-        requests: list[FeatureRequest] = []
+        return [request for _plugin, request in self.named_subscriptions(config)]
+
+    def named_subscriptions(
+        self, config: Mapping[str, Mapping[str, Any]]
+    ) -> list[tuple[str, FeatureRequest]]:
+        """Every plugin's feature requests, as (plugin, request); raising fails start-up."""
+        requests: list[tuple[str, FeatureRequest]] = []
         for impl in self._impls("guard_subscriptions"):
             name = impl.plugin_name
             settings = config.get(name, {})
+            started = time.perf_counter()
             try:
                 result: Any = impl.function(
                     **({"settings": settings} if "settings" in impl.argnames else {})
@@ -222,17 +264,20 @@ class PluginSet:
                 raise PluginError(
                     f"plugin {name!r}: guard_subscriptions raised {type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                self._traced("guard_subscriptions", name, started)
             for request in result or ():
                 if not isinstance(request, FeatureRequest):
                     raise PluginError(
                         f"plugin {name!r}: guard_subscriptions must return FeatureRequest "
                         f"items, found {type(request).__name__}"
                     )
-                requests.append(request)
+                requests.append((name, request))
         return requests
 
     def startup(self) -> None:
         for impl in self._impls("guard_startup"):
+            started = time.perf_counter()
             try:
                 impl.function()
             except Exception as exc:
@@ -240,6 +285,8 @@ class PluginSet:
                     f"plugin {impl.plugin_name!r}: guard_startup raised "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                self._traced("guard_startup", impl.plugin_name, started)
 
     def shutdown(self) -> None:
         """Call every guard_shutdown; failures are logged, never raised."""
@@ -258,6 +305,8 @@ class PluginSet:
                     raise TypeError(f"guard_detect returned {type(finding).__name__}, "
                                     "expected Finding")
                 findings.append(replace(finding, plugin=plugin))
+                if progress is not None:
+                    progress.findings.append(findings[-1])
 
         failures = self._call_collecting("guard_detect", {"batch": batch}, collect, progress)
         return findings, failures
@@ -274,6 +323,8 @@ class PluginSet:
                     raise TypeError(f"guard_steer returned {type(edit).__name__}, "
                                     "expected FeatureEdit")
                 edits.append(replace(edit, plugin=plugin))
+                if progress is not None:
+                    progress.edits.append(edits[-1])
 
         failures = self._call_collecting(
             "guard_steer", {"batch": batch, "findings": tuple(findings)}, collect, progress

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from guard import __version__, codec
 from guard.config import GuardConfig
 from guard.engine import Engine
-from guard.errors import GuardError, NotReady
+from guard.errors import GuardError, NotReady, status_code
 from guard.stream import PROTOCOL_VERSION, InspectStream, StreamEnded
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -67,7 +67,7 @@ class GuardServicer(pb_grpc.GuardServicer):
         try:
             engine = self._ready_engine()
         except NotReady as exc:
-            context.abort(exc.code, str(exc))
+            context.abort(status_code(exc), str(exc))
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer())
         try:
             for request in request_iterator:
@@ -90,7 +90,7 @@ class GuardServicer(pb_grpc.GuardServicer):
         try:
             engine = self._ready_engine()
         except NotReady as exc:
-            context.abort(exc.code, str(exc))
+            context.abort(status_code(exc), str(exc))
         response = pb.DescribeResponse(
             protocol_version=PROTOCOL_VERSION,
             guard_version=__version__,

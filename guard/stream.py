@@ -55,7 +55,7 @@ class StreamEnded(Exception):
 
     def __init__(self, error: GuardError) -> None:
         super().__init__(str(error))
-        self.code = error.code
+        self.code = status_code(error)
         self.details = str(error)
 
 
@@ -148,14 +148,13 @@ class InspectStream:
             skipped = self._check_sequence(batch.sequence)
             rows = self._decode(batch)
             timings = {"decode": time.perf_counter() - started}
-            decision = self._engine.inspect(rows, timings)
+            decision = self._engine.inspect(rows, timings, started)
         except GuardError as exc:
             return self._reject(batch, exc, skipped)
         except Exception as exc:  # a bug: the peer gets a generic message, the log the details
             log.exception("batch failed", request_id=batch.request_id, sequence=batch.sequence)
             return self._reject(batch, exc, skipped)
         self.counters.rows += len(batch.positions)
-        timings["total"] = time.perf_counter() - started  # the decision holds this dict
         return decision_to_proto(decision, skipped, batch.positions)
 
     def _check_sequence(self, sequence: int) -> int:

@@ -16,6 +16,7 @@ from guard import ConfigError, FeatureBatch, FeatureEdit, FeatureRequest, Findin
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action, ActivationRows, Decision, Phase
 from guard.engine import Engine
+from guard.errors import GuardError
 from guard.plugin_manager import PluginSource
 from tests.conftest import D_IN, D_SAE, HOOK
 from tests.sae_fixtures import random_standard_weights
@@ -309,3 +310,65 @@ def test_reload_swaps_plugins_and_rejects_bad_config(
     assert engine.inspect(_rows(), {}).findings[0].threshold == 2.0  # old one in force
     assert engine.counters["reloads"] == 1
     assert engine.counters["reloads_rejected"] == 1
+
+
+def test_an_abort_found_before_a_hang_is_kept(sae_dir: Path, engines: list[Engine]) -> None:
+    class Aborter(Subscriber):
+        @hookimpl(tryfirst=True)
+        def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+            return [Finding("harm", 9.0, 1.0, "abort")]
+
+    sleeper = Sleeper()
+    engine = _engine(sae_dir, ("sleeper", sleeper), ("aborter", Aborter()), timeout_ms=50)
+    engines.append(engine)
+    try:
+        decision = engine.inspect(_rows(), {})
+    finally:
+        sleeper.release.set()
+    assert decision.action == Action.ABORT
+    assert "detector harm fired" in decision.details
+    assert decision.plugin_errors == ("sleeper",)
+
+
+def test_a_failed_start_shuts_down_the_plugins_it_built(sae_dir: Path) -> None:
+    sink = Sink()
+
+    class Broken:
+        @hookimpl
+        def guard_startup(self) -> None:
+            raise OSError("cannot open the model registry")
+
+    with pytest.raises(GuardError, match="guard_startup raised OSError"):
+        _engine(sae_dir, ("sink", sink), ("broken", Broken()))
+    assert sink.shut
+
+
+def test_a_subscription_out_of_range_names_the_plugin(sae_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"plugins\.config\.wide: expected feature ids of "
+                                          rf"hook {HOOK} in \[0, {D_SAE}\), found {D_SAE}"):
+        _engine(sae_dir, ("wide", Subscriber((1, D_SAE))))
+
+
+def test_unmarked_hooks_and_wrappers_are_refused(sae_dir: Path) -> None:
+    class Unmarked:
+        def guard_detect(self, batch: FeatureBatch) -> None:
+            return None
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def guard_detect(self, batch: FeatureBatch) -> Any:
+            return (yield)
+
+    with pytest.raises(GuardError, match=r"guard_detect is not marked with @guard\.hookimpl"):
+        _engine(sae_dir, ("unmarked", Unmarked()))
+    with pytest.raises(GuardError, match="guard_detect is a hook wrapper"):
+        _engine(sae_dir, ("wrapper", Wrapper()))
+
+
+def test_decision_timings_are_a_snapshot(sae_dir: Path, engines: list[Engine]) -> None:
+    engine = _engine(sae_dir, ("flagger", Flagger()), ("sink", Sink()))
+    engines.append(engine)
+    timings: dict[str, float] = {"decode": 0.001}
+    decision = engine.inspect(_rows(), timings, time.perf_counter())
+    timings["late"] = 1.0
+    assert set(decision.timings) == {"decode", "encode", "detect", "steer", "total"}

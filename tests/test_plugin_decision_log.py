@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from guard import (
     PluginRun,
 )
 from guard.plugin_manager import PluginError, PluginSet, PluginSource
-from guard_plugins import decision_log
 from guard_plugins.decision_log import DecisionLog
 
 HOOK = "blocks.6.hook_resid_post"
@@ -173,28 +172,16 @@ def test_feature_activations_can_be_masked(log_path: Path) -> None:
     assert finding["feature_ids"] == [12, 40]
 
 
-def test_no_token_ids_by_default_and_none_to_enable_yet(log_path: Path) -> None:
+def test_no_token_ids_by_default(log_path: Path) -> None:
     plugins = sink({"path": str(log_path)})
-    plugins.record(decision())
+    plugins.record(replace(decision(), token_ids=np.array([101, 102, 103])))
     plugins.shutdown()
     assert "token_ids" not in strict_lines(log_path.read_text())[0]
-    with pytest.raises(ConfigError) as caught:
-        sink({"include_token_ids": True})
-    assert caught.value.key == "plugins.config.decision_log.include_token_ids"
 
 
-@dataclass(frozen=True)
-class DecisionWithTokens(Decision):
-    token_ids: tuple[int, ...] | None = None
-
-
-def test_token_ids_are_written_once_decisions_carry_them(
-    log_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(decision_log, "DECISION_HAS_TOKEN_IDS", True)
+def test_token_ids_are_written_when_enabled(log_path: Path) -> None:
     plugins = sink({"path": str(log_path), "include_token_ids": True})
-    base = decision()
-    plugins.record(DecisionWithTokens(**{**base.__dict__, "token_ids": (101, 102, 103)}))
+    plugins.record(replace(decision(), token_ids=np.array([101, 102, 103])))
     plugins.shutdown()
     assert strict_lines(log_path.read_text())[0]["token_ids"] == [101, 102, 103]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import sys
@@ -17,11 +16,6 @@ from guard import ConfigError, Decision, FeatureEdit, Finding, hookimpl
 from guard_plugins import _settings as s
 
 STDOUT = "-"
-
-#: Whether this guard's Decision carries the batch's token ids. It does not yet: until it
-#: does, ``include_token_ids: true`` is refused rather than silently logging nothing.
-DECISION_HAS_TOKEN_IDS = "token_ids" in {f.name for f in dataclasses.fields(Decision)}
-
 
 @dataclass(frozen=True)
 class DecisionLogSettings:
@@ -41,7 +35,7 @@ class DecisionLog:
 
         path: /var/log/guard/decisions.jsonl   # default "-": stdout
         include_positions: true          # token positions of the batch, findings and edits
-        include_token_ids: false         # token ids (refused until decisions carry them)
+        include_token_ids: false         # token ids of the batch's rows (off: they are text)
         mask_feature_activations: false  # drop the detectors' feature activations
 
     A line holds decision_id, timestamp (ISO 8601 UTC), request_id, sequence, hook, phase,
@@ -75,9 +69,6 @@ class DecisionLog:
             mask_feature_activations=block.optional("mask_feature_activations", s.boolean,
                                                     False),
         )
-        if parsed.include_token_ids and not DECISION_HAS_TOKEN_IDS:
-            raise ConfigError("include_token_ids", "false (this guard's decisions do not carry "
-                              "token ids yet)", True)
         if parsed.path != STDOUT and Path(parsed.path).is_dir():
             raise ConfigError("path", "a file path or - for stdout", f"{parsed.path} (a folder)")
         # The file opens at startup, not here: a configuration rejected later (by another
@@ -131,7 +122,7 @@ class DecisionLog:
         if settings.include_positions:
             record["positions"] = [int(p) for p in decision.positions]
         if settings.include_token_ids:
-            token_ids = getattr(decision, "token_ids", None)
+            token_ids = decision.token_ids
             record["token_ids"] = None if token_ids is None else [int(t) for t in token_ids]
         record["findings"] = [self._finding(f) for f in decision.findings]
         record["edits"] = [self._edit(e) for e in decision.edits]
