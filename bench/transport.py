@@ -217,7 +217,7 @@ def measure_flavours(workdir: Path, rounds: int, scale: float) -> list[Case]:
 
 
 def write_guard_config(workdir: Path) -> Path:
-    """Two small SAELens SAEs and a config that subscribes no feature (so nothing is encoded)."""
+    """Two small SAELens SAEs, no plugins (so nothing is encoded, detected or recorded)."""
     for d_in, hook in HOOKS.items():
         write_saelens(workdir / f"sae{d_in}", d_in=d_in, d_sae=SAE_WIDTHS[d_in], hook_name=hook)
     config = workdir / "guard.yaml"
@@ -227,6 +227,8 @@ def write_guard_config(workdir: Path) -> Path:
         f"  max_message_bytes: {MAX_MESSAGE_BYTES}\n"
         "logging:\n"
         "  level: warning\n"
+        "plugins:\n"
+        "  autoload: false\n"
         "saes:\n"
         + "".join(f"  - path: {workdir}/sae{d_in}\n" for d_in in HOOKS),
         encoding="utf-8",

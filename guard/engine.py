@@ -291,6 +291,11 @@ class Engine:
         t0 = time.perf_counter() if started is None else started
         pipeline = self._pipeline  # one consistent configuration for the whole batch
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
+        if not (pipeline.runs_plugins or pipeline.records):
+            # Nobody reads features or records: encoding would only cost time.
+            timings["total"] = time.perf_counter() - t0
+            return self._decision(batch, runtime, pipeline, Action.CONTINUE, [], [], (), "", [],
+                                  timings)
         if runtime.encoder is not None:
             started = time.perf_counter()
             activations = runtime.encoder.encode(batch.rows)
@@ -310,10 +315,6 @@ class Engine:
         failures: list[PluginFailure] = []
         if pipeline.runs_plugins:
             findings, edits, failures = self._run_plugins(pipeline, features, timings)
-        elif not pipeline.records:  # nobody reads features or records: answer at once
-            timings["total"] = time.perf_counter() - t0
-            return self._decision(batch, runtime, pipeline, Action.CONTINUE, [], [], (), "", [],
-                                  timings)
         steering: tuple[Steering, ...] = ()
         if edits:
             try:

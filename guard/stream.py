@@ -174,40 +174,49 @@ class InspectStream:
         return skipped
 
     def _decode(self, batch: pb.ActivationBatch) -> ActivationRows:
-        if not batch.request_id:
+        # Fields are read once into locals: every access to a message field allocates.
+        request_id = batch.request_id
+        hook = batch.hook
+        if not request_id:
             raise InvalidInput("batch.request_id: expected a non-empty request id, found ''")
-        runtime = self._engine.hook(batch.hook)
+        d_in = self._engine.hook(hook).d_in
         tensor = batch.activations
-        raw = tensor.raw  # each attribute access copies the bytes: read once
+        raw = tensor.raw
         if len(raw) > self._max_message_bytes:
             raise TooLarge(
                 f"batch.activations: {len(raw)} bytes exceed the limit of "
                 f"{self._max_message_bytes}; raise server.max_message_bytes in the guard's "
                 "config (and the host's max send size) or send fewer rows per batch"
             )
-        shape = list(tensor.shape)
+        shape = tensor.shape
         if len(shape) != 2:
-            raise InvalidInput(f"batch.activations.shape: expected [rows, d_in], found {shape}")
-        n_rows, width = shape
-        if width != runtime.d_in:
             raise InvalidInput(
-                f"batch.activations.shape: hook {batch.hook!r} has d_in {runtime.d_in}, "
-                f"found width {width} (shape {shape})"
+                f"batch.activations.shape: expected [rows, d_in], found {list(shape)}"
+            )
+        n_rows, width = shape
+        if width != d_in:
+            raise InvalidInput(
+                f"batch.activations.shape: hook {hook!r} has d_in {d_in}, "
+                f"found width {width} (shape {list(shape)})"
             )
         if n_rows < 1:
-            raise InvalidInput(f"batch.activations.shape: expected at least one row, found {shape}")
-        rows = codec.decode(tensor.datatype, shape, raw)
-        if len(batch.positions) != n_rows:
+            raise InvalidInput(
+                f"batch.activations.shape: expected at least one row, found {list(shape)}"
+            )
+        rows = codec.decode(tensor.datatype, (n_rows, width), raw)
+        position_field = batch.positions
+        if len(position_field) != n_rows:
             raise InvalidInput(
                 f"batch.positions: expected one position per row ({n_rows}), "
-                f"found {len(batch.positions)}"
+                f"found {len(position_field)}"
             )
-        if batch.token_ids and len(batch.token_ids) != n_rows:
+        token_field = batch.token_ids
+        if token_field and len(token_field) != n_rows:
             raise InvalidInput(
                 f"batch.token_ids: expected none or one per row ({n_rows}), "
-                f"found {len(batch.token_ids)}"
+                f"found {len(token_field)}"
             )
-        positions = np.asarray(batch.positions, dtype=np.int64)
+        positions = np.array(position_field, dtype=np.int64)
         bad = codec.nonfinite_rows(rows)
         if bad.size:
             shown = ", ".join(str(int(positions[i])) for i in bad[:8])
@@ -216,16 +225,16 @@ class InspectStream:
                 f"batch.activations: rows at positions {shown}{more} hold NaN or Inf; "
                 "expected finite values (non-finite rows are rejected, never encoded)"
             )
-        phase = _PHASES.get(batch.phase, Phase.UNSPECIFIED)
+        attributes = batch.attributes
         return ActivationRows(
-            request_id=batch.request_id,
+            request_id=request_id,
             sequence=batch.sequence,
-            hook=batch.hook,
+            hook=hook,
             rows=rows,
             positions=positions,
-            token_ids=np.asarray(batch.token_ids, dtype=np.int64) if batch.token_ids else None,
-            phase=phase,
-            attributes=dict(batch.attributes),
+            token_ids=np.array(token_field, dtype=np.int64) if token_field else None,
+            phase=_PHASES.get(batch.phase, Phase.UNSPECIFIED),
+            attributes=dict(attributes) if attributes else {},
         )
 
     def _reject(self, batch: pb.ActivationBatch, error: BaseException, skipped: int
