@@ -173,3 +173,75 @@ def test_bad_sae_path_fails_start_with_a_clear_reason(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot start" in result.stderr
     assert f"{tmp_path}/missing" in result.stderr
+
+
+def _detector_config(socket: Path, sae_dir: Path, threshold: object, watch: float) -> str:
+    return (
+        f"server:\n  listen: unix://{socket}\n"
+        "plugins:\n"
+        f"  watch_interval_seconds: {watch}\n"
+        "  config:\n"
+        "    detectors:\n"
+        "      always:\n"
+        f"        hook: {HOOK}\n"
+        "        features: [1]\n"
+        f"        threshold: {threshold}\n"
+        "        action: flag\n"
+        "    decision_log:\n"
+        f"      path: {socket}.decisions.jsonl\n"
+        f"saes:\n  - path: {sae_dir}\n"
+    )
+
+
+def _flag_threshold(client: StreamClient, sequence: int) -> float:
+    reply = client.ask(make_batch(sequence=sequence))
+    assert not reply.HasField("error"), reply.error.message
+    (finding,) = reply.findings
+    assert finding.detector == "always"
+    return finding.threshold
+
+
+@pytest.mark.parametrize("trigger", ["sighup", "file-watch"])
+def test_hot_reload_keeps_streams_and_rejects_a_bad_file(
+    tmp_path: Path, sae_dir: Path, trigger: str
+) -> None:
+    socket = Path(f"/tmp/guard-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    config = tmp_path / "guard.yaml"
+    watch = 0 if trigger == "sighup" else 0.2
+    config.write_text(_detector_config(socket, sae_dir, -1.0, watch))
+    guard = GuardProcess(config, socket)
+    try:
+        guard.wait_serving()
+
+        def reload_and_wait(expected_event: str, count: int) -> None:
+            if trigger == "sighup":
+                guard.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if guard.log.read_text().count(f'"{expected_event}"') >= count:
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"no {expected_event!r} in the log:\n{guard.log.read_text()}")
+
+        with grpc.insecure_channel(guard.address) as channel:
+            client = StreamClient(channel)
+            client.configure()
+            assert _flag_threshold(client, 1) == -1.0
+            config.write_text(_detector_config(socket, sae_dir, -2.0, watch))
+            reload_and_wait("config reloaded", 1)
+            assert _flag_threshold(client, 2) == -2.0  # same stream, new configuration
+            config.write_text(_detector_config(socket, sae_dir, "'high'", watch))
+            reload_and_wait("config reload rejected; the previous configuration stays in "
+                            "force", 1)
+            assert _flag_threshold(client, 3) == -2.0  # the old configuration stays
+            assert client.rest() == []
+        rejected = next(json.loads(line) for line in guard.log.read_text().splitlines()
+                        if "reload rejected" in line)
+        assert "plugins.config.detectors.always.threshold" in rejected["reason"]
+    finally:
+        guard.process.send_signal(signal.SIGTERM)
+        assert guard.process.wait(timeout=15) == 0
+        guard.stop()
+    decisions = Path(f"{socket}.decisions.jsonl").read_text().splitlines()
+    assert len(decisions) == 3  # every decision reached the log across the reload
+    Path(f"{socket}.decisions.jsonl").unlink()
