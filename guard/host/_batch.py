@@ -1,0 +1,129 @@
+"""One batch as the client holds it: validated at the boundary, encoded once on the caller's
+thread (the encoded bytes are the snapshot: the caller may reuse its buffer at once), turned
+into a protocol message when it is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard import codec
+from guard.decision import Phase
+from guard.errors import TooLarge
+from guard.host._options import ClientOptions
+from guard.v1 import guard_pb2 as pb
+
+PhaseName = Literal["prompt", "generation"]
+Positions = Sequence[int] | NDArray[np.integer]
+
+_PHASES: Final[dict[object, Phase]] = {
+    "prompt": Phase.PROMPT, "generation": Phase.GENERATION,
+    Phase.PROMPT: Phase.PROMPT, Phase.GENERATION: Phase.GENERATION,
+}
+_AUTO_DATATYPES: Final = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """A validated, encoded batch waiting to be sent."""
+
+    request_id: str
+    hook: str
+    datatype: str
+    shape: list[int]
+    raw: bytes
+    positions: list[int]
+    token_ids: list[int]
+    phase: Phase
+    attributes: dict[str, str] = field(default_factory=dict)
+    #: Set when the batch is given its place on a stream.
+    sequence: int = 0
+    #: MONITOR mode: batches dropped just before this one; its sequence number skips them,
+    #: so the guard's ``skipped_sequences`` reports the host's drops.
+    gap_before: int = 0
+
+    def to_request(self) -> pb.InspectRequest:
+        return pb.InspectRequest(batch=pb.ActivationBatch(
+            request_id=self.request_id,
+            sequence=self.sequence,
+            hook=self.hook,
+            activations=pb.Tensor(datatype=self.datatype, shape=self.shape, raw=self.raw),
+            positions=self.positions,
+            token_ids=self.token_ids,
+            phase=pb.Phase.ValueType(int(self.phase)),
+            attributes=self.attributes,
+        ))
+
+
+def prepare_batch(
+    options: ClientOptions,
+    request_id: str,
+    hook: str,
+    rows: object,
+    positions: Positions,
+    token_ids: Positions | None,
+    phase: PhaseName | Phase,
+    attributes: Mapping[str, str] | None,
+) -> BatchItem:
+    """Validate the arguments of ``inspect`` and encode the rows; errors name the argument."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request_id: expected a non-empty string, found {request_id!r}")
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"hook: expected a hook name such as 'blocks.12.hook_resid_post', "
+                         f"found {hook!r}")
+    if options.hooks and hook not in options.hooks:
+        raise ValueError(f"hook: {hook!r} is not one of this client's hooks "
+                         f"({', '.join(options.hooks)}); add it to hooks=[...]")
+    if not isinstance(rows, np.ndarray):
+        kind = f"{type(rows).__module__}.{type(rows).__qualname__}"
+        raise TypeError(f"rows: expected a numpy.ndarray [rows, d_in] of float32 or float16, "
+                        f"found {kind} (convert a torch tensor with .float().cpu().numpy())")
+    if rows.ndim != 2 or rows.shape[0] < 1:
+        raise ValueError(f"rows: expected a 2-D array [rows, d_in] with at least one row, "
+                         f"found shape {list(rows.shape)}")
+    auto = _AUTO_DATATYPES.get(rows.dtype)
+    if auto is None:
+        raise TypeError(f"rows: expected dtype float32 or float16, found {rows.dtype} "
+                        "(convert explicitly, e.g. rows.astype(numpy.float32))")
+    n_rows = int(rows.shape[0])
+    position_list = _integers("positions", positions, n_rows)
+    token_list = [] if token_ids is None else _integers("token_ids", token_ids, n_rows)
+    resolved_phase = _PHASES.get(phase)
+    if resolved_phase is None:
+        raise ValueError(f"phase: expected 'prompt' or 'generation', found {phase!r}")
+    merged: dict[str, str] = {}
+    if attributes:
+        merged.update(attributes)
+    if options.trace_context is not None:  # on the caller's thread, where its span lives
+        merged.update(options.trace_context())
+    for key, value in merged.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"attributes: expected str keys and values, found "
+                            f"{key!r}: {value!r}")
+    datatype = auto if options.wire_dtype == "auto" else options.wire_dtype
+    nbytes = codec.expected_nbytes(datatype, rows.shape)
+    if nbytes > options.max_message_bytes:
+        raise TooLarge(
+            f"rows: {nbytes} bytes of {datatype} activations ({n_rows} x {rows.shape[1]}) exceed "
+            f"max_message_bytes={options.max_message_bytes}; send fewer rows per batch, or raise "
+            "the client's max_message_bytes together with the guard's server.max_message_bytes"
+        )
+    shape, raw = codec.encode(rows, datatype)
+    return BatchItem(request_id=request_id, hook=hook, datatype=datatype, shape=shape, raw=raw,
+                     positions=position_list, token_ids=token_list, phase=resolved_phase,
+                     attributes=merged)
+
+
+def _integers(name: str, values: Positions, n_rows: int) -> list[int]:
+    array = np.asarray(values)
+    if array.ndim != 1 or len(array) != n_rows:
+        raise ValueError(f"{name}: expected one integer per row ({n_rows}), "
+                         f"found shape {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, found dtype {array.dtype}")
+    result: list[int] = array.tolist()
+    return result

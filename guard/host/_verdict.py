@@ -1,0 +1,154 @@
+"""What ``inspect`` returns, and the one place where the failure policy turns a fault into
+a verdict (counted and logged)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import grpc
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+
+from guard import codec
+from guard.decision import Action
+from guard.errors import GuardError
+from guard.host._batch import BatchItem
+from guard.host._options import ClientOptions, CounterBox
+from guard.v1 import guard_pb2 as pb
+
+log = structlog.get_logger("guard.host")
+
+#: Who decided a verdict: the guard, the failure policy (open or closed), or nobody
+#: (MONITOR mode: the batch was queued and the host goes on).
+Source = Literal["guard", "fail_open", "fail_closed", "monitor"]
+#: Why the failure policy decided.
+Cause = Literal["unavailable", "timeout", "error", "protocol"]
+
+_CAUSE_COUNTERS: Final[dict[str, str]] = {
+    "unavailable": "unavailable", "timeout": "timeouts", "error": "errors", "protocol": "errors",
+}
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+_ACTIONS: Final = {int(a): a for a in Action}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One detector's verdict on a batch, as the guard reported it."""
+
+    detector: str
+    score: float
+    threshold: float
+    #: The action this finding asks for (ABORT or CONTINUE).
+    action: Action
+    #: Features that contributed, with their activations and labels (parallel tuples).
+    feature_ids: tuple[int, ...] = ()
+    feature_activations: tuple[float, ...] = ()
+    feature_labels: tuple[str, ...] = ()
+    #: Positions of the rows that fired.
+    positions: tuple[int, ...] = ()
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to one batch: what the host does with its rows, and who decided."""
+
+    action: Action
+    #: ``guard``, ``fail_open``, ``fail_closed`` or ``monitor``.
+    source: Source
+    request_id: str
+    #: The batch's sequence number on its stream; 0 when it never got one (guard known down,
+    #: MONITOR mode).
+    sequence: int = 0
+    #: Names the guard's decision log record ("" when the guard did not decide).
+    decision_id: str = ""
+    findings: tuple[Finding, ...] = ()
+    #: Hook -> residual delta ``[rows, d_in]`` (float32, read-only) to add; set on STEER.
+    steering: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
+    #: The guard's explanation; always set on ABORT (for a policy ABORT it is ``reason``).
+    details: str = ""
+    #: Positions of the rows this verdict covers.
+    positions: tuple[int, ...] = ()
+    #: Why the failure policy decided (the fault, with the guard's own message when it sent
+    #: one); "" when the guard decided.
+    reason: str = ""
+
+    @property
+    def decided_by_policy(self) -> bool:
+        return self.source in ("fail_open", "fail_closed")
+
+
+def monitor_verdict(item: BatchItem) -> Verdict:
+    return Verdict(action=Action.CONTINUE, source="monitor", request_id=item.request_id,
+                   positions=tuple(item.positions))
+
+
+def policy_verdict(
+    options: ClientOptions, counters: CounterBox, item: BatchItem, cause: Cause, reason: str,
+) -> Verdict:
+    """The failure policy's verdict on a batch; counts the cause and the outcome, logs both."""
+    cause_count = counters.add(_CAUSE_COUNTERS[cause])
+    source: Source = "fail_open" if options.failure_policy == "open" else "fail_closed"
+    action = Action.CONTINUE if source == "fail_open" else Action.ABORT
+    decided = counters.add(source)
+    log.warning("guard failure policy applied", policy=source, cause=cause,
+                request_id=item.request_id, hook=item.hook, sequence=item.sequence,
+                rows=len(item.positions), reason=reason, policy_count=decided,
+                cause_count=cause_count)
+    return Verdict(action=action, source=source, request_id=item.request_id,
+                   sequence=item.sequence, details=reason if action is Action.ABORT else "",
+                   positions=tuple(item.positions), reason=reason)
+
+
+def reply_to_verdict(
+    options: ClientOptions, counters: CounterBox, item: BatchItem, reply: pb.InspectResponse,
+) -> Verdict:
+    """The verdict for an INLINE batch's reply: the guard's decision, or the policy's when the
+    reply carries a per-batch error or does not make sense."""
+    if reply.HasField("error"):
+        return policy_verdict(options, counters, item, "error",
+                              f"the guard rejected the batch: {error_text(reply.error)}")
+    if reply.request_id != item.request_id:
+        return policy_verdict(
+            options, counters, item, "protocol",
+            f"the guard's reply to sequence {reply.sequence} names request "
+            f"{reply.request_id!r}, expected {item.request_id!r}")
+    try:
+        return decision_verdict(reply)
+    except (GuardError, ValueError) as exc:
+        return policy_verdict(options, counters, item, "protocol",
+                              f"the guard's reply to sequence {reply.sequence} is invalid: "
+                              f"{exc}")
+
+
+def decision_verdict(reply: pb.InspectResponse) -> Verdict:
+    """The guard's decision in a reply without ``error``; ValueError or InvalidInput when
+    the reply is malformed (no action, a bad steering tensor)."""
+    action = _ACTIONS.get(reply.action)
+    if action is None:
+        raise ValueError(f"action: expected CONTINUE, STEER or ABORT, found {reply.action}")
+    steering = {
+        s.hook: codec.decode(s.delta.datatype, s.delta.shape, s.delta.raw)
+        for s in reply.steering
+    }
+    findings = tuple(
+        Finding(
+            detector=f.detector, score=f.score, threshold=f.threshold,
+            action=_ACTIONS.get(f.action, Action.CONTINUE),
+            feature_ids=tuple(f.feature_ids), feature_activations=tuple(f.feature_activations),
+            feature_labels=tuple(f.feature_labels), positions=tuple(f.positions),
+            message=f.message,
+        )
+        for f in reply.findings
+    )
+    return Verdict(action=action, source="guard", request_id=reply.request_id,
+                   sequence=reply.sequence, decision_id=reply.decision_id, findings=findings,
+                   steering=steering, details=reply.details, positions=tuple(reply.positions))
+
+
+def error_text(error: pb.BatchError) -> str:
+    """``CODE_NAME: message`` of a per-batch error."""
+    return f"{_CODE_NAMES.get(error.code, str(error.code))}: {error.message}"

@@ -1,0 +1,550 @@
+"""The synchronous host client: one long-lived Inspect stream per client.
+
+Threads: the caller's (validates and encodes a batch, waits for its reply in INLINE mode),
+one client thread per client (reads replies, and reopens the stream with backoff when it
+breaks), and gRPC's own sender thread, which takes batches from an outbox.
+
+- INLINE: ``inspect`` gives the batch the stream's next sequence number, puts it in the
+  stream's outbox and waits for the reply with that sequence number within the deadline.
+  Calls from several threads pipeline on the one stream. A reply that comes after its
+  deadline is recognised by its sequence number and discarded.
+- MONITOR: ``inspect`` offers the batch to a bounded outbox and returns at once; gRPC's sender
+  thread drains it (so gRPC flow control, not memory, absorbs a slow guard). When the outbox
+  is full the newest batch is dropped and counted; its sequence number is skipped, so the
+  guard's ``skipped_sequences`` reports the drop.
+- While the stream is down, INLINE calls get the failure policy at once (no wait), and the
+  client thread reopens the stream after an exponential backoff with jitter. A new stream
+  sends the StreamConfig again and numbers batches from 1.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Literal
+
+import grpc
+import numpy as np
+import structlog
+from numpy.typing import NDArray
+
+from guard.decision import Action, Phase
+from guard.errors import GuardError
+from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
+from guard.host._options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Backoff,
+    ClientCounters,
+    ClientOptions,
+    CounterBox,
+    MetadataHook,
+    ReplyHook,
+    TraceContextHook,
+)
+from guard.host._pending import PendingReplies
+from guard.host._verdict import (
+    Cause,
+    Verdict,
+    decision_verdict,
+    error_text,
+    monitor_verdict,
+    policy_verdict,
+    reply_to_verdict,
+)
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("guard.host")
+
+State = Literal["idle", "open", "down", "closed"]
+
+#: Protocol version this client speaks (StreamConfig.protocol_version).
+PROTOCOL_VERSION = "1.0"
+
+
+class ClientClosedError(RuntimeError):
+    """``inspect`` was called on a closed client."""
+
+
+def stream_config(options: ClientOptions) -> pb.StreamConfig:
+    """The first message of every stream."""
+    return pb.StreamConfig(
+        protocol_version=PROTOCOL_VERSION,
+        mode=pb.MODE_INLINE if options.mode == "inline" else pb.MODE_MONITOR,
+        hooks=options.hooks,
+        failure_policy=(pb.FAILURE_POLICY_FAIL_OPEN if options.failure_policy == "open"
+                        else pb.FAILURE_POLICY_FAIL_CLOSED),
+        batch_deadline_ms=round(options.deadline_ms),
+        host=options.host_name,
+    )
+
+
+def status_text(error: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call (sync or asyncio)."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name}: {details()}"
+    return str(error) or type(error).__name__
+
+
+def unavailable_reason(why: str) -> str:
+    return f"the guard is unavailable ({why}); reconnecting in the background"
+
+
+def call_metadata(options: ClientOptions) -> tuple[tuple[str, str | bytes], ...] | None:
+    """The metadata hook's pairs for a new stream (None without a hook, or when it fails)."""
+    if options.metadata is None:
+        return None
+    try:
+        return tuple((str(key), value) for key, value in options.metadata())
+    except Exception:  # a broken hook must not stop the guard client
+        log.exception("metadata hook failed; opening the stream without it")
+        return None
+
+
+def deadline_seconds(options: ClientOptions, deadline_ms: float | None) -> float:
+    if deadline_ms is None:
+        return options.deadline_ms / 1e3
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int | float) or not (
+            deadline_ms > 0):
+        raise ValueError(f"deadline_ms: expected a number > 0 or None, found {deadline_ms!r}")
+    return deadline_ms / 1e3
+
+
+class _Slot:
+    """Where the client thread leaves an INLINE batch's reply (or why none will come)."""
+
+    __slots__ = ("done", "failure", "reply")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: pb.InspectResponse | None = None
+        self.failure: tuple[Cause, str] | None = None
+
+    def deliver(self, reply: pb.InspectResponse) -> None:
+        self.reply = reply
+        self.done.set()
+
+    def fail(self, cause: Cause, reason: str) -> None:
+        self.failure = (cause, reason)
+        self.done.set()
+
+
+class _Outbox:
+    """Batches waiting for gRPC's sender thread; bounded (MONITOR) or not (INLINE, where each
+    caller waits for its reply). ``offer`` never blocks."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self._items: deque[BatchItem] = deque()
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._closed = False
+        self._gap = 0
+
+    def offer(self, item: BatchItem) -> bool:
+        """Queue a batch; False (and the batch dropped) when full or closed."""
+        with self._cond:
+            if self._closed or (self._capacity is not None
+                                and len(self._items) >= self._capacity):
+                self._gap += 1
+                return False
+            item.gap_before, self._gap = self._gap, 0
+            self._items.append(item)
+            self._cond.notify()
+            return True
+
+    def take(self, stop: threading.Event) -> BatchItem | None:
+        """The next batch; None once ``stop`` is set, or once closed and empty."""
+        with self._cond:
+            while not self._items and not self._closed and not stop.is_set():
+                self._cond.wait()
+            if stop.is_set() or not self._items:
+                return None
+            return self._items.popleft()
+
+    def wake(self) -> None:
+        """Let every waiting ``take`` look at its ``stop`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Accept no more; ``take`` hands out what is queued, then None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self) -> int:
+        """Discard what is queued; returns how many batches that was."""
+        with self._cond:
+            count = len(self._items)
+            self._items.clear()
+            return count
+
+
+class _Stream:
+    """One Inspect call: the StreamConfig, then batches from the outbox."""
+
+    def __init__(self, stub: pb_grpc.GuardStub, options: ClientOptions, counters: CounterBox,
+                 outbox: _Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+        self.options = options
+        self.counters = counters
+        self.outbox = outbox
+        self.finished = threading.Event()
+        self.pending: PendingReplies[_Slot] = PendingReplies()
+        self.replies = 0
+        self.end_reason = ""
+        self._reset_reason = ""
+        self._submit_lock = threading.Lock()
+        self._next_sequence = 1
+        self.call = stub.Inspect(self._requests(), metadata=metadata)
+
+    def _requests(self) -> Iterator[pb.InspectRequest]:
+        yield pb.InspectRequest(config=stream_config(self.options))
+        monitor = self.options.mode == "monitor"
+        while (item := self.outbox.take(self.finished)) is not None:
+            if monitor:  # INLINE batches got theirs in submit()
+                item.sequence = self._next_sequence + item.gap_before
+                self._next_sequence = item.sequence + 1
+            self.counters.add("sent")
+            yield item.to_request()
+
+    def submit(self, item: BatchItem) -> _Slot | None:
+        """INLINE: number the batch and queue it; None when the stream has ended."""
+        slot = _Slot()
+        with self._submit_lock:  # sequence order is outbox order
+            sequence = self._next_sequence
+            if not self.pending.add(sequence, slot):
+                return None
+            self._next_sequence += 1
+            item.sequence = sequence
+            if not self.outbox.offer(item):  # the client is closing
+                self.pending.remove(sequence)
+                return None
+        return slot
+
+    def reset(self, reason: str) -> None:
+        """End the stream from this side (the guard fell behind, or the client closes)."""
+        self._reset_reason = reason
+        self.call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+    def read(self, on_reply: Callable[[_Stream, pb.InspectResponse], None]) -> str:
+        """Hand every reply to ``on_reply`` until the stream ends; returns why it ended."""
+        try:
+            for reply in self.call:
+                self.replies += 1
+                self.counters.add("replies")
+                on_reply(self, reply)
+            reason = self._reset_reason or "the guard ended the stream"
+        except grpc.RpcError as exc:
+            reason = self._reset_reason or f"the stream to the guard ended: {status_text(exc)}"
+        except Exception as exc:  # a client bug: end this stream; the next one starts clean
+            log.exception("guard client failed reading a reply")
+            self.reset(f"the client failed reading a reply: {type(exc).__name__}")
+            reason = self._reset_reason
+        self.end_reason = reason
+        self.finished.set()
+        self.outbox.wake()
+        for slot in self.pending.close(reason):
+            slot.fail("unavailable", unavailable_reason(reason))
+        return reason
+
+
+class GuardClient:
+    """Sends activation rows to an Activation Guard and returns its verdicts.
+
+    :param target: the guard's address: ``unix:///path/guard.sock`` or ``host:port``.
+    :param mode: ``inline`` (wait for each verdict) or ``monitor`` (never wait).
+    :param hooks: the hooks this host sends (sent in the StreamConfig; the guard ends the
+        stream if it does not serve one). Empty: any hook.
+    :param failure_policy: ``open`` (CONTINUE) or ``closed`` (ABORT) when the guard is down,
+        late, or rejects a batch.
+    :param deadline_ms: INLINE: how long ``inspect`` waits for a reply.
+    :param queue_size: MONITOR: batches waiting to be sent; when full the newest is dropped.
+    :param host_name: free-form name of this host, for the guard's records.
+    :param reconnect_backoff_ms: first delay before reopening a broken stream; it doubles
+        per failed attempt up to ``reconnect_backoff_max_ms``, each spread by
+        +-``reconnect_jitter``.
+    :param max_message_bytes: the largest activation tensor sent; match the guard's
+        ``server.max_message_bytes``.
+    :param wire_dtype: ``auto`` (float32 rows as F32, float16 as F16), or F32, F16, BF16.
+    :param reset_after_late: INLINE: when this many timed-out batches are still unanswered,
+        the guard is falling behind: the stream is reset instead of queueing more behind them.
+    :param metadata: called when a stream opens; its pairs go in the Inspect call's gRPC
+        metadata (the stream is shared by many requests: per-request context belongs in
+        ``trace_context``).
+    :param trace_context: called on the caller's thread for every batch; its entries (W3C
+        ``traceparent``/``tracestate``) are added to the batch's attributes. The hook point
+        of the observability work; nothing is traced here.
+    :param on_reply: MONITOR: called with each guard verdict, on the client's thread.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        mode: Literal["inline", "monitor"] = "inline",
+        hooks: Sequence[str] = (),
+        failure_policy: Literal["open", "closed"] = "open",
+        deadline_ms: float = 50.0,
+        queue_size: int = 256,
+        host_name: str = "",
+        reconnect_backoff_ms: float = 100.0,
+        reconnect_backoff_max_ms: float = 5000.0,
+        reconnect_jitter: float = 0.2,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        wire_dtype: Literal["auto", "F32", "F16", "BF16"] = "auto",
+        reset_after_late: int = 2,
+        metadata: MetadataHook | None = None,
+        trace_context: TraceContextHook | None = None,
+        on_reply: ReplyHook | None = None,
+    ) -> None:
+        self._options = ClientOptions.build(
+            target, mode=mode, hooks=hooks, failure_policy=failure_policy,
+            deadline_ms=deadline_ms, queue_size=queue_size, host_name=host_name,
+            reconnect_backoff_ms=reconnect_backoff_ms,
+            reconnect_backoff_max_ms=reconnect_backoff_max_ms,
+            reconnect_jitter=reconnect_jitter, max_message_bytes=max_message_bytes,
+            wire_dtype=wire_dtype, reset_after_late=reset_after_late, metadata=metadata,
+            trace_context=trace_context, on_reply=on_reply,
+        )
+        self._counters = CounterBox()
+        # gRPC channels connect lazily: nothing happens on the network until the first batch.
+        self._channel = grpc.insecure_channel(target,
+                                              options=self._options.channel_options())
+        self._stub = pb_grpc.GuardStub(self._channel)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stream: _Stream | None = None
+        self._keeper: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._monitor_outbox = _Outbox(queue_size) if self._options.mode == "monitor" else None
+        self._dropping = False
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def options(self) -> ClientOptions:
+        return self._options
+
+    @property
+    def counters(self) -> ClientCounters:
+        """A snapshot of the counts (sent, fail_open, fail_closed, timeouts, ...)."""
+        return self._counters.snapshot()
+
+    @property
+    def state(self) -> State:
+        """``idle`` (no batch yet), ``open`` (a stream is up), ``down`` (reconnecting),
+        ``closed``."""
+        with self._lock:
+            if self._closed:
+                return "closed"
+            if self._keeper is None:
+                return "idle"
+            stream = self._stream
+        return "open" if stream is not None and not stream.finished.is_set() else "down"
+
+    def inspect(
+        self,
+        request_id: str,
+        hook: str,
+        rows: NDArray[np.floating],
+        positions: Positions,
+        token_ids: Positions | None = None,
+        phase: PhaseName | Phase = "prompt",
+        attributes: Mapping[str, str] | None = None,
+        *,
+        deadline_ms: float | None = None,
+    ) -> Verdict:
+        """Send one batch ``rows [n, d_in]`` of one hook of one request; returns its verdict.
+
+        INLINE: waits for the guard's verdict up to the deadline (``deadline_ms`` overrides
+        the client's for this call); on a fault the failure policy decides. MONITOR: returns
+        CONTINUE with source ``monitor`` at once. Raises ValueError or TypeError for bad
+        arguments, :class:`guard.errors.TooLarge` for a batch above ``max_message_bytes``,
+        :class:`ClientClosedError` after :meth:`close`.
+        """
+        timeout = deadline_seconds(self._options, deadline_ms)
+        item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
+                             phase, attributes)
+        if self._monitor_outbox is not None:
+            return self._enqueue(self._monitor_outbox, item)
+        stream = self._live_stream()
+        slot = stream.submit(item) if stream is not None else None
+        if stream is None or slot is None:
+            why = stream.end_reason if stream is not None else self._down_reason()
+            return policy_verdict(self._options, self._counters, item, "unavailable",
+                                  unavailable_reason(why))
+        if not slot.done.wait(timeout):
+            unanswered = stream.pending.abandon(item.sequence)
+            if unanswered is not None:
+                if unanswered >= self._options.reset_after_late:
+                    stream.reset(f"{unanswered} batches past their deadline are still "
+                                 "unanswered: the guard is falling behind")
+                return policy_verdict(
+                    self._options, self._counters, item, "timeout",
+                    f"no reply from the guard within {timeout * 1e3:g} ms "
+                    f"(sequence {item.sequence})")
+            slot.done.wait()  # resolved just as the deadline passed: it is being delivered
+        if slot.failure is not None:
+            cause, reason = slot.failure
+            return policy_verdict(self._options, self._counters, item, cause, reason)
+        assert slot.reply is not None
+        return reply_to_verdict(self._options, self._counters, item, slot.reply)
+
+    def describe(self, timeout: float = 5.0) -> pb.DescribeResponse:
+        """What the guard serves (hooks with their d_in, SAEs, plugins, limits). Raises
+        grpc.RpcError when the guard is down."""
+        return self._stub.Describe(pb.DescribeRequest(), timeout=timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop: MONITOR batches still queued get ``timeout`` seconds to go out (the rest are
+        counted as dropped); INLINE calls in flight get their replies or the policy."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            stream, keeper = self._stream, self._keeper
+        outbox = self._monitor_outbox or (stream.outbox if stream is not None else None)
+        if outbox is not None:
+            outbox.close()  # gRPC's sender sends what is queued, then half-closes
+        self._wake.set()
+        if keeper is not None:
+            keeper.join(timeout)
+            current = self._stream
+            if keeper.is_alive() and current is not None:
+                current.reset("the client was closed")
+                keeper.join(timeout)
+        if self._monitor_outbox is not None:
+            left = self._monitor_outbox.drain()
+            if left:
+                self._counters.add("dropped", left)
+        self._channel.close()
+        counts = self._counters.snapshot()
+        log.info("guard client closed", target=self._options.target, sent=counts.sent,
+                 fail_open=counts.fail_open, fail_closed=counts.fail_closed,
+                 timeouts=counts.timeouts, errors=counts.errors, dropped=counts.dropped,
+                 reconnects=counts.reconnects)
+
+    def __enter__(self) -> GuardClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _enqueue(self, outbox: _Outbox, item: BatchItem) -> Verdict:
+        self._live_stream()  # opens the stream on the first batch
+        if outbox.offer(item):
+            if self._dropping:
+                self._dropping = False
+                log.info("monitor queue accepting batches again",
+                         dropped=self._counters.snapshot().dropped)
+        else:
+            dropped = self._counters.add("dropped")
+            if not self._dropping:  # one line per episode, not one per batch
+                self._dropping = True
+                log.warning("monitor queue full: dropping the newest batches",
+                            queue_size=self._options.queue_size, dropped=dropped,
+                            request_id=item.request_id, hook=item.hook)
+        return monitor_verdict(item)
+
+    def _live_stream(self) -> _Stream | None:
+        """The open stream (opened on the first call), or None while the guard is down."""
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError("GuardClient.inspect: the client is closed")
+            if self._keeper is None:
+                self._stream = self._open_stream()
+                self._keeper = threading.Thread(target=self._keep, name="guard-host-stream",
+                                                daemon=True)
+                self._keeper.start()
+            stream = self._stream
+        if stream is None or stream.finished.is_set():
+            return None
+        return stream
+
+    def _down_reason(self) -> str:
+        stream = self._stream
+        return stream.end_reason if stream is not None else "no stream"
+
+    def _open_stream(self) -> _Stream:
+        outbox = self._monitor_outbox or _Outbox(None)
+        return _Stream(self._stub, self._options, self._counters, outbox,
+                       call_metadata(self._options))
+
+    def _is_closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    def _keep(self) -> None:
+        """The client thread: read the stream; when it breaks, back off and reopen it."""
+        options = self._options
+        backoff = Backoff(options.reconnect_backoff_ms / 1e3,
+                          options.reconnect_backoff_max_ms / 1e3, options.reconnect_jitter)
+        stream = self._stream
+        while stream is not None:
+            reason = stream.read(self._on_reply)
+            if stream.replies:
+                backoff.reset()
+            delay = backoff.next()
+            if self._is_closed():
+                return
+            log.warning("guard stream down", target=options.target, reason=reason,
+                        replies=stream.replies, retry_in_ms=round(delay * 1e3))
+            if self._wake.wait(delay):  # set by close()
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                stream = self._stream = self._open_stream()
+            reconnects = self._counters.add("reconnects")
+            log.info("guard stream reopened", target=options.target, reconnects=reconnects)
+
+    def _on_reply(self, stream: _Stream, reply: pb.InspectResponse) -> None:
+        if self._options.mode == "monitor":
+            self._on_monitor_reply(reply)
+            return
+        resolution = stream.pending.resolve(reply.sequence)
+        for skipped in resolution.skipped:
+            skipped.fail("protocol", f"the guard answered sequence {reply.sequence} before "
+                                     "this batch's and never answered this one")
+        if resolution.slot is not None:
+            resolution.slot.deliver(reply)
+        elif resolution.was_late:
+            late = self._counters.add("late_replies")
+            log.info("late reply discarded", request_id=reply.request_id,
+                     sequence=reply.sequence, late_replies=late)
+        else:
+            log.warning("reply to an unknown batch discarded", request_id=reply.request_id,
+                        sequence=reply.sequence)
+
+    def _on_monitor_reply(self, reply: pb.InspectResponse) -> None:
+        if reply.HasField("error"):
+            errors = self._counters.add("errors")
+            log.warning("guard rejected a monitored batch", request_id=reply.request_id,
+                        sequence=reply.sequence, reason=error_text(reply.error), errors=errors)
+        callback = self._options.on_reply
+        if callback is None:
+            return
+        try:
+            callback(monitor_reply_verdict(reply))
+        except Exception:  # the user's callback must not stop the reader
+            log.exception("on_reply callback failed", request_id=reply.request_id,
+                          sequence=reply.sequence)
+
+
+def monitor_reply_verdict(reply: pb.InspectResponse) -> Verdict:
+    """What ``on_reply`` gets: the guard's decision, or a CONTINUE naming its error."""
+    if reply.HasField("error"):
+        return Verdict(action=Action.CONTINUE, source="monitor", request_id=reply.request_id,
+                       sequence=reply.sequence, positions=tuple(reply.positions),
+                       reason=f"the guard rejected the batch: {error_text(reply.error)}")
+    try:
+        return decision_verdict(reply)
+    except (GuardError, ValueError) as exc:
+        return Verdict(action=Action.CONTINUE, source="monitor", request_id=reply.request_id,
+                       sequence=reply.sequence, reason=f"invalid reply from the guard: {exc}")
