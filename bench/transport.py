@@ -112,6 +112,8 @@ class Case:
     latencies_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     round_p50_ms: list[float] = field(default_factory=list)
+    #: gRPC metadata of the case's streams (bench/tracing.py sends a traceparent).
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> LatencySummary:
         return summarize(self.latencies_ms, self.elapsed_s)
@@ -120,7 +122,8 @@ class Case:
 class InlineStream:
     """One Inspect stream driven inline; requests go through a queue, one reply per batch."""
 
-    def __init__(self, channel: grpc.Channel, hook: str) -> None:
+    def __init__(self, channel: grpc.Channel, hook: str,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._requests: queue.SimpleQueue[guard_pb2.InspectRequest | None] = queue.SimpleQueue()
         self._requests.put(guard_pb2.InspectRequest(config=guard_pb2.StreamConfig(
             protocol_version="1",
@@ -130,7 +133,8 @@ class InlineStream:
             host="bench.transport",
         )))
         stub = guard_pb2_grpc.GuardStub(channel)
-        call = stub.Inspect(iter(self._requests.get, None), timeout=STREAM_TIMEOUT_S)
+        call = stub.Inspect(iter(self._requests.get, None), timeout=STREAM_TIMEOUT_S,
+                            metadata=metadata)
         self._replies = iter(call)
 
     def round_trip(self, request: guard_pb2.InspectRequest) -> guard_pb2.InspectResponse:
@@ -149,7 +153,7 @@ def run_round(channel: grpc.Channel, case: Case, scale: float, round_index: int)
     request = guard_pb2.InspectRequest(
         batch=payload.batch(f"bench-{case.server}-{case.transport}-{payload.label}-{round_index}")
     )
-    stream = InlineStream(channel, request.batch.hook)
+    stream = InlineStream(channel, request.batch.hook, case.metadata)
     warmup = max(5, round(WARMUP * scale))
     n = payload.round_trips(scale)
     latencies = []

@@ -29,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from guard.engine import Engine
     from guard.reload import ConfigReloader
     from guard.server import GuardServer
-    from guard.telemetry import configure_logging
+    from guard.telemetry import configure_logging, start_telemetry
 
     config = _load(args.config)
     configure_logging(config.logging)
@@ -51,13 +51,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hangup)
 
+    try:
+        telemetry = start_telemetry(config.telemetry)
+    except GuardError as exc:
+        log.error("cannot start", reason=str(exc))
+        return 1
     server = GuardServer(config)
     server.start()
     try:
-        engine = Engine.load(config)
+        engine = Engine.load(config, instruments=telemetry.instruments)
     except GuardError as exc:
         log.error("cannot start", reason=str(exc))
         server.stop(0)
+        telemetry.shutdown()
         return 1
     reloader = None
     if args.config:
@@ -76,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if reloader is not None:
         reloader.stop()
     server.stop()
+    telemetry.shutdown()  # after the drain: the last batches' spans are exported too
     return 0
 
 
@@ -198,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also load every SAE (checks files, shapes and sha256 pins)")
     check.set_defaults(func=cmd_config_check)
 
+    from guard.demo import register as register_demo
     from guard.sae.cli import register as register_sae
 
     register_sae(commands)
+    register_demo(commands)
     return parser
 
 

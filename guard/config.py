@@ -34,6 +34,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
     "GUARD_HEALTH_LISTEN": ("server", "health_listen"),
     "GUARD_LOG_LEVEL": ("logging", "level"),
     "GUARD_LOG_FORMAT": ("logging", "format"),
+    "GUARD_METRICS_LISTEN": ("telemetry", "metrics_listen"),
 }
 
 _HOOK_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
@@ -84,6 +85,19 @@ class SaeConfig:
     features: tuple[int, ...] | Literal["all"] = ()
 
 
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Traces, metrics and what they may hold (the OTLP side is set by ``OTEL_*`` variables)."""
+
+    #: ``host:port`` of the Prometheus ``/metrics`` endpoint (``0.0.0.0:9464``); empty: none.
+    metrics_listen: str = ""
+    #: Set up OpenTelemetry tracing from the standard ``OTEL_*`` environment variables; spans
+    #: are recorded and exported only when an OTLP endpoint is set.
+    tracing: bool = True
+    #: Put token ids and feature activations in spans; off, spans carry ids, names and scores.
+    record_sensitive: bool = False
+
+
 FailureMode = Literal["open", "closed"]
 
 
@@ -121,6 +135,7 @@ class GuardConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     saes: tuple[SaeConfig, ...] = ()
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     #: Where the configuration came from (a path, or ``<embedded default>``).
     source: str = "<defaults>"
 
@@ -280,9 +295,27 @@ def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) 
         )
         section.finish()
     plugins = _plugins_section(top.get("plugins", lambda k, v: v, None), source)
+
+    def tcp_address(key: str, value: object) -> str:
+        text = address(key, value)
+        if text.startswith("unix:"):
+            raise fail(key, "host:port (an HTTP endpoint for Prometheus)", value)
+        return text
+
+    telemetry_section = _Section(top.get("telemetry", lambda k, v: v, None), "telemetry", source)
+    telemetry_defaults = TelemetryConfig()
+    telemetry = TelemetryConfig(
+        metrics_listen=telemetry_section.get("metrics_listen", tcp_address,
+                                             telemetry_defaults.metrics_listen),
+        tracing=telemetry_section.get("tracing", boolean, telemetry_defaults.tracing),
+        record_sensitive=telemetry_section.get("record_sensitive", boolean,
+                                               telemetry_defaults.record_sensitive),
+    )
+    telemetry_section.finish()
     top.finish()
     return GuardConfig(
-        server=server, logging=logging_config, saes=tuple(saes), plugins=plugins, source=source
+        server=server, logging=logging_config, saes=tuple(saes), plugins=plugins,
+        telemetry=telemetry, source=source,
     )
 
 

@@ -17,15 +17,20 @@ leaves the old one in force.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from guard.config import GuardConfig, PluginsConfig, SaeConfig
 from guard.decision import (
@@ -41,6 +46,7 @@ from guard.decision import (
     new_decision_id,
 )
 from guard.errors import ConfigError, GuardError, NotFound
+from guard.instrumentation import DECISION_ID, Instruments
 from guard.plugin_manager import CallProgress, PluginFailure, PluginSet, PluginSource, discover
 from guard.records import RecordQueue
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
@@ -118,9 +124,12 @@ class Engine:
         plugins_config: PluginsConfig,
         *,
         extra_plugins: Sequence[PluginSource] = (),
+        instruments: Instruments | None = None,
     ) -> None:
         self._saes = dict(saes)
         self._extra_plugins = tuple(extra_plugins)
+        #: Spans and metrics (``guard.telemetry`` builds them; the default records nothing).
+        self.instruments = instruments if instruments is not None else Instruments()
         self._swap_lock = threading.Lock()
         self._stuck: dict[str, int] = {}
         self._stuck_lock = threading.Lock()
@@ -131,10 +140,12 @@ class Engine:
         self._pipeline = self._start(plugins_config)
         self._executor = futures.ThreadPoolExecutor(thread_name_prefix="guard-plugins")
         self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
+        self.instruments.watch(self)
 
     @classmethod
     def load(
-        cls, config: GuardConfig, *, extra_plugins: Sequence[PluginSource] = ()
+        cls, config: GuardConfig, *, extra_plugins: Sequence[PluginSource] = (),
+        instruments: Instruments | None = None,
     ) -> Engine:
         """Open every SAE, load and configure the plugins, build the encoders, start."""
         saes: dict[str, tuple[Sae, SaeConfig]] = {}
@@ -145,7 +156,7 @@ class Engine:
                 raise ConfigError(f"saes[{index}].hook", "a hook not served by an earlier entry",
                                   hook, source=config.source)
             saes[hook] = (sae, entry)
-        engine = cls(saes, config.plugins, extra_plugins=extra_plugins)
+        engine = cls(saes, config.plugins, extra_plugins=extra_plugins, instruments=instruments)
         for name, runtime in sorted(engine.hooks.items()):
             info = runtime.info
             sub = runtime.subscription
@@ -178,7 +189,7 @@ class Engine:
         sources = discover(plugins_config.enabled, plugins_config.disabled,
                            autoload=plugins_config.autoload)
         sources += [s for s in self._extra_plugins if s.name not in plugins_config.disabled]
-        plugins = PluginSet(sources, trace=plugins_config.trace)
+        plugins = PluginSet(sources, trace=plugins_config.trace, instruments=self.instruments)
         built.append(plugins)
         plugins.configure(plugins_config.config)
         named = plugins.named_subscriptions(plugins_config.config)
@@ -281,24 +292,48 @@ class Engine:
     # -- the hot path ---------------------------------------------------------------------
 
     def inspect(
-        self, batch: ActivationRows, timings: dict[str, float], started: float | None = None
+        self, batch: ActivationRows, timings: dict[str, float], started: float | None = None,
+        *, deferred: list[Callable[[], object]] | None = None,
     ) -> Decision:
         """Encode, run the plugins and decide on one validated batch; queue its record.
 
         ``timings`` holds the stages measured so far; ``started`` (a perf_counter value)
-        is when the batch arrived, for the ``total`` timing.
+        is when the batch arrived, for the ``total`` timing. The decision id is made first
+        and set in :data:`guard.instrumentation.DECISION_ID`, so that every log line of the
+        batch (plugins' included) carries it. Telemetry work that can wait until the reply is
+        sent is appended to ``deferred`` when given (done at once otherwise).
         """
-        t0 = time.perf_counter() if started is None else started
+        decision_id = new_decision_id()
+        token = DECISION_ID.set(decision_id)
+        try:
+            return self._inspect(batch, timings,
+                                 time.perf_counter() if started is None else started,
+                                 decision_id, deferred)
+        finally:
+            DECISION_ID.reset(token)
+
+    def _inspect(self, batch: ActivationRows, timings: dict[str, float], t0: float,
+                 decision_id: str, deferred: list[Callable[[], object]] | None) -> Decision:
         pipeline = self._pipeline  # one consistent configuration for the whole batch
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
         if not (pipeline.runs_plugins or pipeline.records):
             # Nobody reads features or records: encoding would only cost time.
             timings["total"] = time.perf_counter() - t0
-            return self._decision(batch, runtime, pipeline, Action.CONTINUE, [], [], (), "", [],
-                                  timings)
+            return self._decision(decision_id, batch, runtime, pipeline, Action.CONTINUE, [],
+                                  [], (), "", [], timings)
+        traced = (tracer := self.instruments.tracer) is not None
+        if traced and not trace.get_current_span().is_recording():
+            tracer = None  # the batch is not sampled: no child spans
         if runtime.encoder is not None:
             started = time.perf_counter()
-            activations = runtime.encoder.encode(batch.rows)
+            if tracer is None:
+                activations = runtime.encoder.encode(batch.rows)
+            else:
+                with tracer.start_as_current_span("guard.encode", attributes={
+                        "guard.hook": batch.hook, "guard.rows": int(batch.rows.shape[0]),
+                        "guard.encode.features": int(runtime.feature_ids.size),
+                        "guard.sae.execution_provider": runtime.execution_provider}):
+                    activations = runtime.encoder.encode(batch.rows)
             timings["encode"] = time.perf_counter() - started
         else:
             activations = np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
@@ -314,7 +349,8 @@ class Engine:
         edits: list[FeatureEdit] = []
         failures: list[PluginFailure] = []
         if pipeline.runs_plugins:
-            findings, edits, failures = self._run_plugins(pipeline, features, timings)
+            findings, edits, failures = self._run_plugins(pipeline, features, timings,
+                                                          deferred)
         steering: tuple[Steering, ...] = ()
         if edits:
             try:
@@ -329,14 +365,19 @@ class Engine:
                 if result.delta is not None:
                     steering = (Steering(batch.hook, result.delta),)
         timings["total"] = time.perf_counter() - t0
-        decision = self._decide(pipeline, batch, runtime, findings, edits, steering, failures,
-                                timings)
+        decision = self._decide(decision_id, pipeline, batch, runtime, findings, edits,
+                                steering, failures, timings)
+        if decision.action is Action.ABORT:
+            log.info("batch aborted", request_id=batch.request_id, sequence=batch.sequence,
+                     hook=batch.hook, details=decision.details)
         if pipeline.records:
-            self._records.offer(decision)
+            # The batch's trace context goes along: the sinks' spans become its children.
+            self._records.offer(decision, otel_context.get_current() if traced else None)
         return decision
 
     def _run_plugins(
-        self, pipeline: Pipeline, features: FeatureBatch, timings: dict[str, float]
+        self, pipeline: Pipeline, features: FeatureBatch, timings: dict[str, float],
+        deferred: list[Callable[[], object]] | None,
     ) -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
         budget = pipeline.config.timeout_ms / 1e3
         with self._stuck_lock:
@@ -353,21 +394,27 @@ class Engine:
             stages["steer"] = time.perf_counter() - t1
             return found, edits, failed + failed_steer
 
+        record_durations = partial(self.instruments.plugin_calls, progress.durations)
         if budget <= 0:
             result = run()
             timings.update(stages)
+            _defer(deferred, record_durations)
             return result
-        future = self._executor.submit(run)
+        # In a copy of this thread's context: plugin spans and log lines belong to the batch.
+        future = self._executor.submit(contextvars.copy_context().run, run)
         try:
             result = future.result(timeout=budget)
             timings.update(stages)
+            _defer(deferred, record_durations)
             return result
         except futures.TimeoutError:
             culprit = progress.current or "unknown"
             self._count("plugin_timeouts")
+            self.instruments.plugin_overran(culprit)
             with self._stuck_lock:
                 self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
             future.add_done_callback(lambda _f: self._unstick(culprit))
+            future.add_done_callback(lambda _f: record_durations())  # when the calls end
             log.error("plugin overran its budget", plugin=culprit,
                       budget_ms=pipeline.config.timeout_ms, request_id=features.request_id,
                       sequence=features.sequence)
@@ -385,7 +432,7 @@ class Engine:
                 self._stuck.pop(plugin, None)
 
     def _decide(
-        self, pipeline: Pipeline, batch: ActivationRows, runtime: HookRuntime,
+        self, decision_id: str, pipeline: Pipeline, batch: ActivationRows, runtime: HookRuntime,
         findings: list[Finding], edits: list[FeatureEdit], steering: tuple[Steering, ...],
         failures: list[PluginFailure], timings: dict[str, float],
     ) -> Decision:
@@ -401,8 +448,8 @@ class Engine:
             if pipeline.config.failure_mode == "closed":
                 details = "; ".join(f"plugin {f.plugin} failed in {f.hook}: {f.error}"
                                     for f in failures) + " (plugins.failure_mode: closed)"
-                return self._decision(batch, runtime, pipeline, Action.ABORT, findings, [],
-                                      (), details, failures, timings)
+                return self._decision(decision_id, batch, runtime, pipeline, Action.ABORT,
+                                      findings, [], (), details, failures, timings)
             findings += [
                 Finding(detector=f"plugin-error:{f.plugin}", score=float("nan"), threshold=0.0,
                         action="flag", message=f"{f.hook}: {f.error}", plugin=f.plugin)
@@ -411,20 +458,21 @@ class Engine:
         aborts = [f for f in findings if f.action == "abort"]
         if aborts:
             details = "; ".join(_describe_finding(f) for f in aborts)
-            return self._decision(batch, runtime, pipeline, Action.ABORT, findings, [], (),
-                                  details, failures, timings)
+            return self._decision(decision_id, batch, runtime, pipeline, Action.ABORT,
+                                  findings, [], (), details, failures, timings)
         action = Action.STEER if steering else Action.CONTINUE
-        return self._decision(batch, runtime, pipeline, action, findings, edits, steering,
-                              details, failures, timings)
+        return self._decision(decision_id, batch, runtime, pipeline, action, findings, edits,
+                              steering, details, failures, timings)
 
     @staticmethod
     def _decision(
-        batch: ActivationRows, runtime: HookRuntime, pipeline: Pipeline, action: Action,
-        findings: list[Finding], edits: list[FeatureEdit], steering: tuple[Steering, ...],
-        details: str, failures: list[PluginFailure], timings: dict[str, float],
+        decision_id: str, batch: ActivationRows, runtime: HookRuntime, pipeline: Pipeline,
+        action: Action, findings: list[Finding], edits: list[FeatureEdit],
+        steering: tuple[Steering, ...], details: str, failures: list[PluginFailure],
+        timings: dict[str, float],
     ) -> Decision:
         return Decision(
-            decision_id=new_decision_id(), action=action, request_id=batch.request_id,
+            decision_id=decision_id, action=action, request_id=batch.request_id,
             sequence=batch.sequence, hook=batch.hook, positions=batch.positions,
             findings=tuple(findings), edits=tuple(edits), steering=steering, details=details,
             phase=batch.phase, sae_sha256=runtime.info.sha256, plugins=pipeline.plugin_runs,
@@ -432,16 +480,32 @@ class Engine:
             timings=dict(timings), timestamp=time.time(), token_ids=batch.token_ids,
         )
 
-    def _deliver(self, decision: Decision) -> None:
-        with self._swap_lock:  # never into plugins that a reload is shutting down
-            plugins = self._pipeline.plugins
-            plugins.record(decision)
+    def _deliver(self, decision: Decision, trace_context: Context | None) -> None:
+        """Hand a decision to the sinks in its batch's context (trace and decision id)."""
+        token = otel_context.attach(trace_context) if trace_context is not None else None
+        decision_token = DECISION_ID.set(decision.decision_id)
+        try:
+            with self._swap_lock:  # never into plugins that a reload is shutting down
+                plugins = self._pipeline.plugins
+                plugins.record(decision)
+        finally:
+            DECISION_ID.reset(decision_token)
+            if token is not None:
+                otel_context.detach(token)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Deliver every accepted record, then call guard_shutdown."""
         self._records.close(timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._pipeline.plugins.shutdown()
+
+
+def _defer(deferred: list[Callable[[], object]] | None, work: Callable[[], object]) -> None:
+    """Leave ``work`` for after the reply when the caller collects it, else do it now."""
+    if deferred is None:
+        work()
+    else:
+        deferred.append(work)
 
 
 def _describe_finding(finding: Finding) -> str:

@@ -21,14 +21,20 @@ from typing import Any, Final
 
 import pluggy
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from guard import hookspecs
 from guard.decision import Decision, FeatureBatch, FeatureEdit, FeatureRequest, Finding
 from guard.errors import ConfigError, GuardError
+from guard.instrumentation import Instruments
 
 log = structlog.get_logger(__name__)
 
 ENTRY_POINT_GROUP: Final = "guard"
+#: Hooks called per batch: each call gets a span (when the batch is traced) and a latency.
+OBSERVED_HOOKS: Final = frozenset({"guard_detect", "guard_steer", "guard_record"})
 #: Set to 1 to load only the plugins named in ``plugins.enabled``.
 AUTOLOAD_ENV: Final = "GUARD_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -56,6 +62,9 @@ class CallProgress:
     #: must not be lost).
     findings: list[Finding] = field(default_factory=list)
     edits: list[FeatureEdit] = field(default_factory=list)
+    #: (plugin, hook, seconds) of the calls made, when metrics are on: the engine records
+    #: them once the batch is answered (a measurement costs the host microseconds).
+    durations: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,9 @@ class PluginSet:
     plugins are; counters are guarded by a lock.
     """
 
-    def __init__(self, sources: Iterable[PluginSource], *, trace: bool = False) -> None:
+    def __init__(self, sources: Iterable[PluginSource], *, trace: bool = False,
+                 instruments: Instruments | None = None) -> None:
+        self._instruments = instruments if instruments is not None else Instruments()
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._versions: dict[str, str] = {}
@@ -190,6 +201,7 @@ class PluginSet:
         progress: CallProgress | None = None,
     ) -> list[PluginFailure]:
         failures = []
+        instruments = self._instruments if hook in OBSERVED_HOOKS else None
         for impl in self._impls(hook):
             if progress is not None:
                 if impl.plugin_name in progress.skip:
@@ -199,13 +211,33 @@ class PluginSet:
                     continue
                 progress.current = impl.plugin_name
             args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+            span = token = None
+            if instruments is not None:
+                span = instruments.plugin_span(hook, impl.plugin_name,
+                                               self._versions.get(impl.plugin_name, ""))
+                if span is not None:  # current, so that the plugin's own spans nest in it
+                    token = otel_context.attach(trace.set_span_in_context(span))
             started = time.perf_counter()
             try:
                 result = impl.function(**args)
             except Exception as exc:
+                if span is not None:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 failures.append(self._failed(impl.plugin_name, hook, exc))
                 continue
             finally:
+                if instruments is not None:
+                    if instruments.metering:
+                        elapsed = time.perf_counter() - started
+                        if progress is not None:
+                            progress.durations.append((impl.plugin_name, hook, elapsed))
+                        else:
+                            instruments.plugin_called(impl.plugin_name, hook, elapsed)
+                    if token is not None:
+                        otel_context.detach(token)
+                    if span is not None:
+                        span.end()
                 self._traced(hook, impl.plugin_name, started)
             if on_result is not None and result is not None:
                 on_result(impl.plugin_name, result)
@@ -214,6 +246,7 @@ class PluginSet:
     def _failed(self, plugin: str, hook: str, exc: BaseException) -> PluginFailure:
         with self._lock:
             self.failures[(plugin, hook)] += 1
+        self._instruments.plugin_failed(plugin, hook)
         log.error("plugin failed", plugin=plugin, hook=hook, error=type(exc).__name__,
                   reason=str(exc), exc_info=exc)
         return PluginFailure(plugin, hook, f"{type(exc).__name__}: {exc}", exc)

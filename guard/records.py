@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 import structlog
+from opentelemetry.context import Context
 
 from guard.decision import Decision
 
@@ -22,9 +23,14 @@ _STOP = object()
 
 
 class RecordQueue:
-    """A bounded queue of decisions, drained by one daemon thread into ``deliver``."""
+    """A bounded queue of decisions, drained by one daemon thread into ``deliver``.
 
-    def __init__(self, deliver: Callable[[Decision], None], maxsize: int = 10_000) -> None:
+    Each decision travels with the trace context of its batch (None when it was not traced),
+    so that the sinks' spans join the batch's trace.
+    """
+
+    def __init__(self, deliver: Callable[[Decision, Context | None], None],
+                 maxsize: int = 10_000) -> None:
         self._deliver = deliver
         self._queue: queue.Queue[object] = queue.Queue(maxsize=maxsize)
         self.maxsize = maxsize
@@ -39,12 +45,12 @@ class RecordQueue:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def offer(self, decision: Decision) -> bool:
+    def offer(self, decision: Decision, trace_context: Context | None = None) -> bool:
         """Queue a decision without blocking; False (and counted) when full or closed."""
         with self._lock:  # so that nothing is queued behind the stop marker
             if not self._closed:
                 try:
-                    self._queue.put_nowait(decision)
+                    self._queue.put_nowait((decision, trace_context))
                     return True
                 except queue.Full:
                     pass
@@ -61,11 +67,12 @@ class RecordQueue:
             item = self._queue.get()
             if item is _STOP:
                 return
-            assert isinstance(item, Decision)
+            assert isinstance(item, tuple)
+            decision, trace_context = item
             try:
-                self._deliver(item)
+                self._deliver(decision, trace_context)
             except Exception:  # a sink bug must not stop later records
-                log.exception("record delivery failed", decision_id=item.decision_id)
+                log.exception("record delivery failed", decision_id=decision.decision_id)
             self.delivered += 1
 
     def close(self, timeout: float | None = None) -> None:

@@ -24,6 +24,7 @@ from guard import __version__, codec
 from guard.config import GuardConfig
 from guard.engine import Engine
 from guard.errors import GuardError, NotReady, status_code
+from guard.instrumentation import extract_context
 from guard.stream import PROTOCOL_VERSION, InspectStream, StreamEnded
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -68,17 +69,23 @@ class GuardServicer(pb_grpc.GuardServicer):
             engine = self._ready_engine()
         except NotReady as exc:
             context.abort(status_code(exc), str(exc))
-        stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer())
+        parent = None
+        if engine.instruments.tracer is not None:  # W3C trace context of the host's call
+            parent = extract_context(context.invocation_metadata())
+        stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
+                               parent)
         try:
             for request in request_iterator:
                 reply = stream.handle(request)
                 if reply is not None:
                     yield reply
+                    stream.after_reply()  # the reply is sent: telemetry costs no latency
         except StreamEnded as ended:
             log.info("stream ended by the guard", peer=stream.peer, code=ended.code.name,
                      reason=ended.details)
             context.abort(ended.code, ended.details)
         finally:
+            stream.close()
             counters = stream.counters
             log.info("stream closed", peer=stream.peer, mode=stream.mode,
                      batches=counters.batches, rows=counters.rows, rejected=counters.rejected,

@@ -21,13 +21,18 @@ Rules for bad input, as the README documents them:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextvars import Token
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
 from guard import codec
 from guard.decision import ActivationRows, Decision, Phase
@@ -40,6 +45,13 @@ from guard.errors import (
     TooLarge,
     public_message,
     status_code,
+)
+from guard.instrumentation import (
+    OTHER,
+    BatchError,
+    end_batch_span,
+    extract_context,
+    start_batch_span,
 )
 from guard.v1 import guard_pb2 as pb
 
@@ -70,20 +82,49 @@ class StreamCounters:
     counts_by_code: dict[str, int] = field(default_factory=dict)
 
 
-class InspectStream:
-    """Handles the messages of one Inspect stream, in order. Not shared between threads."""
+class _Answered(NamedTuple):
+    """A batch whose reply is built; its span and metrics wait for :meth:`after_reply`."""
 
-    def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "") -> None:
+    span: Span | None
+    end_time_ns: int
+    hook: str
+    rows: int
+    seconds: float
+    decision: Decision | None
+    error: BatchError | None
+    token_ids: Any
+
+
+class InspectStream:
+    """Handles the messages of one Inspect stream, in order. Not shared between threads.
+
+    Telemetry of a batch (ending its span, recording its metrics) is done by
+    :meth:`after_reply`, which the server calls once the reply is on its way: it costs the
+    host no latency. A caller that never calls it loses nothing: the next batch (or
+    :meth:`close`) does it.
+    """
+
+    def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "",
+                 trace_context: Context | None = None) -> None:
         self._engine = engine
         self._max_message_bytes = max_message_bytes
         self._config: pb.StreamConfig | None = None
         self._last_sequence: int | None = None
         self.peer = peer
         self.counters = StreamCounters()
+        self._instruments = engine.instruments
+        #: The parent of this stream's batch spans (from the call's gRPC metadata).
+        self._trace_context = trace_context
+        self._unsampled_parent = self._instruments.unsampled_parent(trace_context)
+        self._answered: _Answered | None = None
+        self._mode = "unset"
+        self._labels: dict[str, dict[str, str]] = {}
+        #: Telemetry work the engine left for after the reply (plugin call latencies).
+        self._deferred: list[Callable[[], object]] = []
 
     @property
     def mode(self) -> str:
-        return _MODES.get(self._config.mode, "unset") if self._config is not None else "unset"
+        return self._mode
 
     def handle(self, request: pb.InspectRequest) -> pb.InspectResponse | None:
         """Process one message; returns the reply (None for the config) or raises StreamEnded."""
@@ -130,6 +171,7 @@ class InspectStream:
             except GuardError as exc:
                 raise StreamEnded(exc) from exc
         self._config = config
+        self._mode = _MODES[config.mode]
         log.info(
             "stream configured",
             peer=self.peer,
@@ -141,21 +183,112 @@ class InspectStream:
         )
 
     def _inspect(self, batch: pb.ActivationBatch) -> pb.InspectResponse:
+        if self._answered is not None:
+            self.after_reply()
         self.counters.batches += 1
         started = time.perf_counter()
         skipped = 0
+        span: Span | None = None
+        token: Token[Context] | None = None
+        tracer = self._instruments.tracer
+        if tracer is not None:
+            span, token = self._start_span(tracer, batch)
+            if span is None:
+                tracer = None  # not sampled: no child spans, nothing to end
         try:
             skipped = self._check_sequence(batch.sequence)
-            rows = self._decode(batch)
+            if tracer is None:
+                rows = self._decode(batch)
+            else:
+                with tracer.start_as_current_span(
+                        "guard.decode", record_exception=False, set_status_on_exception=False):
+                    rows = self._decode(batch)
             timings = {"decode": time.perf_counter() - started}
-            decision = self._engine.inspect(rows, timings, started)
-        except GuardError as exc:
-            return self._reject(batch, exc, skipped)
-        except Exception as exc:  # a bug: the peer gets a generic message, the log the details
-            log.exception("batch failed", request_id=batch.request_id, sequence=batch.sequence)
-            return self._reject(batch, exc, skipped)
+            decision = self._engine.inspect(
+                rows, timings, started,
+                deferred=self._deferred if self._instruments.metering else None)
+        except Exception as exc:
+            if not isinstance(exc, GuardError):  # a bug: the peer gets a generic message
+                log.exception("batch failed", request_id=batch.request_id,
+                              sequence=batch.sequence)
+            reply = self._reject(batch, exc, skipped)
+            self._answer(span, started, batch, None, exc, reply.error)
+            return reply
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         self.counters.rows += len(batch.positions)
+        if span is not None or self._instruments.metering:
+            self._answer(span, started, batch, decision, None, None)
         return decision_to_proto(decision, skipped, batch.positions)
+
+    def _start_span(self, tracer: trace.Tracer, batch: pb.ActivationBatch
+                    ) -> tuple[Span | None, Token[Context]]:
+        """The batch's span (None when not sampled) and the token of its context, made
+        current even when not sampled: plugins' own spans then follow the same decision."""
+        parent, unsampled = self._trace_context, self._unsampled_parent
+        attributes = batch.attributes
+        if attributes and "traceparent" in attributes:  # a per-batch parent wins
+            parent = extract_context(dict(attributes)) or parent
+            unsampled = self._instruments.unsampled_parent(parent)
+        if unsampled and parent is not None:  # the host's "not sampled" stands: no span
+            return None, otel_context.attach(parent)
+        span = start_batch_span(tracer, parent, batch.request_id, batch.sequence, batch.hook,
+                                self._mode)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return (span if span.is_recording() else None), token
+
+    def _answer(self, span: Span | None, started: float, batch: pb.ActivationBatch,
+                decision: Decision | None, exc: BaseException | None,
+                error: pb.BatchError | None) -> None:
+        seconds = time.perf_counter() - started
+        rejected = None
+        if exc is not None and error is not None:
+            code = status_code(exc)
+            rejected = BatchError(code.name, error.code, error.message, exc)
+        token_ids = None
+        if span is not None and self._instruments.record_sensitive:
+            token_ids = list(batch.token_ids)
+        self._answered = _Answered(
+            span, time.time_ns() if span is not None else 0,
+            decision.hook if decision is not None else batch.hook,
+            len(decision.positions) if decision is not None else 0,
+            seconds, decision, rejected, token_ids)
+
+    def after_reply(self) -> None:
+        """End the last batch's span and record its metrics (after its reply was sent)."""
+        answered, self._answered = self._answered, None
+        if answered is None:
+            return
+        instruments = self._instruments
+        try:
+            deferred, self._deferred = self._deferred, []
+            for work in deferred:
+                work()
+            if answered.span is not None:
+                end_batch_span(answered.span, answered.end_time_ns, answered.decision,
+                               answered.error, answered.token_ids, instruments.record_sensitive)
+            if instruments.metering:
+                instruments.batch_measured(self._metric_labels(answered.hook), answered.rows,
+                                           answered.seconds, answered.decision, answered.error)
+        except Exception:  # telemetry must never end a stream
+            log.exception("batch telemetry failed", peer=self.peer)
+
+    def _metric_labels(self, hook: str) -> dict[str, str]:
+        labels = self._labels.get(hook)
+        if labels is None:
+            # A hook the guard does not serve is one label value: a peer cannot add series
+            # (nor grow this cache).
+            known = hook if hook in self._engine.hooks else OTHER
+            labels = self._labels.get(known)
+            if labels is None:
+                labels = self._labels[known] = {"guard.hook": known,
+                                                "guard.stream.mode": self._mode}
+        return labels
+
+    def close(self) -> None:
+        """Finish the telemetry of the last batch (the stream ended)."""
+        self.after_reply()
 
     def _check_sequence(self, sequence: int) -> int:
         last = self._last_sequence

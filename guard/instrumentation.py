@@ -1,0 +1,369 @@
+"""The guard's spans and metrics, written through the OpenTelemetry API only.
+
+``guard.telemetry`` sets up the SDK (exporters, sampler, the Prometheus endpoint) and hands
+its providers to :class:`Instruments`; without providers every method here is a no-op, and
+the hot path pays a few ``is None`` checks. Span attributes are built only for spans that
+record (``span.is_recording()``), so an unsampled batch costs one sampler call.
+
+Names: the per-batch span is ``guard.inspect`` (kind SERVER, ``rpc.*`` attributes as the
+gRPC instrumentation writes them), with children ``guard.decode``, ``guard.encode`` and one
+``guard.plugin.<hook>`` per plugin call; project attributes and metrics live under ``guard.``.
+Token ids and feature activations go into spans only with ``telemetry.record_sensitive``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, MeterProvider, NoOpMeterProvider, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+
+from guard import __version__
+from guard.decision import Action
+
+if TYPE_CHECKING:
+    from guard.decision import Decision
+
+#: Instrumentation scope of the guard's tracer and meter.
+SCOPE: Final = "guard"
+
+#: The decision id of the batch this thread (or the plugin worker running for it) is on;
+#: the log processor in ``guard.telemetry`` adds it to every log line.
+DECISION_ID: ContextVar[str] = ContextVar("guard_decision_id", default="")
+
+RPC_SERVICE: Final = "guard.v1.Guard"
+#: Stream-level attributes of every batch span (semantic conventions for gRPC servers).
+RPC_ATTRIBUTES: Final[Mapping[str, str]] = {
+    "rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": "Inspect",
+}
+#: Status codes that are the server's fault (the semantic conventions for gRPC server spans);
+#: every other code is the client's and leaves the span status unset.
+SERVER_FAULTS: Final = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
+                                  "UNAVAILABLE", "DATA_LOSS"})
+#: A hook name that the guard does not serve is counted under this value (bounded labels).
+OTHER: Final = "_OTHER"
+#: Latency buckets in seconds: 50 us to 5 s (the OpenTelemetry default buckets are for ms).
+LATENCY_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                          0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_ACTIONS: Final = {action: action.name.lower() for action in Action}
+_PLUGIN_SPAN_NAMES: Final = {"guard_detect": "guard.plugin.detect",
+                             "guard_steer": "guard.plugin.steer",
+                             "guard_record": "guard.plugin.record"}
+
+
+class EngineView(Protocol):
+    """What the observable instruments read from the engine (at collection time only)."""
+
+    @property
+    def hooks(self) -> Mapping[str, Any]: ...
+
+    @property
+    def plugins(self) -> dict[str, str]: ...
+
+    @property
+    def records(self) -> Any: ...
+
+
+def extract_context(carrier: Mapping[str, str] | Iterable[tuple[str, str | bytes]]
+                    ) -> Context | None:
+    """The W3C trace context (``traceparent``, ``tracestate``) in gRPC metadata or a map.
+
+    None when the carrier holds none, so that a span without a remote parent starts a trace.
+    """
+    items = carrier.items() if isinstance(carrier, Mapping) else carrier
+    headers = {key: value for key, value in items
+               if isinstance(value, str) and key in ("traceparent", "tracestate", "baggage")}
+    if "traceparent" not in headers:
+        return None
+    return propagate.extract(headers)
+
+
+class Instruments:
+    """The guard's tracer and metric instruments. Thread-safe.
+
+    ``tracer_provider`` None: no spans (``tracer`` is None); ``meter_provider`` None: no
+    metrics (``metering`` is False, and the instruments are no-ops).
+    ``sampler_follows_parent``: the provider's sampler never samples under a remote parent
+    that is not sampled (the ``parentbased_*`` samplers), so such a batch needs no span at all.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        *,
+        record_sensitive: bool = False,
+        sampler_follows_parent: bool = False,
+    ) -> None:
+        self.tracer: Tracer | None = (
+            None if tracer_provider is None
+            else tracer_provider.get_tracer(SCOPE, __version__)
+        )
+        self.record_sensitive = record_sensitive
+        self._follows_parent = sampler_follows_parent
+        self.metering = meter_provider is not None
+        self._engine: EngineView | None = None
+        self._lock = threading.Lock()
+        self._plugin_attributes: dict[tuple[str, str], dict[str, str]] = {}
+        meter = (meter_provider or NoOpMeterProvider()).get_meter(SCOPE, __version__)
+        # Per-batch counts are tallied here and read by observable counters when metrics are
+        # collected: an SDK measurement costs about 6 us, a tally a fraction of one.
+        self.batches = Tally("guard.hook", "guard.stream.mode", "error.type")
+        self.rows = Tally("guard.hook", "guard.stream.mode")
+        self.decisions = Tally("guard.hook", "guard.decision.action")
+        self.findings = Tally("guard.detector", "guard.finding.action")
+        self.batch_duration = meter.create_histogram(
+            "guard.batch.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+            description="Time from a batch's arrival to its reply (decode, encode, plugins, "
+                        "decision)")
+        self.encode_duration = meter.create_histogram(
+            "guard.encode.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+            description="SAE encode time per batch")
+        self.plugin_duration = meter.create_histogram(
+            "guard.plugin.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+            description="Time of one plugin's hook call")
+        self.plugin_errors = meter.create_counter(
+            "guard.plugin.errors", unit="{error}",
+            description="Plugin hook calls that raised or returned a malformed result")
+        self.plugin_timeouts = meter.create_counter(
+            "guard.plugin.timeouts", unit="{timeout}",
+            description="Batches whose plugins overran plugins.timeout_ms, by the plugin "
+                        "running at the time")
+        if self.metering:
+            meter.create_observable_counter(
+                "guard.batches", [self.batches.observe], unit="{batch}",
+                description="Batches inspected, by hook and stream mode; error.type names the "
+                            "status of a rejected batch")
+            meter.create_observable_counter(
+                "guard.rows", [self.rows.observe], unit="{row}",
+                description="Activation rows inspected")
+            meter.create_observable_counter(
+                "guard.decisions", [self.decisions.observe], unit="{decision}",
+                description="Decisions, by action")
+            meter.create_observable_counter(
+                "guard.findings", [self.findings.observe], unit="{finding}",
+                description="Findings, by detector and action")
+            meter.create_observable_counter(
+                "guard.records.dropped", [self._dropped], unit="{record}",
+                description="Decision records dropped because the record queue was full")
+            meter.create_observable_counter(
+                "guard.records.delivered", [self._delivered], unit="{record}",
+                description="Decision records handed to the sinks")
+            meter.create_observable_gauge(
+                "guard.records.queue_depth", [self._queue_depth], unit="{record}",
+                description="Decision records waiting for the sinks")
+            meter.create_observable_gauge(
+                "guard.sae.info", [self._sae_info],
+                description="1 per served SAE, labelled with its hook, execution provider, "
+                            "architecture, weight dtype and sha256")
+            meter.create_observable_gauge(
+                "guard.plugin.info", [self._plugin_info],
+                description="1 per loaded plugin, labelled with its name and version")
+
+    # -- wiring -----------------------------------------------------------------------
+
+    def watch(self, engine: EngineView) -> None:
+        """Read queue depth, drops, SAEs and plugins from this engine when metrics are collected."""
+        self._engine = engine
+
+    def _dropped(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        return [] if engine is None else [Observation(engine.records.dropped)]
+
+    def _delivered(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        return [] if engine is None else [Observation(engine.records.delivered)]
+
+    def _queue_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        return [] if engine is None else [Observation(engine.records.depth)]
+
+    def _sae_info(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        if engine is None:
+            return []
+        return [
+            Observation(1, {"guard.hook": hook,
+                            "guard.sae.execution_provider": runtime.execution_provider,
+                            "guard.sae.architecture": runtime.info.architecture,
+                            "guard.sae.weight_dtype": runtime.info.weight_dtype,
+                            "guard.sae.sha256": runtime.info.sha256})
+            for hook, runtime in sorted(engine.hooks.items())
+        ]
+
+    def _plugin_info(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        if engine is None:
+            return []
+        return [Observation(1, {"guard.plugin.name": name, "guard.plugin.version": version})
+                for name, version in engine.plugins.items()]
+
+    def unsampled_parent(self, parent: Context | None) -> bool:
+        """True when the sampler would drop a span under ``parent``: start none (cheaper)."""
+        if not self._follows_parent or parent is None:
+            return False
+        span_context = trace.get_current_span(parent).get_span_context()
+        return span_context.is_remote and not span_context.trace_flags.sampled
+
+    # -- plugins ----------------------------------------------------------------------
+
+    def plugin_span(self, hook: str, plugin: str, version: str) -> Span | None:
+        """A started span for one plugin call under the current span, if that one records."""
+        tracer = self.tracer
+        if tracer is None or not trace.get_current_span().is_recording():
+            return None
+        return tracer.start_span(_PLUGIN_SPAN_NAMES.get(hook, f"guard.plugin.{hook}"),
+                                 attributes={"guard.plugin.name": plugin,
+                                             "guard.plugin.version": version})
+
+    def plugin_called(self, plugin: str, hook: str, seconds: float) -> None:
+        if self.metering:
+            self.plugin_duration.record(seconds, self._plugin_labels(plugin, hook))
+
+    def plugin_calls(self, calls: Iterable[tuple[str, str, float]]) -> None:
+        """Record (plugin, hook, seconds) of several calls."""
+        for plugin, hook, seconds in calls:
+            self.plugin_called(plugin, hook, seconds)
+
+    def plugin_failed(self, plugin: str, hook: str) -> None:
+        if self.metering:
+            self.plugin_errors.add(1, self._plugin_labels(plugin, hook))
+
+    def plugin_overran(self, plugin: str) -> None:
+        if self.metering:
+            self.plugin_timeouts.add(1, {"guard.plugin.name": plugin})
+
+    def _plugin_labels(self, plugin: str, hook: str) -> dict[str, str]:
+        labels = self._plugin_attributes.get((plugin, hook))
+        if labels is None:  # built once per plugin and hook: no dict per call
+            labels = {"guard.plugin.name": plugin, "guard.plugin.hook": hook}
+            with self._lock:
+                self._plugin_attributes[(plugin, hook)] = labels
+        return labels
+
+    # -- batches ----------------------------------------------------------------------
+
+    def batch_measured(self, labels: Mapping[str, str], rows: int, seconds: float,
+                       decision: Decision | None, error: BatchError | None) -> None:
+        """Count one batch (``labels``: hook and mode) and its decision, or its error."""
+        hook, mode = labels["guard.hook"], labels["guard.stream.mode"]
+        if error is not None:
+            self.batches.add((hook, mode, error.code))
+            return
+        self.batches.add((hook, mode, ""))
+        self.rows.add((hook, mode), rows)
+        self.batch_duration.record(seconds, labels)
+        if decision is None:
+            return
+        encode = decision.timings.get("encode")
+        if encode is not None:
+            self.encode_duration.record(encode, {"guard.hook": hook})
+        self.decisions.add((hook, _ACTIONS[decision.action]))
+        for finding in decision.findings:
+            self.findings.add((finding.detector, finding.action))
+
+
+class Tally:
+    """Cumulative counts by label values, cheap to add to; an observable counter reads them.
+
+    An empty label value leaves that attribute out (``error.type`` of a batch that passed).
+    """
+
+    def __init__(self, *names: str) -> None:
+        self._names = names
+        self._counts: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, values: tuple[str, ...], amount: int = 1) -> None:
+        with self._lock:
+            self._counts[values] = self._counts.get(values, 0) + amount
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            counts = list(self._counts.items())
+        return [Observation(count, {name: value for name, value in zip(self._names, values,
+                                                                       strict=True) if value})
+                for values, count in counts]
+
+
+class BatchError(NamedTuple):
+    """Why a batch got an error reply: the status (name and number) and the peer's message."""
+
+    code: str
+    number: int
+    message: str
+    exception: BaseException
+
+
+def start_batch_span(tracer: Tracer, parent: Context | None, request_id: str, sequence: int,
+                     hook: str, mode: str) -> Span:
+    """The ``guard.inspect`` span of one batch (attributes only when it records)."""
+    span = tracer.start_span("guard.inspect", parent, SpanKind.SERVER, RPC_ATTRIBUTES)
+    if span.is_recording():
+        span.set_attributes({"guard.request_id": request_id, "guard.sequence": sequence,
+                             "guard.hook": hook, "guard.stream.mode": mode})
+    return span
+
+
+def end_batch_span(span: Span, end_time_ns: int, decision: Decision | None,
+                   error: BatchError | None, token_ids: Sequence[int] | None,
+                   record_sensitive: bool) -> None:
+    """Put the decision (or the error) on a batch span and end it at ``end_time_ns``."""
+    if decision is not None:
+        decision_attributes(span, decision, record_sensitive)
+        span.set_attribute("rpc.grpc.status_code", 0)
+    elif error is not None:
+        span.set_attributes({"rpc.grpc.status_code": error.number,
+                             "guard.error.message": error.message})
+        if error.code in SERVER_FAULTS:
+            span.record_exception(error.exception)
+            span.set_status(Status(StatusCode.ERROR, error.code))
+    if record_sensitive and token_ids is not None:
+        span.set_attribute("guard.token_ids", [int(t) for t in token_ids])
+    span.end(end_time_ns)
+
+
+def decision_attributes(span: Span, decision: Decision, record_sensitive: bool) -> None:
+    """The decision as attributes of the batch span, one ``guard.finding`` event per finding."""
+    attributes: dict[str, Any] = {
+        "guard.decision.id": decision.decision_id,
+        "guard.decision.action": decision.action.name.lower(),
+        "guard.rows": len(decision.positions),
+        "guard.phase": decision.phase.name.lower(),
+        "guard.sae.sha256": decision.sae_sha256,
+        "guard.plugin.names": [p.name for p in decision.plugins],
+        "guard.plugin.versions": [p.version for p in decision.plugins],
+        "guard.finding.count": len(decision.findings),
+    }
+    if decision.details:
+        attributes["guard.decision.details"] = decision.details
+    if decision.findings:
+        attributes["guard.decision.detectors"] = sorted({f.detector for f in decision.findings})
+    if decision.plugin_errors:
+        attributes["guard.decision.plugin_errors"] = list(decision.plugin_errors)
+    if decision.edits:
+        attributes["guard.steering.feature_ids"] = sorted({int(e.feature_id)
+                                                           for e in decision.edits})
+    span.set_attributes(attributes)
+    for finding in decision.findings:
+        event: dict[str, Any] = {
+            "guard.detector": finding.detector,
+            "guard.finding.score": float(finding.score),
+            "guard.finding.threshold": float(finding.threshold),
+            "guard.finding.action": finding.action,
+            "guard.finding.plugin": finding.plugin,
+            "guard.feature.ids": [int(f) for f in finding.feature_ids],
+            "guard.feature.labels": list(finding.feature_labels),
+            "guard.finding.positions": [int(p) for p in finding.positions],
+        }
+        if finding.message:
+            event["guard.finding.message"] = finding.message
+        if record_sensitive:
+            event["guard.feature.activations"] = [float(v) for v in finding.feature_activations]
+        span.add_event("guard.finding", event)
+
