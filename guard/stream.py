@@ -220,7 +220,8 @@ class InspectStream:
         self.counters.rows += len(batch.positions)
         if span is not None or self._instruments.metering:
             self._answer(span, started, batch, decision, None, None)
-        return decision_to_proto(decision, skipped, batch.positions)
+        return decision_to_proto(decision, skipped, batch.positions,
+                                 delta_datatype=batch.activations.datatype)
 
     def _start_span(self, tracer: trace.Tracer, batch: pb.ActivationBatch
                     ) -> tuple[Span | None, Token[Context]]:
@@ -393,9 +394,15 @@ def _enum_name(enum: Any, value: int) -> str:
 
 
 def decision_to_proto(
-    decision: Decision, skipped_sequences: int = 0, positions: Iterable[int] | None = None
+    decision: Decision, skipped_sequences: int = 0, positions: Iterable[int] | None = None,
+    *, delta_datatype: str = "F32",
 ) -> pb.InspectResponse:
-    """The wire form of a decision; ``positions`` may pass the request's own field (faster)."""
+    """The wire form of a decision; ``positions`` may pass the request's own field (faster).
+
+    Steering deltas travel in the batch's own datatype (``delta_datatype``): the host adds
+    them to a residual of that dtype, and an F16 batch's reply then stays as small as the
+    batch (an F32 delta would be twice the size and could exceed the message limit).
+    """
     response = pb.InspectResponse(
         request_id=decision.request_id,
         sequence=decision.sequence,
@@ -420,8 +427,8 @@ def decision_to_proto(
             message=finding.message,
         )
     for steering in decision.steering:
-        shape, raw = codec.encode(steering.delta, "F32")
+        shape, raw = codec.encode(steering.delta, delta_datatype)
         response.steering.add(
-            hook=steering.hook, delta=pb.Tensor(datatype="F32", shape=shape, raw=raw)
+            hook=steering.hook, delta=pb.Tensor(datatype=delta_datatype, shape=shape, raw=raw)
         )
     return response

@@ -300,3 +300,19 @@ def test_separate_health_listener(tmp_path: Path, sae_dir: Path) -> None:
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("datatype", ["F32", "F16", "BF16"])
+def test_steering_deltas_travel_in_the_batch_datatype(datatype: str) -> None:
+    from guard import codec
+    from guard.decision import Action, Decision, Steering
+    from guard.stream import decision_to_proto
+
+    delta = np.array([[0.5, -1.25, 2.0]], dtype=np.float32)
+    decision = Decision("d1", Action.STEER, "req", 1, HOOK, np.array([4]),
+                        steering=(Steering(HOOK, delta),))
+    reply = decision_to_proto(decision, delta_datatype=datatype)
+    (steering,) = reply.steering
+    assert steering.delta.datatype == datatype
+    decoded = codec.decode(datatype, steering.delta.shape, steering.delta.raw)
+    np.testing.assert_array_equal(decoded, delta)  # these values are exact in every dtype
