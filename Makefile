@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint typecheck unit protos run bench clean
+.PHONY: install test lint typecheck unit protos run demo bench clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -39,10 +39,17 @@ protos: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/guard serve
 
+## make demo: the sidecar and a guarded SmolLM2 chat server, scripted prompts, then both
+## stay up for you to try (DEMO_ARGS=--once stops after the script).
+demo: $(STAMP)
+	$(VENV)/bin/guard demo $(DEMO_ARGS)
+
 ## make bench: the benchmarks in bench/ (installs the CPU torch wheel for references).
 bench: $(STAMP)
 	$(PY) -m bench.transport
+	$(PY) -m bench.tracing
 	$(PY) bench/sae_encode.py
+	$(PY) -m bench.host_overhead
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
