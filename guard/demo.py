@@ -229,6 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
         finally:
             http.shutdown()
+            http.server_close()
             client.close()
 
 
@@ -248,6 +249,7 @@ def cmd_demo_serve(args: argparse.Namespace) -> int:
                 pass
     finally:
         http.shutdown()
+        http.server_close()
         client.close()
     return 0
 

@@ -508,6 +508,9 @@ def _defer(deferred: list[Callable[[], object]] | None, work: Callable[[], objec
         deferred.append(work)
 
 
+_DETAIL_FEATURES = 6
+
+
 def _describe_finding(finding: Finding) -> str:
     features = ""
     if finding.feature_ids:
@@ -515,7 +518,10 @@ def _describe_finding(finding: Finding) -> str:
                  for i, label in zip(finding.feature_ids,
                                      finding.feature_labels or ("",) * len(finding.feature_ids),
                                      strict=False)]
-        features = f" on features {', '.join(named)}"
+        # The reply's details are for humans: the full list is in the finding itself.
+        shown = ", ".join(named[:_DETAIL_FEATURES])
+        more = len(named) - _DETAIL_FEATURES
+        features = f" on features {shown}" + (f" and {more} more" if more > 0 else "")
     text = (f"detector {finding.detector} fired: score {finding.score:.4g} >= threshold "
             f"{finding.threshold:.4g}{features}")
     return f"{text}: {finding.message}" if finding.message else text
