@@ -90,7 +90,12 @@ class HookRuntime:
 
     @property
     def execution_provider(self) -> str:
-        return self.encoder.execution_provider if self.encoder is not None else "none"
+        """The provider the encoder runs on; with no encoder (nothing subscribed), the one
+        it would use, marked idle."""
+        if self.encoder is not None:
+            return self.encoder.execution_provider
+        planned = self.sae.providers[0] if self.sae.providers else "unknown"
+        return f"{planned} (idle: no feature subscribed)"
 
     def directions(self, feature_ids: Sequence[int]) -> NDArray[np.float32]:
         """Decoder rows of these features, cached so the full decoder stays off the hot path."""
