@@ -56,8 +56,8 @@ from bench.transport import (
     _record,
     guard_command,
     run_cases,
-    wait_serving,
 )
+from guard.demo import wait_serving
 from guard.v1 import guard_pb2
 from tests.otlp_receiver import OtlpReceiver
 from tests.sae_fixtures import write_saelens

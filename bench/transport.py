@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._stats import LatencySummary, machine, markdown_table, summarize
 from bench.echo import FLAVOURS, MAX_MESSAGE_BYTES, SERVER_OPTIONS, Flavour, echo_process
+from guard.demo import wait_serving
 from guard.v1 import guard_pb2, guard_pb2_grpc
 from tests.sae_fixtures import write_saelens
 
@@ -247,32 +247,6 @@ def guard_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)]
 
 
-def _tail(log: Path, chars: int = 4000) -> str:
-    return log.read_text(encoding="utf-8", errors="replace")[-chars:]
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll the standard health service (server-wide status) until SERVING."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer"
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"guard serve exited with code {process.returncode} before "
-                                   f"it was ready; the end of its log:\n{_tail(log)}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.RpcError as error:
-                last = str(error.code())
-            time.sleep(0.1)
-    raise TimeoutError(f"guard serve at {address} not SERVING after {READY_TIMEOUT_S:.0f} s "
-                       f"(last health answer: {last}); the end of its log:\n{_tail(log)}")
-
-
 @contextlib.contextmanager
 def guard_process(workdir: Path) -> Iterator[str]:
     """Start `guard serve`, wait until it is SERVING, yield its address; SIGTERM at the end."""
@@ -284,7 +258,7 @@ def guard_process(workdir: Path) -> Iterator[str]:
                                    stderr=subprocess.STDOUT)
     try:
         started = time.monotonic()
-        wait_serving(address, process, log)
+        wait_serving(address, process, log, READY_TIMEOUT_S)
         print(f"  guard serve SERVING after {time.monotonic() - started:.1f} s", file=sys.stderr)
         yield address
     finally:
@@ -297,7 +271,7 @@ def guard_process(workdir: Path) -> Iterator[str]:
                 code = process.wait()
             if code != 0:
                 print(f"  guard serve exited with code {code} after SIGTERM; the end of its "
-                      f"log:\n{_tail(log)}", file=sys.stderr)
+                      f"log:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
 
 
 def measure_guard(workdir: Path, echo_flavour: Flavour, rounds: int, scale: float) -> list[Case]:

@@ -68,24 +68,34 @@ def demo_config(state: Path, socket: Path) -> Path:
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
                  timeout: float = 120.0) -> None:
+    """Poll the guard's health service until SERVING; SystemExit with the end of its log
+    when the process exits first or the timeout passes. Used by the demo and the benches."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"guard serve exited with {process.returncode}; its log "
-                             f"({log}):\n{log.read_text()[-3000:]}")
-        with grpc.insecure_channel(address) as channel:
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"guard serve exited with {process.returncode} before it was "
+                                 f"ready; the end of its log ({log}):\n{_tail(log)}")
             try:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1).status
-            except grpc.RpcError:
-                status = None
-        if status == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"guard serve did not report SERVING within {timeout:g} s; see {log}")
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError as error:
+                last = str(error.code())
+            else:
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            time.sleep(0.1)
+    raise SystemExit(f"guard serve at {address} not SERVING after {timeout:g} s (last health "
+                     f"answer: {last}); the end of its log ({log}):\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
 
 @contextlib.contextmanager
