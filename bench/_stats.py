@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -61,3 +62,20 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
         "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
         for line in lines
     )
+
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_section(name: str, body: str, results: Path = RESULTS) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of RESULTS.md with
+    ``body`` (appended at the end when the block is not there yet). Other sections are kept."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = results.read_text(encoding="utf-8") if results.exists() else ""
+    if begin in text and end in text:
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + block + text[stop:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results.write_text(text, encoding="utf-8")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._stats import machine
+from bench._stats import machine, write_section
 from tests.sae_fixtures import write_saelens
 
 HOOK = "blocks.15.hook_resid_post"
@@ -32,7 +31,6 @@ PROMPTS = [
     "Give me three tips for a job interview.",
     "What is the boiling point of water at sea level?",
 ]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 OUT = Path(__file__).resolve().parent / "out" / "host_overhead.json"
 
 
@@ -144,17 +142,14 @@ def main(argv: list[str] | None = None) -> None:
                                                    verdict_counts.items()}}, indent=2))
     if args.write_results:
         section = (
-            "<!-- host_overhead:begin -->\n## Host overhead (`bench/host_overhead.py`)\n\n"
+            "## Host overhead (`bench/host_overhead.py`)\n\n"
             f"SmolLM2-135M-Instruct on the CPU, greedy, {len(PROMPTS)} chat prompts x "
             f"{args.tokens} new tokens per round, {args.rounds} interleaved rounds; the guard "
             "is a real `guard serve` on a Unix socket encoding 32 features of a 576x4608 SAE "
             f"on `{HOOK}` with a threshold detector and the decision log on. Run on "
-            f"{time.strftime('%Y-%m-%d')}.\n\n{text}\n<!-- host_overhead:end -->"
+            f"{time.strftime('%Y-%m-%d')}.\n\n{text}\n"
         )
-        current = RESULTS.read_text()
-        pattern = re.compile(r"<!-- host_overhead:begin -->.*<!-- host_overhead:end -->", re.S)
-        RESULTS.write_text(pattern.sub(section, current) if pattern.search(current)
-                           else current.rstrip() + "\n\n" + section + "\n")
+        write_section("host_overhead", section)
 
 
 if __name__ == "__main__":

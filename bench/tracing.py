@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench._stats import machine, markdown_table
+from bench._stats import machine, markdown_table, write_section
 from bench.transport import (
     HOOKS,
     REPO_ROOT,
@@ -63,8 +63,6 @@ from tests.otlp_receiver import OtlpReceiver
 from tests.sae_fixtures import write_saelens
 
 OUT = Path(__file__).resolve().parent / "out" / "tracing.json"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN, END = "<!-- tracing:begin -->", "<!-- tracing:end -->"
 D_IN = 576
 D_SAE = 4608
 PAYLOADS = (Payload(1, D_IN), Payload(64, D_IN))
@@ -271,17 +269,6 @@ def in_process_table(results: list[InProcess]) -> str:
 # -- output -----------------------------------------------------------------------------------
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text:
-        start, end = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the round trips per round (0.1 for a smoke run)")
     parser.add_argument("--write-results", action="store_true",
-                        help=f"replace the tracing section of {RESULTS.name}")
+                        help="replace the tracing section of bench/RESULTS.md")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()[0]
@@ -321,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n### Round trips (ms)\n\n{trips}\n\n{notes}\n\n### In process\n\n{in_proc}\n\n"
           f"{reading}\n", flush=True)
     if args.write_results:
-        write_results(section(args, trips, notes, in_proc, reading, elapsed))
+        write_section("tracing", section(args, trips, notes, in_proc, reading, elapsed))
     print(f"raw results: {os.path.relpath(OUT)}")
 
 
