@@ -111,7 +111,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from guard.v1 import guard_pb2 as pb
     from guard.v1 import guard_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = _describe_channel(args)
+    except ValueError as exc:  # the option and what was wrong with it
+        print(f"guard describe: --{str(exc).replace('root_ca', 'ca')}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb_grpc.GuardStub(channel)
         try:
             reply = stub.Describe(pb.DescribeRequest(), timeout=args.timeout)
@@ -126,6 +131,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
         return 0
     print(format_description(reply, args.target))
     return 0
+
+
+def _describe_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS when --tls, --ca, --cert or --key is given (mutual TLS with both
+    --cert and --key)."""
+    if not (args.tls or args.ca or args.cert or args.key):
+        return grpc.insecure_channel(args.target)
+    from guard.host import tls_credentials
+
+    return grpc.secure_channel(args.target, tls_credentials(args.ca, args.cert, args.key))
 
 
 def format_description(reply: object, target: str) -> str:
@@ -189,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_LISTEN})")
     describe.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     describe.add_argument("--json", action="store_true", help="print the reply as JSON")
+    describe.add_argument("--tls", action="store_true",
+                          help="use TLS (implied by --ca, --cert and --key); without --ca the "
+                          "system's root CAs verify the guard")
+    describe.add_argument("--ca", metavar="FILE",
+                          help="PEM CA that signed the guard's certificate (server.tls)")
+    describe.add_argument("--cert", metavar="FILE",
+                          help="PEM client certificate, for mutual TLS (server.tls."
+                          "client_ca_file); with --key")
+    describe.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
     describe.set_defaults(func=cmd_describe)
 
     config = commands.add_parser("config", help="configuration tools",

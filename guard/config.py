@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,7 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
     "GUARD_LISTEN": ("server", "listen"),
     "GUARD_TCP_LISTEN": ("server", "tcp_listen"),
     "GUARD_HEALTH_LISTEN": ("server", "health_listen"),
+    "GUARD_SOCKET_MODE": ("server", "socket_mode"),
     "GUARD_LOG_LEVEL": ("logging", "level"),
     "GUARD_LOG_FORMAT": ("logging", "format"),
     "GUARD_METRICS_LISTEN": ("telemetry", "metrics_listen"),
@@ -39,6 +41,50 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
 
 _HOOK_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+#: Permissions of the guard's Unix socket: owner and group may connect, nobody else.
+DEFAULT_SOCKET_MODE: Final = 0o660
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the TCP listeners (``server.listen`` when it is host:port, ``server.tcp_listen``).
+
+    The Unix socket never uses TLS: it stays in the pod, guarded by its file permissions. The
+    health-only listener (``server.health_listen``) stays plaintext for the kubelet's probes.
+    """
+
+    #: PEM certificate (chain) the guard presents; set with ``key_file`` to serve TLS.
+    cert_file: Path | None = None
+    #: PEM private key of ``cert_file`` (unencrypted: gRPC takes no passphrase).
+    key_file: Path | None = None
+    #: PEM CA bundle; when set, clients must present a certificate signed by it (mutual TLS).
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
+
+
+@dataclass(frozen=True)
+class SharedMemoryConfig:
+    """``server.shared_memory``: regions a host may register on its streams (Triton's system
+    shared memory); the checks each region passes are in :mod:`guard.shm`."""
+
+    #: Accept regions at all; off, a StreamConfig that registers one ends its stream.
+    enabled: bool = False
+    #: Absolute folders the region files must lie in (memory-backed volumes: /dev/shm, an
+    #: emptyDir with medium Memory mounted in both containers).
+    allowed_dirs: tuple[str, ...] = ("/dev/shm",)
+    #: Owners accepted besides the guard's own uid (a host container running as another user).
+    allowed_uids: tuple[int, ...] = ()
+    #: Regions one stream may register.
+    max_regions_per_stream: int = 4
 
 
 @dataclass(frozen=True)
@@ -59,6 +105,14 @@ class ServerConfig:
     max_concurrent_rpcs: int = 64
     #: Serve gRPC server reflection (``grpcurl list``).
     reflection: bool = True
+    #: Permissions of the Unix socket file (in YAML an octal string such as ``'0660'``).
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    #: Group given the Unix socket (a name or a number); empty: the guard's own group.
+    socket_group: str = ""
+    #: TLS (and mutual TLS) on the TCP listeners; off unless ``cert_file`` is set.
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: The in-pod shared-memory transport (opt-in); see :mod:`guard.shm`.
+    shared_memory: SharedMemoryConfig = field(default_factory=SharedMemoryConfig)
 
 
 @dataclass(frozen=True)
@@ -236,10 +290,20 @@ def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) 
             "max_concurrent_rpcs", positive_int, defaults.max_concurrent_rpcs
         ),
         reflection=server_section.get("reflection", boolean, defaults.reflection),
+        socket_mode=server_section.get("socket_mode", _socket_mode(source),
+                                       defaults.socket_mode),
+        socket_group=server_section.get("socket_group", _socket_group(source),
+                                        defaults.socket_group),
+        tls=_tls_section(server_section.get("tls", lambda k, v: v, None), source, base_dir),
+        shared_memory=_shared_memory_section(
+            server_section.get("shared_memory", lambda k, v: v, None), source),
     )
     server_section.finish()
     if not server.listen:
         raise fail("server.listen", "an address (unix:///path or host:port)", server.listen)
+    if server.tls.enabled and server.listen.startswith("unix:") and not server.tcp_listen:
+        raise fail("server.tcp_listen", "a TCP listener (host:port) for server.tls to secure "
+                   "(the Unix socket never uses TLS)", server.tcp_listen)
 
     log_section = _Section(top.get("logging", lambda k, v: v, None), "logging", source)
     logging_config = LoggingConfig(
@@ -317,6 +381,135 @@ def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) 
         server=server, logging=logging_config, saes=tuple(saes), plugins=plugins,
         telemetry=telemetry, source=source,
     )
+
+
+def _socket_mode(source: str) -> Callable[[str, object], int]:
+    def check(key: str, value: object) -> int:
+        # Only strings: YAML 1.1 reads an unquoted 0660 as octal but 660 as decimal.
+        text = value.strip().lower() if isinstance(value, str) else ""
+        if re.fullmatch(r"(0o?)?[0-7]{3}", text):
+            return int(text.removeprefix("0o"), 8)
+        raise ConfigError(key, "a quoted octal permission string such as '0660' (owner and "
+                          "group) or '0600' (owner only)", value, source=source)
+
+    return check
+
+
+def _socket_group(source: str) -> Callable[[str, object], str]:
+    def check(key: str, value: object) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        if isinstance(value, str) and re.fullmatch(r"([A-Za-z_][\w.\-]*\$?|\d+)?", value):
+            return value
+        raise ConfigError(key, "a group name or a numeric group id ('' for the guard's own "
+                          "group)", value, source=source)
+
+    return check
+
+
+def _tls_section(data: object, source: str, base_dir: Path | None) -> TlsConfig:
+    """``server.tls``: both halves of the key pair, every file readable PEM, and the key
+    matching the certificate (checked with the ssl module, so a bad pair is reported here
+    rather than by gRPC's bind)."""
+
+    def fail(key: str, expected: str, found: object) -> ConfigError:
+        return ConfigError(key, expected, found, source=source)
+
+    def file_path(key: str, value: object) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise fail(key, "the path of a PEM file", value)
+        path = Path(os.path.expanduser(value.strip()))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return path
+
+    section = _Section(data, "server.tls", source)
+    cert = section.get("cert_file", file_path, None)
+    key = section.get("key_file", file_path, None)
+    client_ca = section.get("client_ca_file", file_path, None)
+    section.finish()
+    if cert is None and key is None and client_ca is None:
+        return TlsConfig()
+    if cert is None:
+        needed_by = "server.tls.key_file" if key is not None else "server.tls.client_ca_file"
+        raise fail("server.tls.cert_file", f"the server's PEM certificate ({needed_by} is set; "
+                   "TLS needs cert_file and key_file together)", None)
+    if key is None:
+        raise fail("server.tls.key_file", "the PEM private key of server.tls.cert_file (TLS "
+                   "needs cert_file and key_file together)", None)
+
+    def read(name: str, path: Path, marker: bytes, what: str) -> bytes:
+        full = f"server.tls.{name}"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise fail(full, f"a readable {what}", f"{path} ({exc.strerror})") from exc
+        if marker not in data:
+            raise fail(full, f"a {what} (with a '-----BEGIN ...' line)", str(path))
+        return data
+
+    read("cert_file", cert, b"-----BEGIN CERTIFICATE-----", "PEM certificate file")
+    key_pem = read("key_file", key, b"PRIVATE KEY-----", "PEM private key file")
+    if b"ENCRYPTED" in key_pem:
+        raise fail("server.tls.key_file", "an unencrypted PEM private key (gRPC takes no "
+                   "passphrase)", str(key))
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:
+        raise fail("server.tls.key_file", f"the private key of the certificate in {cert}",
+                   f"{key} ({exc.reason or exc})") from exc
+    if client_ca is not None:
+        read("client_ca_file", client_ca, b"-----BEGIN CERTIFICATE-----",
+             "PEM CA certificate file")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise fail("server.tls.client_ca_file", "a PEM bundle of CA certificates",
+                       f"{client_ca} ({exc.reason or exc})") from exc
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+
+
+def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
+    """``server.shared_memory``: absolute folders, numeric uids, a positive region count."""
+
+    def fail(key: str, expected: str, found: object) -> ConfigError:
+        return ConfigError(key, expected, found, source=source)
+
+    def boolean(key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise fail(key, "true or false", value)
+        return value
+
+    def folders(key: str, value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise fail(key, "a non-empty list of absolute folder paths", value)
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not os.path.isabs(item) or ".." in Path(item).parts:
+                raise fail(f"{key}[{index}]", "an absolute folder path without '..'", item)
+        return tuple(os.path.normpath(item) for item in value)
+
+    def uids(key: str, value: object) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise fail(key, "a list of numeric user ids (integers >= 0)", value)
+        return tuple(cast(list[int], value))
+
+    def positive_int(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise fail(key, "a positive integer", value)
+        return value
+
+    section = _Section(data, "server.shared_memory", source)
+    defaults = SharedMemoryConfig()
+    config = SharedMemoryConfig(
+        enabled=section.get("enabled", boolean, defaults.enabled),
+        allowed_dirs=section.get("allowed_dirs", folders, defaults.allowed_dirs),
+        allowed_uids=section.get("allowed_uids", uids, defaults.allowed_uids),
+        max_regions_per_stream=section.get("max_regions_per_stream", positive_int,
+                                           defaults.max_regions_per_stream),
+    )
+    section.finish()
+    return config
 
 
 def _plugins_section(data: object, source: str) -> PluginsConfig:

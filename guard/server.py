@@ -3,11 +3,19 @@
 Sync grpcio with a thread per RPC: bench/RESULTS.md has the sync-versus-asyncio numbers that
 chose it. The health service reports NOT_SERVING until the engine (SAEs, and later
 plugins) is loaded, and again as soon as a drain begins.
+
+Security: the Unix socket is created with ``server.socket_mode`` (0660) under a process umask
+set around the bind, so it is never connectable by others, not even for an instant; a folder
+the guard creates for it is 0750. TCP listeners serve TLS, or mutual TLS, when
+``server.tls`` is set (plaintext TCP stays allowed, with a warning off loopback); the
+health-only listener stays plaintext for the kubelet's gRPC probes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
+import ipaddress
 import os
 import stat
 import threading
@@ -21,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guard import __version__, codec
-from guard.config import GuardConfig
+from guard.config import GuardConfig, ServerConfig
 from guard.engine import Engine
 from guard.errors import GuardError, NotReady, status_code
 from guard.instrumentation import extract_context
@@ -49,6 +57,52 @@ def socket_path(address: str) -> Path | None:
     return Path(rest[2:] if rest.startswith("//") else rest)
 
 
+def is_loopback(address: str) -> bool:
+    """True for a TCP ``host:port`` on loopback (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or empty (every interface)
+
+
+def server_credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
+    """gRPC credentials of ``server.tls`` (None when TLS is off); client certificates are
+    required and verified against ``client_ca_file`` when it is set."""
+    tls = server.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    try:
+        key, cert = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
+        client_ca = None if tls.client_ca_file is None else tls.client_ca_file.read_bytes()
+    except OSError as exc:
+        raise ListenError(f"server.tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """The process umask set to ``mask`` for the block (process-wide: used only around the
+    bind, before the engine's threads exist)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(f"server.socket_group: no group named {group!r}") from None
+
+
 class GuardServicer(pb_grpc.GuardServicer):
     """Serves guard.v1.Guard; answers UNAVAILABLE until an engine is set."""
 
@@ -73,7 +127,7 @@ class GuardServicer(pb_grpc.GuardServicer):
         if engine.instruments.tracer is not None:  # W3C trace context of the host's call
             parent = extract_context(context.invocation_metadata())
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
-                               parent)
+                               parent, shared_memory=self._config.server.shared_memory)
         try:
             for request in request_iterator:
                 reply = stream.handle(request)
@@ -105,6 +159,9 @@ class GuardServicer(pb_grpc.GuardServicer):
             max_message_bytes=self._config.server.max_message_bytes,
             datatypes=list(codec.DATATYPES),
         )
+        shared_memory = self._config.server.shared_memory
+        if shared_memory.enabled:
+            response.shared_memory_dirs.extend(shared_memory.allowed_dirs)
         for name in sorted(engine.hooks):
             runtime = engine.hooks[name]
             info = runtime.info
@@ -164,40 +221,85 @@ class GuardServer:
         self.health_address = ""
         self._sockets: list[Path] = []
         self._stopped = threading.Event()
+        self._credentials: grpc.ServerCredentials | None = None
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         self.health.set("", status)
         self.health.set(SERVICE_NAME, status)
 
-    def _bind(self, server: grpc.Server, address: str) -> str:
+    def _bind(self, server: grpc.Server, address: str, *, secure: bool = False) -> str:
+        """Listen on ``address``; ``secure``: with the TLS credentials when TCP and set."""
         path = socket_path(address)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._prepare_socket_folder(path.parent)
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()  # a stale socket left by a killed guard
             self._sockets.append(path)
+        credentials = self._credentials if secure and path is None else None
+        mode = self.config.server.socket_mode
         try:
-            port = server.add_insecure_port(address)
+            # gRPC creates the socket file in add_*_port: the umask gives it its final mode
+            # at creation (a chmod afterwards would leave a window with the default mode).
+            with _umask(0o777 & ~mode) if path is not None else contextlib.nullcontext():
+                if credentials is not None:
+                    port = server.add_secure_port(address, credentials)
+                else:
+                    port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {address!r}: {exc}") from exc
         if path is not None:
+            self._secure_socket(path)
             return f"unix://{path}"
+        if credentials is None and not is_loopback(address) and server is self._server:
+            log.warning("TCP listener without TLS off loopback: activations cross the network "
+                        "in clear text; set server.tls (cert_file, key_file, client_ca_file)",
+                        address=address)
         host = address.rsplit(":", 1)[0]
         return f"{host}:{port}"
+
+    @staticmethod
+    def _prepare_socket_folder(folder: Path) -> None:
+        """Create the socket's folder 0750 if missing; warn when others may replace files in
+        it (world-writable without the sticky bit)."""
+        if not folder.exists():
+            folder.mkdir(parents=True, mode=0o750, exist_ok=True)
+            return
+        mode = folder.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            log.warning("the socket's folder is writable by every user: another process could "
+                        "replace the socket; use a folder only the guard and its host can "
+                        "write", folder=str(folder), mode=oct(stat.S_IMODE(mode)))
+
+    def _secure_socket(self, path: Path) -> None:
+        """The socket's exact mode (a umask can only clear bits) and ``server.socket_group``."""
+        server_config = self.config.server
+        try:
+            if server_config.socket_group:
+                os.chown(path, -1, _group_id(server_config.socket_group))
+            if stat.S_IMODE(path.stat().st_mode) != server_config.socket_mode:
+                path.chmod(server_config.socket_mode)
+        except OSError as exc:
+            raise ListenError(f"cannot set the owner group or mode of the socket {path} "
+                              f"(server.socket_group, server.socket_mode): {exc.strerror}"
+                              ) from exc
 
     def start(self) -> list[str]:
         """Bind and start serving (NOT_SERVING until :meth:`set_ready`); returns addresses."""
         server_config = self.config.server
-        self.addresses.append(self._bind(self._server, server_config.listen))
+        self._credentials = server_credentials(server_config)
+        self.addresses.append(self._bind(self._server, server_config.listen, secure=True))
         if server_config.tcp_listen:
-            self.addresses.append(self._bind(self._server, server_config.tcp_listen))
+            self.addresses.append(self._bind(self._server, server_config.tcp_listen,
+                                             secure=True))
         self._server.start()
         if self._health_server is not None:
             self.health_address = self._bind(self._health_server, server_config.health_listen)
             self._health_server.start()
+        tls = server_config.tls
         log.info("listening", addresses=self.addresses, health=self.health_address or None,
-                 pid=os.getpid())
+                 tls=("mutual" if tls.mutual else "server") if tls.enabled else None,
+                 socket_mode=oct(server_config.socket_mode), pid=os.getpid())
         return self.addresses
 
     def set_ready(self, engine: Engine) -> None:

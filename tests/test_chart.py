@@ -87,6 +87,8 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], str]] = {
                   "telemetry": {"tracing": True, "recordSensitive": True}},
     }, "1.35.0"),
     "metrics-off": ({"metrics": {"enabled": False}}, "1.33.0"),
+    "tcp-plaintext": ({"guard": {"server": {"tcp": {"enabled": True, "port": 50052},
+                                            "socketMode": "0600"}}}, "1.33.0"),
     "example-off": ({"example": {"enabled": False}}, "1.33.0"),
 }
 
@@ -699,6 +701,14 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("sharedMemory not a bool", {"sharedMemory": {"enabled": "yes"}}, "/sharedMemory/enabled"),
     ("tracing not a bool", {"guard": {"telemetry": {"tracing": {"sampler": "x"}}}},
      "/guard/telemetry/tracing"),
+    ("socket mode not octal", {"guard": {"server": {"socketMode": "0888"}}},
+     "/guard/server/socketMode"),
+    ("socket mode a number", {"guard": {"server": {"socketMode": 660}}},
+     "/guard/server/socketMode"),
+    ("TLS secret not a name", {"guard": {"server": {"tls": {"secretName": "Not_A_Name"}}}},
+     "/guard/server/tls/secretName"),
+    ("unknown TLS key", {"guard": {"server": {"tls": {"certFile": "/x"}}}},
+     "additional properties 'certFile'"),
 ]
 
 
@@ -824,3 +834,74 @@ def test_readme_values_examples_are_accepted(helm: Helm) -> None:
     config = parsed_config(helm.render(values))
     assert config.plugins.config["detectors"]["self-harm"]["action"] == "abort"
 
+
+# -- transport security -----------------------------------------------------------------
+
+
+TLS_VALUES = {"guard": {"server": {"tcp": {"enabled": True},
+                                   "tls": {"secretName": "guard-tls", "mutual": True}}}}
+
+
+def test_socket_mode_reaches_the_guard(helm: Helm) -> None:
+    assert parsed_config(helm.render({})).server.socket_mode == 0o660
+    values, kube_version = VALUE_SETS["tcp-plaintext"]
+    docs = helm.render(values, kube_version)
+    config = parsed_config(docs)
+    assert config.server.socket_mode == 0o600
+    assert config.server.tcp_listen == "0.0.0.0:50052" and not config.server.tls.enabled
+    ports = {p["name"]: p["containerPort"] for p in container(example_pod(docs), GUARD)["ports"]}
+    assert ports["guard-grpc"] == 50052
+    assert "guard-tls" not in {v["name"] for v in example_pod(docs)["volumes"]}
+
+
+def test_tls_secret_is_mounted_and_wired_into_server_tls(helm: Helm, tmp_path: Path) -> None:
+    from tests.test_tls import make_pki
+
+    docs = helm.render(TLS_VALUES)
+    errors, _ = kubernetes_schema_errors(docs, "1.33.0")
+    assert not errors, "\n".join(errors)
+    result = helm.run("lint", "--strict", str(CHART), "-f", helm.values_file(TLS_VALUES),
+                      check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pod = example_pod(docs)
+    assert restricted_violations(pod) == []
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["guard-tls"]["secret"] == {"secretName": "guard-tls", "defaultMode": 0o440}
+    mounts = {m["name"]: m for m in container(pod, GUARD)["volumeMounts"]}
+    assert mounts["guard-tls"] == {"name": "guard-tls", "mountPath": "/etc/guard-tls",
+                                   "readOnly": True}
+    assert "guard-tls" not in {m["name"] for m in container(pod, "host")["volumeMounts"]}
+    server = yaml.safe_load(guard_config(docs))["server"]
+    assert server["tcp_listen"] == "0.0.0.0:50051"
+    assert server["tls"] == {"cert_file": "/etc/guard-tls/tls.crt",
+                             "key_file": "/etc/guard-tls/tls.key",
+                             "client_ca_file": "/etc/guard-tls/ca.crt"}
+    # The guard accepts the rendered section once the Secret's files are there.
+    pki = make_pki(tmp_path)
+    text = (guard_config(docs).replace("/etc/guard-tls/tls.crt", str(pki.server_cert))
+            .replace("/etc/guard-tls/tls.key", str(pki.server_key))
+            .replace("/etc/guard-tls/ca.crt", str(pki.ca)))
+    tls = parse_config(text, env={}).server.tls
+    assert tls.enabled and tls.mutual
+    server_only = helm.render({"guard": {"server": {"tcp": {"enabled": True},
+                                                    "tls": {"secretName": "guard-tls"}}}})
+    assert "client_ca_file" not in yaml.safe_load(guard_config(server_only))["server"]["tls"]
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"guard": {"server": {"tls": {"secretName": "guard-tls"}}}},
+     "guard.server.tls.secretName needs guard.server.tcp.enabled"),
+    ({"guard": {"server": {"tcp": {"enabled": True}, "tls": {"mutual": True}}}},
+     "guard.server.tls.mutual needs guard.server.tls.secretName"),
+])
+def test_tls_values_that_cannot_work_fail_the_render(
+    helm: Helm, values: dict[str, Any], expected: str
+) -> None:
+    assert expected in helm.template_error(values)
+
+
+def test_notes_warn_about_plaintext_tcp(helm: Helm) -> None:
+    warning = "WARNING: guard.server.tcp.enabled without guard.server.tls.secretName"
+    assert warning in helm.notes({"guard": {"server": {"tcp": {"enabled": True}}}})
+    assert warning not in helm.notes(TLS_VALUES)
+    assert warning not in helm.notes({})

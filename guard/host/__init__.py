@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from guard.decision import Action, Phase
 from guard.errors import TooLarge
-from guard.host._options import ClientCounters, ClientOptions
+from guard.host._options import ClientCounters, ClientOptions, tls_credentials
 from guard.host._verdict import Finding, Source, Verdict
 from guard.host.aio import AsyncGuardClient
 from guard.host.client import ClientClosedError, GuardClient
@@ -29,4 +29,5 @@ __all__ = [
     "Source",
     "TooLarge",
     "Verdict",
+    "tls_credentials",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Final, Literal
+
+import grpc
+from grpc import aio
 
 if TYPE_CHECKING:
     from guard.host._verdict import Verdict
@@ -53,6 +57,9 @@ class ClientOptions:
     metadata: MetadataHook | None
     trace_context: TraceContextHook | None
     on_reply: ReplyHook | None
+    #: TLS credentials for a guard's TCP listener (see :func:`tls_credentials`); None:
+    #: plaintext (the in-pod Unix socket).
+    credentials: grpc.ChannelCredentials | None = None
 
     @classmethod
     def build(
@@ -74,6 +81,7 @@ class ClientOptions:
         metadata: MetadataHook | None,
         trace_context: TraceContextHook | None,
         on_reply: ReplyHook | None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> ClientOptions:
         if not isinstance(target, str) or not target:
             raise ValueError(f"target: expected a gRPC address ('unix:///path' or "
@@ -106,6 +114,12 @@ class ClientOptions:
                            ("on_reply", on_reply)):
             if hook is not None and not callable(hook):
                 raise TypeError(f"{name}: expected a callable or None, found {hook!r}")
+        if credentials is not None and not isinstance(credentials, grpc.ChannelCredentials):
+            raise TypeError("credentials: expected grpc.ChannelCredentials (such as "
+                            f"guard.host.tls_credentials(...)) or None, found {credentials!r}")
+        if credentials is not None and target.startswith("unix:"):
+            raise ValueError(f"credentials: the guard serves TLS on TCP only, not on the Unix "
+                             f"socket {target!r}; pass credentials=None")
         return cls(
             target=target, mode="inline" if mode == "inline" else "monitor",
             hooks=tuple(hooks), failure_policy="open" if failure_policy == "open" else "closed",
@@ -115,7 +129,7 @@ class ClientOptions:
             reconnect_jitter=float(reconnect_jitter), max_message_bytes=max_message_bytes,
             wire_dtype=wire,
             reset_after_late=reset_after_late, metadata=metadata, trace_context=trace_context,
-            on_reply=on_reply,
+            on_reply=on_reply, credentials=credentials,
         )
 
     def channel_options(self) -> list[tuple[str, int]]:
@@ -129,6 +143,52 @@ class ClientOptions:
             ("grpc.min_reconnect_backoff_ms", int(self.reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", int(self.reconnect_backoff_max_ms)),
         ]
+
+    def open_channel(self) -> grpc.Channel:
+        """A channel to the target: TLS with ``credentials``, plaintext without."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target, options=self.channel_options())
+        return grpc.secure_channel(self.target, self.credentials, options=self.channel_options())
+
+    def open_aio_channel(self) -> aio.Channel:
+        """The asyncio twin of :meth:`open_channel` (call it inside the event loop)."""
+        if self.credentials is None:
+            return aio.insecure_channel(self.target, options=self.channel_options())
+        return aio.secure_channel(self.target, self.credentials, options=self.channel_options())
+
+
+def tls_credentials(
+    root_ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files, for a guard whose TCP listener serves TLS.
+
+    :param root_ca: the CA that signed the guard's certificate (None: the system's roots).
+    :param cert: this host's client certificate, for a guard with mutual TLS
+        (``server.tls.client_ca_file``); give ``key`` with it.
+    :param key: the unencrypted private key of ``cert``.
+    """
+    if cert is not None and key is None:
+        raise ValueError("key: expected the private key of cert (a client certificate needs "
+                         "its key), found None")
+    if key is not None and cert is None:
+        raise ValueError("cert: expected the client certificate of key (a key alone proves "
+                         "nothing), found None")
+
+    def read(name: str, path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            raise ValueError(f"{name}: expected a readable PEM file, found {str(path)!r} "
+                             f"({exc.strerror})") from exc
+
+    return grpc.ssl_channel_credentials(root_certificates=read("root_ca", root_ca),
+                                        private_key=read("key", key),
+                                        certificate_chain=read("cert", cert))
 
 
 def _positive(name: str, value: float) -> None:
@@ -164,6 +224,11 @@ class ClientCounters:
     reconnects: int = 0
     #: MONITOR batches dropped because the queue was full (or left in it at close).
     dropped: int = 0
+    #: Batches whose rows went through the shared-memory region (``shared_memory=``).
+    shm_batches: int = 0
+    #: Batches sent as bytes although shared memory is on: no free slot, or the guard refused
+    #: the region.
+    shm_fallbacks: int = 0
 
 
 _COUNTER_NAMES: Final = frozenset(f.name for f in fields(ClientCounters))

@@ -86,7 +86,25 @@ that `guard config check` knows are written: the guard rejects unknown keys.
   "drain_grace_seconds" $guard.server.drainGraceSeconds
   "max_message_bytes" (int64 $guard.server.maxMessageBytes)
   "max_concurrent_rpcs" (int64 $guard.server.maxConcurrentRpcs)
-  "reflection" $guard.server.reflection }}
+  "reflection" $guard.server.reflection
+  "socket_mode" (toString $guard.server.socketMode) }}
+{{- if $guard.server.tcp.enabled }}
+{{- $_ := set $server "tcp_listen" (printf "0.0.0.0:%d" (int $guard.server.tcp.port)) }}
+{{- end }}
+{{- with $guard.server.tls }}
+{{- if .secretName }}
+{{- if not $guard.server.tcp.enabled }}
+{{- fail "guard.server.tls.secretName needs guard.server.tcp.enabled: TLS secures the TCP listener only (the Unix socket stays in the pod)" }}
+{{- end }}
+{{- $tls := dict "cert_file" "/etc/guard-tls/tls.crt" "key_file" "/etc/guard-tls/tls.key" }}
+{{- if .mutual }}
+{{- $_ := set $tls "client_ca_file" "/etc/guard-tls/ca.crt" }}
+{{- end }}
+{{- $_ := set $server "tls" $tls }}
+{{- else if .mutual }}
+{{- fail "guard.server.tls.mutual needs guard.server.tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
+{{- end }}
 {{- $saes := list }}
 {{- range $name, $sae := $guard.saes }}
 {{- $entry := dict "path" (include "activation-guard.saePath" (list $ $sae.path)) }}

@@ -58,6 +58,11 @@ prometheus.io/path: /metrics
     - name: guard-health
       containerPort: {{ $guard.healthPort }}
       protocol: TCP
+    {{- if $guard.server.tcp.enabled }}
+    - name: guard-grpc
+      containerPort: {{ $guard.server.tcp.port }}
+      protocol: TCP
+    {{- end }}
     {{- if .Values.metrics.enabled }}
     - name: guard-metrics
       containerPort: {{ .Values.metrics.port }}
@@ -110,6 +115,11 @@ prometheus.io/path: /metrics
       readOnly: true
     - name: guard-tmp
       mountPath: /tmp
+    {{- if $guard.server.tls.secretName }}
+    - name: guard-tls
+      mountPath: /etc/guard-tls
+      readOnly: true
+    {{- end }}
     {{- if ne $guard.saeSource.type "none" }}
     - name: guard-saes
       mountPath: {{ $guard.saeSource.mountPath }}
@@ -189,6 +199,12 @@ prometheus.io/path: /metrics
 - name: guard-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if .Values.guard.server.tls.secretName }}
+- name: guard-tls
+  secret:
+    secretName: {{ .Values.guard.server.tls.secretName }}
+    defaultMode: 288  # 0440: read by root and the pod's fsGroup (the guard), nobody else
+{{- end }}
 {{- if eq $source.type "persistentVolumeClaim" }}
 - name: guard-saes
   persistentVolumeClaim:
