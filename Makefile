@@ -48,7 +48,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.transport
 	$(PY) -m bench.tracing
-	$(PY) bench/sae_encode.py
+	$(PY) -m bench.sae_encode
 	$(PY) -m bench.host_overhead
 
 clean:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +81,28 @@ def write_section(name: str, body: str, results: Path = RESULTS) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     results.write_text(text, encoding="utf-8")
+
+
+HEADLINES = Path(__file__).resolve().parent / "headlines"
+
+
+def write_headline(bench: str, entries: list[dict[str, object]],
+                   folder: Path = HEADLINES) -> None:
+    """Record a benchmark's headline ratios for the performance page (``bench/summary.py``).
+
+    Each entry: ``label`` (what is compared), ``ratio`` (the figure against the in-run
+    reference), ``reference`` (what it was measured against), ``better`` (``lower`` or
+    ``higher``), and optionally ``target`` and ``note``. Written to
+    ``bench/headlines/<bench>.json`` (committed, unlike ``bench/out``) with the date and
+    machine, replacing that benchmark's previous headlines.
+    """
+    for entry in entries:
+        missing = {"label", "ratio", "reference", "better"} - set(entry)
+        if missing:
+            raise ValueError(f"write_headline({bench!r}): an entry lacks {sorted(missing)}")
+        if entry["better"] not in ("lower", "higher"):
+            raise ValueError(f"write_headline({bench!r}): better must be lower or higher")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{bench}.json").write_text(json.dumps(
+        {"bench": bench, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+         "entries": entries}, indent=1) + "\n", encoding="utf-8")

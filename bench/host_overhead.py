@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._stats import machine, write_section
+from bench._stats import machine, write_headline, write_section
 from tests.sae_fixtures import write_saelens
 
 HOOK = "blocks.15.hook_resid_post"
@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{time.strftime('%Y-%m-%d')}.\n\n{text}\n"
         )
         write_section("host_overhead", section)
+        write_headline("host_overhead", [
+            {"label": f"{mode} tokens/s with the guard / without, SmolLM2 on CPU",
+             "ratio": ratio, "reference": "the same generations, no guard attached",
+             "better": "higher", "target": target}
+            for mode, _rate, ratio, target, _status in rows if target is not None])
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ rows/s of the guard encoder (ONNX Runtime: fp32 at 1 and 2 intra-op threads, int
 SAELens does (``relu((x - b_dec) @ W_enc + b_enc)``), plus the 1-row floor: the time to read
 ``W_enc`` once at the memory bandwidth measured here with a large NumPy copy.
 
-Run: ``.venv/bin/python bench/sae_encode.py [--quick] [--write-results]``. ``--write-results``
-replaces the ``sae_encode`` section of ``bench/RESULTS.md``.
+Run: ``.venv/bin/python -m bench.sae_encode [--quick] [--write-results]``.
+``--write-results`` replaces the ``sae_encode`` section of ``bench/RESULTS.md`` and records the
+headline ratios for the performance page (``bench/summary.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from bench._stats import write_headline, write_section
 from guard.sae import Encoder, open_sae
 from guard.sae.export import compare, synthetic_rows
 from guard.sae.safetensors import write_safetensors
@@ -36,8 +38,6 @@ from guard.sae.safetensors import write_safetensors
 SIZES = [(576, 4608), (768, 24576), (2304, 16384)]
 ROWS = [1, 8, 64, 512]
 SUBSET = 64
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- sae_encode:begin -->", "<!-- sae_encode:end -->"
 
 Floats = NDArray[np.float32]
 
@@ -192,7 +192,7 @@ def render(results: list[SizeResult], bandwidth: float, wall_s: float) -> str:
     lines = [
         "## SAE encode (`bench/sae_encode.py`)",
         "",
-        f"Run: `.venv/bin/python bench/sae_encode.py --write-results` on "
+        f"Run: `.venv/bin/python -m bench.sae_encode --write-results` on "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores, "
         f"onnxruntime {ort.__version__}, numpy {np.__version__}{_torch_version()}; took "
         f"{wall_s:.0f} s. Standard (ReLU) SAEs with random weights; rows/s is rows divided by "
@@ -283,16 +283,31 @@ def _torch_version() -> str:
     return f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    RESULTS.write_text(text[:start] + "\n" + section.rstrip() + "\n" + text[end:])
+def headlines(results: list[SizeResult]) -> list[dict[str, object]]:
+    """fp32 guard encode against the best in-process reference at 64 rows, and the subset
+    and int8 speed-ups, per size (as times: lower is better)."""
+    entries: list[dict[str, object]] = []
+    for r in results:
+        size = f"{r.d_in}x{r.d_sae}"
+        refs = [n for n in r.rates if "in-process" in n]
+        best_ref = max(refs, key=lambda name: r.rates[name][64])
+        fp32 = max(r.rates["guard fp32 (1 thread)"][64], r.rates["guard fp32 (2 threads)"][64])
+        entries.append({"label": f"fp32 encode time / in-process, 64 rows, {size}",
+                        "ratio": r.rates[best_ref][64] / fp32,
+                        "reference": f"best in-process encode ({best_ref})",
+                        "better": "lower", "target": 1 / 0.9})
+        two = r.rates["guard fp32 (2 threads)"][64]
+        entries.append({"label": f"{SUBSET}-feature subset time / full fp32, 64 rows, {size}",
+                        "ratio": two / r.rates[f"guard {SUBSET}-feature subset"][64],
+                        "reference": "the full fp32 encoder, 2 threads", "better": "lower"})
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="shorter timing budgets")
-    parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS.name}")
+    parser.add_argument("--write-results", action="store_true",
+                        help="update bench/RESULTS.md and bench/headlines/sae_encode.json")
     parser.add_argument(
         "--sizes", type=int, default=len(SIZES), help="benchmark only the first N sizes"
     )
@@ -312,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, bandwidth, time.perf_counter() - started)
     print(section)
     if args.write_results:
-        write_results(section)
+        write_section("sae_encode", section)
+        write_headline("sae_encode", headlines(results))
     return 0
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench._stats import machine, markdown_table, write_section
+from bench._stats import machine, markdown_table, write_headline, write_section
 from bench.transport import (
     HOOKS,
     REPO_ROOT,
@@ -58,8 +58,8 @@ from bench.transport import (
     run_cases,
 )
 from guard.demo import wait_serving
+from guard.otlp_receiver import OtlpReceiver
 from guard.v1 import guard_pb2
-from tests.otlp_receiver import OtlpReceiver
 from tests.sae_fixtures import write_saelens
 
 OUT = Path(__file__).resolve().parent / "out" / "tracing.json"
@@ -309,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{reading}\n", flush=True)
     if args.write_results:
         write_section("tracing", section(args, trips, notes, in_proc, reading, elapsed))
+        off = statistics.median(in_process[0].us_per_batch)
+        write_headline("tracing", [
+            {"label": f"{r.name} / off, CPU per batch in process",
+             "ratio": statistics.median(r.us_per_batch) / off,
+             "reference": "tracing off, same stream code", "better": "lower",
+             **({"target": 1.05} if r.name == "not sampled" else {})}
+            for r in in_process[1:]])
     print(f"raw results: {os.path.relpath(OUT)}")
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import grpc
 import numpy as np
 
-from bench._stats import LatencySummary, machine, markdown_table, summarize
+from bench._stats import LatencySummary, machine, markdown_table, summarize, write_headline
 from bench.echo import FLAVOURS, MAX_MESSAGE_BYTES, SERVER_OPTIONS, Flavour, echo_process
 from guard.demo import wait_serving
 from guard.v1 import guard_pb2, guard_pb2_grpc
@@ -354,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="multiply the round trips per round (0.1 for a smoke run)")
     parser.add_argument("--echo-flavour", choices=FLAVOURS, default="sync",
                         help="the flavour the guard serves with, for its reference")
+    parser.add_argument("--write-results", action="store_true",
+                        help="record the guard/echo ratios in bench/headlines/transport.json "
+                             "(the performance page, bench/summary.py)")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {
@@ -386,6 +389,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                   + guard_table(cases, echo) + "\n", flush=True)
             results["guard"] = _record(cases)
             save()
+            if args.write_results:
+                write_headline("transport", [
+                    {"label": f"guard serve / echo, INLINE p50, {payload.label}",
+                     "ratio": _find(cases, "guard", "unix", payload).summary().p50_ms
+                     / _find(cases, echo, "unix", payload).summary().p50_ms,
+                     "reference": f"bare {echo} servicer, Unix socket", "better": "lower",
+                     "target": 1.2}
+                    for payload in PAYLOADS])
     print(f"raw results: {os.path.relpath(OUT)}")
 
 
