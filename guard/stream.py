@@ -15,7 +15,10 @@ Rules for bad input, as the README documents them:
 - sequence numbers increase by exactly 1 per batch; a repeat or a step back is rejected
   (ALREADY_EXISTS) and not processed twice; a gap is accepted and reported in
   ``skipped_sequences`` (a MONITOR-mode host may drop batches);
-- a tensor above ``server.max_message_bytes``: RESOURCE_EXHAUSTED naming that option.
+- a tensor above ``server.max_message_bytes``: RESOURCE_EXHAUSTED naming that option;
+- shared memory (:mod:`guard.shm`): a refused region in the config ends the stream; a bad
+  reference in a batch (unknown region: NOT_FOUND; out of bounds, wrong length, misaligned,
+  ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from guard import codec
+from guard.config import SharedMemoryConfig
 from guard.decision import ActivationRows, Decision, Phase
 from guard.engine import Engine
 from guard.errors import (
@@ -53,6 +57,7 @@ from guard.instrumentation import (
     extract_context,
     start_batch_span,
 )
+from guard.shm import RegionTable
 from guard.v1 import guard_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -105,9 +110,12 @@ class InspectStream:
     """
 
     def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "",
-                 trace_context: Context | None = None) -> None:
+                 trace_context: Context | None = None, *,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._engine = engine
         self._max_message_bytes = max_message_bytes
+        #: Shared-memory regions of this stream, unmapped by :meth:`close`.
+        self.regions = RegionTable(shared_memory)
         self._config: pb.StreamConfig | None = None
         self._last_sequence: int | None = None
         self.peer = peer
@@ -170,6 +178,11 @@ class InspectStream:
                 self._engine.hook(hook)
             except GuardError as exc:
                 raise StreamEnded(exc) from exc
+        try:
+            self.regions.register([(r.name, r.path, r.size, r.writable)
+                                   for r in config.shared_memory])
+        except GuardError as exc:
+            raise StreamEnded(exc) from exc
         self._config = config
         self._mode = _MODES[config.mode]
         log.info(
@@ -221,7 +234,8 @@ class InspectStream:
         if span is not None or self._instruments.metering:
             self._answer(span, started, batch, decision, None, None)
         return decision_to_proto(decision, skipped, batch.positions,
-                                 delta_datatype=batch.activations.datatype)
+                                 delta_datatype=batch.activations.datatype,
+                                 delta_out=self._delta_out(batch))
 
     def _start_span(self, tracer: trace.Tracer, batch: pb.ActivationBatch
                     ) -> tuple[Span | None, Token[Context]]:
@@ -288,8 +302,12 @@ class InspectStream:
         return labels
 
     def close(self) -> None:
-        """Finish the telemetry of the last batch (the stream ended)."""
-        self.after_reply()
+        """Finish the telemetry of the last batch and unmap the shared-memory regions (the
+        stream ended)."""
+        try:
+            self.after_reply()
+        finally:
+            self.regions.close()
 
     def _check_sequence(self, sequence: int) -> int:
         last = self._last_sequence
@@ -316,9 +334,11 @@ class InspectStream:
         d_in = self._engine.hook(hook).d_in
         tensor = batch.activations
         raw = tensor.raw
-        if len(raw) > self._max_message_bytes:
+        shm = tensor.shm if tensor.HasField("shm") else None
+        nbytes = len(raw) if shm is None else shm.length
+        if nbytes > self._max_message_bytes:
             raise TooLarge(
-                f"batch.activations: {len(raw)} bytes exceed the limit of "
+                f"batch.activations: {nbytes} bytes exceed the limit of "
                 f"{self._max_message_bytes}; raise server.max_message_bytes in the guard's "
                 "config (and the host's max send size) or send fewer rows per batch"
             )
@@ -337,7 +357,18 @@ class InspectStream:
             raise InvalidInput(
                 f"batch.activations.shape: expected at least one row, found {list(shape)}"
             )
-        rows = codec.decode(tensor.datatype, (n_rows, width), raw)
+        if shm is None:
+            rows = codec.decode(tensor.datatype, (n_rows, width), raw)
+        else:
+            if raw:
+                raise InvalidInput("batch.activations: expected raw or shm, found both set")
+            rows = self.regions.rows("batch.activations.shm", shm.region, shm.offset,
+                                     shm.length, tensor.datatype, (n_rows, width))
+        if batch.HasField("steering_ref"):
+            ref = batch.steering_ref
+            self.regions.resolve("batch.steering_ref", ref.region, ref.offset, ref.length,
+                                 tensor.datatype, rows.size * codec.DATATYPES[tensor.datatype],
+                                 write=True)
         position_field = batch.positions
         if len(position_field) != n_rows:
             raise InvalidInput(
@@ -371,6 +402,32 @@ class InspectStream:
             attributes=dict(attributes) if attributes else {},
         )
 
+    def _delta_out(self, batch: pb.ActivationBatch) -> DeltaOut | None:
+        """Where a STEER reply's delta goes: the batch's ``steering_ref`` (checked by
+        :meth:`_decode`), or None for the reply's bytes."""
+        if not batch.HasField("steering_ref"):
+            return None
+        ref = batch.steering_ref
+        hook, datatype = batch.hook, batch.activations.datatype
+        regions = self.regions
+
+        def write(steering_hook: str, delta: np.ndarray[Any, Any]) -> pb.Tensor | None:
+            if steering_hook != hook:
+                return None
+            try:
+                target = regions.resolve("batch.steering_ref", ref.region, ref.offset,
+                                         ref.length, datatype,
+                                         delta.size * codec.DATATYPES[datatype], write=True)
+            except GuardError as exc:  # e.g. the file shrank meanwhile: send the bytes
+                log.warning("steering delta sent as bytes", peer=self.peer, reason=str(exc))
+                return None
+            target.region.write(target.offset, datatype, delta)
+            return pb.Tensor(datatype=datatype, shape=delta.shape,
+                             shm=pb.SharedMemoryRef(region=ref.region, offset=ref.offset,
+                                                    length=ref.length))
+
+        return write
+
     def _reject(self, batch: pb.ActivationBatch, error: BaseException, skipped: int
                 ) -> pb.InspectResponse:
         code = status_code(error)
@@ -393,15 +450,22 @@ def _enum_name(enum: Any, value: int) -> str:
     return str(enum.Name(value)) if value in enum.values() else str(value)
 
 
+#: Writes a steering delta (hook, array) into shared memory; returns the reply's tensor, or
+#: None to send the delta's bytes in the reply.
+DeltaOut = Callable[[str, "np.ndarray[Any, Any]"], "pb.Tensor | None"]
+
+
 def decision_to_proto(
     decision: Decision, skipped_sequences: int = 0, positions: Iterable[int] | None = None,
-    *, delta_datatype: str = "F32",
+    *, delta_datatype: str = "F32", delta_out: DeltaOut | None = None,
 ) -> pb.InspectResponse:
     """The wire form of a decision; ``positions`` may pass the request's own field (faster).
 
     Steering deltas travel in the batch's own datatype (``delta_datatype``): the host adds
     them to a residual of that dtype, and an F16 batch's reply then stays as small as the
     batch (an F32 delta would be twice the size and could exceed the message limit).
+    ``delta_out`` (the batch asked for its delta in shared memory) may write a delta there
+    and return the tensor that refers to it.
     """
     response = pb.InspectResponse(
         request_id=decision.request_id,
@@ -427,6 +491,11 @@ def decision_to_proto(
             message=finding.message,
         )
     for steering in decision.steering:
+        if delta_out is not None:
+            tensor = delta_out(steering.hook, steering.delta)
+            if tensor is not None:  # written into the host's shared memory
+                response.steering.add(hook=steering.hook, delta=tensor)
+                continue
         shape, raw = codec.encode(steering.delta, delta_datatype)
         response.steering.add(
             hook=steering.hook, delta=pb.Tensor(datatype=delta_datatype, shape=shape, raw=raw)

@@ -4,7 +4,7 @@ into a protocol message when it is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -15,9 +15,12 @@ from guard import codec
 from guard.decision import Phase
 from guard.errors import TooLarge
 from guard.host._options import ClientOptions
+from guard.host.shm import Lease
 from guard.v1 import guard_pb2 as pb
 
 PhaseName = Literal["prompt", "generation"]
+#: Writes rows (in a datatype, so many bytes) into shared memory; None: send them as bytes.
+Placer = Callable[[NDArray[np.floating], str, int], Lease | None]
 Positions = Sequence[int] | NDArray[np.integer]
 
 _PHASES: Final[dict[object, Phase]] = {
@@ -45,13 +48,18 @@ class BatchItem:
     #: MONITOR mode: batches dropped just before this one; its sequence number skips them,
     #: so the guard's ``skipped_sequences`` reports the host's drops.
     gap_before: int = 0
+    #: The rows' slot in the shared-memory region (``raw`` is then empty).
+    shm: Lease | None = None
 
     def to_request(self) -> pb.InspectRequest:
+        shm = self.shm
         return pb.InspectRequest(batch=pb.ActivationBatch(
             request_id=self.request_id,
             sequence=self.sequence,
             hook=self.hook,
-            activations=pb.Tensor(datatype=self.datatype, shape=self.shape, raw=self.raw),
+            activations=(pb.Tensor(datatype=self.datatype, shape=self.shape, raw=self.raw)
+                         if shm is None else shm.tensor(self.datatype, self.shape)),
+            steering_ref=None if shm is None else shm.steering_ref(),
             positions=self.positions,
             token_ids=self.token_ids,
             phase=pb.Phase.ValueType(int(self.phase)),
@@ -68,8 +76,13 @@ def prepare_batch(
     token_ids: Positions | None,
     phase: PhaseName | Phase,
     attributes: Mapping[str, str] | None,
+    *,
+    place: Placer | None = None,
 ) -> BatchItem:
-    """Validate the arguments of ``inspect`` and encode the rows; errors name the argument."""
+    """Validate the arguments of ``inspect`` and encode the rows; errors name the argument.
+
+    ``place`` (shared memory on) encodes the rows straight into a slot of the region instead.
+    """
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id: expected a non-empty string, found {request_id!r}")
     if not isinstance(hook, str) or not hook:
@@ -112,10 +125,14 @@ def prepare_batch(
             f"max_message_bytes={options.max_message_bytes}; send fewer rows per batch, or raise "
             "the client's max_message_bytes together with the guard's server.max_message_bytes"
         )
-    shape, raw = codec.encode(rows, datatype)
+    lease = place(rows, datatype, nbytes) if place is not None else None
+    if lease is None:
+        shape, raw = codec.encode(rows, datatype)
+    else:
+        shape, raw = [int(d) for d in rows.shape], b""
     return BatchItem(request_id=request_id, hook=hook, datatype=datatype, shape=shape, raw=raw,
                      positions=position_list, token_ids=token_list, phase=resolved_phase,
-                     attributes=merged)
+                     attributes=merged, shm=lease)
 
 
 def _integers(name: str, values: Positions, n_rows: int) -> list[int]:

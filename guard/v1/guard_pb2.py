@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x9e\x02\n\x0cStreamConfig\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x1c\n\x04mode\x18\x02 \x01(\x0e\x32\x0e.guard.v1.Mode\x12\r\n\x05hooks\x18\x03 \x03(\t\x12/\n\x0e\x66\x61ilure_policy\x18\x04 \x01(\x0e\x32\x17.guard.v1.FailurePolicy\x12\x19\n\x11\x62\x61tch_deadline_ms\x18\x05 \x01(\r\x12\x0c\n\x04host\x18\x06 \x01(\t\x12:\n\nattributes\x18\x07 \x03(\x0b\x32&.guard.v1.StreamConfig.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x02\n\x0f\x41\x63tivationBatch\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04hook\x18\x03 \x01(\t\x12%\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x10.guard.v1.Tensor\x12\x11\n\tpositions\x18\x05 \x03(\x03\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12\x1e\n\x05phase\x18\x07 \x01(\x0e\x32\x0f.guard.v1.Phase\x12=\n\nattributes\x18\x08 \x03(\x0b\x32).guard.v1.ActivationBatch.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x0eInspectRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.guard.v1.StreamConfigH\x00\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.guard.v1.ActivationBatchH\x00\x42\t\n\x07message\"\xcd\x01\n\x07\x46inding\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12 \n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x10.guard.v1.Action\x12\x13\n\x0b\x66\x65\x61ture_ids\x18\x05 \x03(\x03\x12\x1b\n\x13\x66\x65\x61ture_activations\x18\x06 \x03(\x02\x12\x16\n\x0e\x66\x65\x61ture_labels\x18\x07 \x03(\t\x12\x11\n\tpositions\x18\x08 \x03(\x03\x12\x0f\n\x07message\x18\t \x01(\t\"9\n\x08Steering\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x1f\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x10.guard.v1.Tensor\"+\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9d\x02\n\x0fInspectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12 \n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x10.guard.v1.Action\x12#\n\x08\x66indings\x18\x05 \x03(\x0b\x32\x11.guard.v1.Finding\x12$\n\x08steering\x18\x06 \x03(\x0b\x32\x12.guard.v1.Steering\x12\x0f\n\x07\x64\x65tails\x18\x07 \x01(\t\x12\x11\n\tpositions\x18\x08 \x03(\x03\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.guard.v1.BatchError\x12\x19\n\x11skipped_sequences\x18\n \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\x9c\x01\n\x07SaeInfo\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_sae\x18\x03 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x14\n\x0cweight_dtype\x18\x08 \x01(\t\"G\n\x0cSubscription\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_ids\x18\x02 \x03(\x03\x12\x14\n\x0c\x61ll_features\x18\x03 \x01(\x08\"+\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xf7\x01\n\x10\x44\x65scribeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x15\n\rguard_version\x18\x02 \x01(\t\x12\r\n\x05hooks\x18\x03 \x03(\t\x12\x1f\n\x04saes\x18\x04 \x03(\x0b\x32\x11.guard.v1.SaeInfo\x12-\n\rsubscriptions\x18\x05 \x03(\x0b\x32\x16.guard.v1.Subscription\x12%\n\x07plugins\x18\x06 \x03(\x0b\x32\x14.guard.v1.PluginInfo\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x11\n\tdatatypes\x18\x08 \x03(\t*Y\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x10\n\x0c\x41\x43TION_STEER\x10\x02\x12\x10\n\x0c\x41\x43TION_ABORT\x10\x03*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_MONITOR\x10\x01\x12\x0f\n\x0bMODE_INLINE\x10\x02*m\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_OPEN\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_POLICY_FAIL_CLOSED\x10\x02*F\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_PROMPT\x10\x01\x12\x14\n\x10PHASE_GENERATION\x10\x02\x32\x8e\x01\n\x05Guard\x12\x42\n\x07Inspect\x12\x18.guard.v1.InspectRequest\x1a\x19.guard.v1.InspectResponse(\x01\x30\x01\x12\x41\n\x08\x44\x65scribe\x12\x19.guard.v1.DescribeRequest\x1a\x1a.guard.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14guard/v1/guard.proto\x12\x08guard.v1\"^\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\x12&\n\x03shm\x18\x04 \x01(\x0b\x32\x19.guard.v1.SharedMemoryRef\"P\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\"A\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xd3\x02\n\x0cStreamConfig\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x1c\n\x04mode\x18\x02 \x01(\x0e\x32\x0e.guard.v1.Mode\x12\r\n\x05hooks\x18\x03 \x03(\t\x12/\n\x0e\x66\x61ilure_policy\x18\x04 \x01(\x0e\x32\x17.guard.v1.FailurePolicy\x12\x19\n\x11\x62\x61tch_deadline_ms\x18\x05 \x01(\r\x12\x0c\n\x04host\x18\x06 \x01(\t\x12:\n\nattributes\x18\x07 \x03(\x0b\x32&.guard.v1.StreamConfig.AttributesEntry\x12\x33\n\rshared_memory\x18\x08 \x03(\x0b\x32\x1c.guard.v1.SharedMemoryRegion\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd5\x02\n\x0f\x41\x63tivationBatch\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04hook\x18\x03 \x01(\t\x12%\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x10.guard.v1.Tensor\x12\x11\n\tpositions\x18\x05 \x03(\x03\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12\x1e\n\x05phase\x18\x07 \x01(\x0e\x32\x0f.guard.v1.Phase\x12=\n\nattributes\x18\x08 \x03(\x0b\x32).guard.v1.ActivationBatch.AttributesEntry\x12/\n\x0csteering_ref\x18\t \x01(\x0b\x32\x19.guard.v1.SharedMemoryRef\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x0eInspectRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.guard.v1.StreamConfigH\x00\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.guard.v1.ActivationBatchH\x00\x42\t\n\x07message\"\xcd\x01\n\x07\x46inding\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12 \n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x10.guard.v1.Action\x12\x13\n\x0b\x66\x65\x61ture_ids\x18\x05 \x03(\x03\x12\x1b\n\x13\x66\x65\x61ture_activations\x18\x06 \x03(\x02\x12\x16\n\x0e\x66\x65\x61ture_labels\x18\x07 \x03(\t\x12\x11\n\tpositions\x18\x08 \x03(\x03\x12\x0f\n\x07message\x18\t \x01(\t\"9\n\x08Steering\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x1f\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x10.guard.v1.Tensor\"+\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9d\x02\n\x0fInspectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12 \n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x10.guard.v1.Action\x12#\n\x08\x66indings\x18\x05 \x03(\x0b\x32\x11.guard.v1.Finding\x12$\n\x08steering\x18\x06 \x03(\x0b\x32\x12.guard.v1.Steering\x12\x0f\n\x07\x64\x65tails\x18\x07 \x01(\t\x12\x11\n\tpositions\x18\x08 \x03(\x03\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.guard.v1.BatchError\x12\x19\n\x11skipped_sequences\x18\n \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\x9c\x01\n\x07SaeInfo\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x0c\n\x04\x64_in\x18\x02 \x01(\x03\x12\r\n\x05\x64_sae\x18\x03 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x14\n\x0cweight_dtype\x18\x08 \x01(\t\"G\n\x0cSubscription\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_ids\x18\x02 \x03(\x03\x12\x14\n\x0c\x61ll_features\x18\x03 \x01(\x08\"+\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x93\x02\n\x10\x44\x65scribeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x15\n\rguard_version\x18\x02 \x01(\t\x12\r\n\x05hooks\x18\x03 \x03(\t\x12\x1f\n\x04saes\x18\x04 \x03(\x0b\x32\x11.guard.v1.SaeInfo\x12-\n\rsubscriptions\x18\x05 \x03(\x0b\x32\x16.guard.v1.Subscription\x12%\n\x07plugins\x18\x06 \x03(\x0b\x32\x14.guard.v1.PluginInfo\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x11\n\tdatatypes\x18\x08 \x03(\t\x12\x1a\n\x12shared_memory_dirs\x18\t \x03(\t*Y\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x10\n\x0c\x41\x43TION_STEER\x10\x02\x12\x10\n\x0c\x41\x43TION_ABORT\x10\x03*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_MONITOR\x10\x01\x12\x0f\n\x0bMODE_INLINE\x10\x02*m\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_OPEN\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_POLICY_FAIL_CLOSED\x10\x02*F\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_PROMPT\x10\x01\x12\x14\n\x10PHASE_GENERATION\x10\x02\x32\x8e\x01\n\x05Guard\x12\x42\n\x07Inspect\x12\x18.guard.v1.InspectRequest\x1a\x19.guard.v1.InspectResponse(\x01\x30\x01\x12\x41\n\x08\x44\x65scribe\x12\x19.guard.v1.DescribeRequest\x1a\x1a.guard.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,44 +35,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMCONFIG_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1935
-  _globals['_ACTION']._serialized_end=2024
-  _globals['_MODE']._serialized_start=2026
-  _globals['_MODE']._serialized_end=2089
-  _globals['_FAILUREPOLICY']._serialized_start=2091
-  _globals['_FAILUREPOLICY']._serialized_end=2200
-  _globals['_PHASE']._serialized_start=2202
-  _globals['_PHASE']._serialized_end=2272
+  _globals['_ACTION']._serialized_start=2254
+  _globals['_ACTION']._serialized_end=2343
+  _globals['_MODE']._serialized_start=2345
+  _globals['_MODE']._serialized_end=2408
+  _globals['_FAILUREPOLICY']._serialized_start=2410
+  _globals['_FAILUREPOLICY']._serialized_end=2519
+  _globals['_PHASE']._serialized_start=2521
+  _globals['_PHASE']._serialized_end=2591
   _globals['_TENSOR']._serialized_start=34
-  _globals['_TENSOR']._serialized_end=88
-  _globals['_STREAMCONFIG']._serialized_start=91
-  _globals['_STREAMCONFIG']._serialized_end=377
-  _globals['_STREAMCONFIG_ATTRIBUTESENTRY']._serialized_start=328
-  _globals['_STREAMCONFIG_ATTRIBUTESENTRY']._serialized_end=377
-  _globals['_ACTIVATIONBATCH']._serialized_start=380
-  _globals['_ACTIVATIONBATCH']._serialized_end=672
-  _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._serialized_start=328
-  _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._serialized_end=377
-  _globals['_INSPECTREQUEST']._serialized_start=674
-  _globals['_INSPECTREQUEST']._serialized_end=787
-  _globals['_FINDING']._serialized_start=790
-  _globals['_FINDING']._serialized_end=995
-  _globals['_STEERING']._serialized_start=997
-  _globals['_STEERING']._serialized_end=1054
-  _globals['_BATCHERROR']._serialized_start=1056
-  _globals['_BATCHERROR']._serialized_end=1099
-  _globals['_INSPECTRESPONSE']._serialized_start=1102
-  _globals['_INSPECTRESPONSE']._serialized_end=1387
-  _globals['_DESCRIBEREQUEST']._serialized_start=1389
-  _globals['_DESCRIBEREQUEST']._serialized_end=1406
-  _globals['_SAEINFO']._serialized_start=1409
-  _globals['_SAEINFO']._serialized_end=1565
-  _globals['_SUBSCRIPTION']._serialized_start=1567
-  _globals['_SUBSCRIPTION']._serialized_end=1638
-  _globals['_PLUGININFO']._serialized_start=1640
-  _globals['_PLUGININFO']._serialized_end=1683
-  _globals['_DESCRIBERESPONSE']._serialized_start=1686
-  _globals['_DESCRIBERESPONSE']._serialized_end=1933
-  _globals['_GUARD']._serialized_start=2275
-  _globals['_GUARD']._serialized_end=2417
+  _globals['_TENSOR']._serialized_end=128
+  _globals['_SHAREDMEMORYREGION']._serialized_start=130
+  _globals['_SHAREDMEMORYREGION']._serialized_end=210
+  _globals['_SHAREDMEMORYREF']._serialized_start=212
+  _globals['_SHAREDMEMORYREF']._serialized_end=277
+  _globals['_STREAMCONFIG']._serialized_start=280
+  _globals['_STREAMCONFIG']._serialized_end=619
+  _globals['_STREAMCONFIG_ATTRIBUTESENTRY']._serialized_start=570
+  _globals['_STREAMCONFIG_ATTRIBUTESENTRY']._serialized_end=619
+  _globals['_ACTIVATIONBATCH']._serialized_start=622
+  _globals['_ACTIVATIONBATCH']._serialized_end=963
+  _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._serialized_start=570
+  _globals['_ACTIVATIONBATCH_ATTRIBUTESENTRY']._serialized_end=619
+  _globals['_INSPECTREQUEST']._serialized_start=965
+  _globals['_INSPECTREQUEST']._serialized_end=1078
+  _globals['_FINDING']._serialized_start=1081
+  _globals['_FINDING']._serialized_end=1286
+  _globals['_STEERING']._serialized_start=1288
+  _globals['_STEERING']._serialized_end=1345
+  _globals['_BATCHERROR']._serialized_start=1347
+  _globals['_BATCHERROR']._serialized_end=1390
+  _globals['_INSPECTRESPONSE']._serialized_start=1393
+  _globals['_INSPECTRESPONSE']._serialized_end=1678
+  _globals['_DESCRIBEREQUEST']._serialized_start=1680
+  _globals['_DESCRIBEREQUEST']._serialized_end=1697
+  _globals['_SAEINFO']._serialized_start=1700
+  _globals['_SAEINFO']._serialized_end=1856
+  _globals['_SUBSCRIPTION']._serialized_start=1858
+  _globals['_SUBSCRIPTION']._serialized_end=1929
+  _globals['_PLUGININFO']._serialized_start=1931
+  _globals['_PLUGININFO']._serialized_end=1974
+  _globals['_DESCRIBERESPONSE']._serialized_start=1977
+  _globals['_DESCRIBERESPONSE']._serialized_end=2252
+  _globals['_GUARD']._serialized_start=2594
+  _globals['_GUARD']._serialized_end=2736
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,9 @@ mode it answers too, but the host never waits for the answer. Modelled on
 Envoy's ext_proc (external_processor.proto).
 
 Tensors use the KServe v2 / Triton convention: a datatype string, a shape and
-row-major little-endian raw bytes.
+row-major little-endian raw bytes. Inside a pod the bytes may instead lie in a
+shared-memory region that the host registered in its StreamConfig (opt-in,
+modelled on Triton's system shared memory): see SharedMemoryRegion.
 """
 
 from collections import abc as _abc
@@ -128,24 +130,117 @@ class Tensor(_message.Message):
     DATATYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    SHM_FIELD_NUMBER: _builtins.int
     datatype: _builtins.str
     raw: _builtins.bytes
+    """The bytes, inline in the message. Empty when `shm` is set."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def shm(self) -> Global___SharedMemoryRef:
+        """The bytes lie in a shared-memory region instead (the in-pod fast path):
+        set either `raw` or `shm`, never both. `shm.length` must equal
+        prod(shape) * itemsize and `shm.offset` must be a multiple of the itemsize.
+        In a batch the region is one the host registered in its StreamConfig; in a
+        reply it is the batch's `steering_ref`.
+        """
+
     def __init__(
         self,
         *,
         datatype: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         raw: _builtins.bytes = ...,
+        shm: Global___SharedMemoryRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shm", b"shm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "raw", b"raw", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "raw", b"raw", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegion(_message.Message):
+    """A file that the host shares with the guard, mapped by both (modelled on
+    Triton's system shared memory): a file on a memory-backed volume such as
+    /dev/shm or a Kubernetes emptyDir with medium Memory, mounted in both
+    containers. Registered per stream in StreamConfig.shared_memory and
+    unregistered (unmapped by the guard) when the stream ends. The guard accepts
+    it only when server.shared_memory.enabled is true, the path is absolute and
+    inside one of server.shared_memory.allowed_dirs, the file itself is not a
+    symbolic link, is a regular file with one link, is not writable by others,
+    is owned by the guard's own uid or one of server.shared_memory.allowed_uids,
+    and its size equals `size`. A refused region ends the stream with a status
+    naming the field (config.shared_memory[i]...).
+
+    The host owns the bytes: it must not change a batch's rows until that
+    batch's reply arrives (or its stream has ended), and must not shrink the file
+    while it is registered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name that SharedMemoryRef.region uses; unique on the stream."""
+    path: _builtins.str
+    """Absolute path of the file, as the guard's container sees it."""
+    size: _builtins.int
+    """Size of the file in bytes; must equal the file's size."""
+    writable: _builtins.bool
+    """The guard may write into the region: it maps the file read-write, and
+    batches may set `steering_ref`. The file must then be writable by the guard.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "size", b"size", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegion: _TypeAlias = SharedMemoryRegion  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRef(_message.Message):
+    """A byte range of a registered shared-memory region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """SharedMemoryRegion.name of a region registered on this stream."""
+    offset: _builtins.int
+    """First byte, from the start of the region."""
+    length: _builtins.int
+    """Number of bytes; offset + length must not exceed the region's size."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRef: _TypeAlias = SharedMemoryRef  # noqa: Y015
 
 @_typing.final
 class StreamConfig(_message.Message):
@@ -180,6 +275,7 @@ class StreamConfig(_message.Message):
     BATCH_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     """Protocol version the host speaks; the guard answers FAILED_PRECONDITION
     for a major version it does not serve. Empty means "1".
@@ -196,6 +292,13 @@ class StreamConfig(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def shared_memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedMemoryRegion]:
+        """Shared-memory regions the batches of this stream may refer to (Tensor.shm,
+        ActivationBatch.steering_ref). Empty: tensors travel as bytes (Tensor.raw),
+        as for a host that knows nothing of shared memory.
+        """
+
     def __init__(
         self,
         *,
@@ -206,10 +309,11 @@ class StreamConfig(_message.Message):
         batch_deadline_ms: _builtins.int = ...,
         host: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        shared_memory: _abc.Iterable[Global___SharedMemoryRegion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "batch_deadline_ms", b"batch_deadline_ms", "failure_policy", b"failure_policy", "hooks", b"hooks", "host", b"host", "mode", b"mode", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "batch_deadline_ms", b"batch_deadline_ms", "failure_policy", b"failure_policy", "hooks", b"hooks", "host", b"host", "mode", b"mode", "protocol_version", b"protocol_version", "shared_memory", b"shared_memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +353,7 @@ class ActivationBatch(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    STEERING_REF_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     sequence: _builtins.int
     """Per stream; starts at any value and increases by exactly 1 per batch."""
@@ -268,6 +373,16 @@ class ActivationBatch(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def steering_ref(self) -> Global___SharedMemoryRef:
+        """Optional: where the guard writes this batch's steering delta ([rows, d_in],
+        in the activations' datatype) instead of putting its bytes in the reply; the
+        reply's Steering.delta then carries this ref in `shm` and no `raw`. The
+        region must be registered `writable`; `length` must equal the activations'
+        byte length. It may be the activations' own range: the guard writes the
+        delta only after it is done reading the rows.
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +394,11 @@ class ActivationBatch(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         phase: Global___Phase.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        steering_ref: Global___SharedMemoryRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "steering_ref", b"steering_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "sequence", b"sequence", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,6 +716,7 @@ class DescribeResponse(_message.Message):
     PLUGINS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     DATATYPES_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_DIRS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     guard_version: _builtins.str
     max_message_bytes: _builtins.int
@@ -614,6 +731,12 @@ class DescribeResponse(_message.Message):
     def plugins(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginInfo]: ...
     @_builtins.property
     def datatypes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def shared_memory_dirs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Folders in which this guard accepts shared-memory regions
+        (server.shared_memory.allowed_dirs); empty when shared memory is disabled.
+        """
+
     def __init__(
         self,
         *,
@@ -625,10 +748,11 @@ class DescribeResponse(_message.Message):
         plugins: _abc.Iterable[Global___PluginInfo] | None = ...,
         max_message_bytes: _builtins.int = ...,
         datatypes: _abc.Iterable[_builtins.str] | None = ...,
+        shared_memory_dirs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatypes", b"datatypes", "guard_version", b"guard_version", "hooks", b"hooks", "max_message_bytes", b"max_message_bytes", "plugins", b"plugins", "protocol_version", b"protocol_version", "saes", b"saes", "subscriptions", b"subscriptions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatypes", b"datatypes", "guard_version", b"guard_version", "hooks", b"hooks", "max_message_bytes", b"max_message_bytes", "plugins", b"plugins", "protocol_version", b"protocol_version", "saes", b"saes", "shared_memory_dirs", b"shared_memory_dirs", "subscriptions", b"subscriptions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

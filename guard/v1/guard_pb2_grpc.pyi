@@ -10,7 +10,9 @@ mode it answers too, but the host never waits for the answer. Modelled on
 Envoy's ext_proc (external_processor.proto).
 
 Tensors use the KServe v2 / Triton convention: a datatype string, a shape and
-row-major little-endian raw bytes.
+row-major little-endian raw bytes. Inside a pod the bytes may instead lie in a
+shared-memory region that the host registered in its StreamConfig (opt-in,
+modelled on Triton's system shared memory): see SharedMemoryRegion.
 """
 
 from collections import abc as _abc

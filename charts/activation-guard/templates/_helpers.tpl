@@ -105,6 +105,11 @@ that `guard config check` knows are written: the guard rejects unknown keys.
 {{- fail "guard.server.tls.mutual needs guard.server.tls.secretName (a Secret with tls.crt, tls.key and ca.crt)" }}
 {{- end }}
 {{- end }}
+{{- with .Values.sharedMemory }}
+{{- if .enabled }}
+{{- $_ := set $server "shared_memory" (dict "enabled" true "allowed_dirs" (list .mountPath) "allowed_uids" (.allowedUids | default list)) }}
+{{- end }}
+{{- end }}
 {{- $saes := list }}
 {{- range $name, $sae := $guard.saes }}
 {{- $entry := dict "path" (include "activation-guard.saePath" (list $ $sae.path)) }}
