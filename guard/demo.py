@@ -23,13 +23,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from guard.demo_trace import DemoTracing, metrics_address
 
 DEFAULT_PORT = 8000
 DEMO_CONFIG = "defaults/demo.yaml"
@@ -61,6 +63,8 @@ def demo_config(state: Path, socket: Path) -> Path:
     data.setdefault("server", {})["listen"] = f"unix://{socket}"
     plugins = data.setdefault("plugins", {}).setdefault("config", {})
     plugins.setdefault("decision_log", {})["path"] = str(state / "decisions.jsonl")
+    # Prometheus /metrics on a free loopback port (its address is in the "telemetry" log line).
+    data.setdefault("telemetry", {}).setdefault("metrics_listen", "127.0.0.1:0")
     target = state / "guard.yaml"
     target.write_text(yaml.safe_dump(data, sort_keys=False))
     return target
@@ -99,14 +103,16 @@ def _tail(log: Path, chars: int = 3000) -> str:
 
 
 @contextlib.contextmanager
-def sidecar(state: Path, socket: Path) -> Iterator[str]:
+def sidecar(state: Path, socket: Path, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """``guard serve`` on the demo config, logging JSON lines to ``state/guard.log``;
+    ``env`` is added to its environment (the demo's OTLP endpoint)."""
     config = demo_config(state, socket)
     log = state / "guard.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "guard", "serve", "--config", str(config)],
             stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, GUARD_LOG_FORMAT="json"),
+            env=dict(os.environ, GUARD_LOG_FORMAT="json", **(env or {})),
         )
         address = f"unix://{socket}"
         try:
@@ -171,13 +177,23 @@ def _wrap(text: str, indent: str = "    ") -> str:
                          subsequent_indent=indent) or indent + "(empty)"
 
 
-def run_script(url: str, attachment: Any, tokenizer: Any, out: Any = None) -> bool:
-    """Send the scripted prompts, print each decision; True when all went as expected."""
+@dataclass
+class ScriptOutcome:
+    #: Every prompt got the action it expected.
+    ok: bool
+    #: The ``guard`` object of each reply, in script order.
+    guards: list[dict[str, Any]]
+
+
+def run_script(url: str, attachment: Any, tokenizer: Any, out: Any = None) -> ScriptOutcome:
+    """Send the scripted prompts, print each decision."""
     out = out or sys.stdout
     ok = True
+    guards: list[dict[str, Any]] = []
     for number, item in enumerate(scripted_prompts(), 1):
         result = post_chat(url, item.prompt, item.max_tokens)
         guard = result["guard"]
+        guards.append(guard)
         answer = result["choices"][0]["message"]["content"]
         action = guard["action"]
         matched = action == item.expect
@@ -199,7 +215,16 @@ def run_script(url: str, attachment: Any, tokenizer: Any, out: Any = None) -> bo
             line += f" ({guard['decisions']} batches inspected)"
         print(line, file=out)
         print(f"  expected: {item.expect} -> {'ok' if matched else 'UNEXPECTED'}", file=out)
-    return ok
+    return ScriptOutcome(ok, guards)
+
+
+def trace_walk(tracing: DemoTracing, outcome: ScriptOutcome, state: Path) -> str:
+    """The walkthrough of the script's blocked request (its trace, log line, counters)."""
+    blocked = next((g for g in outcome.guards if g.get("action") == "ABORT"), None)
+    if blocked is None or not blocked.get("trace_id"):
+        return "Trace a decision: no blocked request with a trace id in this run"
+    log = state / "guard.log"
+    return tracing.walk(blocked["trace_id"], blocked["decision_id"], log, metrics_address(log))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -212,19 +237,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     socket = state / "guard.sock"
     print(f"Activation Guard demo (state, logs and decision log in {state})")
     print("Starting the sidecar (guard serve) ...", flush=True)
-    with sidecar(state, socket) as address:
-        print(f"  serving on {address}")
+    tracing = DemoTracing.start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(tracing.close)
+        address = stack.enter_context(sidecar(state, socket, tracing.sidecar_env))
+        print(f"  serving on {address}; spans to {tracing.endpoint}; metrics on "
+              f"http://{metrics_address(state / 'guard.log')}/metrics")
         print("Loading SmolLM2-135M-Instruct and the demo inference server ...", flush=True)
         http, client, attachment, tokenizer = start_inference_server(
             address, args.host, args.port)
         url = f"http://{args.host}:{http.server_address[1]}"
         print(f"  OpenAI-compatible endpoint: {url}/v1/chat/completions")
         try:
-            ok = run_script(url, attachment, tokenizer)
+            outcome = run_script(url, attachment, tokenizer)
             log = state / "decisions.jsonl"
             print(f"\nDecision log: {log}")
+            print("\n" + trace_walk(tracing, outcome, state), flush=True)
             if args.once:
-                return 0 if ok else 1
+                return 0 if outcome.ok else 1
             print(textwrap.dedent(f"""
                 Both are running. Try:
                   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\

@@ -1,8 +1,10 @@
 """A small OTLP/gRPC receiver on loopback: what a collector would get from the guard.
 
 Implements ``opentelemetry.proto.collector.trace.v1.TraceService/Export`` and the metrics
-service (the guard pushes OTLP metrics to the same endpoint). Used by the export tests and
-by ``bench/tracing.py`` as the sampled case's destination.
+service (the guard pushes OTLP metrics to the same endpoint). ``guard demo`` collects the
+host's and the sidecar's spans with it to show a decision's trace; the export tests and
+``bench/tracing.py`` use it as the destination of the guard's exports. Not a collector:
+it keeps everything in memory.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
+        #: ``service.name`` of the resource each span came from, by span id.
+        self.services: dict[bytes, str] = {}
         #: Resource attributes of each request that carried spans.
         self.resources: list[dict[str, Any]] = []
         self.metric_names: set[str] = set()
@@ -95,9 +99,12 @@ class OtlpReceiver:
     def _add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         with self._changed:
             for resource_spans in request.resource_spans:
-                self.resources.append(attributes(resource_spans.resource.attributes))
+                resource = attributes(resource_spans.resource.attributes)
+                self.resources.append(resource)
+                service = str(resource.get("service.name", ""))
                 for scope_spans in resource_spans.scope_spans:
                     self.spans.extend(scope_spans.spans)
+                    self.services.update((span.span_id, service) for span in scope_spans.spans)
             self._changed.notify_all()
 
     def _add_metrics(self, request: metrics_service_pb2.ExportMetricsServiceRequest) -> None:
@@ -108,7 +115,7 @@ class OtlpReceiver:
             self._changed.notify_all()
 
     def wait_for(self, found: Callable[[OtlpReceiver], T | None], timeout: float = 20.0) -> T:
-        """Wait until ``found(self)`` returns something; AssertionError after ``timeout``."""
+        """Wait until ``found(self)`` returns something; TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -117,7 +124,7 @@ class OtlpReceiver:
                     return result
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(
+                    raise TimeoutError(
                         f"OTLP receiver: nothing matched after {timeout:.0f} s; got "
                         f"{[s.name for s in self.spans]} and metrics {sorted(self.metric_names)}")
                 self._changed.wait(left)

@@ -11,6 +11,11 @@ import grpc
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from guard.config import GuardConfig, LoggingConfig, SaeConfig, ServerConfig
 from guard.engine import Engine
@@ -122,3 +127,31 @@ def stream(channel: grpc.Channel) -> Iterator[StreamClient]:
     client = StreamClient(channel)
     yield client
     client.close()
+
+
+# -- OpenTelemetry: one global tracer provider per test process ---------------------------
+
+
+@pytest.fixture(scope="session")
+def tracer_provider() -> TracerProvider:
+    """OpenTelemetry's global provider for this test process (globals are set once)."""
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
+    trace.set_tracer_provider(provider)
+    if trace.get_tracer_provider() is not provider:
+        pytest.skip("another global tracer provider is already set in this process")
+    return provider
+
+
+@pytest.fixture(scope="session")
+def session_spans(tracer_provider: TracerProvider) -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(session_spans: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """The spans finished during one test."""
+    session_spans.clear()
+    yield session_spans
+    session_spans.clear()

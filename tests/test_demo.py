@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ except models.ModelUnavailable as exc:  # pragma: no cover - make test installs 
     pytest.skip(f"SmolLM2 not installed: {exc}", allow_module_level=True)
 
 from guard.demo import demo_config, sidecar, start_inference_server  # noqa: E402
+from tests.test_telemetry_export import PROMETHEUS, Prometheus  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +146,82 @@ def test_guard_demo_once(tmp_path: Path) -> None:
     decisions = (tmp_path / "decisions.jsonl").read_text().splitlines()
     actions = {json.loads(line)["action"] for line in decisions}
     assert actions == {"continue", "abort", "steer"}
+    check_trace_walk(result.stdout)
+
+
+def check_trace_walk(stdout: str) -> None:
+    """The blocked request followed from the host's span into the sidecar's, by one trace
+    id; the sidecar's log line found by the same ids; its counters on /metrics."""
+    walk = stdout[stdout.index("Trace a decision:"):]
+    match = re.search(r"decision ([0-9a-f]{32}), trace ([0-9a-f]{32})", walk)
+    assert match, walk
+    decision_id, trace_id = match.groups()
+    tree = walk[walk.index("spans (service"):walk.index("the sidecar's log line")]
+    names = [line.split()[0] for line in tree.splitlines()[1:] if line.strip()]
+    assert names[:4] == ["POST", "guard.host.generation", "guard.host.inspect",
+                         "guard.inspect"], tree
+    assert {"guard.decode", "guard.encode", "guard.plugin.detect"} <= set(names), tree
+    host = next(line for line in tree.splitlines() if "guard.host.inspect" in line)
+    guard = next(line for line in tree.splitlines() if line.split()[0] == "guard.inspect")
+    assert "guard-demo-host" in host and "activation-guard" in guard
+    for line in (host, guard):
+        assert f"decision.id={decision_id}" in line and "decision.action=abort" in line
+    assert "detector=jailbreak" in tree and "sae.sha256=0bc4df15b497" in guard
+    log_line = json.loads(walk.split("found by decision id:\n", 1)[1].splitlines()[0])
+    assert log_line["event"] == "batch aborted"
+    assert (log_line["decision_id"], log_line["trace_id"]) == (decision_id, trace_id)
+    assert len(log_line["span_id"]) == 16
+    counters = walk[walk.index("counters (Prometheus"):]
+    assert re.search(r'guard_decisions_total\{guard_decision_action="abort",[^}]*\} 1\.0',
+                     counters), counters
+    assert re.search(r'guard_findings_total\{guard_detector="jailbreak",'
+                     r'guard_finding_action="abort"[^}]*\} 1\.0', counters), counters
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="the Prometheus server is not installed "
+                    "(Debian package prometheus; `make tools` installs it with apt-get)")
+def test_a_prometheus_server_reads_the_running_demos_counters(tmp_path: Path) -> None:
+    """`guard demo` left running: a real Prometheus scrapes the sidecar it started and
+    reads back the blocked request's counters; SIGTERM then stops both cleanly."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guard", "demo", "--port", "0", "--state", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    output: list[str] = []
+    prometheus = None
+    try:
+        while not any("Ctrl-C stops both" in line for line in output[-3:]):
+            try:
+                output.append(lines.get(timeout=300))
+            except queue.Empty:
+                pytest.fail("guard demo did not finish its script:\n" + "".join(output))
+            assert process.poll() is None or not lines.empty(), "".join(output)
+        text = "".join(output)
+        check_trace_walk(text)
+        match = re.search(r"metrics on http://([0-9.:]+)/metrics", text)
+        assert match, text
+        prometheus = Prometheus(tmp_path, match.group(1))
+        prometheus.wait_value('up{job="guard"}', 1)
+        prometheus.wait_value('sum(guard_decisions_total{guard_decision_action="abort"})', 1)
+        prometheus.wait_value('sum(guard_findings_total{guard_detector="jailbreak"})', 1)
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        reader.join(10)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert code == 0, "".join(output)

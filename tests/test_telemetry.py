@@ -21,9 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from guard import Decision, FeatureBatch, FeatureRequest, Finding, hookimpl
@@ -78,31 +76,6 @@ class Sink:
     @hookimpl
     def guard_record(self, decision: Decision) -> None:
         self.decisions.append(decision)
-
-
-@pytest.fixture(scope="session")
-def tracer_provider() -> TracerProvider:
-    """OpenTelemetry's global provider for this test process (globals are set once)."""
-    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
-    trace.set_tracer_provider(provider)
-    if trace.get_tracer_provider() is not provider:
-        pytest.skip("another global tracer provider is already set in this process")
-    return provider
-
-
-@pytest.fixture(scope="session")
-def session_spans(tracer_provider: TracerProvider) -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
-@pytest.fixture
-def spans(session_spans: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
-    """The spans finished during one test."""
-    session_spans.clear()
-    yield session_spans
-    session_spans.clear()
 
 
 @pytest.fixture
@@ -171,17 +144,23 @@ def host_span(provider: TracerProvider) -> tuple[trace.Span, list[tuple[str, str
     return span, sorted(carrier.items())
 
 
-def by_name(exporter: InMemorySpanExporter) -> dict[str, list[ReadableSpan]]:
+def by_name(exporter: InMemorySpanExporter, in_trace: int | None = None
+            ) -> dict[str, list[ReadableSpan]]:
+    """Finished spans by name; only those of trace ``in_trace`` when given (a span of an
+    earlier test, such as a sink's record span ending late, is not this test's)."""
     found: dict[str, list[ReadableSpan]] = {}
     for span in exporter.get_finished_spans():
-        found.setdefault(span.name, []).append(span)
+        if in_trace is None or (span.context is not None
+                                and span.context.trace_id == in_trace):
+            found.setdefault(span.name, []).append(span)
     return found
 
 
-def wait_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+def wait_span(exporter: InMemorySpanExporter, name: str, in_trace: int | None = None
+              ) -> ReadableSpan:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        named = by_name(exporter).get(name)
+        named = by_name(exporter, in_trace).get(name)
         if named:
             return named[0]
         time.sleep(0.01)
@@ -223,9 +202,9 @@ def test_a_blocked_batch_is_a_child_of_the_hosts_span(
     assert reply.action == pb.ACTION_ABORT
     wait_span(spans, "guard.plugin.record")  # the sink runs on its own thread
 
-    named = by_name(spans)
-    (batch,) = named["guard.inspect"]
     host_context = host.get_span_context()
+    named = by_name(spans, host_context.trace_id)
+    (batch,) = named["guard.inspect"]
     assert trace_id(batch) == host_context.trace_id  # one trace, host to sidecar
     assert parent_id(batch) == host_context.span_id
     assert batch.kind is SpanKind.SERVER

@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 import pytest
 
+from guard.otlp_receiver import OtlpReceiver, attributes
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import HOOK, make_batch
-from tests.otlp_receiver import OtlpReceiver, attributes
 from tests.test_serve_process import GuardProcess
 
 pytestmark = pytest.mark.slow

@@ -75,6 +75,9 @@ class Verdict:
     #: Why the failure policy decided (the fault, with the guard's own message when it sent
     #: one); "" when the guard decided.
     reason: str = ""
+    #: Why the failure policy decided: ``unavailable``, ``timeout``, ``error`` or
+    #: ``protocol``; "" when the guard decided.
+    cause: str = ""
 
     @property
     def decided_by_policy(self) -> bool:
@@ -100,7 +103,7 @@ def policy_verdict(
                 cause_count=cause_count)
     return Verdict(action=action, source=source, request_id=item.request_id,
                    sequence=item.sequence, details=reason if action is Action.ABORT else "",
-                   positions=tuple(item.positions), reason=reason)
+                   positions=tuple(item.positions), reason=reason, cause=cause)
 
 
 def reply_to_verdict(

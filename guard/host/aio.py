@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from types import TracebackType
 from typing import Literal
 
+import grpc
 import numpy as np
 import structlog
 from grpc import aio
 from numpy.typing import NDArray
 
 from guard.decision import Phase
+from guard.host import tracing
 from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -51,6 +55,7 @@ from guard.host.client import (
     stream_config,
     unavailable_reason,
 )
+from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 
@@ -76,8 +81,10 @@ class _AioStream:
 
     def __init__(self, stub: pb_grpc.GuardAsyncStub, options: ClientOptions,
                  counters: CounterBox, outbox: _Outbox,
-                 metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+                 metadata: tuple[tuple[str, str | bytes], ...] | None,
+                 shm: HostRegion | None = None) -> None:
         self.options = options
+        self.shm = StreamShm(shm)
         self.counters = counters
         self.outbox = outbox
         self.finished = False
@@ -96,6 +103,7 @@ class _AioStream:
             return None
         self._next_sequence += 1
         item.sequence = sequence
+        self.shm.bind(sequence, item.shm)
         self.outbox.put_nowait(item)  # unbounded: each INLINE caller waits for its reply
         return future
 
@@ -106,7 +114,8 @@ class _AioStream:
     async def _write(self) -> None:
         monitor = self.options.mode == "monitor"
         try:
-            await self.call.write(pb.InspectRequest(config=stream_config(self.options)))
+            await self.call.write(
+                pb.InspectRequest(config=self.shm.configure(stream_config(self.options))))
             while True:
                 item = await self.outbox.get()
                 try:
@@ -116,6 +125,7 @@ class _AioStream:
                     if monitor:  # INLINE batches got theirs in submit()
                         item.sequence = self._next_sequence + item.gap_before
                         self._next_sequence = item.sequence + 1
+                        self.shm.bind(item.sequence, item.shm)
                     self.counters.add("sent")
                     await self.call.write(item.to_request())
                 finally:
@@ -159,13 +169,15 @@ class _AioStream:
         for future in self.pending.close(reason):
             if not future.done():
                 future.set_result(_Failure("unavailable", unavailable_reason(reason)))
+        self.shm.close(reason, self.replies)
 
 
 class AsyncGuardClient:
     """The asyncio twin of :class:`guard.host.GuardClient`; same parameters and verdicts.
 
     ``await inspect(...)`` waits for the guard's verdict in INLINE mode; in MONITOR mode it
-    queues the batch without awaiting anything and returns at once.
+    queues the batch without awaiting anything and returns at once. ``shared_memory`` as on
+    the sync client (the region file is created here, unlinked by :meth:`close`).
     """
 
     def __init__(
@@ -187,7 +199,10 @@ class AsyncGuardClient:
         metadata: MetadataHook | None = None,
         trace_context: TraceContextHook | None = None,
         on_reply: ReplyHook | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        shared_memory: str | PathLike[str] | SharedMemory | None = None,
     ) -> None:
+        shm_spec = SharedMemory.of(shared_memory)
         self._options = ClientOptions.build(
             target, mode=mode, hooks=hooks, failure_policy=failure_policy,
             deadline_ms=deadline_ms, queue_size=queue_size, host_name=host_name,
@@ -195,9 +210,12 @@ class AsyncGuardClient:
             reconnect_backoff_max_ms=reconnect_backoff_max_ms,
             reconnect_jitter=reconnect_jitter, max_message_bytes=max_message_bytes,
             wire_dtype=wire_dtype, reset_after_late=reset_after_late, metadata=metadata,
-            trace_context=trace_context, on_reply=on_reply,
+            trace_context=trace_context, on_reply=on_reply, credentials=credentials,
         )
         self._counters = CounterBox()
+        #: The shared-memory region (``shared_memory=``), or None: rows travel as bytes.
+        self._shm = HostRegion(shm_spec, self._counters) if shm_spec is not None else None
+        self._place = self._shm.place if self._shm is not None else None
         # The channel belongs to an event loop: it is made on the first call, inside it.
         self._channel: aio.Channel | None = None
         self._stub: pb_grpc.GuardAsyncStub | None = None
@@ -244,12 +262,29 @@ class AsyncGuardClient:
         """See :meth:`guard.host.GuardClient.inspect`."""
         timeout = deadline_seconds(self._options, deadline_ms)
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
-                             phase, attributes)
+                             phase, attributes, place=self._place)
+        span = tracing.start_inspect_span(request_id, hook, len(item.positions),
+                                          self._options.mode)
+        tracing.inject(span, item.attributes)  # the guard's batch span becomes its child
+        started = time.perf_counter()
+        try:
+            verdict = await self._decide(item, timeout)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.end()
+            raise
+        tracing.end_inspect_span(span, verdict, self._options.mode,
+                                 time.perf_counter() - started)
+        return verdict
+
+    async def _decide(self, item: BatchItem, timeout: float) -> Verdict:
+        """The verdict on one prepared batch: the guard's, or the failure policy's."""
         if self._monitor_outbox is not None:
             return self._enqueue(self._monitor_outbox, item)
         stream = self._live_stream()
         future = stream.submit(item) if stream is not None else None
         if stream is None or future is None:
+            release_unsent(item.shm)
             why = stream.end_reason if stream is not None else self._down_reason()
             return policy_verdict(self._options, self._counters, item, "unavailable",
                                   unavailable_reason(why))
@@ -312,6 +347,8 @@ class AsyncGuardClient:
                 self._counters.add("dropped", left)
         if self._channel is not None:
             await self._channel.close(None)
+        if self._shm is not None:
+            self._shm.close()  # unmapped and unlinked
         counts = self._counters.snapshot()
         log.info("guard client closed", target=self._options.target, sent=counts.sent,
                  fail_open=counts.fail_open, fail_closed=counts.fail_closed,
@@ -333,8 +370,10 @@ class AsyncGuardClient:
         try:
             outbox.put_nowait(item)
         except asyncio.QueueFull:
+            release_unsent(item.shm)
             self._gap += 1
             dropped = self._counters.add("dropped")
+            tracing.instruments().monitor_dropped.add(1)
             if not self._dropping:  # one line per episode, not one per batch
                 self._dropping = True
                 log.warning("monitor queue full: dropping the newest batches",
@@ -350,8 +389,7 @@ class AsyncGuardClient:
 
     def _ensure_stub(self) -> pb_grpc.GuardAsyncStub:
         if self._stub is None:
-            self._channel = aio.insecure_channel(self._options.target,
-                                                 options=self._options.channel_options())
+            self._channel = self._options.open_aio_channel()
             self._stub = pb_grpc.GuardStub(self._channel)
         return self._stub
 
@@ -372,7 +410,7 @@ class AsyncGuardClient:
     def _open_stream(self) -> _AioStream:
         outbox: _Outbox = self._monitor_outbox or asyncio.Queue()
         return _AioStream(self._ensure_stub(), self._options, self._counters, outbox,
-                          call_metadata(self._options))
+                          call_metadata(self._options), self._shm)
 
     def _is_closed(self) -> bool:
         return self._closed
@@ -401,6 +439,7 @@ class AsyncGuardClient:
             log.info("guard stream reopened", target=options.target, reconnects=reconnects)
 
     def _on_reply(self, stream: _AioStream, reply: pb.InspectResponse) -> None:
+        stream.shm.on_reply(reply)  # a delta in shared memory is copied out, the slot freed
         if self._options.mode == "monitor":
             self._on_monitor_reply(reply)
             return

@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import structlog
+from opentelemetry.trace import Status, StatusCode
 
 from guard.decision import Action
 from guard.host import Verdict
+from guard.host.tracing import generation_span
 
 if TYPE_CHECKING:
     import torch
@@ -126,15 +128,35 @@ class Attachment:
 
     @contextmanager
     def request(self, request_id: str | None = None) -> Iterator[str]:
-        """Label the forward passes inside the block with one request id."""
+        """Label the forward passes inside the block with one request id, inside one
+        ``guard.host.generation`` span (a child of the current span; each inspected batch's
+        ``guard.host.inspect`` span is its child; see :mod:`guard.host.tracing`)."""
         rid = request_id or uuid.uuid4().hex
         previous = self._state
         self._state = _RequestState(rid, explicit=True)
         self.aborted = None
         try:
-            yield rid
+            with generation_span(rid) as span:
+                try:
+                    yield rid
+                except GuardAbort:  # a decision, not a fault: the span status stays unset
+                    raise
+                except BaseException as exc:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    raise
+                finally:
+                    self._record_abort(span)
         finally:
             self._state = previous
+
+    def _record_abort(self, span: Any) -> None:
+        """Put the ABORT that stopped the generation (if any) on its span."""
+        aborted = self.aborted
+        if aborted is not None and span.is_recording():
+            span.set_attributes({"guard.decision.action": "abort",
+                                 "guard.decision.id": aborted.decision_id,
+                                 "guard.verdict.source": aborted.source})
 
     def stopping_criteria(self) -> Any:
         """A transformers StoppingCriteriaList that stops when the guard aborted."""

@@ -20,8 +20,10 @@ breaks), and gRPC's own sender thread, which takes batches from an outbox.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from os import PathLike
 from types import TracebackType
 from typing import Literal
 
@@ -32,6 +34,7 @@ from numpy.typing import NDArray
 
 from guard.decision import Action, Phase
 from guard.errors import GuardError
+from guard.host import tracing
 from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -53,6 +56,7 @@ from guard.host._verdict import (
     policy_verdict,
     reply_to_verdict,
 )
+from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 
@@ -187,8 +191,10 @@ class _Stream:
     """One Inspect call: the StreamConfig, then batches from the outbox."""
 
     def __init__(self, stub: pb_grpc.GuardStub, options: ClientOptions, counters: CounterBox,
-                 outbox: _Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+                 outbox: _Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None,
+                 shm: HostRegion | None = None) -> None:
         self.options = options
+        self.shm = StreamShm(shm)
         self.counters = counters
         self.outbox = outbox
         self.finished = threading.Event()
@@ -201,12 +207,13 @@ class _Stream:
         self.call = stub.Inspect(self._requests(), metadata=metadata)
 
     def _requests(self) -> Iterator[pb.InspectRequest]:
-        yield pb.InspectRequest(config=stream_config(self.options))
+        yield pb.InspectRequest(config=self.shm.configure(stream_config(self.options)))
         monitor = self.options.mode == "monitor"
         while (item := self.outbox.take(self.finished)) is not None:
             if monitor:  # INLINE batches got theirs in submit()
                 item.sequence = self._next_sequence + item.gap_before
                 self._next_sequence = item.sequence + 1
+                self.shm.bind(item.sequence, item.shm)
             self.counters.add("sent")
             yield item.to_request()
 
@@ -219,8 +226,10 @@ class _Stream:
                 return None
             self._next_sequence += 1
             item.sequence = sequence
+            self.shm.bind(sequence, item.shm)
             if not self.outbox.offer(item):  # the client is closing
                 self.pending.remove(sequence)
+                self.shm.release(sequence)
                 return None
         return slot
 
@@ -248,6 +257,7 @@ class _Stream:
         self.outbox.wake()
         for slot in self.pending.close(reason):
             slot.fail("unavailable", unavailable_reason(reason))
+        self.shm.close(reason, self.replies)
         return reason
 
 
@@ -275,9 +285,18 @@ class GuardClient:
         metadata (the stream is shared by many requests: per-request context belongs in
         ``trace_context``).
     :param trace_context: called on the caller's thread for every batch; its entries (W3C
-        ``traceparent``/``tracestate``) are added to the batch's attributes. The hook point
-        of the observability work; nothing is traced here.
+        ``traceparent``/``tracestate``) are added to the batch's attributes. Not needed with
+        OpenTelemetry: each batch gets a ``guard.host.inspect`` span whose context travels
+        in the batch's attributes (:mod:`guard.host.tracing`); a ``traceparent`` from this
+        hook wins over it (for applications that trace with something else).
     :param on_reply: MONITOR: called with each guard verdict, on the client's thread.
+    :param credentials: TLS for a guard's TCP listener with ``server.tls``
+        (:func:`guard.host.tls_credentials` builds them from PEM files: the CA, and for mutual
+        TLS this host's certificate and key); None: plaintext (the in-pod Unix socket).
+    :param shared_memory: the in-pod fast path (opt-in): a memory-backed folder that the
+        guard also sees (``"/dev/shm"``) or a :class:`guard.host.shm.SharedMemory`. Rows then
+        travel in a region file (created here, unlinked by :meth:`close`) and only a reference
+        goes over gRPC; see :mod:`guard.host.shm`.
     """
 
     def __init__(
@@ -299,7 +318,10 @@ class GuardClient:
         metadata: MetadataHook | None = None,
         trace_context: TraceContextHook | None = None,
         on_reply: ReplyHook | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        shared_memory: str | PathLike[str] | SharedMemory | None = None,
     ) -> None:
+        shm_spec = SharedMemory.of(shared_memory)
         self._options = ClientOptions.build(
             target, mode=mode, hooks=hooks, failure_policy=failure_policy,
             deadline_ms=deadline_ms, queue_size=queue_size, host_name=host_name,
@@ -307,12 +329,14 @@ class GuardClient:
             reconnect_backoff_max_ms=reconnect_backoff_max_ms,
             reconnect_jitter=reconnect_jitter, max_message_bytes=max_message_bytes,
             wire_dtype=wire_dtype, reset_after_late=reset_after_late, metadata=metadata,
-            trace_context=trace_context, on_reply=on_reply,
+            trace_context=trace_context, on_reply=on_reply, credentials=credentials,
         )
         self._counters = CounterBox()
+        #: The shared-memory region (``shared_memory=``), or None: rows travel as bytes.
+        self._shm = HostRegion(shm_spec, self._counters) if shm_spec is not None else None
+        self._place = self._shm.place if self._shm is not None else None
         # gRPC channels connect lazily: nothing happens on the network until the first batch.
-        self._channel = grpc.insecure_channel(target,
-                                              options=self._options.channel_options())
+        self._channel = self._options.open_channel()
         self._stub = pb_grpc.GuardStub(self._channel)
         self._lock = threading.Lock()
         self._closed = False
@@ -367,12 +391,29 @@ class GuardClient:
         """
         timeout = deadline_seconds(self._options, deadline_ms)
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
-                             phase, attributes)
+                             phase, attributes, place=self._place)
+        span = tracing.start_inspect_span(request_id, hook, len(item.positions),
+                                          self._options.mode)
+        tracing.inject(span, item.attributes)  # the guard's batch span becomes its child
+        started = time.perf_counter()
+        try:
+            verdict = self._decide(item, timeout)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.end()
+            raise
+        tracing.end_inspect_span(span, verdict, self._options.mode,
+                                 time.perf_counter() - started)
+        return verdict
+
+    def _decide(self, item: BatchItem, timeout: float) -> Verdict:
+        """The verdict on one prepared batch: the guard's, or the failure policy's."""
         if self._monitor_outbox is not None:
             return self._enqueue(self._monitor_outbox, item)
         stream = self._live_stream()
         slot = stream.submit(item) if stream is not None else None
         if stream is None or slot is None:
+            release_unsent(item.shm)
             why = stream.end_reason if stream is not None else self._down_reason()
             return policy_verdict(self._options, self._counters, item, "unavailable",
                                   unavailable_reason(why))
@@ -421,6 +462,8 @@ class GuardClient:
             if left:
                 self._counters.add("dropped", left)
         self._channel.close()
+        if self._shm is not None:
+            self._shm.close()  # unmapped and unlinked
         counts = self._counters.snapshot()
         log.info("guard client closed", target=self._options.target, sent=counts.sent,
                  fail_open=counts.fail_open, fail_closed=counts.fail_closed,
@@ -444,7 +487,9 @@ class GuardClient:
                 log.info("monitor queue accepting batches again",
                          dropped=self._counters.snapshot().dropped)
         else:
+            release_unsent(item.shm)
             dropped = self._counters.add("dropped")
+            tracing.instruments().monitor_dropped.add(1)
             if not self._dropping:  # one line per episode, not one per batch
                 self._dropping = True
                 log.warning("monitor queue full: dropping the newest batches",
@@ -474,7 +519,7 @@ class GuardClient:
     def _open_stream(self) -> _Stream:
         outbox = self._monitor_outbox or _Outbox(None)
         return _Stream(self._stub, self._options, self._counters, outbox,
-                       call_metadata(self._options))
+                       call_metadata(self._options), self._shm)
 
     def _is_closed(self) -> bool:
         with self._lock:
@@ -505,6 +550,7 @@ class GuardClient:
             log.info("guard stream reopened", target=options.target, reconnects=reconnects)
 
     def _on_reply(self, stream: _Stream, reply: pb.InspectResponse) -> None:
+        stream.shm.on_reply(reply)  # a delta in shared memory is copied out, the slot freed
         if self._options.mode == "monitor":
             self._on_monitor_reply(reply)
             return

@@ -13,6 +13,7 @@ OpenAI-style JSON error body.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import time
@@ -24,10 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from guard.host.attach import Attachment, GuardAbort
 
 log = structlog.get_logger("guard.demo")
+_TRACER = trace.get_tracer("guard.host.server")
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_BODY_BYTES = 1 << 20
@@ -109,6 +113,8 @@ class Generation:
     actions: list[str] = field(default_factory=list)
     #: The generation hit max_tokens.
     truncated: bool = False
+    #: The trace this request was served in ("" without an OpenTelemetry SDK).
+    trace_id: str = ""
 
     @property
     def finish_reason(self) -> str:
@@ -122,6 +128,8 @@ class Generation:
             "decisions": len(self.decisions),
             "steered": "STEER" in self.actions,
         }
+        if self.trace_id:
+            summary["trace_id"] = self.trace_id
         if self.aborted is not None:
             verdict = self.aborted.verdict
             summary.update(action="ABORT", decision_id=verdict.decision_id,
@@ -158,6 +166,9 @@ class ChatService:
 
         with self._lock:
             generation = Generation(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+            span_context = trace.get_current_span().get_span_context()
+            if span_context.is_valid:
+                generation.trace_id = format(span_context.trace_id, "032x")
             input_ids = self._inputs(request)
             generation.prompt_tokens = int(input_ids.shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
@@ -188,7 +199,9 @@ class ChatService:
                 finally:
                     streamer.end()  # type: ignore[no-untyped-call]  # transformers is untyped here
 
-            worker = threading.Thread(target=run, name="guard-demo-generate", daemon=True)
+            # The worker continues this thread's trace (the HTTP request's span).
+            worker = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                                      name="guard-demo-generate", daemon=True)
             worker.start()
             for piece in streamer:
                 generation.text += piece
@@ -238,6 +251,7 @@ def make_handler(service: ChatService) -> type[BaseHTTPRequestHandler]:
 
         def _json(self, status: HTTPStatus, body: Mapping[str, Any]) -> None:
             raw = json.dumps(body).encode()
+            trace.get_current_span().set_attribute("http.response.status_code", int(status))
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
@@ -263,6 +277,16 @@ def make_handler(service: ChatService) -> type[BaseHTTPRequestHandler]:
                 self._error(BadRequest(f"no route POST {self.path}",
                                        status=HTTPStatus.NOT_FOUND))
                 return
+            # A server span per request, continuing the caller's W3C trace context if sent.
+            with _TRACER.start_as_current_span(
+                "POST /v1/chat/completions", context=propagate.extract(self.headers),
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "http.route": self.path,
+                            "url.path": self.path},
+            ):
+                self._chat()
+
+        def _chat(self) -> None:
             try:
                 length = int(self.headers.get("Content-Length", "0"))
             except ValueError:
@@ -292,6 +316,7 @@ def make_handler(service: ChatService) -> type[BaseHTTPRequestHandler]:
             self._json(HTTPStatus.OK, completion_body(generation, created))
 
         def _stream(self, request: ChatRequest, created: int) -> None:
+            trace.get_current_span().set_attribute("http.response.status_code", HTTPStatus.OK)
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
