@@ -34,7 +34,7 @@ NAMESPACE = "guard-ns"
 FULLNAME = f"{RELEASE}-activation-guard"
 GUARD = "activation-guard"
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-SOCKET = "unix:///var/run/guard/guard.sock"
+SOCKET = "unix:///var/run/guard/socket/guard.sock"
 #: Volume types the restricted Pod Security Standard allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                       "persistentVolumeClaim", "projected", "secret"}
@@ -453,7 +453,7 @@ def check_shared_socket(pod: Manifest, *, host: str, docs: list[Manifest]) -> No
     }
     assert mounts[host]["guard-socket"] == mounts[GUARD]["guard-socket"] == "/var/run/guard"
     listen = parsed_config(docs).server.listen
-    assert listen == f"unix://{mounts[GUARD]['guard-socket']}/guard.sock"
+    assert listen == f"unix://{mounts[GUARD]['guard-socket']}/socket/guard.sock"
     assert listen in container(pod, host)["args"]
     config_volume = volumes["guard-config"]["configMap"]["name"]
     assert config_volume == one(docs, "ConfigMap")["metadata"]["name"]

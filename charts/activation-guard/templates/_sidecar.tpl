@@ -9,13 +9,15 @@ README.md shows the few lines. Each renders a YAML fragment to `nindent` into pl
   activation-guard.sidecar.containers         the guard when it is not a native sidecar
   activation-guard.sidecar.volumes            socket, config, tmp, SAE and shared-memory volumes
   activation-guard.sidecar.hostVolumeMounts   what the host container mounts (socket, shm)
-  activation-guard.sidecar.socketAddress      unix:///var/run/guard/guard.sock, for the host
+  activation-guard.sidecar.socketAddress      unix:///var/run/guard/socket/guard.sock, for the host
   activation-guard.sidecar.terminationGracePeriodSeconds   checked to exceed the drain period
 */}}
 
-{{/* activation-guard.sidecar.socketAddress is the guard's gRPC address for the host. */}}
+{{/* activation-guard.sidecar.socketAddress is the guard's gRPC address for the host. The socket
+lives in a folder the guard creates (0750) inside the shared emptyDir: Kubernetes makes an
+emptyDir writable by everyone, where another process could replace the socket file. */}}
 {{- define "activation-guard.sidecar.socketAddress" -}}
-{{- printf "unix://%s/guard.sock" (clean .Values.socket.mountPath) }}
+{{- printf "unix://%s/socket/guard.sock" (clean .Values.socket.mountPath) }}
 {{- end }}
 
 {{/* activation-guard.sidecar.podLabels are map entries for the pod template's labels. */}}
