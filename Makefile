@@ -44,12 +44,19 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/guard demo $(DEMO_ARGS)
 
-## make bench: the benchmarks in bench/ (installs the CPU torch wheel for references).
+## make bench: every benchmark in bench/, each against its in-run reference, writing its
+## section of bench/RESULTS.md and its headline ratios; then the summary page and plot.
+## Long (tens of minutes): run it on an idle machine.
 bench: $(STAMP)
-	$(PY) -m bench.transport
-	$(PY) -m bench.tracing
-	$(PY) -m bench.sae_encode
-	$(PY) -m bench.host_overhead
+	$(PY) -m bench.transport --write-results
+	$(PY) -m bench.shm --write-results
+	$(PY) -m bench.sae_encode --write-results
+	$(PY) -m bench.e2e --write-results
+	$(PY) -m bench.tracing --write-results
+	$(PY) -m bench.host_overhead --write-results
+	$(PY) -m bench.soak --write-results
+	$(PY) -m bench.faults --write-results
+	$(PY) -m bench.summary
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

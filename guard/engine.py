@@ -18,12 +18,15 @@ leaves the old one in force.
 from __future__ import annotations
 
 import contextvars
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import structlog
@@ -55,6 +58,8 @@ from guard.steering import build_delta
 log = structlog.get_logger(__name__)
 
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class Engine:
                                          "steering_conflicts": 0, "reloads": 0,
                                          "reloads_rejected": 0}
         self._pipeline = self._start(plugins_config)
-        self._executor = futures.ThreadPoolExecutor(thread_name_prefix="guard-plugins")
+        self._executor = DaemonExecutor("guard-plugins")
         self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
         self.instruments.watch(self)
 
@@ -307,6 +312,11 @@ class Engine:
         and set in :data:`guard.instrumentation.DECISION_ID`, so that every log line of the
         batch (plugins' included) carries it. Telemetry work that can wait until the reply is
         sent is appended to ``deferred`` when given (done at once otherwise).
+
+        ``batch.rows`` may be a read-only view on the host's shared memory (:mod:`guard.shm`),
+        which the host reuses once the reply is sent: nothing here keeps the rows past the
+        return (plugins get encoded features, records get the decision); a future consumer
+        that must keep rows takes ``batch.rows.copy()``.
         """
         decision_id = new_decision_id()
         token = DECISION_ID.set(decision_id)
@@ -501,8 +511,72 @@ class Engine:
     def close(self, timeout: float | None = 30.0) -> None:
         """Deliver every accepted record, then call guard_shutdown."""
         self._records.close(timeout)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(cancel_futures=True)
         self._pipeline.plugins.shutdown()
+
+
+class DaemonExecutor:
+    """The thread pool of the plugin runs: like ``ThreadPoolExecutor``, but on daemon threads.
+
+    ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so one plugin call
+    that never returns (a deadlock, a network call without a timeout) would keep the guard
+    from exiting after its drain, however long it waits; such a call is left behind here.
+    """
+
+    def __init__(self, name: str, max_workers: int | None = None) -> None:
+        self._name = name
+        self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._work: queue.SimpleQueue[tuple[futures.Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue())
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+               ) -> futures.Future[T]:
+        future: futures.Future[T] = futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot run plugins after the engine was closed")
+            self._work.put((future, partial(fn, *args, **kwargs)))
+            # An idle worker takes it; otherwise a new one, up to the limit (as
+            # ThreadPoolExecutor does).
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(target=self._worker, daemon=True,
+                                          name=f"{self._name}_{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _worker(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn  # no reference kept while idle
+            self._idle.release()
+
+    def shutdown(self, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once they are idle (never waits for them)."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
 
 
 def _defer(deferred: list[Callable[[], object]] | None, work: Callable[[], object]) -> None:

@@ -3,13 +3,15 @@
 Policy when the queue is full: the new record is dropped (never the hot path blocked, never
 an accepted record lost from the middle of the queue), ``dropped`` is incremented and a
 warning is logged for the first drop and every 1000th after. Every record accepted into the
-queue reaches the sinks: :meth:`RecordQueue.close` drains the queue before it returns.
+queue reaches the sinks: :meth:`RecordQueue.close` drains the queue before it returns (a sink
+that hangs past the close timeout is given up on, and the records it holds up are logged).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -76,12 +78,25 @@ class RecordQueue:
             self.delivered += 1
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop accepting, deliver everything already accepted, then stop the thread."""
+        """Stop accepting, deliver everything already accepted, then stop the thread.
+
+        Waits at most ``timeout`` seconds (None: until drained). A sink that never returns
+        must not keep the guard from exiting: past the timeout, what is still queued is
+        logged as not delivered and left to the (daemon) thread.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_STOP)  # blocks only while the queue is full: the thread is draining
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            # Blocks only while the queue is full, that is while the thread is delivering.
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        else:
+            self._thread.join(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            log.error("record queue did not drain in time", pending=self._queue.qsize())
+            log.error("record queue did not drain in time", pending=self._queue.qsize(),
+                      timeout_s=timeout)
