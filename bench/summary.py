@@ -64,7 +64,7 @@ def table(headlines: list[Headline]) -> str:
     rows = []
     for h in headlines:
         goal = "" if h.target is None else (
-            f"{'<=' if h.better == 'lower' else '>='} {h.target:g} ({h.status})")
+            f"{'<=' if h.better == 'lower' else '>='} {h.target:.3g} ({h.status})")
         rows.append([f"`{h.bench}`", h.label, f"{h.ratio:.3g}x", h.reference, goal,
                      h.date])
     return markdown_table(["bench", "ratio of", "ratio", "reference (same run)", "target",
