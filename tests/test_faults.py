@@ -498,6 +498,7 @@ def test_oversized_batch_gets_a_per_batch_error_and_streams_go_on(
     huge = ask(big, "huge", rng.normal(size=(64, D_IN)).astype(np.float32))
     assert huge.source == "fail_closed" and huge.action is Action.ABORT
     assert "RESOURCE_EXHAUSTED" in huge.reason
+    assert "server.max_message_bytes" in huge.reason  # the client names the option
     assert ask(other, "other-2").source == "guard"
     poll(lambda: ask(big, "again").source == "guard", WAIT_S, "the host to reconnect")
     assert other.counters.fail_closed == 0 and other.counters.reconnects == 0

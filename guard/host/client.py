@@ -89,7 +89,13 @@ def status_text(error: grpc.RpcError) -> str:
     """``CODE: details`` of a failed call (sync or asyncio)."""
     code, details = getattr(error, "code", None), getattr(error, "details", None)
     if callable(code) and callable(details):
-        return f"{code().name}: {details()}"
+        text = f"{code().name}: {details()}"
+        if code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in text:
+            # gRPC's own transport limit (2 x server.max_message_bytes) ended the stream.
+            text += (" (a message above the guard's transport limit, twice its "
+                     "server.max_message_bytes: send fewer rows per batch, or raise "
+                     "server.max_message_bytes and this client's max_message_bytes)")
+        return text
     return str(error) or type(error).__name__
 
 
