@@ -735,22 +735,44 @@ def test_client_removes_its_region_file_on_close(
     assert list(folder.iterdir()) == []
 
 
-def test_client_sends_bytes_once_the_guard_refuses_the_region(
-        tmp_path: Path, sae_dir: Path) -> None:
-    """A guard with shared memory off: the first stream is refused (that batch gets the
-    failure policy), the client falls back to bytes and the guard decides from then on."""
-    folder = tmp_path / "shm"
-    folder.mkdir()
-    config = GuardConfig(
+def shm_off_config(tmp_path: Path, sae_dir: Path) -> GuardConfig:
+    return GuardConfig(
         server=ServerConfig(listen=f"unix://{tmp_path}/guard.sock", drain_grace_seconds=0),
         logging=LoggingConfig(level="warning"),
         saes=(SaeConfig(path=sae_dir, features="all"),),
         plugins=PluginsConfig(autoload=False),
     )
-    with serving(config) as server, GuardClient(
+
+
+def test_client_asks_describe_and_sends_bytes_to_a_guard_without_shared_memory(
+        tmp_path: Path, sae_dir: Path) -> None:
+    """A guard with shared memory off (or one that predates it) lists no shared-memory
+    folders in Describe: the client never registers its region and every batch, the first
+    included, is decided by the guard from bytes."""
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    with serving(shm_off_config(tmp_path, sae_dir)) as server, GuardClient(
+            server.addresses[0], hooks=[HOOK], deadline_ms=30_000,
+            shared_memory=str(folder)) as client:
+        assert client._shm is not None
+        first = client.inspect("req", HOOK, x(), [0, 1, 2])
+        assert first.source == "guard" and first.action is Action.CONTINUE
+        assert not client._shm.enabled
+        assert client.counters.shm_fallbacks == 1 and client.counters.shm_batches == 0
+
+
+def test_client_sends_bytes_once_the_guard_refuses_the_region(
+        tmp_path: Path, sae_dir: Path) -> None:
+    """When the guard refuses the region anyway (Describe said yes, the registration then
+    failed), the first stream ends (that batch gets the failure policy), the client falls
+    back to bytes and the guard decides from then on."""
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    with serving(shm_off_config(tmp_path, sae_dir)) as server, GuardClient(
             server.addresses[0], hooks=[HOOK], deadline_ms=30_000, reconnect_backoff_ms=10,
             shared_memory=str(folder)) as client:
         assert client._shm is not None
+        client._shm.confirmed = True  # as if Describe had listed the folder
         first = client.inspect("req", HOOK, x(), [0, 1, 2])
         assert first.source == "fail_open"
         wait_until(lambda: client._shm is not None and not client._shm.enabled)

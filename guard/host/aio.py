@@ -261,6 +261,12 @@ class AsyncGuardClient:
     ) -> Verdict:
         """See :meth:`guard.host.GuardClient.inspect`."""
         timeout = deadline_seconds(self._options, deadline_ms)
+        region = self._shm
+        if region is not None and region.needs_check and self._keeper is None:
+            # Before the first stream: does the guard take this region (Describe)?
+            with contextlib.suppress(aio.AioRpcError):
+                region.check_guard(await self._ensure_stub().Describe(pb.DescribeRequest(),
+                                                                      timeout=5.0))
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
                              phase, attributes, place=self._place)
         span = tracing.start_inspect_span(request_id, hook, len(item.positions),

@@ -19,6 +19,7 @@ breaks), and gRPC's own sender thread, which takes batches from an outbox.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -396,6 +397,8 @@ class GuardClient:
         :class:`ClientClosedError` after :meth:`close`.
         """
         timeout = deadline_seconds(self._options, deadline_ms)
+        if self._keeper is None:
+            self._check_shm()  # before the first batch is placed in the region
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
                              phase, attributes, place=self._place)
         span = tracing.start_inspect_span(request_id, hook, len(item.positions),
@@ -522,7 +525,16 @@ class GuardClient:
         stream = self._stream
         return stream.end_reason if stream is not None else "no stream"
 
+    def _check_shm(self) -> None:
+        """Ask the guard (Describe) whether it takes the region, before a stream registers
+        it; when the guard is down, the next stream asks again."""
+        region = self._shm
+        if region is not None and region.needs_check:
+            with contextlib.suppress(grpc.RpcError):
+                region.check_guard(self._stub.Describe(pb.DescribeRequest(), timeout=5.0))
+
     def _open_stream(self) -> _Stream:
+        self._check_shm()
         outbox = self._monitor_outbox or _Outbox(None)
         return _Stream(self._stub, self._options, self._counters, outbox,
                        call_metadata(self._options), self._shm)

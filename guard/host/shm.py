@@ -217,6 +217,8 @@ class HostRegion:
         self._array: NDArray[np.uint8] | None = np.frombuffer(self._map, dtype=np.uint8)
         self.allocator = RingAllocator(spec.size_bytes)
         self._disabled = ""
+        #: The guard said (Describe) that it accepts regions in this folder.
+        self.confirmed = False
         self._full = False
         self._lock = threading.Lock()
         log.info("shared-memory region created", path=self.path, size_bytes=spec.size_bytes,
@@ -259,6 +261,24 @@ class HostRegion:
     def read(self, offset: int, length: int) -> bytes:
         array = self._array
         return b"" if array is None else array[offset:offset + length].tobytes()
+
+    @property
+    def needs_check(self) -> bool:
+        """Still to ask the guard (Describe) whether it accepts this region."""
+        return self.enabled and not self.confirmed
+
+    def check_guard(self, described: pb.DescribeResponse) -> None:
+        """Keep the region only if the guard lists its folder in ``shared_memory_dirs``: a
+        guard that predates shared memory, or has it off, would answer every batch sent by
+        reference with an error (the failure policy's), not fall back to bytes."""
+        folder = os.path.realpath(os.path.dirname(self.path))
+        dirs = [os.path.realpath(d) for d in described.shared_memory_dirs]
+        if any(folder == d or folder.startswith(d.rstrip("/") + "/") for d in dirs):
+            self.confirmed = True
+            return
+        self.disable(f"the guard's Describe lists {dirs or 'no'} shared-memory folders, not "
+                     f"{folder} (a guard without shared memory, or server.shared_memory off "
+                     "or with other allowed_dirs)")
 
     def disable(self, reason: str) -> None:
         """The guard refused the region: send bytes from now on."""
