@@ -19,9 +19,11 @@ import ipaddress
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -31,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from guard import __version__, codec
 from guard.config import GuardConfig, ServerConfig
 from guard.engine import Engine
-from guard.errors import GuardError, NotReady, status_code
+from guard.errors import GuardError, InvalidInput, NotReady, status_code
 from guard.instrumentation import extract_context
 from guard.stream import PROTOCOL_VERSION, InspectStream, StreamEnded
 from guard.v1 import guard_pb2 as pb
@@ -40,6 +42,9 @@ from guard.v1 import guard_pb2_grpc as pb_grpc
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Guard"].full_name
+#: Seconds past the drain grace that stop() waits for gRPC to finish its shutdown.
+STOP_MARGIN_S = 10.0
+T = TypeVar("T")
 #: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
 #: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
 TRANSPORT_HEADROOM = 2
@@ -103,6 +108,51 @@ def _group_id(group: str) -> int:
         raise ListenError(f"server.socket_group: no group named {group!r}") from None
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not the expected message (gRPC hands it on instead of
+    failing the call itself: see :func:`_tolerant`)."""
+
+    reason: str
+
+
+def _tolerant(message: type[T]) -> Callable[[bytes], T | Undecodable]:
+    """A request deserializer that never raises. grpcio answers a deserializer's exception
+    with INTERNAL "Exception deserializing request!", and (grpcio 1.85) that call then never
+    leaves the server's books, so ``server.stop()`` waited forever: one malformed message
+    from any peer blocked every later drain. The servicer rejects an :class:`Undecodable`
+    itself, with INVALID_ARGUMENT naming what was expected."""
+
+    def parse(raw: bytes) -> T | Undecodable:
+        try:
+            return message.FromString(raw)  # type: ignore[attr-defined, no-any-return]
+        except Exception as exc:  # protobuf's DecodeError, or anything a bad buffer raises
+            return Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+def add_to_server(servicer: GuardServicer, server: grpc.Server) -> None:
+    """Register ``guard.v1.Guard`` (as the generated function does, with tolerant request
+    deserializers)."""
+    handlers = {
+        "Inspect": grpc.stream_stream_rpc_method_handler(
+            servicer.Inspect, request_deserializer=_tolerant(pb.InspectRequest),
+            response_serializer=pb.InspectResponse.SerializeToString),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe, request_deserializer=_tolerant(pb.DescribeRequest),
+            response_serializer=pb.DescribeResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # The faster lookup the generated code also registers (grpc-stubs do not know it yet).
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
+def _not_a(message: str, number: int, undecodable: Undecodable) -> str:
+    return (f"message {number} on this call is not a {message} (protobuf could not decode "
+            f"its bytes: {undecodable.reason}); check that the host speaks guard.v1")
+
+
 class GuardServicer(pb_grpc.GuardServicer):
     """Serves guard.v1.Guard; answers UNAVAILABLE until an engine is set."""
 
@@ -117,7 +167,8 @@ class GuardServicer(pb_grpc.GuardServicer):
         return self.engine
 
     def Inspect(
-        self, request_iterator: Iterator[pb.InspectRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.InspectRequest | Undecodable],
+        context: grpc.ServicerContext,
     ) -> Iterator[pb.InspectResponse]:
         try:
             engine = self._ready_engine()
@@ -129,7 +180,10 @@ class GuardServicer(pb_grpc.GuardServicer):
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
                                parent, shared_memory=self._config.server.shared_memory)
         try:
-            for request in request_iterator:
+            for number, request in enumerate(request_iterator, 1):
+                if isinstance(request, Undecodable):
+                    raise StreamEnded(InvalidInput(_not_a("guard.v1.InspectRequest", number,
+                                                          request)))
                 reply = stream.handle(request)
                 if reply is not None:
                     yield reply
@@ -146,8 +200,11 @@ class GuardServicer(pb_grpc.GuardServicer):
                      skipped_sequences=counters.skipped_sequences)
 
     def Describe(
-        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+        self, request: pb.DescribeRequest | Undecodable, context: grpc.ServicerContext
     ) -> pb.DescribeResponse:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          _not_a("guard.v1.DescribeRequest", 1, request))
         try:
             engine = self._ready_engine()
         except NotReady as exc:
@@ -204,7 +261,7 @@ class GuardServer:
         )
         self.servicer = GuardServicer(config)
         self.health = health.HealthServicer()
-        pb_grpc.add_GuardServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if server_config.reflection:
             reflection.enable_server_reflection(
@@ -315,7 +372,10 @@ class GuardServer:
         grace = self.config.server.drain_grace_seconds if grace is None else grace
         log.info("draining", grace_seconds=grace)
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        if not self._server.stop(grace).wait(grace + STOP_MARGIN_S):
+            # gRPC's shutdown is stuck on a call it never finished: drain the records anyway.
+            log.error("gRPC server did not finish shutting down; going on with the drain",
+                      waited_s=grace + STOP_MARGIN_S)
         if self.servicer.engine is not None:
             self.servicer.engine.close()  # every accepted record reaches its sinks
         if self._health_server is not None:

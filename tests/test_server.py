@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -316,3 +317,42 @@ def test_steering_deltas_travel_in_the_batch_datatype(datatype: str) -> None:
     assert steering.delta.datatype == datatype
     decoded = codec.decode(datatype, steering.delta.shape, steering.delta.raw)
     np.testing.assert_array_equal(decoded, delta)  # these values are exact in every dtype
+
+
+def test_bytes_that_are_not_a_message_get_invalid_argument_and_the_drain_still_ends(
+    tmp_path: Path, sae_dir: Path
+) -> None:
+    """grpcio answers a request its deserializer cannot parse with INTERNAL and then never
+    finishes that call, so the server's stop() waited forever; the guard decodes requests
+    itself: INVALID_ARGUMENT naming the message, other streams unaffected, stop() returns."""
+    config = make_config(tmp_path, sae_dir)
+    server = GuardServer(config)
+    server.start()
+    server.set_ready(Engine.load(config))
+    stopped = threading.Event()
+    try:
+        with grpc.insecure_channel(server.addresses[0]) as channel:
+            raw_inspect = channel.stream_stream("/guard.v1.Guard/Inspect", None, None)
+            with pytest.raises(grpc.RpcError) as ended:
+                list(raw_inspect(iter([b"\xff\xff\xff"]), timeout=30))
+            assert ended.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "message 1 on this call is not a guard.v1.InspectRequest" in str(
+                ended.value.details())
+            raw_describe = channel.unary_unary("/guard.v1.Guard/Describe", None, None)
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_describe(b"\xff\xff\xff", timeout=30)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "guard.v1.DescribeRequest" in str(refused.value.details())
+            stream = StreamClient(channel)
+            stream.configure()
+            reply = stream.ask(make_batch(np.zeros((2, D_IN), np.float32)))
+            assert reply.action == pb.ACTION_CONTINUE
+            stream.close()
+    finally:
+        def stop() -> None:
+            server.stop(0)
+            stopped.set()
+
+        threading.Thread(target=stop, daemon=True).start()
+        # A liveness bound, not a timing: before the fix this waited forever.
+        assert stopped.wait(60), "GuardServer.stop(0) did not return"
