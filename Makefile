@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(PY) -m bench.host_overhead --write-results
 	$(PY) -m bench.soak --write-results
 	$(PY) -m bench.faults --write-results
+	$(PY) -m bench.fuzz --write-results
 	$(PY) -m bench.summary
 
 clean:

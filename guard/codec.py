@@ -21,6 +21,8 @@ from guard.errors import InvalidInput
 DATATYPES: Final[dict[str, int]] = {"F32": 4, "F16": 2, "BF16": 2}
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+_MAX_DIMS: Final = 64  # NumPy's limit on ndim
+_MAX_BYTES: Final = sys.maxsize
 _NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -35,11 +37,18 @@ def expected_nbytes(datatype: str, shape: Sequence[int]) -> int:
         raise InvalidInput(
             f"tensor datatype: expected one of {', '.join(DATATYPES)}, found {datatype!r}"
         )
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"tensor shape: expected at most {_MAX_DIMS} dimensions, "
+                           f"found {len(shape)}")
     count = 1
+    extent = itemsize  # NumPy refuses a shape whose nonzero sides overflow, even if empty
     for dim in shape:
         if dim < 0:
             raise InvalidInput(f"tensor shape: dimensions must be >= 0, found {list(shape)}")
         count *= dim
+        extent *= max(dim, 1)
+    if extent > _MAX_BYTES:
+        raise InvalidInput(f"tensor shape: {list(shape)} is too large for any array")
     return count * itemsize
 
 
@@ -102,6 +111,9 @@ def nonfinite_rows(array: NDArray[np.float32]) -> NDArray[np.intp]:
     # Fast path, one float32 reduction: NaN and Inf always propagate into the total, so a
     # finite total proves every row finite. A non-finite total (also from an overflow of
     # huge finite values) falls through to the exact per-row check.
-    if np.isfinite(array.sum(dtype=np.float32)):
+    # The overflow and Inf - Inf are expected here: no RuntimeWarning (an error under -W error).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = array.sum(dtype=np.float32)
+    if np.isfinite(total):
         return np.empty(0, dtype=np.intp)
     return np.flatnonzero(~np.isfinite(array).all(axis=1))

@@ -171,14 +171,16 @@ def checked_params(
 
 def finite_float32(path: Path, field: str, array: NDArray[Any]) -> FloatArray:
     """``array`` as float32, refusing NaN or infinite values (they poison every feature)."""
-    values = np.asarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond the float32 range becomes Inf: refused
+        values = np.asarray(array, dtype=np.float32)
     finite = np.isfinite(values)
     if not finite.all():
         bad = int(values.size - np.count_nonzero(finite))
         first = np.unravel_index(int(np.argmin(finite)), values.shape)
+        overflow = "" if values.dtype == array.dtype else " or beyond the float32 range"
         raise SaeFileError(
             path,
-            f"tensor {field!r}: expected finite values, found {bad} NaN/Inf "
+            f"tensor {field!r}: expected finite values, found {bad} NaN/Inf{overflow} "
             f"(first at index {list(map(int, first))})",
         )
     return values
@@ -206,3 +208,17 @@ def check_decoder(
             path, f"tensor {b_dec_name!r}: expected shape {[d_in]}, found {list(b_dec.shape)}"
         )
     return finite_float32(path, w_dec_name, w_dec), finite_float32(path, b_dec_name, b_dec)
+
+
+def check_folded(weights_path: Path, architecture: Architecture[Any], w_dec: FloatArray,
+                 b_dec: FloatArray) -> None:
+    """Every weight still finite after b_dec, scaling factors and norms were folded in."""
+    folded = {**architecture.params, "W_dec": w_dec, "b_dec": b_dec}
+    for name, array in folded.items():
+        if not np.isfinite(array).all():
+            raise SaeFileError(
+                weights_path,
+                f"tensor {name!r}: NaN/Inf once b_dec, the activation scaling factor and "
+                "decoder norms are folded in (values too large for float32; check "
+                "norm_scaling_factor, b_dec and W_dec)",
+            )

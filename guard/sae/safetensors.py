@@ -81,6 +81,9 @@ class SafetensorsFile:
             header = json.loads(raw_header)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SaeFileError(self.path, f"safetensors header is not valid JSON: {e}") from e
+        except RecursionError as e:  # nesting deeper than Python's recursion limit
+            raise SaeFileError(self.path, "safetensors header is not valid JSON: nested too "
+                                          "deeply") from e
         if not isinstance(header, dict):
             raise SaeFileError(self.path, "safetensors header: expected a JSON object")
         data_start = 8 + header_len
@@ -155,7 +158,17 @@ class SafetensorsFile:
         stored = self.raw(name)
         if self.entries[name].dtype == "BF16":
             return bf16_to_float32(stored)
-        return np.array(stored, dtype=np.float32)
+        with np.errstate(over="ignore"):  # F64 beyond the float32 range: refused below
+            out = np.array(stored, dtype=np.float32)
+        if self.entries[name].dtype == "F64":
+            overflow = np.isinf(out) & np.isfinite(stored)
+            if overflow.any():
+                raise SaeFileError(
+                    self.path,
+                    f"tensor {name!r}: F64 values beyond the float32 range "
+                    f"(e.g. {float(stored[overflow][0])!r})",
+                )
+        return out
 
     def float32_rows(self, name: str, rows: NDArray[np.int64]) -> NDArray[np.float32]:
         """Selected rows of a 2-D tensor as float32, reading only those rows from disk."""

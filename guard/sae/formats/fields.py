@@ -20,10 +20,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise SaeFileError(path, "file not found") from e
     except OSError as e:
         raise SaeFileError(path, f"cannot read file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise SaeFileError(path, f"not valid JSON: not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start})") from e
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise SaeFileError(path, f"not valid JSON: {e}") from e
+    except RecursionError as e:  # nesting deeper than Python's recursion limit
+        raise SaeFileError(path, "not valid JSON: nested too deeply") from e
     if not isinstance(value, dict):
         raise SaeFileError(path, f"expected a JSON object, found {type(value).__name__}")
     return value

@@ -24,6 +24,7 @@ computes them:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from guard.sae.model import (
     InputNormalization,
     SaeModel,
     check_decoder,
+    check_folded,
     checked_params,
     finite_float32,
 )
@@ -53,6 +55,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SCALER_FILE = "activation_scaler.json"
 
 _FINETUNING_SCALE_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
+#: exp() of anything larger overflows float32.
+_MAX_R_MAG = float(np.log(np.finfo(np.float32).max))
 
 
 def is_saelens_folder(path: Path) -> bool:
@@ -96,27 +100,41 @@ def load_saelens(folder: Path, hook: str | None = None) -> SaeModel:
     w_dec, b_dec = check_decoder(weights_path, d_in, d_sae, raw["W_dec"], raw["b_dec"])
     if arch_cls.name == "jumprelu":
         params["threshold"] = np.maximum(params["threshold"], np.float32(0.0))
-    w_dec = _apply_finetuning_scale(weights_path, cfg_path, cfg, file, w_dec)
-
-    if arch_cls.name == "topk" and boolean(cfg_path, cfg, "rescale_acts_by_decoder_norm", False):
-        norms = np.linalg.norm(w_dec.astype(np.float64), axis=1)
-        if not (norms > 0).all():
+    if arch_cls.name == "gated":  # the magnitude path scales by exp(r_mag), in float32
+        r_mag = params["r_mag"]
+        if r_mag.size and float(r_mag.max()) > _MAX_R_MAG:
             raise SaeFileError(
                 weights_path,
-                f"tensor 'W_dec': row {int(np.argmin(norms))} has zero norm, but "
-                "rescale_acts_by_decoder_norm divides by it",
+                f"tensor 'r_mag': expected values at most {_MAX_R_MAG:.2f} (exp(r_mag) must "
+                f"fit in float32), found {float(r_mag.max())!r} at feature "
+                f"{int(np.argmax(r_mag))}",
             )
-        params["W_enc"] = (params["W_enc"] * norms).astype(np.float32)
-        params["b_enc"] = (params["b_enc"] * norms).astype(np.float32)
-        w_dec = (w_dec / norms[:, None]).astype(np.float32)
+    # Folding scales and b_dec into float32 weights can overflow (huge but finite factors):
+    # checked once everything is folded, below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        w_dec = _apply_finetuning_scale(weights_path, cfg_path, cfg, file, w_dec)
 
-    architecture: Architecture[Any] = arch_cls(config, params)
-    if apply_b_dec:
-        architecture = architecture.shifted_input(b_dec.astype(np.float64))
-    if scaling_factor is not None:
-        architecture = architecture.scaled_input(scaling_factor)
-        w_dec = (w_dec / scaling_factor).astype(np.float32)
-        b_dec = (b_dec / scaling_factor).astype(np.float32)
+        rescale = boolean(cfg_path, cfg, "rescale_acts_by_decoder_norm", False)
+        if arch_cls.name == "topk" and rescale:
+            norms = np.linalg.norm(w_dec.astype(np.float64), axis=1)
+            if not (norms > 0).all():
+                raise SaeFileError(
+                    weights_path,
+                    f"tensor 'W_dec': row {int(np.argmin(norms))} has zero norm, but "
+                    "rescale_acts_by_decoder_norm divides by it",
+                )
+            params["W_enc"] = (params["W_enc"] * norms).astype(np.float32)
+            params["b_enc"] = (params["b_enc"] * norms).astype(np.float32)
+            w_dec = (w_dec / norms[:, None]).astype(np.float32)
+
+        architecture: Architecture[Any] = arch_cls(config, params)
+        if apply_b_dec:
+            architecture = architecture.shifted_input(b_dec.astype(np.float64))
+        if scaling_factor is not None:
+            architecture = architecture.scaled_input(scaling_factor)
+            w_dec = (w_dec / scaling_factor).astype(np.float32)
+            b_dec = (b_dec / scaling_factor).astype(np.float32)
+    check_folded(weights_path, architecture, w_dec, b_dec)
     return SaeModel(
         architecture=architecture,
         normalization=normalization,
@@ -212,14 +230,14 @@ def _stored_scaling_factor(folder: Path, cfg_path: Path, cfg: dict[str, Any]) ->
 
 def _factor(path: Path, values: dict[str, Any], key: str) -> float:
     value = values.get(key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # float(): an integer beyond the float range (JSON allows 10**400) overflows.
+        with contextlib.suppress(OverflowError):
+            number = float(value)
+    if number is None or not np.isfinite(number) or number <= 0:
         raise SaeFileError(path, f"field {key!r}: expected a positive number, found {value!r}")
-    return float(value)
+    return number
 
 
 def _hook_name(cfg_path: Path, cfg: dict[str, Any]) -> str:

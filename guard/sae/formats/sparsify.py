@@ -28,7 +28,14 @@ from guard.sae.formats.fields import (
     positive_int,
     read_json_object,
 )
-from guard.sae.model import Decoder, SaeModel, check_decoder, checked_params, finite_float32
+from guard.sae.model import (
+    Decoder,
+    SaeModel,
+    check_decoder,
+    check_folded,
+    checked_params,
+    finite_float32,
+)
 from guard.sae.safetensors import SafetensorsFile, sha256_of_files
 
 CFG_FILE = "cfg.json"
@@ -101,7 +108,9 @@ def load_sparsify(folder: Path, hook: str | None = None) -> SaeModel:
         w_skip = finite_float32(weights_path, "W_skip", w_skip)
     architecture: Architecture[TopKConfig] = TopKSae(config, params)
     if not transcode:
-        architecture = architecture.shifted_input(b_dec.astype(np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            architecture = architecture.shifted_input(b_dec.astype(np.float64))
+        check_folded(weights_path, architecture, w_dec, b_dec)
     return SaeModel(
         architecture=architecture,
         normalization="none",

@@ -1,0 +1,145 @@
+"""Property-based fuzzing of the Inspect protocol against a live guard, and of the codec.
+
+A real GuardServer (SAELens SAE, detectors and steering plugins) on a Unix socket and a real
+gRPC channel. Each example is one whole stream; an oracle (``tests.fuzz_strategies.simulate``)
+says what each message must get. Properties: no stream hangs (every call has a gRPC
+deadline), every rejection is a per-batch error naming the field or a stream status with
+details (never UNKNOWN or INTERNAL; undecodable bytes are INVALID_ARGUMENT), valid batches
+get a decision, and a known-good stream still works after every example.
+
+The suite runs ~150 examples per property with a fixed seed (``derandomize``); ``-s`` prints
+the counts. ``python -m bench.fuzz`` runs the same properties for longer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from guard import codec
+from guard.errors import InvalidInput
+from guard.server import GuardServer
+from guard.v1 import guard_pb2 as pb
+from tests.fuzz_strategies import (
+    byte_streams,
+    check_decode,
+    check_still_serving,
+    check_stream,
+    codec_inputs,
+    fuzz_server,
+    streams,
+)
+
+EXAMPLES = 150
+#: The server fixture is module-scoped on purpose: one live guard takes every example (that
+#: is the point: it must keep serving), so the function-scoped-fixture check does not apply.
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+
+COUNTS: dict[str, Counter[str]] = {}
+
+
+def _count(prop: str, outcomes: list[str]) -> None:
+    counter = COUNTS.setdefault(prop, Counter())
+    counter["cases"] += 1
+    counter.update(outcomes)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[tuple[GuardServer, grpc.Channel]]:
+    with fuzz_server() as pair:
+        yield pair
+    for prop, counter in sorted(COUNTS.items()):
+        print(f"\nfuzz {prop}: {counter['cases']} cases; "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counter.items()) if k != "cases"))
+
+
+@FUZZ
+@given(messages=streams())
+def test_fuzzed_streams_get_the_documented_answers(
+    live: tuple[GuardServer, grpc.Channel], messages: list[pb.InspectRequest]
+) -> None:
+    _, channel = live
+    _count("streams", check_stream(channel, messages))
+    check_still_serving(channel)
+
+
+@FUZZ
+@given(messages=byte_streams())
+def test_malformed_bytes_end_the_stream_cleanly(
+    live: tuple[GuardServer, grpc.Channel], messages: list[bytes]
+) -> None:
+    _, channel = live
+    _count("bytes", check_stream(channel, messages))
+    check_still_serving(channel)
+
+
+def test_the_fuzzing_reached_every_kind_of_answer() -> None:
+    """Guards the strategies: a change that stops them reaching a path fails here."""
+    if "streams" not in COUNTS or "bytes" not in COUNTS:
+        pytest.skip("runs after the fuzz tests of this module")
+    seen = set(COUNTS["streams"]) | set(COUNTS["bytes"])
+    for outcome in ["decision:CONTINUE", "error:INVALID_ARGUMENT", "error:NOT_FOUND",
+                    "error:ALREADY_EXISTS", "error:RESOURCE_EXHAUSTED",
+                    "status:FAILED_PRECONDITION", "status:RESOURCE_EXHAUSTED",
+                    "undecodable"]:
+        assert outcome in seen, (outcome, COUNTS)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(codec_inputs())
+def test_decode_of_anything_is_a_shaped_array_or_invalid_input(
+    case: tuple[str, list[int], bytes],
+) -> None:
+    _count("codec-decode", [check_decode(*case)])
+
+
+_shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=8)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(hnp.arrays(np.float32, _shapes, elements=st.floats(width=32, allow_nan=True)),
+       st.sampled_from(["F32", "F16", "BF16"]))
+def test_round_trip_every_datatype(array: np.ndarray, datatype: str) -> None:
+    """F32 exact; F16 exact where float16 holds the value (else the cast's own rounding,
+    overflow to Inf included); BF16 within its 8-bit mantissa, NaN and Inf kept."""
+    with np.errstate(over="ignore"):
+        shape, raw = codec.encode(array, datatype)
+        expected = (array.astype(np.float16).astype(np.float32) if datatype == "F16"
+                    else array)
+    out = codec.decode(datatype, shape, raw)
+    assert out.shape == array.shape and out.dtype == np.float32
+    if datatype == "BF16":
+        finite = np.isfinite(array) & (np.abs(array) < np.float32(3.38e38))
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(array))
+        np.testing.assert_array_equal(out[np.isinf(array)], array[np.isinf(array)])
+        error = np.abs(out[finite].astype(np.float64) - array[finite].astype(np.float64))
+        assert np.all(error <= np.abs(array[finite].astype(np.float64)) * 2.0**-8 + 1e-38)
+    else:
+        np.testing.assert_array_equal(out, expected)
+    _count("codec-round-trip", [datatype])
+
+
+def test_nonfinite_rows_is_silent_on_overflow_and_inf_minus_inf() -> None:
+    """Found by the fuzzing: the fast path's float32 sum warned ("invalid value encountered in
+    reduce" for Inf + -Inf, "overflow" for huge finite rows); under -W error that turned a
+    batch into INTERNAL. The answer is the exact per-row check, with no warning."""
+    rows = np.array([[np.inf, -np.inf], [3e38, 3e38], [1.0, 2.0]], dtype=np.float32)
+    assert codec.nonfinite_rows(rows).tolist() == [0]
+    assert codec.nonfinite_rows(np.full((2, 4), 3e38, dtype=np.float32)).tolist() == []
+
+
+@pytest.mark.parametrize("shape", [[0] * 65, [0, 2**62], [2**40, 2**40, 0]])
+def test_decode_refuses_shapes_numpy_cannot_hold(shape: list[int]) -> None:
+    """Found by the fuzzing: empty shapes with more than 64 sides or with overflowing sides
+    raised NumPy's ValueError instead of InvalidInput."""
+    with pytest.raises(InvalidInput, match="tensor shape"):
+        codec.decode("F32", shape, b"")
