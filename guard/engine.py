@@ -48,7 +48,7 @@ from guard.decision import (
     Steering,
     new_decision_id,
 )
-from guard.errors import ConfigError, GuardError, NotFound
+from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
 from guard.instrumentation import DECISION_ID, Instruments
 from guard.plugin_manager import CallProgress, PluginFailure, PluginSet, PluginSource, discover
 from guard.records import RecordQueue
@@ -350,6 +350,7 @@ class Engine:
                         "guard.sae.execution_provider": runtime.execution_provider}):
                     activations = runtime.encoder.encode(batch.rows)
             timings["encode"] = time.perf_counter() - started
+            check_finite_features(activations, batch)
         else:
             activations = np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
         features = FeatureBatch(
@@ -604,3 +605,21 @@ def _describe_finding(finding: Finding) -> str:
     text = (f"detector {finding.detector} fired: score {finding.score:.4g} >= threshold "
             f"{finding.threshold:.4g}{features}")
     return f"{text}: {finding.message}" if finding.message else text
+
+
+def check_finite_features(activations: NDArray[np.float32], batch: ActivationRows) -> None:
+    """Refuse a batch whose rows encode to NaN or Inf features (finite rows so large that the
+    SAE's arithmetic overflows float32): a detector would silently not fire on a NaN score,
+    so the batch gets an error reply and the host's failure policy decides instead. One
+    summation when all is well."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(activations.sum())
+    if np.isfinite(total) or np.isfinite(activations).all():
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        largest = float(np.max(np.abs(batch.rows)))
+    raise InvalidInput(
+        f"batch.activations: the rows of {batch.hook} encode to NaN or Inf feature activations "
+        f"(largest |value| in the rows: {largest:.3g}); expected residual-stream values the "
+        "SAE can encode in float32")
+

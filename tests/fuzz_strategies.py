@@ -42,6 +42,8 @@ STREAM_TIMEOUT_S = 20.0
 METHOD = "/guard.v1.Guard/Inspect"
 #: What the guard answers when a message's bytes do not parse (it decodes requests itself).
 DESERIALIZE_DETAILS = "is not a guard.v1.InspectRequest"
+#: The guard's refusal of rows whose features overflow (guard.engine.check_finite_features).
+NONFINITE_FEATURES = "encode to NaN or Inf feature activations"
 INT64 = (-(2**63), 2**63 - 1)
 UINT64_MAX = 2**64 - 1
 
@@ -405,6 +407,13 @@ def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: E
             f"got {code}: {message!r}; expected one of {expect.errors}")
         assert reply.action == pb.ACTION_UNSPECIFIED and not reply.decision_id, reply
         return f"error:{code}"
+    if reply.HasField("error") and NONFINITE_FEATURES in reply.error.message:
+        # Finite rows so large that the SAE overflows float32: refused rather than scored NaN.
+        rows = codec.decode(batch.activations.datatype, list(batch.activations.shape),
+                            batch.activations.raw)
+        assert _code_name(reply.error.code) == "INVALID_ARGUMENT", reply
+        assert float(np.max(np.abs(rows))) > 1e30, f"refused rows that are not huge: {reply}"
+        return "error:INVALID_ARGUMENT(non-finite features)"
     assert not reply.HasField("error"), f"a valid batch was rejected: {reply.error}"
     assert reply.action in _ACTIONS, reply
     assert reply.decision_id, reply

@@ -356,3 +356,19 @@ def test_bytes_that_are_not_a_message_get_invalid_argument_and_the_drain_still_e
         threading.Thread(target=stop, daemon=True).start()
         # A liveness bound, not a timing: before the fix this waited forever.
         assert stopped.wait(60), "GuardServer.stop(0) did not return"
+
+
+def test_rows_that_overflow_the_sae_get_an_error_not_nan_scores(stream: StreamClient) -> None:
+    """Finite rows so large that the encode overflows float32 would give NaN feature scores,
+    on which a detector silently does not fire: the batch is refused (the host's failure
+    policy decides) and the stream goes on."""
+    stream.configure()
+    huge = np.full((2, D_IN), 3e38, dtype=np.float32)
+    huge[:, ::2] = -3e38
+    reply = stream.ask(make_batch(huge, sequence=1))
+    assert reply.HasField("error")
+    assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "encode to NaN or Inf feature activations" in reply.error.message
+    assert "3e+38" in reply.error.message
+    ok = stream.ask(make_batch(np.ones((2, D_IN), np.float32), sequence=2))
+    assert not ok.HasField("error") and ok.action == pb.ACTION_CONTINUE
