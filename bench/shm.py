@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -68,7 +69,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WIDTHS = (576, 2304, 4096)
 ROWS = 32
 HOOKS = {d: f"blocks.{i}.hook_resid_post" for i, d in enumerate(WIDTHS, start=4)}
-CASES = ("bytes", "shm", "floor", "wire-bytes", "wire-shm")
+CASES = ("bytes", "shm", "shm-grpc", "floor", "wire-bytes", "wire-shm")
 TARGET = 0.25
 WARMUP = 10
 
@@ -204,6 +205,8 @@ def measure(address: str, shm_dir: Path, rounds: int, per_round: int
         "floor": GuardClient(address, deadline_ms=10_000, host_name="bench.shm/floor"),
         "shm": GuardClient(address, deadline_ms=10_000, host_name="bench.shm/shm",
                            shared_memory=spec),
+        "shm-grpc": GuardClient(address, deadline_ms=10_000, host_name="bench.shm/shm-grpc",
+                                shared_memory=dataclasses.replace(spec, doorbell=False)),
     }
     # The wire cases: one bare stream with a region registered (a region of its own).
     channel = grpc.insecure_channel(address)

@@ -85,6 +85,12 @@ class SharedMemoryConfig:
     allowed_uids: tuple[int, ...] = ()
     #: Regions one stream may register.
     max_regions_per_stream: int = 4
+    #: Serve the doorbell (:mod:`guard.doorbell`): the Inspect stream framed on a plain Unix
+    #: socket, without gRPC's exchange per batch. Needs a socket folder: ``doorbell_socket``,
+    #: or a Unix ``server.listen`` beside which it goes.
+    doorbell: bool = True
+    #: The doorbell socket's absolute path; empty: ``<listen socket>.doorbell``.
+    doorbell_socket: str = ""
 
 
 @dataclass(frozen=True)
@@ -499,6 +505,12 @@ def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
             raise fail(key, "a positive integer", value)
         return value
 
+    def socket_file(key: str, value: object) -> str:
+        if (not isinstance(value, str) or not os.path.isabs(value)
+                or ".." in Path(value).parts or value.endswith("/")):
+            raise fail(key, "an absolute socket file path without '..'", value)
+        return os.path.normpath(value)
+
     section = _Section(data, "server.shared_memory", source)
     defaults = SharedMemoryConfig()
     config = SharedMemoryConfig(
@@ -507,6 +519,8 @@ def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
         allowed_uids=section.get("allowed_uids", uids, defaults.allowed_uids),
         max_regions_per_stream=section.get("max_regions_per_stream", positive_int,
                                            defaults.max_regions_per_stream),
+        doorbell=section.get("doorbell", boolean, defaults.doorbell),
+        doorbell_socket=section.get("doorbell_socket", socket_file, defaults.doorbell_socket),
     )
     section.finish()
     return config

@@ -41,6 +41,11 @@ RPC_SERVICE: Final = "guard.v1.Guard"
 RPC_ATTRIBUTES: Final[Mapping[str, str]] = {
     "rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": "Inspect",
 }
+#: The same for a stream on the doorbell socket (:mod:`guard.doorbell`): Inspect, not gRPC.
+DOORBELL_ATTRIBUTES: Final[Mapping[str, str]] = {
+    "rpc.system": "guard_doorbell", "rpc.service": RPC_SERVICE, "rpc.method": "Inspect",
+    "network.transport": "unix",
+}
 #: Status codes that are the server's fault (the semantic conventions for gRPC server spans);
 #: every other code is the client's and leaves the span status unset.
 SERVER_FAULTS: Final = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
@@ -301,9 +306,10 @@ class BatchError(NamedTuple):
 
 
 def start_batch_span(tracer: Tracer, parent: Context | None, request_id: str, sequence: int,
-                     hook: str, mode: str) -> Span:
-    """The ``guard.inspect`` span of one batch (attributes only when it records)."""
-    span = tracer.start_span("guard.inspect", parent, SpanKind.SERVER, RPC_ATTRIBUTES)
+                     hook: str, mode: str, rpc: Mapping[str, str] = RPC_ATTRIBUTES) -> Span:
+    """The ``guard.inspect`` span of one batch (attributes only when it records); ``rpc``:
+    the stream's transport attributes."""
+    span = tracer.start_span("guard.inspect", parent, SpanKind.SERVER, rpc)
     if span.is_recording():
         span.set_attributes({"guard.request_id": request_id, "guard.sequence": sequence,
                              "guard.hook": hook, "guard.stream.mode": mode})

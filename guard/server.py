@@ -17,6 +17,7 @@ import contextlib
 import grp
 import ipaddress
 import os
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard import __version__, codec
 from guard.config import GuardConfig, ServerConfig
+from guard.doorbell import DoorbellServer
 from guard.engine import Engine
 from guard.errors import GuardError, InvalidInput, NotReady, status_code
 from guard.instrumentation import extract_context
@@ -159,6 +161,8 @@ class GuardServicer(pb_grpc.GuardServicer):
     def __init__(self, config: GuardConfig) -> None:
         self._config = config
         self.engine: Engine | None = None
+        #: The doorbell socket's path, once it listens (Describe names it).
+        self.doorbell_path = ""
 
     def _ready_engine(self) -> Engine:
         if self.engine is None:
@@ -219,6 +223,7 @@ class GuardServicer(pb_grpc.GuardServicer):
         shared_memory = self._config.server.shared_memory
         if shared_memory.enabled:
             response.shared_memory_dirs.extend(shared_memory.allowed_dirs)
+            response.shared_memory_doorbell = self.doorbell_path
         for name in sorted(engine.hooks):
             runtime = engine.hooks[name]
             info = runtime.info
@@ -279,6 +284,7 @@ class GuardServer:
         self._sockets: list[Path] = []
         self._stopped = threading.Event()
         self._credentials: grpc.ServerCredentials | None = None
+        self.doorbell: DoorbellServer | None = None
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         self.health.set("", status)
@@ -350,14 +356,62 @@ class GuardServer:
             self.addresses.append(self._bind(self._server, server_config.tcp_listen,
                                              secure=True))
         self._server.start()
+        self._start_doorbell()
         if self._health_server is not None:
             self.health_address = self._bind(self._health_server, server_config.health_listen)
             self._health_server.start()
         tls = server_config.tls
         log.info("listening", addresses=self.addresses, health=self.health_address or None,
+                 doorbell=self.servicer.doorbell_path or None,
                  tls=("mutual" if tls.mutual else "server") if tls.enabled else None,
                  socket_mode=oct(server_config.socket_mode), pid=os.getpid())
         return self.addresses
+
+    def doorbell_socket(self) -> Path | None:
+        """Where the doorbell listens: ``server.shared_memory.doorbell_socket``, or beside the
+        Unix listener; None when it is off (shared memory or the doorbell disabled, or no Unix
+        socket folder to put it in)."""
+        shared_memory = self.config.server.shared_memory
+        if not (shared_memory.enabled and shared_memory.doorbell):
+            return None
+        if shared_memory.doorbell_socket:
+            return Path(shared_memory.doorbell_socket)
+        listen = socket_path(self.config.server.listen)
+        return None if listen is None else listen.with_name(listen.name + ".doorbell")
+
+    def _start_doorbell(self) -> None:
+        """Bind the doorbell's Unix socket (the gRPC socket's mode and group) and serve it."""
+        path = self.doorbell_socket()
+        if path is None:
+            shared_memory = self.config.server.shared_memory
+            if shared_memory.enabled and shared_memory.doorbell:
+                log.info("no doorbell: server.listen is not a Unix socket and "
+                         "server.shared_memory.doorbell_socket is not set; shared-memory "
+                         "batches go over gRPC")
+            return
+        self._prepare_socket_folder(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # a stale socket left by a killed guard
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _umask(0o777 & ~self.config.server.socket_mode):
+                listener.bind(str(path))
+            self._sockets.append(path)
+            self._secure_socket(path)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise ListenError(f"cannot listen on the doorbell socket {path} "
+                              f"(server.shared_memory.doorbell_socket): {exc.strerror}") from exc
+        except BaseException:
+            listener.close()
+            raise
+        frame_limit = self.config.server.max_message_bytes * TRANSPORT_HEADROOM
+        self.doorbell = DoorbellServer(listener, str(path), self.config, self.servicer,
+                                       frame_limit)
+        self.doorbell.start()
+        self.servicer.doorbell_path = str(path)
 
     def set_ready(self, engine: Engine) -> None:
         """Serve this engine and report SERVING."""
@@ -372,7 +426,10 @@ class GuardServer:
         grace = self.config.server.drain_grace_seconds if grace is None else grace
         log.info("draining", grace_seconds=grace)
         self.health.enter_graceful_shutdown()
-        if not self._server.stop(grace).wait(grace + STOP_MARGIN_S):
+        stopped = self._server.stop(grace)
+        if self.doorbell is not None:  # its streams drain beside the gRPC ones
+            self.doorbell.stop(grace)
+        if not stopped.wait(grace + STOP_MARGIN_S):
             # gRPC's shutdown is stuck on a call it never finished: drain the records anyway.
             log.error("gRPC server did not finish shutting down; going on with the drain",
                       waited_s=grace + STOP_MARGIN_S)

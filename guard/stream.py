@@ -51,7 +51,9 @@ from guard.errors import (
     status_code,
 )
 from guard.instrumentation import (
+    DOORBELL_ATTRIBUTES,
     OTHER,
+    RPC_ATTRIBUTES,
     BatchError,
     end_batch_span,
     extract_context,
@@ -111,8 +113,11 @@ class InspectStream:
 
     def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "",
                  trace_context: Context | None = None, *,
-                 shared_memory: SharedMemoryConfig | None = None) -> None:
+                 shared_memory: SharedMemoryConfig | None = None,
+                 doorbell: bool = False) -> None:
         self._engine = engine
+        #: The transport's span attributes: a gRPC call, or the doorbell socket.
+        self._rpc = DOORBELL_ATTRIBUTES if doorbell else RPC_ATTRIBUTES
         self._max_message_bytes = max_message_bytes
         #: Shared-memory regions of this stream, unmapped by :meth:`close`.
         self.regions = RegionTable(shared_memory)
@@ -249,7 +254,7 @@ class InspectStream:
         if unsampled and parent is not None:  # the host's "not sampled" stands: no span
             return None, otel_context.attach(parent)
         span = start_batch_span(tracer, parent, batch.request_id, batch.sequence, batch.hook,
-                                self._mode)
+                                self._mode, self._rpc)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return (span if span.is_recording() else None), token
 

@@ -144,3 +144,20 @@ def _integers(name: str, values: Positions, n_rows: int) -> list[int]:
         raise TypeError(f"{name}: expected integers, found dtype {array.dtype}")
     result: list[int] = array.tolist()
     return result
+
+
+#: Protocol version this client speaks (StreamConfig.protocol_version).
+PROTOCOL_VERSION = "1.0"
+
+
+def stream_config(options: ClientOptions) -> pb.StreamConfig:
+    """The first message of every stream (either transport)."""
+    return pb.StreamConfig(
+        protocol_version=PROTOCOL_VERSION,
+        mode=pb.MODE_INLINE if options.mode == "inline" else pb.MODE_MONITOR,
+        hooks=options.hooks,
+        failure_policy=(pb.FAILURE_POLICY_FAIL_OPEN if options.failure_policy == "open"
+                        else pb.FAILURE_POLICY_FAIL_CLOSED),
+        batch_deadline_ms=round(options.deadline_ms),
+        host=options.host_name,
+    )

@@ -155,3 +155,8 @@ def decision_verdict(reply: pb.InspectResponse) -> Verdict:
 def error_text(error: pb.BatchError) -> str:
     """``CODE_NAME: message`` of a per-batch error."""
     return f"{_CODE_NAMES.get(error.code, str(error.code))}: {error.message}"
+
+
+def unavailable_reason(why: str) -> str:
+    """Why an INLINE batch got the failure policy while the stream is down."""
+    return f"the guard is unavailable ({why}); reconnecting in the background"

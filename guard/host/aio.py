@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from guard.decision import Phase
 from guard.host import tracing
-from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
+from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch, stream_config
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Backoff,
@@ -44,6 +44,7 @@ from guard.host._verdict import (
     monitor_verdict,
     policy_verdict,
     reply_to_verdict,
+    unavailable_reason,
 )
 from guard.host.client import (
     ClientClosedError,
@@ -52,8 +53,6 @@ from guard.host.client import (
     deadline_seconds,
     monitor_reply_verdict,
     status_text,
-    stream_config,
-    unavailable_reason,
 )
 from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb

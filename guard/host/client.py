@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
@@ -36,7 +35,7 @@ from numpy.typing import NDArray
 from guard.decision import Action, Phase
 from guard.errors import GuardError
 from guard.host import tracing
-from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
+from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch, stream_config
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Backoff,
@@ -47,16 +46,18 @@ from guard.host._options import (
     ReplyHook,
     TraceContextHook,
 )
+from guard.host._outbox import HostStream, Outbox, ReplySlot
 from guard.host._pending import PendingReplies
 from guard.host._verdict import (
-    Cause,
     Verdict,
     decision_verdict,
     error_text,
     monitor_verdict,
     policy_verdict,
     reply_to_verdict,
+    unavailable_reason,
 )
+from guard.host.doorbell import DoorbellStream
 from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -65,25 +66,9 @@ log = structlog.get_logger("guard.host")
 
 State = Literal["idle", "open", "down", "closed"]
 
-#: Protocol version this client speaks (StreamConfig.protocol_version).
-PROTOCOL_VERSION = "1.0"
-
 
 class ClientClosedError(RuntimeError):
     """``inspect`` was called on a closed client."""
-
-
-def stream_config(options: ClientOptions) -> pb.StreamConfig:
-    """The first message of every stream."""
-    return pb.StreamConfig(
-        protocol_version=PROTOCOL_VERSION,
-        mode=pb.MODE_INLINE if options.mode == "inline" else pb.MODE_MONITOR,
-        hooks=options.hooks,
-        failure_policy=(pb.FAILURE_POLICY_FAIL_OPEN if options.failure_policy == "open"
-                        else pb.FAILURE_POLICY_FAIL_CLOSED),
-        batch_deadline_ms=round(options.deadline_ms),
-        host=options.host_name,
-    )
 
 
 def status_text(error: grpc.RpcError) -> str:
@@ -98,10 +83,6 @@ def status_text(error: grpc.RpcError) -> str:
                      "server.max_message_bytes and this client's max_message_bytes)")
         return text
     return str(error) or type(error).__name__
-
-
-def unavailable_reason(why: str) -> str:
-    return f"the guard is unavailable ({why}); reconnecting in the background"
 
 
 def call_metadata(options: ClientOptions) -> tuple[tuple[str, str | bytes], ...] | None:
@@ -124,88 +105,18 @@ def deadline_seconds(options: ClientOptions, deadline_ms: float | None) -> float
     return deadline_ms / 1e3
 
 
-class _Slot:
-    """Where the client thread leaves an INLINE batch's reply (or why none will come)."""
-
-    __slots__ = ("done", "failure", "reply")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.reply: pb.InspectResponse | None = None
-        self.failure: tuple[Cause, str] | None = None
-
-    def deliver(self, reply: pb.InspectResponse) -> None:
-        self.reply = reply
-        self.done.set()
-
-    def fail(self, cause: Cause, reason: str) -> None:
-        self.failure = (cause, reason)
-        self.done.set()
-
-
-class _Outbox:
-    """Batches waiting for gRPC's sender thread; bounded (MONITOR) or not (INLINE, where each
-    caller waits for its reply). ``offer`` never blocks."""
-
-    def __init__(self, capacity: int | None) -> None:
-        self._items: deque[BatchItem] = deque()
-        self._capacity = capacity
-        self._cond = threading.Condition()
-        self._closed = False
-        self._gap = 0
-
-    def offer(self, item: BatchItem) -> bool:
-        """Queue a batch; False (and the batch dropped) when full or closed."""
-        with self._cond:
-            if self._closed or (self._capacity is not None
-                                and len(self._items) >= self._capacity):
-                self._gap += 1
-                return False
-            item.gap_before, self._gap = self._gap, 0
-            self._items.append(item)
-            self._cond.notify()
-            return True
-
-    def take(self, stop: threading.Event) -> BatchItem | None:
-        """The next batch; None once ``stop`` is set, or once closed and empty."""
-        with self._cond:
-            while not self._items and not self._closed and not stop.is_set():
-                self._cond.wait()
-            if stop.is_set() or not self._items:
-                return None
-            return self._items.popleft()
-
-    def wake(self) -> None:
-        """Let every waiting ``take`` look at its ``stop`` again."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Accept no more; ``take`` hands out what is queued, then None."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def drain(self) -> int:
-        """Discard what is queued; returns how many batches that was."""
-        with self._cond:
-            count = len(self._items)
-            self._items.clear()
-            return count
-
-
-class _Stream:
+class _GrpcStream:
     """One Inspect call: the StreamConfig, then batches from the outbox."""
 
     def __init__(self, stub: pb_grpc.GuardStub, options: ClientOptions, counters: CounterBox,
-                 outbox: _Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None,
+                 outbox: Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None,
                  shm: HostRegion | None = None) -> None:
         self.options = options
         self.shm = StreamShm(shm)
         self.counters = counters
         self.outbox = outbox
         self.finished = threading.Event()
-        self.pending: PendingReplies[_Slot] = PendingReplies()
+        self.pending: PendingReplies[ReplySlot] = PendingReplies()
         self.replies = 0
         self.end_reason = ""
         self._reset_reason = ""
@@ -224,9 +135,10 @@ class _Stream:
             self.counters.add("sent")
             yield item.to_request()
 
-    def submit(self, item: BatchItem) -> _Slot | None:
-        """INLINE: number the batch and queue it; None when the stream has ended."""
-        slot = _Slot()
+    def submit(self, item: BatchItem, timeout: float) -> ReplySlot | None:
+        """INLINE: number the batch and queue it; None when the stream has ended. (Queueing
+        never waits: ``timeout`` is for the doorbell's interface.)"""
+        slot = ReplySlot()
         with self._submit_lock:  # sequence order is outbox order
             sequence = self._next_sequence
             if not self.pending.add(sequence, slot):
@@ -245,7 +157,11 @@ class _Stream:
         self._reset_reason = reason
         self.call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
-    def read(self, on_reply: Callable[[_Stream, pb.InspectResponse], None]) -> str:
+    def close_sending(self) -> None:
+        """gRPC's sender sends what is queued, then half-closes the call."""
+        self.outbox.close()
+
+    def read(self, on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
         """Hand every reply to ``on_reply`` until the stream ends; returns why it ended."""
         try:
             for reply in self.call:
@@ -347,10 +263,10 @@ class GuardClient:
         self._stub = pb_grpc.GuardStub(self._channel)
         self._lock = threading.Lock()
         self._closed = False
-        self._stream: _Stream | None = None
+        self._stream: HostStream | None = None
         self._keeper: threading.Thread | None = None
         self._wake = threading.Event()
-        self._monitor_outbox = _Outbox(queue_size) if self._options.mode == "monitor" else None
+        self._monitor_outbox = Outbox(queue_size) if self._options.mode == "monitor" else None
         self._dropping = False
 
     # -- public ---------------------------------------------------------------------------
@@ -363,6 +279,15 @@ class GuardClient:
     def counters(self) -> ClientCounters:
         """A snapshot of the counts (sent, fail_open, fail_closed, timeouts, ...)."""
         return self._counters.snapshot()
+
+    @property
+    def transport(self) -> Literal["grpc", "doorbell", ""]:
+        """What carries the current stream: a gRPC call, the guard's doorbell socket (shared
+        memory, :mod:`guard.host.doorbell`), or nothing yet ("")."""
+        stream = self._stream
+        if stream is None:
+            return ""
+        return "doorbell" if isinstance(stream, DoorbellStream) else "grpc"
 
     @property
     def state(self) -> State:
@@ -401,12 +326,14 @@ class GuardClient:
             self._check_shm()  # before the first batch is placed in the region
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
                              phase, attributes, place=self._place)
+        stream = self._live_stream()  # opened on the first batch; None while the guard is down
         span = tracing.start_inspect_span(request_id, hook, len(item.positions),
-                                          self._options.mode)
+                                          self._options.mode,
+                                          isinstance(stream, DoorbellStream))
         tracing.inject(span, item.attributes)  # the guard's batch span becomes its child
         started = time.perf_counter()
         try:
-            verdict = self._decide(item, timeout)
+            verdict = self._decide(stream, item, timeout)
         except BaseException as exc:
             span.record_exception(exc)
             span.end()
@@ -415,12 +342,11 @@ class GuardClient:
                                  time.perf_counter() - started)
         return verdict
 
-    def _decide(self, item: BatchItem, timeout: float) -> Verdict:
+    def _decide(self, stream: HostStream | None, item: BatchItem, timeout: float) -> Verdict:
         """The verdict on one prepared batch: the guard's, or the failure policy's."""
         if self._monitor_outbox is not None:
             return self._enqueue(self._monitor_outbox, item)
-        stream = self._live_stream()
-        slot = stream.submit(item) if stream is not None else None
+        slot = stream.submit(item, timeout) if stream is not None else None
         if stream is None or slot is None:
             release_unsent(item.shm)
             why = stream.end_reason if stream is not None else self._down_reason()
@@ -456,9 +382,10 @@ class GuardClient:
                 return
             self._closed = True
             stream, keeper = self._stream, self._keeper
-        outbox = self._monitor_outbox or (stream.outbox if stream is not None else None)
-        if outbox is not None:
-            outbox.close()  # gRPC's sender sends what is queued, then half-closes
+        if self._monitor_outbox is not None:
+            self._monitor_outbox.close()
+        if stream is not None:
+            stream.close_sending()  # what is queued goes out, then the guard ends the stream
         self._wake.set()
         if keeper is not None:
             keeper.join(timeout)
@@ -488,8 +415,7 @@ class GuardClient:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _enqueue(self, outbox: _Outbox, item: BatchItem) -> Verdict:
-        self._live_stream()  # opens the stream on the first batch
+    def _enqueue(self, outbox: Outbox, item: BatchItem) -> Verdict:
         if outbox.offer(item):
             if self._dropping:
                 self._dropping = False
@@ -506,7 +432,7 @@ class GuardClient:
                             request_id=item.request_id, hook=item.hook)
         return monitor_verdict(item)
 
-    def _live_stream(self) -> _Stream | None:
+    def _live_stream(self) -> HostStream | None:
         """The open stream (opened on the first call), or None while the guard is down."""
         with self._lock:
             if self._closed:
@@ -533,11 +459,20 @@ class GuardClient:
             with contextlib.suppress(grpc.RpcError):
                 region.check_guard(self._stub.Describe(pb.DescribeRequest(), timeout=5.0))
 
-    def _open_stream(self) -> _Stream:
+    def _open_stream(self) -> HostStream:
+        """A new stream: on the guard's doorbell socket when the region is in use and the
+        guard serves one, otherwise a gRPC call."""
         self._check_shm()
-        outbox = self._monitor_outbox or _Outbox(None)
-        return _Stream(self._stub, self._options, self._counters, outbox,
-                       call_metadata(self._options), self._shm)
+        outbox = self._monitor_outbox or Outbox(None)
+        region = self._shm
+        if region is not None and region.enabled and region.doorbell:
+            stream = DoorbellStream(region.doorbell, self._options, self._counters, outbox,
+                                    region)
+            if stream.connect_error:  # ask Describe again: the guard may have changed
+                region.confirmed = False
+            return stream
+        return _GrpcStream(self._stub, self._options, self._counters, outbox,
+                           call_metadata(self._options), region)
 
     def _is_closed(self) -> bool:
         with self._lock:
@@ -567,7 +502,7 @@ class GuardClient:
             reconnects = self._counters.add("reconnects")
             log.info("guard stream reopened", target=options.target, reconnects=reconnects)
 
-    def _on_reply(self, stream: _Stream, reply: pb.InspectResponse) -> None:
+    def _on_reply(self, stream: HostStream, reply: pb.InspectResponse) -> None:
         stream.shm.on_reply(reply)  # a delta in shared memory is copied out, the slot freed
         if self._options.mode == "monitor":
             self._on_monitor_reply(reply)

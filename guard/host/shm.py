@@ -64,6 +64,9 @@ class SharedMemory:
     :param steering: ask the guard to write steering deltas into the batch's slot instead of
         the reply (the region is registered writable, so the guard must be able to write it).
     :param name: the region's name on the wire.
+    :param doorbell: open streams on the guard's doorbell socket when its ``Describe`` names
+        one (:mod:`guard.host.doorbell`: the same protocol without gRPC's exchange per
+        batch); False: always gRPC.
     """
 
     directory: str = "/dev/shm"
@@ -71,6 +74,7 @@ class SharedMemory:
     mode: int = 0o600
     steering: bool = True
     name: str = "host"
+    doorbell: bool = True
 
     @classmethod
     def of(cls, value: object) -> SharedMemory | None:
@@ -96,6 +100,9 @@ class SharedMemory:
         if not isinstance(spec.name, str) or not spec.name:
             raise ValueError(f"shared_memory.name: expected a non-empty string, "
                              f"found {spec.name!r}")
+        if not isinstance(spec.doorbell, bool):
+            raise TypeError(f"shared_memory.doorbell: expected True or False, "
+                            f"found {spec.doorbell!r}")
         return spec
 
 
@@ -219,6 +226,8 @@ class HostRegion:
         self._disabled = ""
         #: The guard said (Describe) that it accepts regions in this folder.
         self.confirmed = False
+        #: The guard's doorbell socket (Describe), when this client may use it; else "".
+        self.doorbell = ""
         self._full = False
         self._lock = threading.Lock()
         log.info("shared-memory region created", path=self.path, size_bytes=spec.size_bytes,
@@ -275,6 +284,7 @@ class HostRegion:
         dirs = [os.path.realpath(d) for d in described.shared_memory_dirs]
         if any(folder == d or folder.startswith(d.rstrip("/") + "/") for d in dirs):
             self.confirmed = True
+            self.doorbell = described.shared_memory_doorbell if self.spec.doorbell else ""
             return
         self.disable(f"the guard's Describe lists {dirs or 'no'} shared-memory folders, not "
                      f"{folder} (a guard without shared memory, or server.shared_memory off "

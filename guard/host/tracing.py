@@ -7,7 +7,8 @@ here is a no-op that costs a few attribute lookups. With one:
   :meth:`guard.host.attach.Attachment.request`; a child of whatever span is current (the
   application's HTTP server span, for example), so the request's trace continues.
 - ``guard.host.inspect`` (CLIENT): one per inspected batch, a child of the current span, with
-  ``rpc.*`` attributes as the gRPC client instrumentation writes them. Its W3C trace context
+  ``rpc.*`` attributes as the gRPC client instrumentation writes them (``rpc.system``
+  ``guard_doorbell`` on the doorbell socket). Its W3C trace context
   travels to the guard in the batch's ``traceparent``/``tracestate`` attributes (per batch:
   one gRPC stream serves many requests), where the guard's ``guard.inspect`` span becomes its
   child. The verdict is on the span: action, decision id, who decided (``guard``, the failure
@@ -31,7 +32,7 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from guard import __version__
-from guard.instrumentation import LATENCY_BUCKETS, RPC_ATTRIBUTES
+from guard.instrumentation import DOORBELL_ATTRIBUTES, LATENCY_BUCKETS, RPC_ATTRIBUTES
 
 if TYPE_CHECKING:
     from guard.host._verdict import Verdict
@@ -88,10 +89,12 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(SCOPE, __version__)
 
 
-def start_inspect_span(request_id: str, hook: str, rows: int, mode: str) -> Span:
-    """The ``guard.host.inspect`` span of one batch, a child of the current span."""
+def start_inspect_span(request_id: str, hook: str, rows: int, mode: str,
+                       doorbell: bool = False) -> Span:
+    """The ``guard.host.inspect`` span of one batch, a child of the current span;
+    ``doorbell``: the stream is on the guard's doorbell socket, not a gRPC call."""
     span = tracer().start_span("guard.host.inspect", kind=SpanKind.CLIENT,
-                               attributes=RPC_ATTRIBUTES)
+                               attributes=DOORBELL_ATTRIBUTES if doorbell else RPC_ATTRIBUTES)
     if span.is_recording():
         span.set_attributes({"guard.request_id": request_id, "guard.hook": hook,
                              "guard.rows": rows, "guard.stream.mode": mode})

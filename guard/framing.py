@@ -1,0 +1,145 @@
+"""Length-prefixed protobuf frames on a stream socket: the doorbell's wire format.
+
+A frame is a little-endian uint32 byte length, then that many bytes (one serialized
+message). Both ends of the doorbell use these helpers: the guard (:mod:`guard.doorbell`) and
+the host SDK (:mod:`guard.host.doorbell`); nothing here knows about SAEs or gRPC.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from typing import Final
+
+_LENGTH: Final = struct.Struct("<I")
+HEADER_BYTES: Final = _LENGTH.size
+#: Bytes asked of the kernel per read: a small frame's header and body come in one call.
+_READ_CHUNK: Final = 64 * 1024
+#: The tag of ``DoorbellFrame.reply`` (field 1, length-delimited) in protobuf's encoding.
+_REPLY_TAG: Final = b"\x0a"
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame this end accepts."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame's announced length is above the limit."""
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"a frame of {length} bytes exceeds the limit of {limit}")
+        self.length = length
+        self.limit = limit
+
+
+class FrameReader:
+    """Reads frames from a socket, blocking or not (a non-blocking one is waited on with
+    ``poll``: a ``shutdown`` of the socket from another thread wakes it)."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self._sock = sock
+        self._limit = limit
+        self._buffer = bytearray(_READ_CHUNK)
+        self._start = 0  # the unread bytes are self._buffer[self._start:self._end]
+        self._end = 0
+
+    def read(self) -> bytes | None:
+        """The next frame's payload; None at a clean end of the stream (no partial frame).
+
+        Raises :class:`FrameTooLarge` for a length above the limit (nothing more is read:
+        the stream cannot be resynchronised), :class:`FrameError` for a frame cut short, and
+        OSError when the connection fails.
+        """
+        if not self._fill(HEADER_BYTES):
+            if self._end > self._start:
+                raise FrameError(f"the stream ended inside a frame header "
+                                 f"({self._end - self._start} of {HEADER_BYTES} bytes)")
+            return None
+        (length,) = _LENGTH.unpack_from(self._buffer, self._start)
+        if length > self._limit:
+            raise FrameTooLarge(length, self._limit)
+        if not self._fill(HEADER_BYTES + length):
+            got = self._end - self._start - HEADER_BYTES
+            raise FrameError(f"the stream ended inside a frame ({got} of {length} bytes)")
+        begin = self._start + HEADER_BYTES
+        payload = bytes(self._buffer[begin:begin + length])
+        self._start = begin + length
+        return payload
+
+    def _fill(self, need: int) -> bool:
+        """Buffer at least ``need`` unread bytes; False at the end of the stream."""
+        if self._end - self._start >= need:
+            return True
+        buffer = self._buffer
+        if self._start:  # move the unread bytes to the front
+            unread = self._end - self._start
+            buffer[:unread] = buffer[self._start:self._end]
+            self._start, self._end = 0, unread
+        if len(buffer) < need:
+            buffer.extend(bytes(need - len(buffer)))
+        view = memoryview(buffer)
+        try:
+            while self._end < need:
+                try:
+                    count = self._sock.recv_into(view[self._end:])
+                except BlockingIOError:
+                    _wait(self._sock, select.POLLIN, None)
+                    continue
+                if count == 0:
+                    return False
+                self._end += count
+        finally:
+            view.release()
+        return True
+
+
+def send_frame(sock: socket.socket, *parts: bytes, deadline: float | None = None) -> None:
+    """Send one frame whose payload is ``parts`` joined (gathered by the kernel, not copied
+    here). On a non-blocking socket, waits for room until ``deadline`` (``time.monotonic()``;
+    None: no limit). Raises TimeoutError past the deadline, with the frame perhaps partly
+    sent (the stream is then unusable), and OSError when the peer is gone."""
+    length = sum(len(part) for part in parts)
+    buffers = [_LENGTH.pack(length), *parts]
+    total = HEADER_BYTES + length
+    try:
+        sent = sock.sendmsg(buffers)
+    except BlockingIOError:
+        sent = 0
+    if sent >= total:
+        return
+    rest = memoryview(b"".join(buffers))[sent:]  # the socket buffer takes it in pieces
+    while rest:
+        try:
+            sent = sock.send(rest)
+        except BlockingIOError:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError(f"the peer took {total - len(rest)} of the frame's {total} "
+                                   "bytes in time; the frame was cut short") from None
+            _wait(sock, select.POLLOUT, timeout)
+            continue
+        rest = rest[sent:]
+
+
+def _wait(sock: socket.socket, events: int, timeout: float | None) -> None:
+    """Block until ``sock`` is ready for ``events``, hung up, or ``timeout`` seconds pass."""
+    poller = select.poll()
+    poller.register(sock, events | select.POLLERR | select.POLLHUP)
+    poller.poll(None if timeout is None else max(0, int(timeout * 1e3) + 1))
+
+
+def reply_parts(reply: bytes) -> tuple[bytes, bytes, bytes]:
+    """A serialized InspectResponse as the parts of a ``DoorbellFrame{reply}`` (protobuf's
+    encoding of the oneof field, so the reply's bytes are not copied into a new message)."""
+    return _REPLY_TAG, _varint(len(reply)), reply
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

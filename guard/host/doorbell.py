@@ -1,0 +1,207 @@
+"""The host's end of the doorbell (:mod:`guard.doorbell`): an Inspect stream on the guard's
+doorbell socket instead of a gRPC call, for a client whose rows travel in shared memory.
+
+:class:`guard.host.GuardClient` uses it on its own when it has a shared-memory region, the
+guard's ``Describe`` names a doorbell socket (``shared_memory_doorbell``) and the region's
+:class:`guard.host.shm.SharedMemory` has ``doorbell=True`` (the default). Everything above the
+transport is the same as on gRPC: sequence numbers, deadlines, the failure policy, late
+replies, slots returned on replies, reconnects with backoff.
+
+Threads: an INLINE caller writes its batch's frame itself (no hand-off to a sender thread:
+that hand-off is a good part of a gRPC round trip on a small machine), under a lock that keeps
+frames whole and in sequence order; MONITOR batches go through the bounded outbox and a sender
+thread, as on gRPC. The client thread reads the replies. The socket is non-blocking: a send
+that finds no room waits at most until the batch's deadline (then the stream is reset, since a
+frame was cut), and :meth:`DoorbellStream.reset` wakes every wait by shutting the socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+import grpc
+import structlog
+
+from guard.framing import FrameError, FrameReader, send_frame
+from guard.host._batch import BatchItem, stream_config
+from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
+from guard.host._outbox import HostStream, Outbox, ReplySlot
+from guard.host._pending import PendingReplies
+from guard.host._verdict import unavailable_reason
+from guard.host.shm import HostRegion, StreamShm
+from guard.v1 import guard_pb2 as pb
+
+log = structlog.get_logger("guard.host")
+
+#: How long connecting and sending the StreamConfig may take.
+CONNECT_TIMEOUT_S: Final = 2.0
+#: ``struct timeval`` for SO_SNDTIMEO.
+_TIMEVAL: Final = struct.Struct("@ll")
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class DoorbellStream:
+    """One doorbell connection: the StreamConfig frame, then batches; the same interface as
+    the client's gRPC stream (:class:`guard.host._outbox.HostStream`). A connection that
+    fails leaves the stream ended at once, with the reason, for the client to retry."""
+
+    def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
+                 outbox: Outbox, region: HostRegion | None) -> None:
+        self.options = options
+        self.path = path
+        self.shm = StreamShm(region)
+        self.counters = counters
+        self.outbox = outbox
+        self.finished = threading.Event()
+        self.pending: PendingReplies[ReplySlot] = PendingReplies()
+        self.replies = 0
+        self.end_reason = ""
+        #: Why the connection could not be made (the stream is then over before it began).
+        self.connect_error = ""
+        self._reset_reason = ""
+        self._send_lock = threading.Lock()
+        self._next_sequence = 1
+        self._monitor = options.mode == "monitor"
+        self._sock = self._connect(path)
+        self._sender: threading.Thread | None = None
+        if self._sock is not None and self._monitor:
+            self._sender = threading.Thread(target=self._send_queued, daemon=True,
+                                            name="guard-host-doorbell-sender")
+            self._sender.start()
+
+    def _connect(self, path: str) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(path)
+            sock.settimeout(None)  # blocking reads: one system call per reply
+            config = self.shm.configure(stream_config(self.options))
+            _send(sock, pb.InspectRequest(config=config).SerializeToString(), CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            sock.close()
+            self.connect_error = (f"cannot open a stream on the guard's doorbell socket "
+                                  f"{path}: {exc.strerror or exc}")
+            return None
+        return sock
+
+    def submit(self, item: BatchItem, timeout: float) -> ReplySlot | None:
+        """INLINE: number the batch and write its frame; None when the stream has ended (or
+        the frame could not be sent within ``timeout``: the stream is then reset)."""
+        slot = ReplySlot()
+        with self._send_lock:  # frames whole, in sequence order
+            sock = self._sock
+            if sock is None or self.finished.is_set():
+                return None
+            sequence = self._next_sequence
+            if not self.pending.add(sequence, slot):
+                return None
+            self._next_sequence += 1
+            item.sequence = sequence
+            self.shm.bind(sequence, item.shm)
+            try:
+                _send(sock, item.to_request().SerializeToString(), timeout)
+            except OSError as exc:  # TimeoutError included: a frame may be cut, so reset
+                self.pending.remove(sequence)
+                self.shm.release(sequence)
+                self.reset(f"sending a batch on the doorbell failed: {exc}")
+                return None
+        self.counters.add("sent")
+        return slot
+
+    def _send_queued(self) -> None:
+        """MONITOR: the sender thread; numbers queued batches as they go (drops leave gaps)."""
+        sock = self._sock
+        assert sock is not None
+        while (item := self.outbox.take(self.finished)) is not None:
+            item.sequence = self._next_sequence + item.gap_before
+            self._next_sequence = item.sequence + 1
+            self.shm.bind(item.sequence, item.shm)
+            with self._send_lock:
+                try:
+                    _send(sock, item.to_request().SerializeToString(), None)
+                except OSError as exc:
+                    self.reset(f"sending a batch on the doorbell failed: {exc}")
+                    return
+            self.counters.add("sent")
+        if not self.finished.is_set():  # closed and sent: the guard answers, then ends
+            self._shutdown(socket.SHUT_WR)
+
+    def reset(self, reason: str) -> None:
+        """End the stream from this side; wakes the reader and any waiting sender."""
+        if not self._reset_reason:
+            self._reset_reason = reason
+        self._shutdown(socket.SHUT_RDWR)
+
+    def close_sending(self) -> None:
+        """No more batches: MONITOR's sender sends what is queued first; then the guard
+        answers what it has and ends the stream."""
+        self.outbox.close()
+        if self._sender is None:
+            with self._send_lock:  # not in the middle of a frame
+                self._shutdown(socket.SHUT_WR)
+
+    def _shutdown(self, how: int) -> None:
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(how)
+
+    def read(self, on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
+        """Hand every reply to ``on_reply`` until the stream ends; returns why it ended."""
+        sock = self._sock
+        reason = self.connect_error if sock is None else self._read(sock, on_reply)
+        self.end_reason = reason
+        self.finished.set()
+        self.outbox.wake()
+        for slot in self.pending.close(reason):
+            slot.fail("unavailable", unavailable_reason(reason))
+        self.shm.close(reason, self.replies)
+        if sock is not None:
+            self._shutdown(socket.SHUT_RDWR)  # wakes a sender waiting for room
+            if self._sender is not None:
+                self._sender.join()
+            with self._send_lock:
+                sock.close()
+        return reason
+
+    def _read(self, sock: socket.socket,
+              on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
+        reader = FrameReader(sock, self.options.max_message_bytes * TRANSPORT_HEADROOM)
+        try:
+            while (payload := reader.read()) is not None:
+                frame = pb.DoorbellFrame.FromString(payload)
+                kind = frame.WhichOneof("frame")
+                if kind == "reply":
+                    self.replies += 1
+                    self.counters.add("replies")
+                    on_reply(self, frame.reply)
+                elif kind == "end":
+                    code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
+                    return self._reset_reason or (f"the stream to the guard ended: {code}: "
+                                                  f"{frame.end.message}")
+                else:
+                    raise FrameError("a DoorbellFrame with neither a reply nor an end")
+            return self._reset_reason or "the guard ended the stream"
+        except (OSError, FrameError) as exc:
+            return self._reset_reason or f"the doorbell connection to the guard failed: {exc}"
+        except Exception as exc:  # a client bug, or a frame protobuf cannot decode
+            log.exception("guard client failed reading a doorbell reply")
+            self.reset(f"the client failed reading a reply: {type(exc).__name__}")
+            return self._reset_reason
+
+
+def _send(sock: socket.socket, payload: bytes, timeout: float | None) -> None:
+    """Send a frame on the blocking socket within ``timeout`` seconds (None: no limit): the
+    kernel's send timeout (SO_SNDTIMEO) bounds a send that finds the socket buffer full
+    (the guard stuck), without making the reader's socket non-blocking. Raises OSError
+    (TimeoutError or BlockingIOError past the time); the frame may then be cut short."""
+    seconds = 0.0 if timeout is None else max(timeout, 1e-3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
+    send_frame(sock, payload, deadline=None if timeout is None else time.monotonic() + seconds)
