@@ -8,6 +8,8 @@ Properties (strategies, oracle and checks live in ``tests/fuzz_strategies.py``):
   no call hangs (gRPC deadline), no UNKNOWN or INTERNAL, and a known-good stream still gets a
   decision after every case;
 - ``bytes``: the same with serialized messages corrupted (random, flipped, cut, padded);
+- ``doorbell-streams``, ``doorbell-bytes``: the same two on the guard's doorbell socket (the
+  Inspect protocol in frames; a StreamEnd frame where gRPC has a status);
 - ``codec``: ``codec.decode`` of any datatype, shape and bytes is a float32 array of that
   shape or an InvalidInput;
 - ``loaders``: mutated SAELens, sparsify and Gemma Scope files load consistently or raise a
@@ -36,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from hypothesis import HealthCheck, given, seed, settings
 
 from bench._stats import machine, markdown_table, write_headline, write_section
@@ -45,7 +46,7 @@ from guard.telemetry import configure_logging
 from tests import fuzz_strategies as fs
 
 OUT = Path(__file__).resolve().parent / "out" / "fuzz.json"
-PROPERTIES = ("streams", "bytes", "codec", "loaders")
+PROPERTIES = ("streams", "bytes", "doorbell-streams", "doorbell-bytes", "codec", "loaders")
 CHUNK = 250
 
 Runner = Callable[[int, int, Counter[str]], None]
@@ -56,14 +57,14 @@ def _settings(examples: int) -> settings:
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _stream_runner(channel: grpc.Channel, strategy: Any) -> Runner:
+def _stream_runner(target: fs.Target, strategy: Any) -> Runner:
     def run(examples: int, chunk_seed: int, counts: Counter[str]) -> None:
         @seed(chunk_seed)
         @_settings(examples)
         @given(strategy)
         def prop(messages: list[Any]) -> None:
-            outcomes = fs.check_stream(channel, messages)
-            fs.check_still_serving(channel)
+            outcomes = fs.check_stream(target, messages)
+            fs.check_still_serving(target)
             counts["cases"] += 1
             counts.update(outcomes)
 
@@ -181,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
 
     results: dict[str, dict[str, Any]] = {}
-    with fs.fuzz_server() as (_, channel):
+    with fs.fuzz_server() as (server, channel):
+        assert server.doorbell is not None
         runners: dict[str, Runner] = {
             "streams": _stream_runner(channel, fs.streams()),
             "bytes": _stream_runner(channel, fs.byte_streams()),
+            "doorbell-streams": _stream_runner(server.doorbell.path, fs.streams()),
+            "doorbell-bytes": _stream_runner(server.doorbell.path, fs.byte_streams()),
             "codec": _codec_runner,
             "loaders": _loader_runner,
         }

@@ -23,7 +23,7 @@ import itertools
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import grpc
 import structlog
@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from guard.engine import Engine
 
 log = structlog.get_logger(__name__)
+
+#: After a StreamEnd, how long and how much of the host's input is read and dropped.
+_LINGER_S: Final = 1.0
+_LINGER_BYTES: Final = 8 * 1024 * 1024
 
 
 class EngineSource(Protocol):
@@ -204,8 +208,18 @@ def _too_large(exc: FrameTooLarge) -> TooLarge:
 
 
 def _end(conn: socket.socket, code: grpc.StatusCode, message: str) -> None:
-    """Send the StreamEnd frame (best effort: the host may be gone already)."""
+    """Send the StreamEnd frame (best effort: the host may be gone already), then read and
+    drop what the host had already sent, for a moment: closing a socket with unread input
+    resets the connection, and the host could lose the StreamEnd to the reset."""
     frame = pb.DoorbellFrame(end=pb.StreamEnd(code=code.value[0], message=message))
     with contextlib.suppress(OSError):
         send_frame(conn, frame.SerializeToString())
         conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(_LINGER_S)
+        deadline = time.monotonic() + _LINGER_S
+        dropped = 0
+        while dropped < _LINGER_BYTES and time.monotonic() < deadline:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            dropped += len(chunk)

@@ -10,7 +10,9 @@ check returns an outcome label (``decision:CONTINUE``, ``error:INVALID_ARGUMENT`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,9 +26,17 @@ from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
 from guard import codec
-from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
+from guard.config import (
+    GuardConfig,
+    LoggingConfig,
+    PluginsConfig,
+    SaeConfig,
+    ServerConfig,
+    SharedMemoryConfig,
+)
 from guard.engine import Engine
 from guard.errors import InvalidInput
+from guard.framing import FrameReader, send_frame
 from guard.server import TRANSPORT_HEADROOM, GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -66,11 +76,15 @@ PLUGIN_SETTINGS: dict[str, dict[str, Any]] = {
 
 def fuzz_config(workdir: Path) -> GuardConfig:
     """A guard with a real SAELens SAE, the detectors and the steering plugins (so every
-    valid batch is encoded, inspected and may get a steering delta)."""
+    valid batch is encoded, inspected and may get a steering delta), and shared memory on, so
+    that it also serves the doorbell socket."""
     sae = write_saelens(workdir / "sae", D_IN, D_SAE, hook_name=HOOK)
+    (workdir / "shm").mkdir()
     return GuardConfig(
         server=ServerConfig(listen=f"unix://{workdir}/guard.sock",
-                            max_message_bytes=MAX_MESSAGE_BYTES, drain_grace_seconds=1),
+                            max_message_bytes=MAX_MESSAGE_BYTES, drain_grace_seconds=1,
+                            shared_memory=SharedMemoryConfig(
+                                enabled=True, allowed_dirs=(str(workdir / "shm"),))),
         logging=LoggingConfig(level="error"),
         saes=(SaeConfig(path=sae),),
         plugins=PluginsConfig(enabled=("detectors", "steering"), timeout_ms=30_000,
@@ -297,14 +311,22 @@ class Expect:
     skipped: int = 0
 
 
-def _config_problem(config: pb.StreamConfig) -> tuple[str, str] | None:
+#: A region the fuzzing registers (its path is made up) is refused with one of these codes,
+#: the details naming ``config.shared_memory``.
+_REGION_CODES = ("PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED",
+                 "FAILED_PRECONDITION")
+
+
+def _config_problem(config: pb.StreamConfig) -> tuple[tuple[str, str], ...] | None:
     version = config.protocol_version or "1"
     if version.split(".")[0] != "1":
-        return "FAILED_PRECONDITION", "config.protocol_version"
+        return (("FAILED_PRECONDITION", "config.protocol_version"),)
     if config.mode not in (pb.MODE_MONITOR, pb.MODE_INLINE):
-        return "INVALID_ARGUMENT", "config.mode"
+        return (("INVALID_ARGUMENT", "config.mode"),)
     if any(hook != HOOK for hook in config.hooks):
-        return "NOT_FOUND", "is not served"
+        return (("NOT_FOUND", "is not served"),)
+    if config.shared_memory:
+        return tuple((code, "config.shared_memory") for code in _REGION_CODES)
     return None
 
 
@@ -318,6 +340,14 @@ def batch_problems(batch: pb.ActivationBatch) -> list[tuple[str, str]]:
     tensor = batch.activations
     if len(tensor.raw) > MAX_MESSAGE_BYTES:
         problems.append(("RESOURCE_EXHAUSTED", "server.max_message_bytes"))
+    if tensor.HasField("shm"):  # no region is ever registered: refused, whatever it says
+        problems += [("NOT_FOUND", "batch.activations.shm"),
+                     ("INVALID_ARGUMENT", "batch.activations")]
+        if tensor.shm.length > MAX_MESSAGE_BYTES:
+            problems.append(("RESOURCE_EXHAUSTED", "server.max_message_bytes"))
+    if batch.HasField("steering_ref"):
+        problems += [("NOT_FOUND", "batch.steering_ref"),
+                     ("INVALID_ARGUMENT", "batch.steering_ref")]
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[1] != D_IN or shape[0] < 1:
         problems.append(("INVALID_ARGUMENT", "batch.activations.shape"))
@@ -347,8 +377,9 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
     last: int | None = None
     for item in messages:
         size = len(item) if isinstance(item, bytes) else item.ByteSize()
-        if size > TRANSPORT_LIMIT:
-            out.append(Expect("end", (("RESOURCE_EXHAUSTED", "larger than max"),)))
+        if size > TRANSPORT_LIMIT:  # gRPC's own limit, or the doorbell's frame limit
+            out.append(Expect("end", (("RESOURCE_EXHAUSTED", "larger than max"),
+                                      ("RESOURCE_EXHAUSTED", "transport limit"))))
             return out
         if isinstance(item, bytes):
             try:
@@ -360,10 +391,10 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
             message = item
         kind = message.WhichOneof("message")
         if kind == "config":
-            problem = ((("FAILED_PRECONDITION", "already received")) if configured
-                       else _config_problem(message.config))
-            if problem is not None:
-                out.append(Expect("end", (problem,)))
+            problems = ((("FAILED_PRECONDITION", "already received"),) if configured
+                        else _config_problem(message.config))
+            if problems is not None:
+                out.append(Expect("end", problems))
                 return out
             configured = True
             out.append(Expect("none"))
@@ -380,8 +411,8 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
             continue
         skipped = 0 if last is None else batch.sequence - last - 1
         last = batch.sequence
-        problems = batch_problems(batch)
-        out.append(Expect("error", tuple(problems), skipped) if problems
+        broken = batch_problems(batch)
+        out.append(Expect("error", tuple(broken), skipped) if broken
                    else Expect("decision", (), skipped))
     return out
 
@@ -429,9 +460,56 @@ def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: E
     return f"decision:{_ACTIONS[reply.action]}"
 
 
-def run_stream(channel: grpc.Channel, messages: Sequence[pb.InspectRequest | bytes]
-               ) -> tuple[list[pb.InspectResponse], grpc.RpcError | None]:
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """How a doorbell stream ended (a StreamEnd frame), read like a gRPC error."""
+
+    status: str
+    message: str
+
+    def code(self) -> Any:
+        return getattr(grpc.StatusCode, self.status)
+
+    def details(self) -> str:
+        return self.message
+
+
+#: Where a fuzzed stream goes: a gRPC channel (an Inspect call), or the path of the guard's
+#: doorbell socket (the same protocol in frames).
+Target = grpc.Channel | str
+
+
+def run_doorbell_stream(path: str, messages: Sequence[pb.InspectRequest | bytes]
+                        ) -> tuple[list[pb.InspectResponse], Ended | None]:
+    """Send every message as a frame on one doorbell connection (the socket times out
+    instead of hanging); the replies and the StreamEnd that ended the stream."""
+    replies: list[pb.InspectResponse] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(STREAM_TIMEOUT_S)
+        sock.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the guard ended it
+            for message in messages:
+                data = message if isinstance(message, bytes) else message.SerializeToString()
+                send_frame(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+        reader = FrameReader(sock, 1 << 26)
+        while (payload := reader.read()) is not None:
+            frame = pb.DoorbellFrame.FromString(payload)
+            if frame.WhichOneof("frame") == "end":
+                with contextlib.suppress(ConnectionResetError):  # it may drop our last bytes
+                    assert reader.read() is None, "frames after the StreamEnd"
+                return replies, Ended(_code_name(frame.end.code), frame.end.message)
+            assert frame.WhichOneof("frame") == "reply", frame
+            replies.append(frame.reply)
+    return replies, None
+
+
+def run_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
+               ) -> tuple[list[pb.InspectResponse], grpc.RpcError | Ended | None]:
     """Send every message on one Inspect stream; the replies and the error that ended it."""
+    if isinstance(target, str):
+        return run_doorbell_stream(target, messages)
+    channel = target
     if messages and isinstance(messages[0], bytes):
         call = channel.stream_stream(METHOD, request_serializer=None,
                                      response_deserializer=pb.InspectResponse.FromString)
@@ -446,11 +524,12 @@ def run_stream(channel: grpc.Channel, messages: Sequence[pb.InspectRequest | byt
     return replies, None
 
 
-def check_stream(channel: grpc.Channel, messages: Sequence[pb.InspectRequest | bytes]
+def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
                  ) -> list[str]:
-    """The protocol property for one stream; returns an outcome label per answered message."""
+    """The protocol property for one stream (on gRPC or the doorbell); returns an outcome
+    label per answered message."""
     expected = simulate(messages)
-    replies, error = run_stream(channel, messages)
+    replies, error = run_stream(target, messages)
     outcomes: list[str] = []
     answers = iter(replies)
     for item, expect in zip(messages, expected, strict=False):
@@ -475,7 +554,7 @@ def check_stream(channel: grpc.Channel, messages: Sequence[pb.InspectRequest | b
     return outcomes
 
 
-def check_still_serving(channel: grpc.Channel) -> None:
+def check_still_serving(channel: Target) -> None:
     """A known-good stream still gets a decision."""
     rows = np.random.default_rng(0).normal(size=(2, D_IN)).astype(np.float32)
     shape, raw = codec.encode(rows)

@@ -64,6 +64,7 @@ WAIT_S = 30.0
 ROWS = np.random.default_rng(7).normal(size=(4, D_IN)).astype(np.float32)
 
 Policy = Literal["open", "closed"]
+Transport = Literal["grpc", "doorbell"]
 
 
 def base_config(sae_dir: Path, workdir: Path, *plugins: str, **settings: Any) -> dict[str, Any]:
@@ -196,13 +197,27 @@ def ask(client: GuardClient, request: str, rows: np.ndarray[Any, Any] = ROWS) ->
 # -- kill -9 ------------------------------------------------------------------------------
 
 
+def shared_memory(tmp_path: Path, transport: Transport) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The guard's ``server`` settings and the clients' options for a transport: gRPC bytes,
+    or rows in shared memory with batches rung on the doorbell socket."""
+    if transport == "grpc":
+        return {}, {}
+    folder = tmp_path / "shm"
+    folder.mkdir(exist_ok=True)
+    return ({"shared_memory": {"enabled": True, "allowed_dirs": [str(folder)]}},
+            {"shared_memory": str(folder)})
+
+
+@pytest.mark.parametrize("transport", ["grpc", "doorbell"])
 def test_sigkill_mid_stream_policy_counted_then_reconnect(
     sae_dir: Path, tmp_path: Path, start_sidecar: Callable[..., Sidecar],
-    clients: Callable[..., GuardClient],
+    clients: Callable[..., GuardClient], transport: Transport,
 ) -> None:
-    guard = start_sidecar(base_config(sae_dir, tmp_path))
+    server, options = shared_memory(tmp_path, transport)
+    guard = start_sidecar(base_config(sae_dir, tmp_path, server=server))
     policies: list[Policy] = ["open", "closed"]
-    hosts = [Host(clients(guard.address, policy), f"kill-{policy}") for policy in policies]
+    hosts = [Host(clients(guard.address, policy, **options), f"kill-{policy}")
+             for policy in policies]
     with hosts_running(hosts):
         poll(lambda: all(h.count("guard") >= 10 for h in hosts), WAIT_S, "guard verdicts")
         guard.kill()  # mid-stream: the hosts keep sending
@@ -214,6 +229,7 @@ def test_sigkill_mid_stream_policy_counted_then_reconnect(
         marks = [h.count() for h in hosts]
         poll(lambda: all(h.count() >= m + 10 for h, m in zip(hosts, marks, strict=True)),
              WAIT_S, "more verdicts after the restart")
+        assert {h.client.transport for h in hosts} == {transport}
         for host in hosts:
             host.stop()
 
@@ -360,21 +376,24 @@ def test_crashing_plugin_is_isolated_and_counted(
 # -- SIGTERM with streams in flight -------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["grpc", "doorbell"])
 @pytest.mark.parametrize("ending", ["hosts_close", "grace_expires"])
 def test_sigterm_with_streams_in_flight_drains_every_decision(
     sae_dir: Path, tmp_path: Path, start_sidecar: Callable[..., Sidecar],
-    clients: Callable[..., GuardClient], ending: str,
+    clients: Callable[..., GuardClient], ending: str, transport: Transport,
 ) -> None:
     """``hosts_close``: the hosts end their streams during the drain; ``grace_expires``: they
     keep streaming, and the guard ends the streams after ``server.drain_grace_seconds``."""
     grace = 30 if ending == "hosts_close" else 1
+    server, options = shared_memory(tmp_path, transport)
     guard = start_sidecar(base_config(sae_dir, tmp_path, server={
-        "health_listen": "127.0.0.1:0", "drain_grace_seconds": grace}))
+        "health_listen": "127.0.0.1:0", "drain_grace_seconds": grace, **server}))
     (listening,) = guard.events("listening")
     health_address = str(listening["health"])
-    hosts = [Host(clients(guard.address), f"drain-{i}") for i in range(4)]
+    hosts = [Host(clients(guard.address, **options), f"drain-{i}") for i in range(4)]
     with hosts_running(hosts):
         poll(lambda: all(h.count() >= 10 for h in hosts), WAIT_S, "verdicts")
+        assert {h.client.transport for h in hosts} == {transport}
         guard.terminate()
         poll(lambda: guard.health(health_address) == health_pb2.HealthCheckResponse.NOT_SERVING,
              WAIT_S, "NOT_SERVING after SIGTERM")
@@ -408,6 +427,7 @@ def test_sigterm_with_streams_in_flight_drains_every_decision(
     names = [e["event"] for e in guard.events()]
     assert names.index("draining") < names.index("stopped")
     assert not guard.socket.exists()
+    assert not Path(f"{guard.socket}.doorbell").exists()
 
 
 def test_sigterm_while_a_plugin_hangs_still_exits(

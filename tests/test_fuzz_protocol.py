@@ -82,11 +82,40 @@ def test_malformed_bytes_end_the_stream_cleanly(
     check_still_serving(channel)
 
 
+@FUZZ
+@given(messages=streams())
+def test_fuzzed_doorbell_streams_get_the_same_answers(
+    live: tuple[GuardServer, grpc.Channel], messages: list[pb.InspectRequest]
+) -> None:
+    """The same oracle on the doorbell socket: a StreamEnd frame where gRPC has a status."""
+    server, channel = live
+    assert server.doorbell is not None
+    _count("doorbell streams", check_stream(server.doorbell.path, messages))
+    check_still_serving(server.doorbell.path)
+    check_still_serving(channel)
+
+
+@FUZZ
+@given(messages=byte_streams())
+def test_malformed_doorbell_frames_end_the_stream_cleanly(
+    live: tuple[GuardServer, grpc.Channel], messages: list[bytes]
+) -> None:
+    server, channel = live
+    assert server.doorbell is not None
+    _count("doorbell bytes", check_stream(server.doorbell.path, messages))
+    check_still_serving(server.doorbell.path)
+    check_still_serving(channel)
+
+
 def test_the_fuzzing_reached_every_kind_of_answer() -> None:
     """Guards the strategies: a change that stops them reaching a path fails here."""
-    if "streams" not in COUNTS or "bytes" not in COUNTS:
+    properties = ("streams", "bytes", "doorbell streams", "doorbell bytes")
+    if any(prop not in COUNTS for prop in properties):
         pytest.skip("runs after the fuzz tests of this module")
     seen = set(COUNTS["streams"]) | set(COUNTS["bytes"])
+    on_the_doorbell = set(COUNTS["doorbell streams"]) | set(COUNTS["doorbell bytes"])
+    assert {"decision:CONTINUE", "error:INVALID_ARGUMENT", "status:FAILED_PRECONDITION",
+            "status:RESOURCE_EXHAUSTED", "undecodable"} <= on_the_doorbell, COUNTS
     for outcome in ["decision:CONTINUE", "error:INVALID_ARGUMENT", "error:NOT_FOUND",
                     "error:ALREADY_EXISTS", "error:RESOURCE_EXHAUSTED",
                     "status:FAILED_PRECONDITION", "status:RESOURCE_EXHAUSTED",
