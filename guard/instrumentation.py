@@ -218,9 +218,16 @@ class Instruments:
     # -- plugins ----------------------------------------------------------------------
 
     def plugin_span(self, hook: str, plugin: str, version: str) -> Span | None:
-        """A started span for one plugin call under the current span, if that one records."""
+        """A started span for one plugin call under the current span, if that one is sampled.
+
+        Decided on the parent's span context, not on ``is_recording()``: a sink runs on the
+        record thread after the batch span has ended, and its span is still the batch's child.
+        """
         tracer = self.tracer
-        if tracer is None or not trace.get_current_span().is_recording():
+        if tracer is None:
+            return None
+        parent = trace.get_current_span().get_span_context()
+        if not (parent.is_valid and parent.trace_flags.sampled):
             return None
         return tracer.start_span(_PLUGIN_SPAN_NAMES.get(hook, f"guard.plugin.{hook}"),
                                  attributes={"guard.plugin.name": plugin,

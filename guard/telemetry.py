@@ -9,7 +9,8 @@ Traces and metrics follow the standard ``OTEL_*`` environment variables (service
 resource attributes, sampler, OTLP endpoint, protocol, headers, batch processor and export
 intervals): spans are recorded only when something exports them (an OTLP endpoint, or
 ``OTEL_TRACES_EXPORTER=console``); metrics go to the Prometheus endpoint of
-``telemetry.metrics_listen`` and to OTLP when an endpoint is set.
+``telemetry.metrics_listen``, to OTLP when an endpoint is set, and to the console with
+``OTEL_METRICS_EXPORTER=console`` (``prometheus`` there names the metrics_listen endpoint).
 """
 
 from __future__ import annotations
@@ -56,8 +57,27 @@ def add_trace_context(
     return event_dict
 
 
+class _StdlibHandler(logging.Handler):
+    """Writes the standard library's records, formatted by structlog, to ``out``.
+
+    Through a structlog ``PrintLogger``: it holds the stream's structlog lock, so a record
+    logged on another thread never lands inside one of structlog's lines.
+    """
+
+    def __init__(self, out: TextIO, level: int) -> None:
+        super().__init__(level)
+        self._printer = structlog.PrintLogger(out)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._printer.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
-    """Route structlog (and the standard library's logging) to ``stream`` (stderr)."""
+    """Route structlog and the standard library's logging to ``stream`` (stderr), both
+    rendered alike: JSON lines (or console lines) with the trace and decision ids."""
     out = stream if stream is not None else sys.stderr
     json_lines = config.format == "json" or (config.format == "auto" and not out.isatty())
     renderer: structlog.types.Processor = (
@@ -66,22 +86,31 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     level = _LEVELS[config.level]
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_trace_context,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            add_trace_context,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s %(message)s",
-                        force=True)
+    handler = _StdlibHandler(out, level)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    for previous in root.handlers[:]:  # as basicConfig(force=True): one handler, ours
+        root.removeHandler(previous)
+        previous.close()
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 @dataclass
@@ -116,17 +145,18 @@ def _env(name: str, *fallbacks: str, default: str = "") -> str:
 
 
 def _exporters(signal: str) -> list[str]:
-    """``OTEL_TRACES_EXPORTER`` (otlp, console, none) / ``OTEL_METRICS_EXPORTER`` (otlp, none).
+    """``OTEL_TRACES_EXPORTER`` (otlp, console, none) / ``OTEL_METRICS_EXPORTER`` (otlp,
+    prometheus, console, none).
 
-    The Prometheus endpoint is not an exporter here: ``telemetry.metrics_listen`` sets it.
+    ``prometheus`` is the endpoint at ``telemetry.metrics_listen``, which serves it either way.
     """
     variable = f"OTEL_{signal.upper()}_EXPORTER"
     names = [n.strip().lower() for n in _env(variable, default="otlp").split(",") if n.strip()]
-    allowed = ("otlp", "console", "none") if signal == "traces" else ("otlp", "none")
+    allowed = (("otlp", "console", "none") if signal == "traces"
+               else ("otlp", "prometheus", "console", "none"))
     for name in names:
         if name not in allowed:
-            raise ConfigError(variable, f"a list of {', '.join(allowed)} (the Prometheus "
-                              "endpoint is telemetry.metrics_listen)", name,
+            raise ConfigError(variable, f"a list of {', '.join(allowed)}", name,
                               source="environment")
     return [n for n in names if n != "none"]
 
@@ -216,6 +246,13 @@ def start_telemetry(
     ``OTEL_SDK_DISABLED=true`` turns everything but the in-process extras off.
     """
     disabled = _env("OTEL_SDK_DISABLED").lower() == "true"
+    # Checked before anything starts: a bad variable must not leave threads or a port behind.
+    metric_exporters = [] if disabled else _exporters("metrics")
+    if "prometheus" in metric_exporters and not config.metrics_listen:
+        raise ConfigError("telemetry.metrics_listen",
+                          "host:port of the Prometheus endpoint that "
+                          "OTEL_METRICS_EXPORTER=prometheus asks for (or GUARD_METRICS_LISTEN)",
+                          config.metrics_listen)
     telemetry = Telemetry(Instruments())
     resource = _resource()
     tracer_provider = None
@@ -245,12 +282,20 @@ def start_telemetry(
     readers = list(metric_readers)
     if config.metrics_listen:
         readers.append(_prometheus(config.metrics_listen, telemetry))
-    if not disabled and "otlp" in _exporters("metrics") and _otlp_endpoint("metrics"):
+    if "otlp" in metric_exporters and _otlp_endpoint("metrics"):
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
         readers.append(PeriodicExportingMetricReader(_metric_exporter(_otlp_protocol("metrics"))))
         telemetry.metrics_to += (f"otlp {_otlp_endpoint('metrics')}",)
+    if "console" in metric_exporters:
+        from opentelemetry.sdk.metrics.export import (
+            ConsoleMetricExporter,
+            PeriodicExportingMetricReader,
+        )
+
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        telemetry.metrics_to += ("console",)
     meter_provider = None
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider

@@ -69,12 +69,15 @@ class Blocker:
 
 @dataclass
 class Sink:
-    """Keeps the decisions it is handed."""
+    """Keeps the decisions it is handed, taking ``delay`` seconds over each (a slow sink)."""
 
     decisions: list[Decision] = field(default_factory=list)
+    delay: float = 0.0
 
     @hookimpl
     def guard_record(self, decision: Decision) -> None:
+        if self.delay:
+            time.sleep(self.delay)
         self.decisions.append(decision)
 
 
@@ -118,10 +121,10 @@ class Guard:
 def start_guard(tmp_path: Path, sae_dir: Path) -> Iterator[Any]:
     started: list[Guard] = []
 
-    def start(instruments: Instruments, **plugins: Any) -> Guard:
+    def start(instruments: Instruments, sink: Sink | None = None, **plugins: Any) -> Guard:
         config = make_config(tmp_path, sae_dir)
         config = replace(config, plugins=PluginsConfig(autoload=False, **plugins))
-        sink = Sink()
+        sink = sink if sink is not None else Sink()
         sources = [PluginSource("blocker", "1.2.3", Blocker), PluginSource("sink", "0.9", sink)]
         server = GuardServer(config)
         server.start()
@@ -158,13 +161,20 @@ def by_name(exporter: InMemorySpanExporter, in_trace: int | None = None
 
 def wait_span(exporter: InMemorySpanExporter, name: str, in_trace: int | None = None
               ) -> ReadableSpan:
+    return wait_spans(exporter, name, 1, in_trace)[0]
+
+
+def wait_spans(exporter: InMemorySpanExporter, name: str, count: int,
+               in_trace: int | None = None) -> list[ReadableSpan]:
+    """At least ``count`` finished spans named ``name`` (of trace ``in_trace``), waited for."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        named = by_name(exporter, in_trace).get(name)
-        if named:
-            return named[0]
+        named = by_name(exporter, in_trace).get(name, [])
+        if len(named) >= count:
+            return named
         time.sleep(0.01)
-    raise AssertionError(f"no span {name!r}; got {sorted(by_name(exporter))}")
+    found = {n: len(s) for n, s in by_name(exporter, in_trace).items()}
+    raise AssertionError(f"expected {count} spans {name!r}; got {found}")
 
 
 def parent_id(span: ReadableSpan) -> int | None:
@@ -245,6 +255,22 @@ def test_a_blocked_batch_is_a_child_of_the_hosts_span(
         "guard.finding.plugin": "blocker", "guard.feature.ids": (1, 5),
         "guard.feature.labels": ("self harm", "pills"), "guard.finding.positions": (0, 2),
     }
+
+
+def test_a_slow_sink_gets_one_record_span_per_record_under_its_batch(
+    start_guard: Any, tracer_provider: TracerProvider, spans: InMemorySpanExporter
+) -> None:
+    # Records reach the sink after the batch spans have ended: the children must still start.
+    guard = start_guard(Instruments(tracer_provider), sink=Sink(delay=0.05))
+    host, metadata = host_span(tracer_provider)
+    replies = guard.inspect([distinctive_batch(f"block-{i}", i) for i in range(1, 6)], metadata)
+    host.end()
+    assert [r.action for r in replies] == [pb.ACTION_ABORT] * 5
+    in_trace = host.get_span_context().trace_id
+    records = wait_spans(spans, "guard.plugin.record", 5, in_trace)
+    batches = by_name(spans, in_trace)["guard.inspect"]
+    assert len(records) == 5 and len(batches) == 5
+    assert sorted(parent_id(r) or 0 for r in records) == sorted(span_id(b) for b in batches)
 
 
 def test_a_traceparent_in_the_batch_wins_over_the_streams(
@@ -391,8 +417,52 @@ def test_record_sensitive_puts_token_ids_and_feature_activations_in_spans(
 
 
 def json_lines(out: io.StringIO) -> list[dict[str, Any]]:
-    """structlog's lines (the standard library's logging writes plain text to the same stream)."""
-    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    """Every line written to ``out``, each of which must be one JSON object."""
+    events = []
+    for number, line in enumerate(out.getvalue().splitlines(), 1):
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AssertionError(f"log line {number}: expected a JSON object, found "
+                                 f"{line!r}") from exc
+        assert isinstance(event, dict), f"log line {number}: expected a JSON object: {line!r}"
+        events.append(event)
+    return events
+
+
+def test_standard_library_records_are_json_lines_with_the_trace_ids(
+    tracer_provider: TracerProvider, log_lines: io.StringIO,
+) -> None:
+    # The OTLP exporter logs through the standard library: its lines join the JSON stream.
+    with tracer_provider.get_tracer("test").start_as_current_span("export") as span:
+        logging.getLogger("opentelemetry.exporter.x").warning(
+            "Transient error %s encountered while exporting traces", "UNAVAILABLE")
+    logging.getLogger("opentelemetry.exporter.x").debug("without a span")
+    first, second = json_lines(log_lines)
+    context = span.get_span_context()
+    assert first["event"] == ("Transient error UNAVAILABLE encountered while exporting "
+                              "traces")
+    assert first["level"] == "warning"
+    assert first["logger"] == "opentelemetry.exporter.x"
+    assert first["trace_id"] == format(context.trace_id, "032x")
+    assert first["span_id"] == format(context.span_id, "016x")
+    assert "timestamp" in first
+    assert second["event"] == "without a span" and second["level"] == "debug"
+    assert "trace_id" not in second
+
+
+def test_standard_library_records_below_the_level_are_dropped() -> None:
+    handlers, level = logging.root.handlers[:], logging.root.level
+    out = io.StringIO()
+    try:
+        configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
+        logging.getLogger("some.library").info("chatter")
+        logging.getLogger("some.library").error("failed")
+        assert [e["event"] for e in json_lines(out)] == ["failed"]
+    finally:
+        structlog.reset_defaults()
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
 
 
 def test_log_lines_carry_the_trace_span_and_decision_ids(
@@ -578,6 +648,40 @@ def test_the_otel_variables_choose_exporter_and_protocol(
     clean_otel_env.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER: expected a list of otlp"):
         start_telemetry(TelemetryConfig(), set_global=False)
+
+
+def test_otel_metrics_exporter_prometheus_means_the_metrics_listen_endpoint(
+    clean_otel_env: pytest.MonkeyPatch,
+) -> None:
+    clean_otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    clean_otel_env.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    telemetry = start_telemetry(TelemetryConfig(tracing=False, metrics_listen="127.0.0.1:0"),
+                                set_global=False)
+    try:
+        assert telemetry.instruments.metering
+        assert telemetry.metrics_to == (
+            f"prometheus http://{telemetry.metrics_address}/metrics",)  # and not OTLP
+    finally:
+        telemetry.shutdown()
+    with pytest.raises(ConfigError, match=r"telemetry\.metrics_listen: expected host:port "
+                                          r".*OTEL_METRICS_EXPORTER=prometheus"):
+        start_telemetry(TelemetryConfig(tracing=False), set_global=False)
+
+
+def test_otel_metrics_exporter_console_prints_metrics(
+    clean_otel_env: pytest.MonkeyPatch,
+) -> None:
+    clean_otel_env.setenv("OTEL_METRICS_EXPORTER", "console")
+    telemetry = start_telemetry(TelemetryConfig(tracing=False), set_global=False)
+    try:
+        assert telemetry.instruments.metering
+        assert telemetry.metrics_to == ("console",)
+    finally:
+        telemetry.shutdown()
+    clean_otel_env.setenv("OTEL_METRICS_EXPORTER", "otlp,zipkin")
+    with pytest.raises(ConfigError, match=r"OTEL_METRICS_EXPORTER: expected a list of otlp, "
+                                          r"prometheus, console, none, found 'zipkin'"):
+        start_telemetry(TelemetryConfig(tracing=False), set_global=False)
 
 
 def test_the_metrics_endpoint_serves_prometheus_text(
