@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from guard.config import PluginsConfig
 from guard.decision import Action
 from guard.engine import Engine
 from guard.host import AsyncGuardClient, GuardClient, tracing
+from guard.host.attach import Attachment
 from guard.instrumentation import Instruments
 from guard.plugin_manager import PluginSource
 from guard.server import GuardServer
@@ -207,3 +209,39 @@ def test_host_spans_and_metrics_hold_no_activations_or_token_ids(
     text += data.to_json()
     assert str(ROW_VALUE) not in text and "1234.56" not in text
     assert str(TOKEN_ID) not in text
+
+
+def test_the_generation_span_carries_the_gen_ai_operation_and_model(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.generation_span("chat-1", operation="chat", model="HuggingFaceTB/SmolLM2"):
+        pass
+    with tracing.generation_span("text-1"):
+        pass
+    chat, text = sorted(by_name(spans)["guard.host.generation"],
+                        key=lambda s: str((s.attributes or {})["guard.request_id"]))
+    assert dict(chat.attributes or {}) == {
+        "guard.request_id": "chat-1", "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "HuggingFaceTB/SmolLM2"}
+    assert dict(text.attributes or {}) == {
+        "guard.request_id": "text-1", "gen_ai.operation.name": "text_completion"}
+
+
+def test_an_attached_models_name_is_the_gen_ai_request_model(
+    spans: InMemorySpanExporter,
+) -> None:
+    # What attach() builds, minus the hooks: a transformers model names itself in its config.
+    model = SimpleNamespace(config=SimpleNamespace(name_or_path="HuggingFaceTB/SmolLM2-135M"))
+    attachment = Attachment(model=model, client=cast(Any, None), hooks=(), on_abort="raise",
+                            skip_positions=1)
+    with attachment.request("gen-1"):
+        pass
+    unnamed = Attachment(model=SimpleNamespace(), client=cast(Any, None), hooks=(),
+                         on_abort="raise", skip_positions=1)
+    with unnamed.request("gen-2"):
+        pass
+    named, bare = sorted(by_name(spans)["guard.host.generation"],
+                         key=lambda s: str((s.attributes or {})["guard.request_id"]))
+    assert dict(named.attributes or {})["gen_ai.request.model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert dict(named.attributes or {})["gen_ai.operation.name"] == "text_completion"
+    assert "gen_ai.request.model" not in dict(bare.attributes or {})

@@ -136,7 +136,8 @@ class Attachment:
         self._state = _RequestState(rid, explicit=True)
         self.aborted = None
         try:
-            with generation_span(rid) as span:
+            with generation_span(rid, model=getattr(getattr(self.model, "config", None),
+                                                    "name_or_path", None)) as span:
                 try:
                     yield rid
                 except GuardAbort:  # a decision, not a fault: the span status stays unset

@@ -5,7 +5,8 @@ here is a no-op that costs a few attribute lookups. With one:
 
 - ``guard.host.generation`` (INTERNAL): one per generation, opened by
   :meth:`guard.host.attach.Attachment.request`; a child of whatever span is current (the
-  application's HTTP server span, for example), so the request's trace continues.
+  application's HTTP server span, for example), so the request's trace continues. It carries
+  ``gen_ai.operation.name`` and, when the model's name is known, ``gen_ai.request.model``.
 - ``guard.host.inspect`` (CLIENT): one per inspected batch, a child of the current span, with
   ``rpc.*`` attributes as the gRPC client instrumentation writes them (``rpc.system``
   ``guard_doorbell`` on the doorbell socket). Its W3C trace context
@@ -26,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -150,12 +151,21 @@ def verdict_cause(verdict: Verdict) -> str:
 
 
 @contextmanager
-def generation_span(request_id: str) -> Iterator[Span]:
+def generation_span(request_id: str, *,
+                    operation: Literal["chat", "text_completion"] = "text_completion",
+                    model: str | None = None) -> Iterator[Span]:
     """``guard.host.generation``: one generation, a child of the current span (if any). The
-    caller records exceptions (an abort by the guard is a decision, not an error)."""
+    caller records exceptions (an abort by the guard is a decision, not an error).
+
+    ``operation`` and ``model`` (the model's name, when known) become the GenAI semantic
+    conventions' ``gen_ai.operation.name`` and ``gen_ai.request.model``.
+    """
     with tracer().start_as_current_span("guard.host.generation", kind=SpanKind.INTERNAL,
                                         record_exception=False,
                                         set_status_on_exception=False) as span:
         if span.is_recording():
-            span.set_attribute("guard.request_id", request_id)
+            span.set_attributes({"guard.request_id": request_id,
+                                 "gen_ai.operation.name": operation})
+            if model:
+                span.set_attribute("gen_ai.request.model", model)
         yield span
