@@ -45,14 +45,16 @@ class FrameReader:
         self._start = 0  # the unread bytes are self._buffer[self._start:self._end]
         self._end = 0
 
-    def read(self) -> bytes | None:
+    def read(self, deadline: float | None = None) -> bytes | None:
         """The next frame's payload; None at a clean end of the stream (no partial frame).
 
-        Raises :class:`FrameTooLarge` for a length above the limit (nothing more is read:
-        the stream cannot be resynchronised), :class:`FrameError` for a frame cut short, and
-        OSError when the connection fails.
+        ``deadline`` (``time.monotonic()``; None: wait for ever) raises TimeoutError when no
+        whole frame came by then; what did come stays buffered for the next call. Raises
+        :class:`FrameTooLarge` for a length above the limit (nothing more is read: the
+        stream cannot be resynchronised), :class:`FrameError` for a frame cut short, and
+        OSError when the connection fails. One thread at a time.
         """
-        if not self._fill(HEADER_BYTES):
+        if not self._fill(HEADER_BYTES, deadline):
             if self._end > self._start:
                 raise FrameError(f"the stream ended inside a frame header "
                                  f"({self._end - self._start} of {HEADER_BYTES} bytes)")
@@ -60,7 +62,7 @@ class FrameReader:
         (length,) = _LENGTH.unpack_from(self._buffer, self._start)
         if length > self._limit:
             raise FrameTooLarge(length, self._limit)
-        if not self._fill(HEADER_BYTES + length):
+        if not self._fill(HEADER_BYTES + length, deadline):
             got = self._end - self._start - HEADER_BYTES
             raise FrameError(f"the stream ended inside a frame ({got} of {length} bytes)")
         begin = self._start + HEADER_BYTES
@@ -68,7 +70,7 @@ class FrameReader:
         self._start = begin + length
         return payload
 
-    def _fill(self, need: int) -> bool:
+    def _fill(self, need: int, deadline: float | None) -> bool:
         """Buffer at least ``need`` unread bytes; False at the end of the stream."""
         if self._end - self._start >= need:
             return True
@@ -82,6 +84,10 @@ class FrameReader:
         view = memoryview(buffer)
         try:
             while self._end < need:
+                if deadline is not None:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0 or not _wait(self._sock, select.POLLIN, timeout):
+                        raise TimeoutError("no whole frame from the peer in time")
                 try:
                     count = self._sock.recv_into(view[self._end:])
                 except BlockingIOError:
@@ -123,11 +129,12 @@ def send_frame(sock: socket.socket, *parts: bytes, deadline: float | None = None
         rest = rest[sent:]
 
 
-def _wait(sock: socket.socket, events: int, timeout: float | None) -> None:
-    """Block until ``sock`` is ready for ``events``, hung up, or ``timeout`` seconds pass."""
+def _wait(sock: socket.socket, events: int, timeout: float | None) -> bool:
+    """Block until ``sock`` is ready for ``events`` or hung up (True), or ``timeout``
+    seconds pass (False)."""
     poller = select.poll()
     poller.register(sock, events | select.POLLERR | select.POLLHUP)
-    poller.poll(None if timeout is None else max(0, int(timeout * 1e3) + 1))
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1e3) + 1)))
 
 
 def reply_parts(reply: bytes) -> tuple[bytes, bytes, bytes]:

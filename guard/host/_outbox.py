@@ -99,6 +99,9 @@ class HostStream(Protocol):
         """INLINE: number the batch and send (or queue) it; None when the stream has ended.
         ``timeout``: how long sending may take (the caller's deadline)."""
 
+    def wait(self, slot: ReplySlot, timeout: float) -> bool:
+        """INLINE: wait up to ``timeout`` seconds for ``slot``'s reply; True once resolved."""
+
     def reset(self, reason: str) -> None:
         """End the stream from this side (the guard fell behind, or the client closes)."""
 

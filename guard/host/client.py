@@ -152,6 +152,10 @@ class _GrpcStream:
                 return None
         return slot
 
+    def wait(self, slot: ReplySlot, timeout: float) -> bool:
+        """INLINE: the client thread delivers the reply; wait for it."""
+        return slot.done.wait(timeout)
+
     def reset(self, reason: str) -> None:
         """End the stream from this side (the guard fell behind, or the client closes)."""
         self._reset_reason = reason
@@ -352,7 +356,7 @@ class GuardClient:
             why = stream.end_reason if stream is not None else self._down_reason()
             return policy_verdict(self._options, self._counters, item, "unavailable",
                                   unavailable_reason(why))
-        if not slot.done.wait(timeout):
+        if not stream.wait(slot, timeout):
             unanswered = stream.pending.abandon(item.sequence)
             if unanswered is not None:
                 if unanswered >= self._options.reset_after_late:
@@ -467,7 +471,7 @@ class GuardClient:
         region = self._shm
         if region is not None and region.enabled and region.doorbell:
             stream = DoorbellStream(region.doorbell, self._options, self._counters, outbox,
-                                    region)
+                                    region, self._on_reply)
             if stream.connect_error:  # ask Describe again: the guard may have changed
                 region.confirmed = False
             return stream

@@ -18,6 +18,7 @@ frame was cut), and :meth:`DoorbellStream.reset` wakes every wait by shutting th
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -52,7 +53,8 @@ class DoorbellStream:
     fails leaves the stream ended at once, with the reason, for the client to retry."""
 
     def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
-                 outbox: Outbox, region: HostRegion | None) -> None:
+                 outbox: Outbox, region: HostRegion | None,
+                 on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> None:
         self.options = options
         self.path = path
         self.shm = StreamShm(region)
@@ -68,7 +70,13 @@ class DoorbellStream:
         self._send_lock = threading.Lock()
         self._next_sequence = 1
         self._monitor = options.mode == "monitor"
+        self._on_reply = on_reply
+        #: Guards the reading role: one thread at a time reads frames and hands them on.
+        self._cond = threading.Condition()
+        self._reading = False
         self._sock = self._connect(path)
+        self._frames = (None if self._sock is None else
+                        FrameReader(self._sock, options.max_message_bytes * TRANSPORT_HEADROOM))
         self._sender: threading.Thread | None = None
         if self._sock is not None and self._monitor:
             self._sender = threading.Thread(target=self._send_queued, daemon=True,
@@ -152,48 +160,124 @@ class DoorbellStream:
             with contextlib.suppress(OSError):
                 sock.shutdown(how)
 
+    def wait(self, slot: ReplySlot, timeout: float) -> bool:
+        """INLINE: wait up to ``timeout`` seconds for the batch's reply; True once the slot
+        is resolved. The caller reads the socket itself while no other thread does (saving
+        a thread hand-off per round trip), handing every reply it reads to its slot; while
+        another reads, it waits to be handed its own or to take over."""
+        if self._monitor or self._sock is None:
+            return slot.done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._reading and not slot.done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            if slot.done.is_set() or self.finished.is_set():
+                return slot.done.is_set()
+            self._reading = True
+        try:
+            while not slot.done.is_set():
+                if not self._read_frame(deadline):
+                    break
+        finally:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+        return slot.done.is_set()
+
     def read(self, on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
-        """Hand every reply to ``on_reply`` until the stream ends; returns why it ended."""
+        """The client thread, until the stream ends; returns why it ended. MONITOR: it reads
+        every reply. INLINE: callers read their replies (:meth:`wait`); this thread waits for
+        the guard to close the stream (or for a reset), then reads what is left."""
         sock = self._sock
-        reason = self.connect_error if sock is None else self._read(sock, on_reply)
-        self.end_reason = reason
-        self.finished.set()
-        self.outbox.wake()
-        for slot in self.pending.close(reason):
-            slot.fail("unavailable", unavailable_reason(reason))
-        self.shm.close(reason, self.replies)
+        if sock is None:
+            self._end(self.connect_error)
+        elif self._monitor:
+            while self._read_frame(None):
+                pass
+        else:
+            _wait_closed(sock, self.finished)
+            with self._cond:  # take over from any caller still reading
+                while self._reading and not self.finished.is_set():
+                    self._cond.wait()
+                self._reading = not self.finished.is_set()
+            if self._reading:
+                while self._read_frame(None):
+                    pass
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
         if sock is not None:
             self._shutdown(socket.SHUT_RDWR)  # wakes a sender waiting for room
             if self._sender is not None:
                 self._sender.join()
+            with self._cond:
+                while self._reading:  # a caller still inside a read: it sees the shutdown
+                    self._cond.wait()
             with self._send_lock:
                 sock.close()
-        return reason
+        return self.end_reason
 
-    def _read(self, sock: socket.socket,
-              on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
-        reader = FrameReader(sock, self.options.max_message_bytes * TRANSPORT_HEADROOM)
+    def _read_frame(self, deadline: float | None) -> bool:
+        """Read and hand on one frame (only the thread that holds the reading role); False
+        once the stream has ended or ``deadline`` passed."""
+        frames = self._frames
+        assert frames is not None  # a stream that never connected has no reader
         try:
-            while (payload := reader.read()) is not None:
-                frame = pb.DoorbellFrame.FromString(payload)
-                kind = frame.WhichOneof("frame")
-                if kind == "reply":
-                    self.replies += 1
-                    self.counters.add("replies")
-                    on_reply(self, frame.reply)
-                elif kind == "end":
-                    code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
-                    return self._reset_reason or (f"the stream to the guard ended: {code}: "
-                                                  f"{frame.end.message}")
-                else:
-                    raise FrameError("a DoorbellFrame with neither a reply nor an end")
-            return self._reset_reason or "the guard ended the stream"
+            payload = frames.read(deadline)
+            if payload is None:
+                return self._end(self._reset_reason or "the guard ended the stream")
+            frame = pb.DoorbellFrame.FromString(payload)
+            kind = frame.WhichOneof("frame")
+            if kind == "reply":
+                self.replies += 1
+                self.counters.add("replies")
+                self._on_reply(self, frame.reply)
+                if not self._monitor:
+                    with self._cond:  # a waiter's slot may be resolved now
+                        self._cond.notify_all()
+                return True
+            if kind == "end":
+                code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
+                return self._end(self._reset_reason or (f"the stream to the guard ended: "
+                                                        f"{code}: {frame.end.message}"))
+            raise FrameError("a DoorbellFrame with neither a reply nor an end")
+        except TimeoutError:
+            return False
         except (OSError, FrameError) as exc:
-            return self._reset_reason or f"the doorbell connection to the guard failed: {exc}"
+            return self._end(self._reset_reason
+                             or f"the doorbell connection to the guard failed: {exc}")
         except Exception as exc:  # a client bug, or a frame protobuf cannot decode
             log.exception("guard client failed reading a doorbell reply")
             self.reset(f"the client failed reading a reply: {type(exc).__name__}")
-            return self._reset_reason
+            return self._end(self._reset_reason)
+
+    def _end(self, reason: str) -> bool:
+        """The stream is over (the first reason stands): batches still waiting get the
+        failure policy, their slots are freed, every waiting thread is woken. False."""
+        with self._cond:
+            if self.finished.is_set():
+                return False
+            self.end_reason = reason
+            self.finished.set()
+            self._cond.notify_all()
+        self.outbox.wake()
+        for slot in self.pending.close(reason):
+            slot.fail("unavailable", unavailable_reason(reason))
+        self.shm.close(reason, self.replies)
+        self._shutdown(socket.SHUT_RDWR)
+        return False
+
+
+def _wait_closed(sock: socket.socket, finished: threading.Event) -> None:
+    """Block until the guard shuts its side down or the connection fails (POLLRDHUP, HUP,
+    ERR: not when a reply arrives, which a caller reads), or the stream ended here."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    while not finished.is_set() and not poller.poll(1000):
+        pass
 
 
 def _send(sock: socket.socket, payload: bytes, timeout: float | None) -> None:
