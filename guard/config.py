@@ -506,9 +506,12 @@ def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
         return value
 
     def socket_file(key: str, value: object) -> str:
+        if value == "":  # the default: beside the listen socket
+            return ""
         if (not isinstance(value, str) or not os.path.isabs(value)
                 or ".." in Path(value).parts or value.endswith("/")):
-            raise fail(key, "an absolute socket file path without '..'", value)
+            raise fail(key, "an absolute socket file path without '..' (or '' for beside "
+                            "server.listen)", value)
         return os.path.normpath(value)
 
     section = _Section(data, "server.shared_memory", source)

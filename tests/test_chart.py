@@ -515,6 +515,22 @@ def test_shared_memory_volume_in_both_containers(helm: Helm) -> None:
     assert "guard-shm" not in {v["name"] for v in default_pod["volumes"]}
 
 
+def test_shared_memory_turns_on_the_doorbell_in_the_shared_socket_folder(helm: Helm) -> None:
+    """The doorbell socket goes beside the gRPC socket, in the folder both containers mount
+    at the same path, so the path Describe names is the host's path too."""
+    values, kube_version = VALUE_SETS["shared-memory"]
+    docs = helm.render(values, kube_version)
+    shared_memory = parsed_config(docs).server.shared_memory
+    assert (shared_memory.enabled, shared_memory.doorbell) == (True, True)
+    assert shared_memory.doorbell_socket == ""  # beside server.listen
+    pod = example_pod(docs)
+    for name in ("host", GUARD):
+        mounts = {m["name"]: m["mountPath"] for m in container(pod, name)["volumeMounts"]}
+        assert mounts["guard-socket"] == "/var/run/guard", name
+    off = helm.render({"sharedMemory": {"enabled": True, "doorbell": False}}, kube_version)
+    assert parsed_config(off).server.shared_memory.doorbell is False
+
+
 def sae_mount(pod: Manifest) -> Manifest:
     mounts: list[Manifest] = [
         m for m in container(pod, GUARD)["volumeMounts"] if m["name"] == "guard-saes"
@@ -699,6 +715,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("bad scrape interval", {"metrics": {"podMonitor": {"interval": "soon"}}},
      "/metrics/podMonitor/interval"),
     ("sharedMemory not a bool", {"sharedMemory": {"enabled": "yes"}}, "/sharedMemory/enabled"),
+    ("doorbell not a bool", {"sharedMemory": {"enabled": True, "doorbell": "on"}},
+     "/sharedMemory/doorbell"),
     ("tracing not a bool", {"guard": {"telemetry": {"tracing": {"sampler": "x"}}}},
      "/guard/telemetry/tracing"),
     ("socket mode not octal", {"guard": {"server": {"socketMode": "0888"}}},

@@ -224,8 +224,8 @@ def test_config_doorbell_keys_and_errors() -> None:
     for text, message in [
         ("doorbell: yes please", "server.shared_memory.doorbell: expected true or false"),
         ("doorbell_socket: bell.sock", "server.shared_memory.doorbell_socket: expected an "
-                                       "absolute socket file path without '..', found "
-                                       "'bell.sock'"),
+                                       "absolute socket file path without '..' (or '' for "
+                                       "beside server.listen), found 'bell.sock'"),
         ("doorbell_socket: /run/guard/", "server.shared_memory.doorbell_socket: expected an "
                                          "absolute socket file path"),
     ]:

@@ -107,7 +107,7 @@ that `guard config check` knows are written: the guard rejects unknown keys.
 {{- end }}
 {{- with .Values.sharedMemory }}
 {{- if .enabled }}
-{{- $_ := set $server "shared_memory" (dict "enabled" true "allowed_dirs" (list .mountPath) "allowed_uids" (.allowedUids | default list)) }}
+{{- $_ := set $server "shared_memory" (dict "enabled" true "allowed_dirs" (list .mountPath) "allowed_uids" (.allowedUids | default list) "doorbell" (ne .doorbell false)) }}
 {{- end }}
 {{- end }}
 {{- $saes := list }}
