@@ -490,8 +490,10 @@ def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
         if not isinstance(value, list) or not value:
             raise fail(key, "a non-empty list of absolute folder paths", value)
         for index, item in enumerate(value):
-            if not isinstance(item, str) or not os.path.isabs(item) or ".." in Path(item).parts:
-                raise fail(f"{key}[{index}]", "an absolute folder path without '..'", item)
+            if (not isinstance(item, str) or not os.path.isabs(item) or ".." in Path(item).parts
+                    or os.path.normpath(item) == "/"):
+                raise fail(f"{key}[{index}]", "an absolute folder path without '..', other "
+                           "than / (a memory-backed folder such as /dev/shm)", item)
         return tuple(os.path.normpath(item) for item in value)
 
     def uids(key: str, value: object) -> tuple[int, ...]:

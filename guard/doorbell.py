@@ -19,7 +19,9 @@ stream's regions are unmapped and its last telemetry done however it ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import select
 import socket
 import threading
 import time
@@ -119,7 +121,7 @@ class DoorbellServer:
                 return
             stream = InspectStream(engine, self._config.server.max_message_bytes, peer,
                                    shared_memory=self._config.server.shared_memory,
-                                   doorbell=True)
+                                   doorbell=True, alive=functools.partial(_connected, conn))
             self._run(conn, stream)
         except Exception:  # a bug: this stream ends, the guard goes on
             log.exception("doorbell stream failed", peer=peer)
@@ -198,6 +200,13 @@ class DoorbellServer:
                 conn.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(5.0)
+
+
+def _connected(conn: socket.socket) -> bool:
+    """The host has not shut its side down or gone (a zero-timeout poll)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return not poller.poll(0)
 
 
 def _too_large(exc: FrameTooLarge) -> TooLarge:

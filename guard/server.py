@@ -182,7 +182,8 @@ class GuardServicer(pb_grpc.GuardServicer):
         if engine.instruments.tracer is not None:  # W3C trace context of the host's call
             parent = extract_context(context.invocation_metadata())
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
-                               parent, shared_memory=self._config.server.shared_memory)
+                               parent, shared_memory=self._config.server.shared_memory,
+                               alive=context.is_active)
         try:
             for number, request in enumerate(request_iterator, 1):
                 if isinstance(request, Undecodable):
@@ -355,8 +356,10 @@ class GuardServer:
         if server_config.tcp_listen:
             self.addresses.append(self._bind(self._server, server_config.tcp_listen,
                                              secure=True))
+        self._bind_doorbell()  # before gRPC's threads run: the bind changes the process umask
         self._server.start()
-        self._start_doorbell()
+        if self.doorbell is not None:
+            self.doorbell.start()
         if self._health_server is not None:
             self.health_address = self._bind(self._health_server, server_config.health_listen)
             self._health_server.start()
@@ -379,8 +382,9 @@ class GuardServer:
         listen = socket_path(self.config.server.listen)
         return None if listen is None else listen.with_name(listen.name + ".doorbell")
 
-    def _start_doorbell(self) -> None:
-        """Bind the doorbell's Unix socket (the gRPC socket's mode and group) and serve it."""
+    def _bind_doorbell(self) -> None:
+        """Bind the doorbell's Unix socket (the gRPC socket's mode and group); :meth:`start`
+        then serves it."""
         path = self.doorbell_socket()
         if path is None:
             shared_memory = self.config.server.shared_memory
@@ -410,7 +414,6 @@ class GuardServer:
         frame_limit = self.config.server.max_message_bytes * TRANSPORT_HEADROOM
         self.doorbell = DoorbellServer(listener, str(path), self.config, self.servicer,
                                        frame_limit)
-        self.doorbell.start()
         self.servicer.doorbell_path = str(path)
 
     def set_ready(self, engine: Engine) -> None:

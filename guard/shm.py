@@ -3,10 +3,10 @@
 Modelled on Triton's system shared memory. The host registers regions in its StreamConfig
 (``shared_memory``); a batch's ``Tensor.shm`` then names a byte range of a region instead of
 carrying the bytes, and ``ActivationBatch.steering_ref`` may name where the guard writes the
-steering delta. Regions belong to one stream: :meth:`RegionTable.close` unmaps them when the
-stream ends, however it ends (the server calls it from its ``finally``).
+steering delta. Regions belong to one stream: :meth:`RegionTable.close` closes them when the
+stream ends.
 
-What a region must pass to be mapped (``server.shared_memory``; each failure ends the stream
+What a region must pass to be opened (``server.shared_memory``; each failure ends the stream
 with a status naming ``config.shared_memory[i]`` and what was expected):
 
 - shared memory is enabled, and the stream registers at most ``max_regions_per_stream``
@@ -19,26 +19,24 @@ with a status naming ``config.shared_memory[i]`` and what was expected):
   or one of ``allowed_uids`` (gRPC does not tell the guard the peer's uid, so the owner is what
   is checked), and exactly ``size`` bytes long;
 - a ``writable`` region is opened read-write (the guard writes steering deltas there),
-  otherwise read-only; the mapping has the same protection.
+  otherwise read-only.
 
 Every reference is checked before use: a registered region, ``offset + length`` within the
 region, ``offset`` a multiple of the item size, ``length`` equal to the tensor's byte length,
-and the file not shrunk since registration (touching pages past the end of a file raises
-SIGBUS). A bad reference gets the per-batch error reply (NOT_FOUND for an unknown region,
-INVALID_ARGUMENT otherwise) and the stream goes on.
+and the file not shrunk since registration. A bad reference gets the per-batch error reply
+(NOT_FOUND for an unknown region, INVALID_ARGUMENT otherwise) and the stream goes on.
 
-Rows are decoded without a copy for F32 (a read-only view on the mapping). The host must not
-change them until the reply is sent (the protocol's contract); the engine keeps no rows past
-the reply (records hold decisions, not activations). The mapping is closed when the stream
-ends; a view that something still holds keeps it alive until it is released (Python's mmap
-refuses to close under an exported buffer), so a late reader can never touch unmapped memory.
+Rows are read with ``pread`` into a private buffer (one copy; F32 rows are then a view on it)
+and steering deltas written with ``pwrite``; the guard never maps a region. A mapping would
+save that copy, but a host that shrinks the file while a batch is read or written would make
+the pages past the new end raise SIGBUS, which kills the guard and every stream it serves; a
+short read is a per-batch INVALID_ARGUMENT instead. The descriptor is closed when the stream
+ends, however it ends (the server calls :meth:`RegionTable.close` from its ``finally``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import mmap
 import os
 import stat
 from collections.abc import Sequence
@@ -57,7 +55,6 @@ from guard.errors import GuardError, InvalidInput, NotFound, ProtocolViolation
 log = structlog.get_logger(__name__)
 
 _ITEMSIZE: Final = codec.DATATYPES
-_WIRE_DTYPES: Final[dict[str, str]] = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 class RegionRefused(GuardError):
@@ -76,39 +73,37 @@ class RegionLimit(GuardError):
 class Ref:
     """A validated byte range of a region."""
 
-    region: MappedRegion
+    region: OpenRegion
     offset: int
     length: int
 
 
-class MappedRegion:
-    """One registered file, mapped for the life of its stream."""
+class OpenRegion:
+    """One registered file, open for the life of its stream (the descriptor checked at
+    registration). Rows are read with ``pread`` into a private buffer and deltas written
+    with ``pwrite``, never through a mapping: a host that shrinks the file mid-batch would
+    make a mapping's pages past the new end raise SIGBUS, which kills the whole guard."""
 
     def __init__(self, name: str, path: str, size: int, writable: bool, fd: int) -> None:
         self.name = name
         self.path = path
         self.size = size
         self.writable = writable
-        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        self._map: mmap.mmap | None = mmap.mmap(fd, size, access=access)
-        # One exported view for the region's life; batches slice it (no new exports).
-        view = np.frombuffer(self._map, dtype=np.uint8)
-        if writable:
-            self._out: NDArray[np.uint8] | None = view
-            view = view.view()
-            view.flags.writeable = False
-        else:
-            self._out = None
-        self._in: NDArray[np.uint8] | None = view
+        self._fd: int | None = fd
 
     @property
     def closed(self) -> bool:
-        return self._map is None
+        return self._fd is None
+
+    def _descriptor(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise InvalidInput(f"region {self.name!r} is closed (its stream ended)")
+        return fd
 
     def file_size(self) -> int:
-        """The file's size now (fstat on the mapping's own descriptor)."""
-        assert self._map is not None
-        return self._map.size()
+        """The file's size now (fstat on the registered descriptor)."""
+        return os.fstat(self._descriptor()).st_size
 
     def check_range(self, field: str, offset: int, length: int, itemsize: int) -> None:
         if offset + length > self.size:
@@ -121,45 +116,35 @@ class MappedRegion:
                 f"found {offset}")
         now = self.file_size()
         if now < offset + length:
-            raise InvalidInput(
-                f"{field}: region {self.name!r} ({self.path}) shrank to {now} bytes since it "
+            raise InvalidInput(self._shrank(field, now))
+
+    def _shrank(self, field: str, now: int) -> str:
+        return (f"{field}: region {self.name!r} ({self.path}) shrank to {now} bytes since it "
                 f"was registered with {self.size}; expected the file to keep its size while "
                 "the stream is open")
 
-    def read(self, offset: int, length: int) -> NDArray[np.uint8]:
-        """A read-only view of ``length`` bytes at ``offset`` (no copy)."""
-        assert self._in is not None
-        return self._in[offset:offset + length]
+    def read(self, field: str, offset: int, length: int) -> bytes:
+        """A private copy of ``length`` bytes at ``offset``; a file cut short meanwhile is an
+        InvalidInput naming ``field``, never a crash."""
+        data = os.pread(self._descriptor(), length, offset) if length else b""
+        if len(data) < length:
+            raise InvalidInput(self._shrank(field, self.file_size()))
+        return data
 
     def write(self, offset: int, datatype: str, array: NDArray[np.floating]) -> None:
-        """Encode ``array`` in ``datatype`` straight into the region (one copy)."""
-        assert self._out is not None
-        nbytes = array.size * _ITEMSIZE[datatype]
-        target = self._out[offset:offset + nbytes].view(_WIRE_DTYPES[datatype])
-        target = target.reshape(array.shape)
-        if datatype == "BF16":
-            target[...] = codec.float32_to_bf16_bits(np.asarray(array, dtype=np.float32))
-        else:
-            np.copyto(target, array, casting="same_kind")
+        """Encode ``array`` in ``datatype`` and write it at ``offset`` (``pwrite``: a file
+        that shrank meanwhile grows back rather than fault)."""
+        _shape, data = codec.encode(array, datatype)
+        written = os.pwrite(self._descriptor(), data, offset)
+        if written != len(data):
+            raise OSError(f"short write to region {self.name!r}: {written} of {len(data)} "
+                          "bytes")
 
-    def close(self) -> bool:
-        """Unmap; False when a view is still held (the mapping then goes with the last one)."""
-        mapping, self._map = self._map, None
-        self._in = self._out = None
-        if mapping is None:
-            return True
-        try:
-            mapping.close()
-        except BufferError:
-            gc.collect()  # views held only by reference cycles (a traceback's frames)
-            try:
-                mapping.close()
-            except BufferError:
-                log.warning("shared-memory region still referenced at stream end; it is "
-                            "unmapped when the last view is released", region=self.name,
-                            path=self.path)
-                return False
-        return True
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _within(folder: Path, roots: Sequence[Path]) -> bool:
@@ -167,8 +152,8 @@ def _within(folder: Path, roots: Sequence[Path]) -> bool:
 
 
 def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, size: int,
-                writable: bool) -> MappedRegion:
-    """Check a registration against ``config`` and map its file; errors name ``field``."""
+                writable: bool) -> OpenRegion:
+    """Check a registration against ``config`` and open its file; errors name ``field``."""
     if not path or not os.path.isabs(path):
         raise InvalidInput(f"{field}.path: expected an absolute path, found {path!r}")
     if os.path.normpath(path) != path or ".." in Path(path).parts:
@@ -194,6 +179,7 @@ def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, si
         mode = "read-write (writable: true)" if writable else "read-only"
         raise RegionRefused(f"{field}.path: cannot open {path!r} {mode}: "
                             f"{exc.strerror}") from exc
+    keep = False
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -214,9 +200,12 @@ def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, si
         if info.st_size != size:
             raise InvalidInput(f"{field}.size: the file {path!r} is {info.st_size} bytes, "
                                f"found size {size}")
-        return MappedRegion(name, path, size, writable, fd)
+        os.set_blocking(fd, True)
+        keep = True
+        return OpenRegion(name, path, size, writable, fd)
     finally:
-        os.close(fd)  # the mapping keeps its own descriptor
+        if not keep:
+            os.close(fd)
 
 
 def _kind(mode: int) -> str:
@@ -233,17 +222,17 @@ class RegionTable:
 
     def __init__(self, config: SharedMemoryConfig | None) -> None:
         self._config = config if config is not None and config.enabled else None
-        self._regions: dict[str, MappedRegion] = {}
+        self._regions: dict[str, OpenRegion] = {}
 
     def __len__(self) -> int:
         return len(self._regions)
 
     @property
-    def regions(self) -> dict[str, MappedRegion]:
+    def regions(self) -> dict[str, OpenRegion]:
         return dict(self._regions)
 
     def register(self, registrations: Sequence[tuple[str, str, int, bool]]) -> None:
-        """Map every region of a StreamConfig (name, path, size, writable); all or nothing."""
+        """Open every region of a StreamConfig (name, path, size, writable); all or nothing."""
         if not registrations:
             return
         if self._config is None:
@@ -295,15 +284,14 @@ class RegionTable:
 
     def rows(self, field: str, region: str, offset: int, length: int, datatype: str,
              shape: tuple[int, int]) -> NDArray[np.float32]:
-        """Decode a batch's rows from a region: a read-only view for F32 (no copy)."""
+        """Decode a batch's rows from a region (read into a private buffer: F32 rows are a
+        read-only view on it, not another copy)."""
         ref = self.resolve(field, region, offset, length, datatype,
                            codec.expected_nbytes(datatype, shape))
-        # codec.decode reads any buffer: a view of the mapping is decoded without a copy.
-        data: bytes = ref.region.read(ref.offset, ref.length)  # type: ignore[assignment]
-        return codec.decode(datatype, shape, data)
+        return codec.decode(datatype, shape, ref.region.read(field, ref.offset, ref.length))
 
     def close(self) -> None:
-        """Unmap every region (the stream ended)."""
+        """Close every region (the stream ended)."""
         regions, self._regions = self._regions, {}
         for region in regions.values():
             with contextlib.suppress(Exception):  # never let cleanup end the server's loop

@@ -114,8 +114,11 @@ class InspectStream:
     def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "",
                  trace_context: Context | None = None, *,
                  shared_memory: SharedMemoryConfig | None = None,
-                 doorbell: bool = False) -> None:
+                 doorbell: bool = False, alive: Callable[[], bool] | None = None) -> None:
         self._engine = engine
+        #: Whether the host is still there (checked before writing into its region: once
+        #: its stream ended, the host reuses the batch's slot for other rows).
+        self._alive = alive
         #: The transport's span attributes: a gRPC call, or the doorbell socket.
         self._rpc = DOORBELL_ATTRIBUTES if doorbell else RPC_ATTRIBUTES
         self._max_message_bytes = max_message_bytes
@@ -415,9 +418,12 @@ class InspectStream:
         ref = batch.steering_ref
         hook, datatype = batch.hook, batch.activations.datatype
         regions = self.regions
+        alive = self._alive
 
         def write(steering_hook: str, delta: np.ndarray[Any, Any]) -> pb.Tensor | None:
             if steering_hook != hook:
+                return None
+            if alive is not None and not alive():  # the slot may hold other rows by now
                 return None
             try:
                 target = regions.resolve("batch.steering_ref", ref.region, ref.offset,

@@ -51,7 +51,7 @@ from tests.test_plugins_end_to_end import BATCHES, D_SAE, PLUGIN_SETTINGS, WEIGH
 from tests.test_shm import (
     comparable,
     configure,
-    mapped,
+    held,
     put,
     region_file,
     registration,
@@ -326,7 +326,7 @@ def test_protocol_violations_end_only_their_doorbell_stream(
             assert reply.action == pb.ACTION_CONTINUE, name
         assert survivor.finish() == []
         assert grpc_survivor.rest() == []
-    assert not mapped(outside)
+    assert not held(outside)
     assert server.doorbell is not None
     wait_until(lambda: server.doorbell is not None and server.doorbell.streams == 0)
     del folder
@@ -342,7 +342,7 @@ def test_regions_are_unmapped_however_a_doorbell_stream_ends(
         bell.configure(registration(region))
         put(region, 0, x().tobytes())
         assert bell.ask(shm_batch(x(), 1)).action == pb.ACTION_CONTINUE
-        assert mapped(region)
+        assert held(region)
         if ending == "host finishes":
             assert bell.finish() == []
         elif ending == "host vanishes":
@@ -350,7 +350,7 @@ def test_regions_are_unmapped_however_a_doorbell_stream_ends(
         else:
             bell.configure(registration(region))  # a second StreamConfig
             assert code_name(bell.ended()) == "FAILED_PRECONDITION"
-        wait_until(lambda region=region: not mapped(region))
+        wait_until(lambda region=region: not held(region))
         bell.close()
 
 
@@ -571,3 +571,35 @@ def test_frames_cut_short_or_oversized_are_errors_not_hangs() -> None:
         reader.read()
     right.close()
     codec.DATATYPES  # noqa: B018  # the codec stays importable beside the framing
+
+
+@pytest.mark.parametrize("transport", ["grpc", "doorbell"])
+def test_no_steering_delta_is_written_into_a_region_after_its_host_left(
+        scripted: tuple[GuardServer, Path, ScriptedGuard], transport: str) -> None:
+    """Once a stream ended, its host reuses the batch's slot for other rows: a decision the
+    guard finishes afterwards must not write its delta there."""
+    server, folder, plugin = scripted
+    path = region_file(folder, f"left-{transport}.shm", size=4096)
+    rows = x()
+    put(path, 0, rows.tobytes())
+    batch = shm_batch(rows, 1)
+    batch.steering_ref.CopyFrom(batch.activations.shm)  # the delta would replace the rows
+    batch.attributes.update({"sleep": "30", "steer": "1"})
+    region = registration(path, writable=True)
+    with grpc.insecure_channel(server.addresses[0]) as channel:
+        if transport == "grpc":
+            client = StreamClient(channel)
+            configure(client, region)
+            client.send(pb.InspectRequest(batch=batch))
+            wait_until(lambda: len(plugin.seen) == 1)
+            client._call.cancel()  # type: ignore[no-untyped-call]  # the host is gone
+        else:
+            bell = Doorbell(doorbell_of(server))
+            bell.configure(region)
+            bell.send(pb.InspectRequest(batch=batch))
+            wait_until(lambda: len(plugin.seen) == 1)
+            bell.close()  # the host is gone
+        plugin.release.set()  # the guard decides STEER now
+        wait_until(lambda: not held(path))  # the stream's handler finished
+    with path.open("rb") as f:
+        assert f.read(rows.nbytes) == rows.tobytes()

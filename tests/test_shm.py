@@ -30,7 +30,7 @@ from guard.config import (
 )
 from guard.decision import Action
 from guard.engine import Engine
-from guard.errors import ConfigError
+from guard.errors import ConfigError, InvalidInput
 from guard.host import GuardClient, Verdict
 from guard.host._options import CounterBox
 from guard.host.aio import AsyncGuardClient
@@ -102,9 +102,16 @@ def ended(client: StreamClient) -> grpc.RpcError:
     return error
 
 
-def mapped(path: Path | str) -> bool:
-    """Whether this process (the in-process guard) maps the file."""
-    return str(path) in Path("/proc/self/maps").read_text()
+def held(path: Path | str) -> bool:
+    """Whether this process (the in-process guard) holds the file open or mapped."""
+    target = os.path.realpath(path)
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:  # a descriptor closed while listing
+            continue
+    return target in Path("/proc/self/maps").read_text()
 
 
 def shm_config(folder: Path, **changes: Any) -> SharedMemoryConfig:
@@ -474,7 +481,7 @@ def test_refused_regions_end_their_stream_with_a_status_and_other_streams_go_on(
             assert reply.action == pb.ACTION_CONTINUE, name
         survivor.close()
         survivor.rest()
-    assert not mapped(good)
+    assert not held(good)
 
 
 def test_owner_must_be_the_guards_uid_or_an_allowed_uid(
@@ -519,7 +526,7 @@ def test_shared_memory_disabled_ends_the_stream_and_describe_lists_no_folder(
     assert error.details() == (
         "config.shared_memory: this guard accepts no shared-memory regions "
         "(server.shared_memory.enabled is false); send tensors as bytes (Tensor.raw)")
-    assert not mapped(path)
+    assert not held(path)
     # a reference without any region: NOT_FOUND naming the disabled setting
     other = StreamClient(channel)
     other.configure()
@@ -552,7 +559,7 @@ def test_regions_are_unmapped_when_the_stream_ends(shm_guard: tuple[GuardServer,
         client = StreamClient(channel)
         configure(client, registration(closed))
         assert client.ask(shm_batch(x(), 1)).action == pb.ACTION_CONTINUE
-        assert mapped(closed)
+        assert held(closed)
         nan = x()
         nan[1, 3] = np.nan
         put(closed, 0, nan.tobytes())  # rejected after decoding: the error holds no view
@@ -561,7 +568,7 @@ def test_regions_are_unmapped_when_the_stream_ends(shm_guard: tuple[GuardServer,
         assert "rows at positions 1 hold NaN or Inf" in reply.error.message
         client.close()
         assert client.rest() == []
-        assert not mapped(closed)
+        assert not held(closed)
 
         # the guard ends the stream (a second StreamConfig is a protocol violation)
         client = StreamClient(channel)
@@ -569,7 +576,7 @@ def test_regions_are_unmapped_when_the_stream_ends(shm_guard: tuple[GuardServer,
         assert client.ask(shm_batch(x(), 1)).action == pb.ACTION_CONTINUE
         configure(client, registration(violated))
         assert ended(client).code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert not mapped(violated)
+        assert not held(violated)
 
         # the host cancels: the handler notices at its next step and unmaps in its finally
         requests: list[pb.InspectRequest] = [
@@ -586,10 +593,10 @@ def test_regions_are_unmapped_when_the_stream_ends(shm_guard: tuple[GuardServer,
 
         call = pb_grpc.GuardStub(channel).Inspect(feed(), timeout=30)
         assert next(iter(call)).action == pb.ACTION_CONTINUE
-        assert mapped(cancelled)
+        assert held(cancelled)
         call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
         gate.set()
-        wait_until(lambda: not mapped(cancelled))
+        wait_until(lambda: not held(cancelled))
 
 
 # -- the host SDK's region --------------------------------------------------------------------
@@ -801,7 +808,10 @@ def test_config_shared_memory_keys_and_errors() -> None:
     for text, message in [
         ("enabled: 1", "server.shared_memory.enabled: expected true or false, found 1"),
         ("allowed_dirs: [shm]", "server.shared_memory.allowed_dirs[0]: expected an absolute "
-                                "folder path without '..', found 'shm'"),
+                                "folder path without '..', other than / (a memory-backed "
+                                "folder such as /dev/shm), found 'shm'"),
+        ("allowed_dirs: [/dev/shm, /]", "server.shared_memory.allowed_dirs[1]: expected an "
+                                        "absolute folder path without '..', other than /"),
         ("allowed_dirs: []", "server.shared_memory.allowed_dirs: expected a non-empty list"),
         ("allowed_uids: [-1]", "server.shared_memory.allowed_uids: expected a list of numeric "
                                "user ids"),
@@ -814,24 +824,74 @@ def test_config_shared_memory_keys_and_errors() -> None:
         assert message in str(caught.value)
 
 
-def test_f32_rows_are_a_read_only_view_on_the_mapping(tmp_path: Path) -> None:
-    """No copy on the guard's side for F32, and nothing may write through the view."""
+def test_rows_are_a_private_copy_and_a_file_cut_short_is_an_error_not_a_crash(
+        tmp_path: Path) -> None:
+    """The guard reads rows with pread (a mapping's pages past a shrunk file's end would raise
+    SIGBUS and kill the guard): later host writes do not reach decoded rows, and a file cut
+    short after the range check gets an InvalidInput; a delta written to it grows it back."""
     from guard.shm import RegionTable
 
     path = region_file(tmp_path)
     rows = x()
     put(path, 128, rows.tobytes())
     table = RegionTable(shm_config(tmp_path))
-    table.register([("r", str(path), 4096, False)])
+    table.register([("r", str(path), 4096, True)])
+    region = table.regions["r"]
     try:
-        region = table.regions["r"]
         decoded = table.rows("batch.activations.shm", "r", 128, ROWS_BYTES, "F32", (3, D_IN))
         np.testing.assert_array_equal(decoded, rows)
-        assert np.shares_memory(decoded, region.read(0, 4096))
         assert not decoded.flags.writeable
-        put(path, 128, (rows + 1).tobytes())  # the host's later writes show through
-        np.testing.assert_array_equal(decoded, rows + 1)
-        del decoded
+        put(path, 128, (rows + 1).tobytes())  # the host's later writes do not show through
+        np.testing.assert_array_equal(decoded, rows)
+        assert held(path) and str(path) not in Path("/proc/self/maps").read_text()
+        ref = table.resolve("batch.activations.shm", "r", 128, ROWS_BYTES, "F32", ROWS_BYTES)
+        os.truncate(path, 200)  # after the check, before the read: a host gone wrong
+        with pytest.raises(InvalidInput, match="shrank to 200 bytes since it was registered "
+                                               "with 4096"):
+            ref.region.read("batch.activations.shm", ref.offset, ref.length)
+        region.write(1024, "F32", rows)  # a steering delta into the lost range
+        assert get(path, 1024, ROWS_BYTES) == rows.tobytes()
     finally:
         table.close()
-    assert len(table) == 0 and region.closed and not mapped(path)
+    assert len(table) == 0 and region.closed and not held(path)
+
+
+def test_a_host_truncating_its_region_while_streaming_never_crashes_the_guard(
+        shm_guard: tuple[GuardServer, Path]) -> None:
+    """A host shrinking and regrowing its region while batches are read: each batch is
+    decided or refused with INVALID_ARGUMENT, and the guard serves on (no SIGBUS)."""
+    server, folder = shm_guard
+    size = 1 << 20
+    path = region_file(folder, "flapping.shm", size=size)
+    rows = np.random.default_rng(3).normal(size=(256, D_IN)).astype(np.float32)
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.is_set():
+            os.truncate(path, 64)
+            os.truncate(path, size)
+            put(path, 0, rows.tobytes())
+
+    flapper = threading.Thread(target=flap)
+    put(path, 0, rows.tobytes())
+    outcomes: set[str] = set()
+    with grpc.insecure_channel(server.addresses[0]) as channel:
+        client = StreamClient(channel)
+        configure(client, registration(path, size=size))
+        assert client.ask(shm_batch(rows, 1)).action == pb.ACTION_CONTINUE  # registered
+        flapper.start()
+        try:
+            for sequence in range(2, 302):
+                reply = client.ask(shm_batch(rows, sequence))
+                if reply.HasField("error"):
+                    assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    assert "shrank to" in reply.error.message or "NaN" in reply.error.message
+                    outcomes.add("refused")
+                else:
+                    outcomes.add("decided")
+        finally:
+            stop.set()
+            flapper.join()
+        client.close()
+        assert client.rest() == []
+    assert "decided" in outcomes
