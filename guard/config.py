@@ -137,7 +137,8 @@ class SaeConfig:
     path: Path
     #: Hook name; defaults to the one stored with the SAE.
     hook: str | None = None
-    #: sha256 pin of the SAE weights; a mismatch refuses to start.
+    #: sha256 pin of what is served (the weights file of a SAELens, sparsify or Gemma Scope
+    #: SAE; the manifest.json of an exported artifact); a mismatch refuses to start.
     sha256: str | None = None
     #: Weight dtype of the encoder graph.
     dtype: SaeDtype = "auto"

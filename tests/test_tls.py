@@ -32,7 +32,8 @@ from guard.host import AsyncGuardClient, GuardClient, tls_credentials
 from guard.server import GuardServer, ListenError
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
-from tests.conftest import D_IN, HOOK, StreamClient, make_batch, make_config
+from tests.conftest import D_IN, D_SAE, HOOK, StreamClient, make_batch, make_config
+from tests.sae_fixtures import write_saelens
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 pytestmark = pytest.mark.skipif(not Path(OPENSSL).exists(), reason="no openssl binary")
@@ -466,4 +467,34 @@ def test_a_mismatching_sha256_pin_refuses_to_start(tmp_path: Path, sae_dir: Path
     events = [json.loads(line)["event"] for line in result.stderr.splitlines()
               if line.startswith("{")]
     assert "cannot start" in events and "serving" not in events
+    assert not socket.exists()
+
+
+@pytest.mark.slow
+def test_a_tampered_pinned_artifact_refuses_to_start(tmp_path: Path, sae_dir: Path) -> None:
+    """An artifact's pin is the sha256 of its manifest.json, which records every file's hash:
+    another SAE's files with the manifest's hashes rewritten to match no longer match it."""
+    other = write_saelens(tmp_path / "other", D_IN, D_SAE, hook_name=HOOK, seed=7)
+    for source, out in ((sae_dir, "art"), (other, "other_art")):
+        assert main(["sae", "export", str(source), str(tmp_path / out), "--dtype", "fp32"]) == 0
+    art, manifest_file = tmp_path / "art", tmp_path / "art" / "manifest.json"
+    pinned = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+    manifest = json.loads(manifest_file.read_text())
+    for name in ("weights.safetensors", "encoder.onnx"):
+        shutil.copyfile(tmp_path / "other_art" / name, art / name)
+        manifest["files"][name] = hashlib.sha256((art / name).read_bytes()).hexdigest()
+    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+    actual = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+    config = tmp_path / "guard.yaml"
+    socket = tmp_path / "g.sock"
+    config.write_text(f"server:\n  listen: unix://{socket}\n"
+                      f"saes:\n  - path: {art}\n    sha256: '{pinned}'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "guard", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=dict(os.environ, GUARD_LOG_FORMAT="json"),
+    )
+    assert result.returncode == 1, result.stderr
+    assert str(manifest_file) in result.stderr
+    assert f"sha256 expected {pinned} (pinned), found {actual}" in result.stderr
     assert not socket.exists()

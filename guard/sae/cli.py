@@ -92,7 +92,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     encode.add_argument(
         "--hook", help="hook name, needed for a params.npz outside Gemma Scope's layout"
     )
-    encode.add_argument("--sha256", help="refuse to run unless the source weights have this sha256")
+    encode.add_argument("--sha256", help="refuse to run unless the SAE has this sha256 (its "
+                        "weights file; an artifact's manifest.json)")
     encode.set_defaults(func=_encode)
 
     _register_train(commands)

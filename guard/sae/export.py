@@ -18,10 +18,11 @@ from numpy.typing import NDArray
 from guard.errors import SaeFileError
 from guard.sae.encoder import CPU, Encoder, create_session
 from guard.sae.formats import Artifact, load_any
-from guard.sae.formats.artifact import parse_feature_labels, write_artifact
+from guard.sae.formats.artifact import MANIFEST_FILE, parse_feature_labels, write_artifact
 from guard.sae.formats.fields import read_json_object
 from guard.sae.model import SaeModel
 from guard.sae.quantize import quantize_int8
+from guard.sae.safetensors import sha256_of_files
 
 ExportDtype = Literal["fp32", "fp16", "int8"]
 
@@ -130,8 +131,9 @@ def export_artifact(
 ) -> AccuracyReport:
     """Export ``source`` (any format :func:`guard.sae.open_sae` reads) to an artifact folder.
 
-    Prints progress (large SAEs) and the accuracy report to ``stream`` (None: silent);
-    returns the report.
+    Prints progress (large SAEs), the accuracy report and the artifact's sha256 (the sha256
+    of its ``manifest.json``: what ``saes[].sha256`` pins, see
+    ``guard.sae.formats.artifact``) to ``stream`` (None: silent); returns the report.
     """
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
@@ -175,6 +177,7 @@ def export_artifact(
             feature_labels=feature_labels,
             accuracy=report.as_dict(),
         )
+        artifact_sha256 = sha256_of_files([staging / MANIFEST_FILE])
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         staging.rename(target)
@@ -184,6 +187,12 @@ def export_artifact(
     progress.step(f"wrote {target}")
     if stream is not None:
         print(report.line(dtype), file=stream, flush=True)
+        print(
+            f"artifact sha256 {artifact_sha256} (of {MANIFEST_FILE}, which records every "
+            "file's): pin this as saes[].sha256, not the source weights' sha256",
+            file=stream,
+            flush=True,
+        )
     return report
 
 

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from guard.errors import InvalidInput, NotFound, SaeFileError
 from guard.sae.encoder import CPU, CUDA, Encoder, create_session, resolve_providers
 from guard.sae.formats import Artifact, load_any
+from guard.sae.formats.artifact import ENCODER_FILE, MANIFEST_FILE, verify_file
 from guard.sae.model import SaeModel
 from guard.sae.quantize import quantize_int8
 
@@ -36,7 +37,13 @@ class SaeInfo:
     d_sae: int
     architecture: str
     sha256: str
-    """sha256 of the source weights file (the same for a source folder and its artifacts)."""
+    """The identity of what is served, what a pin must equal and what ``Describe``, decision
+    logs and the ``guard.sae.sha256`` span attribute report: the sha256 of the weights file
+    for a source format, of ``manifest.json`` for an exported artifact (which records the
+    sha256 of its other files, all verified at load; see ``guard.sae.formats.artifact``)."""
+    source_sha256: str
+    """sha256 of the source weights file; for an artifact, the one its manifest records it
+    was exported from (lineage, not vouched for). Equals ``sha256`` for a source format."""
     source_format: str
     """``saelens``, ``sparsify``, ``gemmascope`` or ``artifact``."""
     weight_dtype: str
@@ -57,14 +64,20 @@ class Sae:
         threads: int | None = None,
         feature_labels: Mapping[int, str] | None = None,
         prebuilt_encoder: Path | None = None,
+        prebuilt_encoder_sha256: str | None = None,
+        sha256: str | None = None,
     ) -> None:
+        """``sha256``: the identity of what is served (None: ``model.sha256``, the source
+        weights'); ``prebuilt_encoder_sha256``: the hash ``prebuilt_encoder`` was verified
+        against at load, checked again when the encoder is built from it."""
         self.model = model
         self.info = SaeInfo(
             hook_name=model.hook_name,
             d_in=model.d_in,
             d_sae=model.d_sae,
             architecture=model.architecture.name,
-            sha256=model.sha256,
+            sha256=model.sha256 if sha256 is None else sha256,
+            source_sha256=model.sha256,
             source_format=source_format,
             weight_dtype=weight_dtype,
             feature_labels=MappingProxyType(dict(feature_labels or {})),
@@ -72,6 +85,7 @@ class Sae:
         self.providers = list(providers)
         self._threads = threads
         self._prebuilt_encoder = prebuilt_encoder
+        self._prebuilt_encoder_sha256 = prebuilt_encoder_sha256
         self._encoders: dict[tuple[tuple[int, ...] | None, bool], Encoder] = {}
         self._lock = threading.Lock()
 
@@ -134,6 +148,9 @@ class Sae:
         dtype = self.info.weight_dtype
         graph: onnx.ModelProto | Path
         if columns is None and self._prebuilt_encoder is not None:
+            # Read at first use, possibly long after load: check it is still what was verified.
+            if self._prebuilt_encoder_sha256 is not None:
+                verify_file(self._prebuilt_encoder, self._prebuilt_encoder_sha256)
             graph = self._prebuilt_encoder
         else:
             full_matmul = columns is None or not (
@@ -182,7 +199,11 @@ def open_sae(
     a Gemma Scope ``params.npz`` (or a folder holding one).
 
     :param hook: overrides the hook name found in the files.
-    :param sha256: pin on the source weights file; a different hash refuses to load.
+    :param sha256: pin (``sha256:`` prefix and case ignored); a different hash refuses to
+        load. For a source format it is the weights file's sha256; for an artifact the
+        sha256 of its ``manifest.json`` (printed by ``guard sae export``), which vouches for
+        every file of the artifact. An artifact refuses a pin on the weights it was exported
+        from: its manifest only claims that hash, and anyone editing the folder can copy it.
     :param dtype: ``auto`` keeps an artifact's dtype and otherwise picks fp16 on CUDA and
         fp32 on CPU; an explicit dtype different from an artifact's rebuilds the encoder
         from the artifact's float32 weights.
@@ -194,10 +215,12 @@ def open_sae(
         raise InvalidInput(f"dtype: expected one of {list(_DTYPES)}, found {dtype!r}")
     loaded = load_any(path, hook)
     model = loaded.model if isinstance(loaded, Artifact) else loaded
+    identity = loaded.sha256 if isinstance(loaded, Artifact) else model.sha256
     if sha256 is not None:
-        _check_pin(model, sha256)
+        _check_pin(model, identity, sha256, artifact=isinstance(loaded, Artifact))
     chosen = resolve_providers(providers)
     prebuilt: Path | None = None
+    prebuilt_sha256: str | None = None
     labels: Mapping[int, str] = {}
     resolved: Literal["fp32", "fp16", "int8"]
     if dtype == "auto":
@@ -211,6 +234,7 @@ def open_sae(
         labels = loaded.feature_labels
         if resolved == loaded.weight_dtype:
             prebuilt = loaded.encoder_path
+            prebuilt_sha256 = loaded.files[ENCODER_FILE]
     sae = Sae(
         model,
         source_format="artifact" if isinstance(loaded, Artifact) else model.source_format,
@@ -219,6 +243,8 @@ def open_sae(
         threads=threads,
         feature_labels=labels,
         prebuilt_encoder=prebuilt,
+        prebuilt_encoder_sha256=prebuilt_sha256,
+        sha256=identity,
     )
     log.info(
         "sae.opened",
@@ -231,6 +257,7 @@ def open_sae(
         weight_dtype=resolved,
         providers=chosen,
         sha256=sae.info.sha256,
+        source_sha256=sae.info.source_sha256,
     )
     if chosen[0] == CPU and resolved == "fp16":
         log.warning("sae.fp16_on_cpu", hook=sae.info.hook_name, note="fp16 gains nothing on CPU")
@@ -245,10 +272,18 @@ def _artifact_dtype(value: str) -> Literal["fp32", "fp16", "int8"]:
     return "fp32"
 
 
-def _check_pin(model: SaeModel, pinned: str) -> None:
+def _check_pin(model: SaeModel, identity: str, pinned: str, *, artifact: bool) -> None:
+    """Refuse unless ``pinned`` is ``identity`` (see :attr:`SaeInfo.sha256`)."""
     expected = pinned.strip().lower().removeprefix("sha256:")
-    if expected != model.sha256:
-        raise SaeFileError(
-            model.weights_file,
-            f"sha256 expected {expected} (pinned), found {model.sha256}: refusing to load",
+    if expected == identity:
+        return
+    problem = f"sha256 expected {expected} (pinned), found {identity}: refusing to load"
+    if artifact and expected == model.sha256:
+        problem += (
+            f"; the pin is the sha256 of the weights this artifact records it was exported "
+            f"from, which {MANIFEST_FILE} only claims: pin the artifact itself, {identity} "
+            f"(the sha256 of {MANIFEST_FILE}, printed by guard sae export)"
         )
+    elif artifact:
+        problem += f" (an artifact's sha256 is that of its {MANIFEST_FILE})"
+    raise SaeFileError(model.weights_file, problem)

@@ -13,6 +13,7 @@ import pytest
 
 from guard.errors import SaeFileError
 from guard.sae import open_sae
+from guard.sae.export import export_artifact
 from guard.sae.safetensors import SafetensorsFile, bf16_to_float32
 from tests.sae_fixtures import (
     random_standard_weights,
@@ -211,6 +212,53 @@ def test_sparsify_bad_files(tmp_path: Path) -> None:
 def test_not_an_sae(tmp_path: Path) -> None:
     refused(tmp_path, "not a recognised SAE", "cfg.json")
     refused(tmp_path / "missing", "no such file")
+
+
+def artifact(tmp_path: Path) -> Path:
+    export_artifact(saelens(tmp_path), tmp_path / "art", dtype="fp32", stream=None)
+    return tmp_path / "art"
+
+
+def edit_manifest(folder: Path, **changes: Any) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_artifact_manifest_file_list_is_checked(tmp_path: Path) -> None:
+    folder = artifact(tmp_path)
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    manifest = str(folder / "manifest.json")
+    edit_manifest(folder, files={"encoder.onnx": files["encoder.onnx"]})
+    refused(folder, manifest, "field 'files'", "weights.safetensors")
+    edit_manifest(folder, files={**files, "../cfg.json": files["encoder.onnx"]})
+    refused(folder, manifest, "field 'files'", "'../cfg.json'")
+    edit_manifest(folder, files={**files, "manifest.json": "0" * 64})
+    refused(folder, manifest, "field 'files'", "'manifest.json'")
+    edit_manifest(folder, files={**files, "encoder.onnx": files["encoder.onnx"].upper()})
+    refused(
+        folder,
+        manifest,
+        "field 'files.encoder.onnx'",
+        "64 lowercase hex",
+        f"found {files['encoder.onnx'].upper()!r}",
+    )
+    edit_manifest(folder, files={**files, "labels.json": "0" * 64})
+    refused(folder, str(folder / "labels.json"), "file listed in manifest.json is missing")
+
+
+def test_artifact_source_sha256_must_be_a_digest(tmp_path: Path) -> None:
+    folder = artifact(tmp_path)
+    edit_manifest(folder, sha256="abc")
+    refused(folder, str(folder / "manifest.json"), "field 'sha256'", "64 lowercase hex", "'abc'")
+
+
+def test_artifact_manifest_not_json(tmp_path: Path) -> None:
+    folder = artifact(tmp_path)
+    (folder / "manifest.json").write_bytes(b"\xff{")
+    refused(folder, str(folder / "manifest.json"), "not valid JSON", "not UTF-8")
+    (folder / "manifest.json").write_text("[1]")
+    refused(folder, str(folder / "manifest.json"), "expected a JSON object, found list")
 
 
 def test_bf16_is_widened_exactly() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -180,7 +182,8 @@ def test_fp32_export_round_trip_is_exact(tmp_path: Path, arch: str) -> None:
     assert report.max_abs_error < 1e-4 and report.flip_rate == 0.0
     artifact = open_sae(tmp_path / "out")
     assert artifact.info.source_format == "artifact"
-    assert artifact.info.sha256 == source.info.sha256
+    assert artifact.info.sha256 == sha256_of(tmp_path / "out" / "manifest.json")
+    assert artifact.info.source_sha256 == source.info.sha256 == source.info.source_sha256
     assert (artifact.info.architecture, artifact.info.d_in, artifact.info.d_sae) == (
         arch,
         D_IN,
@@ -242,6 +245,8 @@ def test_export_writes_manifest_labels_and_progress(tmp_path: Path) -> None:
     stream = io.StringIO()
     export_artifact(folder, tmp_path / "art", dtype="fp32", labels=labels, stream=stream)
     assert "accuracy of fp32 vs NumPy fp32 reference" in stream.getvalue()
+    pin = sha256_of(tmp_path / "art" / "manifest.json")
+    assert f"artifact sha256 {pin} (of manifest.json" in stream.getvalue()
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["hook_name"] == "layers.3"
     assert manifest["source_format"] == "sparsify"
@@ -285,15 +290,112 @@ def test_changed_artifact_file_is_refused(tmp_path: Path) -> None:
         open_sae(tmp_path / "art")
 
 
-def test_gemmascope_export_and_source_pin_survive(tmp_path: Path) -> None:
+def test_gemmascope_export_keeps_the_source_sha256_as_lineage(tmp_path: Path) -> None:
     npz = write_gemmascope(
         tmp_path / "gemma-scope-2b-pt-res" / "layer_4" / "params.npz", D_IN, D_SAE
     )
     source = open_sae(npz)
     export_artifact(npz, tmp_path / "art", dtype="fp16", stream=None)
-    artifact = open_sae(tmp_path / "art", sha256=source.info.sha256)
+    artifact = open_sae(tmp_path / "art", sha256=sha256_of(tmp_path / "art" / "manifest.json"))
+    assert artifact.info.source_sha256 == source.info.sha256
     assert artifact.info.hook_name == "blocks.4.hook_resid_post"
     x = rows()
     np.testing.assert_allclose(
         artifact.encoder(FEATURES).encode(x), source.encoder(FEATURES).encode(x), atol=0.02
     )
+
+
+# --- artifact integrity and pins --------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_two(tmp_path: Path) -> tuple[Path, Path]:
+    """Two exported artifacts of different SAEs of the same shape and hook."""
+    for name, seed in (("a", 1), ("b", 2)):
+        write_saelens(tmp_path / f"src_{name}", D_IN, D_SAE, seed=seed)
+        export_artifact(tmp_path / f"src_{name}", tmp_path / name, dtype="fp32", stream=None)
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_untouched_artifact_loads_with_its_pin(tmp_path: Path) -> None:
+    art, _ = export_two(tmp_path)
+    pin = sha256_of(art / "manifest.json")
+    for written in (pin, f"sha256:{pin.upper()}", f"  {pin}\n"):
+        sae = open_sae(art, sha256=written)
+        assert sae.info.sha256 == pin
+        assert sae.info.source_sha256 == sha256_of(tmp_path / "src_a" / "sae_weights.safetensors")
+        assert sae.encoder().encode(rows()).shape == (40, D_SAE)
+
+
+@pytest.mark.parametrize(
+    "swapped",
+    [("weights.safetensors",), ("encoder.onnx",), ("weights.safetensors", "encoder.onnx")],
+    ids=["weights", "encoder", "both"],
+)
+def test_swapped_files_with_a_rewritten_manifest_fail_the_pin(
+    tmp_path: Path, swapped: tuple[str, ...]
+) -> None:
+    """The reviewer's attack: another SAE's files, and the manifest's hashes rewritten to
+    match them, keeping the recorded source sha256."""
+    art, other = export_two(tmp_path)
+    pin = sha256_of(art / "manifest.json")
+    source_pin = json.loads((art / "manifest.json").read_text())["sha256"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    for name in swapped:
+        shutil.copyfile(other / name, art / name)
+        manifest["files"][name] = sha256_of(art / name)
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    tampered = sha256_of(art / "manifest.json")
+    assert open_sae(art).info.sha256 == tampered != pin  # verifies: a new, different identity
+    with pytest.raises(SaeFileError) as caught:
+        open_sae(art, sha256=pin)
+    message = str(caught.value)
+    assert str(art / "manifest.json") in message
+    assert f"sha256 expected {pin} (pinned), found {tampered}" in message
+    # The recorded source sha256 is the attacker's to copy: it is no pin of an artifact.
+    with pytest.raises(SaeFileError) as caught:
+        open_sae(art, sha256=source_pin)
+    message = str(caught.value)
+    assert f"sha256 expected {source_pin} (pinned), found {tampered}" in message
+    assert "pin the artifact itself" in message
+
+
+def test_source_pin_on_an_untouched_artifact_names_the_right_pin(tmp_path: Path) -> None:
+    art, _ = export_two(tmp_path)
+    source_pin = sha256_of(tmp_path / "src_a" / "sae_weights.safetensors")
+    with pytest.raises(SaeFileError) as caught:
+        open_sae(art, sha256=source_pin)
+    message = str(caught.value)
+    assert message.startswith(f"{art / 'manifest.json'}: sha256 expected {source_pin} (pinned)")
+    assert f"pin the artifact itself, {sha256_of(art / 'manifest.json')}" in message
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "encoder.onnx"])
+def test_swapped_file_without_a_manifest_rewrite_is_refused_unpinned(
+    tmp_path: Path, name: str
+) -> None:
+    art, other = export_two(tmp_path)
+    recorded = json.loads((art / "manifest.json").read_text())["files"][name]
+    shutil.copyfile(other / name, art / name)
+    with pytest.raises(SaeFileError) as caught:
+        open_sae(art)
+    assert str(caught.value) == (
+        f"{art / name}: sha256 expected {recorded} (from manifest.json), found "
+        f"{sha256_of(other / name)}: the file changed after export"
+    )
+
+
+def test_prebuilt_encoder_swapped_after_open_is_refused_at_first_use(tmp_path: Path) -> None:
+    art, other = export_two(tmp_path)
+    recorded = json.loads((art / "manifest.json").read_text())["files"]["encoder.onnx"]
+    sae = open_sae(art)  # fp32 artifact: the full encoder is built from encoder.onnx lazily
+    shutil.copyfile(other / "encoder.onnx", art / "encoder.onnx")
+    with pytest.raises(SaeFileError) as caught:
+        sae.encoder()
+    message = str(caught.value)
+    assert message.startswith(f"{art / 'encoder.onnx'}: sha256 expected {recorded}")
+    assert f"found {sha256_of(other / 'encoder.onnx')}" in message

@@ -9,13 +9,26 @@ Layout::
                          encoders) and the decoder's (W_dec, b_dec, optional W_skip), read
                          memory-mapped so steering can fetch a few decoder rows cheaply
 
-Every file's hash is checked at load: an artifact that changed after export is refused.
+Every file the manifest lists is hashed once at load and checked against the sha256 it
+records there: an artifact whose files changed after export is refused, pin or no pin.
+
+Identity and pins: an artifact *is* its manifest. Its sha256 (:attr:`Artifact.sha256`, what
+``saes[].sha256`` must equal, what ``guard sae export`` prints and what ``Describe``, decision
+logs and spans report) is the sha256 of ``manifest.json``'s bytes (``sha256sum
+manifest.json``). The manifest records the sha256 of every other file and everything else the
+artifact serves (hook, architecture and its config, input normalisation, labels), so that one
+digest covers it all: swapping ``encoder.onnx`` or ``weights.safetensors`` either fails the
+file check or, with the manifest's hashes rewritten to match, changes the manifest's digest.
+The manifest's ``sha256`` field (the weights the artifact was exported from) is lineage only:
+it is a claim anyone editing the folder can copy, so it is not accepted as a pin.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast, get_args
@@ -24,7 +37,7 @@ import numpy as np
 
 from guard.errors import SaeFileError
 from guard.sae.architectures.base import FloatArray
-from guard.sae.formats.fields import positive_int, read_json_object
+from guard.sae.formats.fields import positive_int
 from guard.sae.model import (
     INPUT_NORMALIZATIONS,
     Decoder,
@@ -41,6 +54,7 @@ FORMAT_NAME = "activation-guard-sae"
 FORMAT_VERSION = 1
 WEIGHT_DTYPES = ("fp32", "fp16", "int8")
 _SOURCE_FORMATS = tuple(f for f in get_args(SourceFormat) if f != "artifact")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +68,11 @@ class Artifact:
     feature_labels: dict[int, str]
     encoder_path: Path
     manifest: dict[str, Any]
+    sha256: str
+    """The artifact's identity and what a pin of it must equal: the sha256 of ``manifest.json``
+    (see the module docstring). ``model.sha256`` is the source weights' (lineage only)."""
+    files: Mapping[str, str]
+    """The sha256 of each file the manifest lists, as verified at load."""
 
 
 def is_artifact_folder(path: Path) -> bool:
@@ -62,7 +81,7 @@ def is_artifact_folder(path: Path) -> bool:
 
 def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
     manifest_path = folder / MANIFEST_FILE
-    manifest = read_json_object(manifest_path)
+    manifest, digest = _read_manifest(manifest_path)
     if manifest.get("format") != FORMAT_NAME:
         raise SaeFileError(
             manifest_path,
@@ -74,7 +93,7 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
             f"field 'format_version': expected {FORMAT_VERSION}, found "
             f"{manifest.get('format_version')!r} (exported by another guard version: re-export)",
         )
-    _verify_files(folder, manifest_path, manifest)
+    files = _verify_files(folder, manifest_path, manifest)
     d_in = positive_int(manifest_path, manifest, "d_in")
     d_sae = positive_int(manifest_path, manifest, "d_sae")
     arch_name = manifest.get("architecture")
@@ -109,9 +128,15 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
             manifest_path,
             f"field 'weight_dtype': expected one of {list(WEIGHT_DTYPES)}, found {weight_dtype!r}",
         )
-    for key in ("hook_name", "sha256"):
-        if not isinstance(manifest.get(key), str):
-            raise SaeFileError(manifest_path, f"missing field {key!r}: expected a string")
+    if not isinstance(manifest.get("hook_name"), str):
+        raise SaeFileError(manifest_path, "missing field 'hook_name': expected a string")
+    source_sha256 = manifest.get("sha256")
+    if not isinstance(source_sha256, str) or not _DIGEST.fullmatch(source_sha256):
+        raise SaeFileError(
+            manifest_path,
+            f"field 'sha256': expected the source weights' sha256 (64 lowercase hex "
+            f"characters), found {source_sha256!r}",
+        )
 
     weights_path = folder / WEIGHTS_FILE
     weights = SafetensorsFile(weights_path)
@@ -137,8 +162,8 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
         decoder=decoder,
         hook_name=hook or manifest["hook_name"],
         source_format=cast(SourceFormat, source_format),
-        sha256=manifest["sha256"],
-        weights_file=folder / MANIFEST_FILE,
+        sha256=source_sha256,
+        weights_file=manifest_path,
     )
     return Artifact(
         folder=folder,
@@ -147,10 +172,36 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
         feature_labels=_labels(manifest_path, manifest.get("feature_labels", {}), d_sae),
         encoder_path=folder / ENCODER_FILE,
         manifest=manifest,
+        sha256=digest,
+        files=files,
     )
 
 
-def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> None:
+def _read_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """The manifest and the sha256 of its bytes, from a single read: what is hashed is what
+    is parsed."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SaeFileError(path, f"cannot read file: {e.strerror or e}") from e
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SaeFileError(
+            path, f"not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise SaeFileError(path, f"not valid JSON: {e}") from e
+    except RecursionError as e:  # nesting deeper than Python's recursion limit
+        raise SaeFileError(path, "not valid JSON: nested too deeply") from e
+    if not isinstance(value, dict):
+        raise SaeFileError(path, f"expected a JSON object, found {type(value).__name__}")
+    return value, hashlib.sha256(data).hexdigest()
+
+
+def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Hash every file ``manifest["files"]`` lists (once, 1 MiB reads: about as long as reading
+    them) and check it against the recorded sha256; returns the verified hashes."""
     files = manifest.get("files")
     if not isinstance(files, dict) or ENCODER_FILE not in files or WEIGHTS_FILE not in files:
         raise SaeFileError(
@@ -158,10 +209,22 @@ def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]
             f"field 'files': expected the sha256 of {ENCODER_FILE} and {WEIGHTS_FILE}, "
             f"found {files!r}",
         )
+    verified: dict[str, str] = {}
     for name, expected in files.items():
+        if name in ("", ".", "..", MANIFEST_FILE) or "/" in name or "\\" in name:
+            raise SaeFileError(
+                manifest_path,
+                f"field 'files': expected names of files next to {MANIFEST_FILE}, found {name!r}",
+            )
+        if not isinstance(expected, str) or not _DIGEST.fullmatch(expected):
+            raise SaeFileError(
+                manifest_path,
+                f"field 'files.{name}': expected a sha256 (64 lowercase hex characters), "
+                f"found {expected!r}",
+            )
         path = folder / name
-        if not isinstance(name, str) or "/" in name or not path.is_file():
-            raise SaeFileError(path, "file listed in the manifest is missing")
+        if not path.is_file():
+            raise SaeFileError(path, f"file listed in {MANIFEST_FILE} is missing")
         found = sha256_of_files([path])
         if found != expected:
             raise SaeFileError(
@@ -169,6 +232,20 @@ def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]
                 f"sha256 expected {expected} (from {MANIFEST_FILE}), found {found}: the file "
                 "changed after export",
             )
+        verified[name] = found
+    return verified
+
+
+def verify_file(path: Path, expected: str) -> None:
+    """Hash ``path`` again and check it against the sha256 verified at load (for a file read
+    long after load, such as the prebuilt ``encoder.onnx``)."""
+    found = sha256_of_files([path])
+    if found != expected:
+        raise SaeFileError(
+            path,
+            f"sha256 expected {expected} (verified at load, from {MANIFEST_FILE}), found {found}: "
+            "the file changed while the SAE was open",
+        )
 
 
 def _labels(path: Path, raw: object, d_sae: int) -> dict[int, str]:
