@@ -8,6 +8,7 @@ its failure policy, deadlines and reconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import socket
@@ -36,7 +37,7 @@ from guard.decision import Action
 from guard.engine import Engine
 from guard.errors import ConfigError
 from guard.framing import FrameReader, send_frame
-from guard.host import GuardClient, Verdict
+from guard.host import AsyncGuardClient, GuardClient, Verdict
 from guard.host.shm import SharedMemory
 from guard.instrumentation import Instruments
 from guard.plugin_manager import PluginSource
@@ -603,3 +604,61 @@ def test_no_steering_delta_is_written_into_a_region_after_its_host_left(
         wait_until(lambda: not held(path))  # the stream's handler finished
     with path.open("rb") as f:
         assert f.read(rows.nbytes) == rows.tobytes()
+
+
+def test_the_async_client_uses_the_doorbell_too(plugin_guard: PluginGuard) -> None:
+    address, folder = plugin_guard.server.addresses[0], plugin_guard.folder
+    with GuardClient(address, hooks=[HOOK], deadline_ms=30_000) as plain:
+        expected = run_batches(plain)
+
+    async def main() -> tuple[list[Verdict], list[Verdict], str, int]:
+        seen: list[Verdict] = []
+        async with AsyncGuardClient(address, hooks=[HOOK], deadline_ms=30_000,
+                                    shared_memory=str(folder)) as client:
+            verdicts = [await client.inspect("req-aio", HOOK, rows,
+                                             list(range(first, first + len(rows))))
+                        for rows, first in BATCHES]
+            transport = client.transport
+        async with AsyncGuardClient(address, mode="monitor", hooks=[HOOK],
+                                    shared_memory=str(folder), on_reply=seen.append) as monitor:
+            for rows, first in BATCHES:
+                await monitor.inspect("req-aio-mon", HOOK, rows,
+                                      list(range(first, first + len(rows))))
+            monitor_transport = monitor.transport
+        return verdicts, seen, f"{transport}/{monitor_transport}", client.counters.shm_batches
+
+    verdicts, seen, transports, shm_batches = asyncio.run(main())
+    assert transports == "doorbell/doorbell" and shm_batches == len(BATCHES)
+    assert [comparable(v) for v in verdicts] == [comparable(v) for v in expected]
+    np.testing.assert_array_equal(verdicts[2].steering[HOOK], expected[2].steering[HOOK])
+    # MONITOR: close() sent what was queued and the guard answered every batch
+    assert [v.action for v in seen] == [v.action for v in expected]
+
+
+def test_the_async_client_reconnects_on_the_doorbell_after_the_guard_restarts(
+        tmp_path: Path, sae_dir: Path) -> None:
+    config = guard_config(tmp_path, sae_dir)
+    folder = tmp_path / "shm"
+
+    async def main() -> tuple[Verdict, Verdict, Verdict, int]:
+        async with AsyncGuardClient(config.server.listen, hooks=[HOOK], deadline_ms=30_000,
+                                    reconnect_backoff_ms=10, reconnect_backoff_max_ms=50,
+                                    shared_memory=str(folder)) as client:
+            with serving(config):
+                first = await client.inspect("one", HOOK, x(), [0, 1, 2])
+                assert client.transport == "doorbell"
+            down = await client.inspect("down", HOOK, x(), [0, 1, 2])
+            with serving(config):
+                again = down
+                for _ in range(400):
+                    again = await client.inspect("two", HOOK, x(), [0, 1, 2])
+                    if again.source == "guard":
+                        break
+                    await asyncio.sleep(0.02)
+                assert client.transport == "doorbell"
+            return first, down, again, client.counters.reconnects
+
+    first, down, again, reconnects = asyncio.run(main())
+    assert first.source == "guard" and again.source == "guard"
+    assert (down.source, down.cause) == ("fail_open", "unavailable")
+    assert reconnects >= 1

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from types import TracebackType
-from typing import Literal
+from typing import Any, Final, Literal
 
 import grpc
 import numpy as np
@@ -24,10 +24,12 @@ from grpc import aio
 from numpy.typing import NDArray
 
 from guard.decision import Phase
+from guard.framing import FrameError
 from guard.host import tracing
 from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch, stream_config
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    TRANSPORT_HEADROOM,
     Backoff,
     ClientCounters,
     ClientOptions,
@@ -54,6 +56,7 @@ from guard.host.client import (
     monitor_reply_verdict,
     status_text,
 )
+from guard.host.doorbell import CONNECT_TIMEOUT_S
 from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -62,6 +65,9 @@ log = structlog.get_logger("guard.host")
 
 #: What an outbox holds: a batch, or None (send nothing more: half-close the stream).
 _Outbox = asyncio.Queue[BatchItem | None]
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+#: The stream reader's buffer limit (frames are read with readexactly, not lines).
+_READ_LIMIT: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ _Outcome = pb.InspectResponse | _Failure
 class _AioStream:
     """One Inspect call: a writer task sends the StreamConfig, then the outbox's batches."""
 
-    def __init__(self, stub: pb_grpc.GuardAsyncStub, options: ClientOptions,
+    def __init__(self, stub: pb_grpc.GuardAsyncStub | None, options: ClientOptions,
                  counters: CounterBox, outbox: _Outbox,
                  metadata: tuple[tuple[str, str | bytes], ...] | None,
                  shm: HostRegion | None = None) -> None:
@@ -92,7 +98,12 @@ class _AioStream:
         self.end_reason = ""
         self._reset_reason = ""
         self._next_sequence = 1
-        self.call = stub.Inspect(None, metadata=metadata)  # no iterator: the write/read API
+        self.call = self._open_call(stub, metadata)
+
+    def _open_call(self, stub: pb_grpc.GuardAsyncStub | None,
+                   metadata: tuple[tuple[str, str | bytes], ...] | None) -> Any:
+        assert stub is not None
+        return stub.Inspect(None, metadata=metadata)  # no iterator: the write/read API
 
     def submit(self, item: BatchItem) -> asyncio.Future[_Outcome] | None:
         """INLINE: number the batch and queue it; None when the stream has ended."""
@@ -161,14 +172,130 @@ class _AioStream:
             await writer
         return reason
 
-    def _finish(self, writer: asyncio.Task[None], reason: str) -> None:
+    def _finish(self, writer: asyncio.Task[None] | None, reason: str) -> None:
         self.end_reason = reason
         self.finished = True
-        writer.cancel()
+        if writer is not None:
+            writer.cancel()
         for future in self.pending.close(reason):
             if not future.done():
                 future.set_result(_Failure("unavailable", unavailable_reason(reason)))
         self.shm.close(reason, self.replies)
+
+
+class _AioDoorbellStream(_AioStream):
+    """One stream on the guard's doorbell socket (:mod:`guard.host.doorbell`): the same
+    tasks as a gRPC call (a writer from the outbox, a reader), with frames on a Unix socket
+    instead of gRPC messages."""
+
+    def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
+                 outbox: _Outbox, shm: HostRegion | None) -> None:
+        self.path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.get_running_loop().create_future()
+        super().__init__(None, options, counters, outbox, None, shm)
+
+    def _open_call(self, stub: pb_grpc.GuardAsyncStub | None,
+                   metadata: tuple[tuple[str, str | bytes], ...] | None) -> None:
+        return None
+
+    def reset(self, reason: str) -> None:
+        self._reset_reason = reason
+        if self._writer is not None:
+            self._writer.transport.abort()  # the reader sees the connection end
+
+    async def _write(self) -> None:
+        monitor = self.options.mode == "monitor"
+        writer = await self._connected
+        try:
+            config = self.shm.configure(stream_config(self.options))
+            writer.write(_frame(pb.InspectRequest(config=config).SerializeToString()))
+            while True:
+                item = await self.outbox.get()
+                try:
+                    if item is None:
+                        await writer.drain()
+                        writer.write_eof()  # the guard answers what it has, then closes
+                        return
+                    if monitor:  # INLINE batches got theirs in submit()
+                        item.sequence = self._next_sequence + item.gap_before
+                        self._next_sequence = item.sequence + 1
+                        self.shm.bind(item.sequence, item.shm)
+                    self.counters.add("sent")
+                    writer.write(_frame(item.to_request().SerializeToString()))
+                    await writer.drain()  # MONITOR: the socket's back-pressure, as gRPC's
+                finally:
+                    self.outbox.task_done()
+        except (OSError, RuntimeError):
+            return  # the connection ended; the reader reports why
+
+    async def read(self, on_reply: Callable[[_AioStream, pb.InspectResponse], None]) -> str:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.path, limit=_READ_LIMIT), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            reason = (f"cannot open a stream on the guard's doorbell socket {self.path}: "
+                      f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}")
+            self._connected.cancel()
+            if self.shm.region is not None:
+                self.shm.region.confirmed = False  # ask Describe again: the guard may change
+            self._finish(None, reason)
+            return reason
+        self._writer = writer
+        self._connected.set_result(writer)
+        limit = self.options.max_message_bytes * TRANSPORT_HEADROOM
+        return await self._read_frames(reader, writer, limit, on_reply)
+
+    async def _read_frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           limit: int,
+                           on_reply: Callable[[_AioStream, pb.InspectResponse], None]) -> str:
+        writer_task = asyncio.create_task(self._write(), name="guard-host-doorbell-writer")
+        try:
+            while True:
+                header = await reader.read(4)
+                if not header:
+                    reason = self._reset_reason or "the guard ended the stream"
+                    break
+                if len(header) < 4:
+                    header += await reader.readexactly(4 - len(header))
+                length = int.from_bytes(header, "little")
+                if length > limit:
+                    raise FrameError(f"a frame of {length} bytes exceeds the limit of {limit}")
+                frame = pb.DoorbellFrame.FromString(await reader.readexactly(length))
+                kind = frame.WhichOneof("frame")
+                if kind == "end":
+                    code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
+                    reason = self._reset_reason or (f"the stream to the guard ended: {code}: "
+                                                    f"{frame.end.message}")
+                    break
+                if kind != "reply":
+                    raise FrameError("a DoorbellFrame with neither a reply nor an end")
+                self.replies += 1
+                self.counters.add("replies")
+                on_reply(self, frame.reply)
+        except (OSError, asyncio.IncompleteReadError, FrameError) as exc:
+            reason = self._reset_reason or (f"the doorbell connection to the guard failed: "
+                                            f"{exc or type(exc).__name__}")
+        except Exception as exc:  # a client bug, or a frame protobuf cannot decode
+            log.exception("guard client failed reading a doorbell reply")
+            self.reset(f"the client failed reading a reply: {type(exc).__name__}")
+            reason = self._reset_reason
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the client task itself is stopping
+                self._finish(writer_task, "the client was closed")
+                writer.transport.abort()
+                raise
+            reason = self._reset_reason or "the stream was cancelled"
+        self._finish(writer_task, reason)
+        writer.transport.abort()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer_task
+        return reason
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "little") + payload
 
 
 class AsyncGuardClient:
@@ -260,12 +387,8 @@ class AsyncGuardClient:
     ) -> Verdict:
         """See :meth:`guard.host.GuardClient.inspect`."""
         timeout = deadline_seconds(self._options, deadline_ms)
-        region = self._shm
-        if region is not None and region.needs_check and self._keeper is None:
-            # Before the first stream: does the guard take this region (Describe)?
-            with contextlib.suppress(aio.AioRpcError):
-                region.check_guard(await self._ensure_stub().Describe(pb.DescribeRequest(),
-                                                                      timeout=5.0))
+        if self._keeper is None:
+            await self._check_shm()  # before the first batch is placed in the region
         item = prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
                              phase, attributes, place=self._place)
         span = tracing.start_inspect_span(request_id, hook, len(item.positions),
@@ -413,9 +536,32 @@ class AsyncGuardClient:
         return self._stream.end_reason if self._stream is not None else "no stream"
 
     def _open_stream(self) -> _AioStream:
+        """A new stream: on the guard's doorbell socket when the region is in use and the
+        guard serves one, otherwise a gRPC call."""
         outbox: _Outbox = self._monitor_outbox or asyncio.Queue()
+        region = self._shm
+        if region is not None and region.enabled and region.doorbell:
+            return _AioDoorbellStream(region.doorbell, self._options, self._counters, outbox,
+                                      region)
         return _AioStream(self._ensure_stub(), self._options, self._counters, outbox,
-                          call_metadata(self._options), self._shm)
+                          call_metadata(self._options), region)
+
+    async def _check_shm(self) -> None:
+        """Ask the guard (Describe) whether it takes the region (and where its doorbell is),
+        before a stream registers it; when the guard is down, the next stream asks again."""
+        region = self._shm
+        if region is not None and region.needs_check:
+            with contextlib.suppress(aio.AioRpcError):
+                region.check_guard(await self._ensure_stub().Describe(pb.DescribeRequest(),
+                                                                      timeout=5.0))
+
+    @property
+    def transport(self) -> Literal["grpc", "doorbell", ""]:
+        """What carries the current stream (see :attr:`guard.host.GuardClient.transport`)."""
+        stream = self._stream
+        if stream is None:
+            return ""
+        return "doorbell" if isinstance(stream, _AioDoorbellStream) else "grpc"
 
     def _is_closed(self) -> bool:
         return self._closed
@@ -437,6 +583,9 @@ class AsyncGuardClient:
                         replies=stream.replies, retry_in_ms=round(delay * 1e3))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            if self._is_closed():
+                return
+            await self._check_shm()
             if self._is_closed():
                 return
             stream = self._stream = self._open_stream()
