@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from guard.host.shm import SharedMemory
 from guard.instrumentation import Instruments
 from guard.plugin_manager import PluginSource
 from guard.server import GuardServer
+from guard.stream import InspectStream
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, HOOK, StreamClient, make_batch
@@ -576,10 +577,20 @@ def test_frames_cut_short_or_oversized_are_errors_not_hangs() -> None:
 
 @pytest.mark.parametrize("transport", ["grpc", "doorbell"])
 def test_no_steering_delta_is_written_into_a_region_after_its_host_left(
-        scripted: tuple[GuardServer, Path, ScriptedGuard], transport: str) -> None:
+        scripted: tuple[GuardServer, Path, ScriptedGuard], transport: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a stream ended, its host reuses the batch's slot for other rows: a decision the
     guard finishes afterwards must not write its delta there."""
     server, folder, plugin = scripted
+    checks: list[Callable[[], bool]] = []  # each stream's liveness check, as the guard sees it
+    original = InspectStream.__init__
+
+    def recording(self: InspectStream, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if kwargs.get("alive") is not None:
+            checks.append(kwargs["alive"])
+
+    monkeypatch.setattr(InspectStream, "__init__", recording)
     path = region_file(folder, f"left-{transport}.shm", size=4096)
     rows = x()
     put(path, 0, rows.tobytes())
@@ -600,6 +611,8 @@ def test_no_steering_delta_is_written_into_a_region_after_its_host_left(
             bell.send(pb.InspectRequest(batch=batch))
             wait_until(lambda: len(plugin.seen) == 1)
             bell.close()  # the host is gone
+        # the guard has noticed (gRPC learns of a cancel asynchronously): then it decides
+        wait_until(lambda: len(checks) == 1 and not checks[0]())
         plugin.release.set()  # the guard decides STEER now
         wait_until(lambda: not held(path))  # the stream's handler finished
     with path.open("rb") as f:

@@ -8,6 +8,12 @@ with ``steering=True`` the guard writes a STEER delta back into the same slot (i
 rows first), and the client copies it out before the slot is reused. The file is unlinked
 when the client closes (and at interpreter exit, should the client never be closed).
 
+The file's pages are reserved when it is created (``posix_fallocate``): a folder with less
+room left than the region gets no region (one error line; batches go as bytes) rather than a
+SIGBUS at the first write past the room left. The client holds an exclusive ``flock`` on the
+file while it lives; a client killed outright leaves its file unlocked, and the next region
+created in the folder removes it (:func:`remove_stale_regions`).
+
 Slots come from a ring allocator: batches take space at the head, their slots return when
 their reply arrives (in time or late) or when their stream ends without one. A batch whose
 deadline passed keeps its slot until then: the guard may still be reading it. When no slot is
@@ -20,6 +26,8 @@ sends bytes from then on.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 import secrets
@@ -47,6 +55,9 @@ DEFAULT_SIZE_BYTES: Final = 64 * 1024 * 1024
 ALIGNMENT: Final = 64
 #: What the guard's refusal of a region names (stream status details).
 REFUSAL_MARKER: Final = "config.shared_memory"
+#: The region files' names: ``activation-guard-<pid>-<random>.shm``.
+REGION_PREFIX: Final = "activation-guard-"
+REGION_SUFFIX: Final = ".shm"
 _WIRE_DTYPES: Final[dict[str, str]] = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
@@ -207,21 +218,9 @@ class HostRegion:
         folder = Path(spec.directory)
         if not folder.is_dir():
             raise ValueError(f"shared_memory.directory: {spec.directory!r} is not a folder")
-        self.path = str(folder / f"activation-guard-{os.getpid()}-{secrets.token_hex(6)}.shm")
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.path, flags, spec.mode)
-        # Unlinked at close, or at exit or collection if the client is never closed.
-        self._unlink = weakref.finalize(self, _unlink_quietly, self.path)
-        try:
-            os.fchmod(fd, spec.mode)  # the umask must not narrow it (0660 for a shared group)
-            os.ftruncate(fd, spec.size_bytes)
-            self._map: mmap.mmap | None = mmap.mmap(fd, spec.size_bytes)
-        except BaseException:
-            self._unlink()
-            raise
-        finally:
-            os.close(fd)
-        self._array: NDArray[np.uint8] | None = np.frombuffer(self._map, dtype=np.uint8)
+        remove_stale_regions(spec.directory)
+        self._map: mmap.mmap | None = None
+        self._array: NDArray[np.uint8] | None = None
         self.allocator = RingAllocator(spec.size_bytes)
         self._disabled = ""
         #: The guard said (Describe) that it accepts regions in this folder.
@@ -230,8 +229,66 @@ class HostRegion:
         self.doorbell = ""
         self._full = False
         self._lock = threading.Lock()
+        name = f"{REGION_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.path = str(folder / f"{name}{REGION_SUFFIX}")
+        # Created under a name that the sweep of stale regions ignores, locked, then renamed:
+        # a file with a region's name is locked for as long as its client lives (the lock
+        # belongs to the open file, so the rename keeps it, and so does the fd kept open).
+        creating = str(folder / f".{name}.creating")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(creating, flags, spec.mode)
+        self._unlink = weakref.finalize(self, _release, creating, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self._unlink()
+            self._give_up(f"could not lock {creating}", error,
+                          "a folder whose files can be locked (flock)")
+            return
+        except BaseException:
+            self._unlink()
+            raise
+        try:
+            os.rename(creating, self.path)
+        except BaseException:
+            self._unlink()
+            raise
+        # Unlinked (and unlocked) at close, or at exit or collection if the client is never
+        # closed. A process killed outright leaves the file unlocked: the next region created
+        # in the folder removes it.
+        self._unlink.detach()
+        self._unlink = weakref.finalize(self, _release, self.path, fd)
+        try:
+            os.fchmod(fd, spec.mode)  # the umask must not narrow it (0660 for a shared group)
+            os.ftruncate(fd, spec.size_bytes)
+            try:
+                # Reserve the pages now: on a memory-backed folder with less room left than
+                # the region, a sparse file kills this process with SIGBUS at the first write
+                # into a page past what is left.
+                os.posix_fallocate(fd, 0, spec.size_bytes)
+            except OSError as error:
+                self._unlink()
+                self._give_up(f"could not reserve {spec.size_bytes} bytes in "
+                              f"{spec.directory}", error,
+                              "room for the region in the memory-backed folder (lower "
+                              "SharedMemory(size_bytes=...), or enlarge the volume: the "
+                              "emptyDir's sizeLimit, Docker's --shm-size)")
+                return
+            self._map = mmap.mmap(fd, spec.size_bytes)
+        except BaseException:
+            self._unlink()
+            raise
+        self._array = np.frombuffer(self._map, dtype=np.uint8)
         log.info("shared-memory region created", path=self.path, size_bytes=spec.size_bytes,
                  mode=f"{stat.S_IMODE(spec.mode):04o}", steering=spec.steering)
+
+    def _give_up(self, what: str, error: OSError, expected: str) -> None:
+        """The region could not be made (its file is gone): send bytes from the start."""
+        code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
+        self._disabled = f"{what}: {f'{code}: {error.strerror}' if code else error}"
+        log.error("shared-memory region not created: sending batches as bytes",
+                  folder=self.spec.directory, size_bytes=self.spec.size_bytes,
+                  error=self._disabled, expected=expected)
 
     @property
     def enabled(self) -> bool:
@@ -301,7 +358,7 @@ class HostRegion:
                   reason=reason)
 
     def close(self) -> None:
-        """Unmap and unlink the file (idempotent)."""
+        """Unmap and unlink the file, and release its lock (idempotent)."""
         mapping, self._map = self._map, None
         self._array = None
         if mapping is not None:
@@ -313,6 +370,66 @@ class HostRegion:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _release(path: str, fd: int) -> None:
+    """Unlink the region file, then close its fd (which releases its lock)."""
+    try:
+        _unlink_quietly(path)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_regions(directory: str) -> int:
+    """Remove the region files in ``directory`` that no live client holds: regular files of
+    this uid named ``activation-guard-*.shm`` whose lock can be taken (their owner died
+    without closing its client: kill -9, a crash). Symbolic links, other names, other
+    owners and locked files are left alone. Returns how many were removed (logged)."""
+    removed = 0
+    freed = 0
+    try:
+        with os.scandir(directory) as listing:
+            entries = [entry for entry in listing if entry.name.startswith(REGION_PREFIX)
+                       and entry.name.endswith(REGION_SUFFIX)]
+    except OSError as error:
+        log.warning("could not list the shared-memory folder for stale region files",
+                    folder=directory, error=str(error))
+        return 0
+    uid = os.geteuid()
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            size = _remove_if_stale(entry, uid)
+            if size is not None:
+                removed += 1
+                freed += size
+    if removed:
+        log.info("removed stale shared-memory region files (left by clients that exited "
+                 "without closing)", folder=directory, removed=removed, freed_bytes=freed)
+    return removed
+
+
+def _remove_if_stale(entry: os.DirEntry[str], uid: int) -> int | None:
+    """Unlink one candidate if it is unlocked; its size, or None when it was kept."""
+    before = entry.stat(follow_symlinks=False)
+    if not stat.S_ISREG(before.st_mode) or before.st_uid != uid:
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(entry.path, flags)
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            return None  # replaced since it was listed
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a live client holds it
+        now = os.stat(entry.path, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return None  # already removed (and the name reused) by another sweep
+        os.unlink(entry.path)
+        return opened.st_size
+    finally:
+        os.close(fd)
 
 
 class StreamShm:
