@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) -m bench.tracing --write-results
 	$(PY) -m bench.host_overhead --write-results
 	$(PY) -m bench.soak --write-results
+	$(PY) -m bench.soak --shared-memory --write-results
 	$(PY) -m bench.faults --write-results
 	$(PY) -m bench.fuzz --write-results
 	$(PY) -m bench.summary

@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 
 from bench._stats import machine, markdown_table, write_headline, write_section
 from guard.host import Action, GuardClient, Verdict
+from guard.host.shm import SharedMemory
 from tests.sae_fixtures import write_saelens
 from tests.sidecar import Sidecar, exactly_once
 
@@ -69,6 +70,9 @@ class SoakOptions:
     sample_interval_s: float = 1.0
     #: The RSS windows compared: the first and last this many seconds of the measured part.
     rss_window_s: float = 10.0
+    #: Rows in shared memory, batches on the guard's doorbell socket (each host its own
+    #: region), instead of gRPC bytes.
+    shared_memory: bool = False
 
 
 @dataclass
@@ -106,8 +110,12 @@ def guard_config(workdir: Path, options: SoakOptions) -> dict[str, Any]:
     sae = write_saelens(workdir / "sae", options.d_in, options.d_sae, hook_name=HOOK)
     step = options.d_sae // 64
     features = list(range(0, options.d_sae, step))[:64]
+    server: dict[str, Any] = {"drain_grace_seconds": 30}
+    if options.shared_memory:
+        (workdir / "shm").mkdir(parents=True, exist_ok=True)
+        server["shared_memory"] = {"enabled": True, "allowed_dirs": [str(workdir / "shm")]}
     return {
-        "server": {"drain_grace_seconds": 30},
+        "server": server,
         "logging": {"level": "info"},  # per stream, not per batch; the metrics address
         "saes": [{"path": str(sae)}],
         "plugins": {
@@ -269,13 +277,17 @@ def _run(sidecar: Sidecar, options: SoakOptions, pool: NDArray[np.float32],
     stop = threading.Event()
     t0 = time.perf_counter()
     streams: list[Stream] = []
+    shared = (SharedMemory(directory=str(sidecar.workdir / "shm"), size_bytes=8 << 20)
+              if options.shared_memory else None)
     for i in range(options.streams):
         client = GuardClient(sidecar.address, hooks=[HOOK], deadline_ms=options.deadline_ms,
-                             failure_policy="closed", host_name=f"soak-inline-{i}")
+                             failure_policy="closed", host_name=f"soak-inline-{i}",
+                             shared_memory=shared)
         streams.append(Stream(f"inline{i}", client, options, pool, stop, t0))
     for i in range(options.monitor_streams):
         client = GuardClient(sidecar.address, mode="monitor", hooks=[HOOK],
-                             host_name=f"soak-monitor-{i}", on_reply=_Replies())
+                             host_name=f"soak-monitor-{i}", on_reply=_Replies(),
+                             shared_memory=shared)
         stream = Stream(f"monitor{i}", client, options, pool, stop, t0,
                         pace_s=options.monitor_interval_ms / 1e3)
         assert isinstance(client.options.on_reply, _Replies)
@@ -413,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=defaults.warmup)
     parser.add_argument("--tokens", type=int, default=defaults.tokens,
                         help="generated tokens per generation")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="rows in shared memory, batches on the doorbell socket")
     parser.add_argument("--write-results", action="store_true",
                         help="write the 'soak' section of bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -420,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.seconds <= args.warmup:
         parser.error("--seconds must be longer than --warmup")
     options = SoakOptions(streams=args.streams, monitor_streams=args.monitor_streams,
-                          seconds=args.seconds, warmup=args.warmup, tokens=args.tokens)
+                          seconds=args.seconds, warmup=args.warmup, tokens=args.tokens,
+                          shared_memory=args.shared_memory)
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory(prefix="guard-soak-") as tmp:
         print(f"soak: {options.streams} INLINE + {options.monitor_streams} MONITOR streams for "
@@ -435,12 +450,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"raw results: {os.path.relpath(OUT)}")
     if args.write_results:
         info = machine()
+        name = "soak-doorbell" if options.shared_memory else "soak"
+        transport = ("rows in shared memory (a region per host), batches on the guard's "
+                     "doorbell socket" if options.shared_memory else "rows as gRPC bytes")
         section = (
-            "## Load and soak (`bench/soak.py`)\n\n"
+            f"## Load and soak{', shared memory and the doorbell' if options.shared_memory else ''}"
+            " (`bench/soak.py`)\n\n"
             f"`python -m bench.soak --streams {options.streams} --monitor-streams "
             f"{options.monitor_streams} --seconds {options.seconds:g} --warmup "
-            f"{options.warmup:g} --write-results`, run {started} on {info['cpu_count']} cores "
-            f"({info['cpu']}), Python {info['python']}. A real `guard serve` on a Unix socket: "
+            f"{options.warmup:g}{' --shared-memory' if options.shared_memory else ''} "
+            f"--write-results`, run {started} on {info['cpu_count']} cores "
+            f"({info['cpu']}), Python {info['python']}; {transport}. "
+            "A real `guard serve` on a Unix socket: "
             f"{options.d_in}x{options.d_sae} SAELens SAE on `{HOOK}`, 64 features encoded "
             "for three detectors (threshold, sustained with per-request state, shadow-mode "
             "log), the decision log writing to a file, metrics on. Each host stream is a "
@@ -457,9 +478,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "decision log is matched against every decision id the hosts received.\n\n"
             f"{text}\n"
         )
-        write_section("soak", section)
-        write_headline("soak", [
-            {"label": f"guard RSS at the end / after warm-up, {options.seconds:g} s soak",
+        write_section(name, section)
+        write_headline(name, [
+            {"label": f"guard RSS at the end / after warm-up, {options.seconds:g} s soak"
+                      f"{' (doorbell)' if options.shared_memory else ''}",
              "ratio": 1 + result.rss_growth_pct / 100,
              "reference": "the sidecar's RSS in the first window after warm-up",
              "better": "lower", "target": 1.05}])

@@ -29,9 +29,12 @@ pytestmark = pytest.mark.slow  # a real process for about 12 s
 RSS_BOUND_PCT = 25.0
 
 
-def test_short_soak_no_errors_and_every_decision_logged_once(tmp_path: Path) -> None:
-    result = run_soak(SoakOptions(streams=4, monitor_streams=1, seconds=10.0, warmup=3.0),
-                      tmp_path)
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "doorbell"])
+def test_short_soak_no_errors_and_every_decision_logged_once(tmp_path: Path,
+                                                            shared_memory: bool) -> None:
+    """The rows as gRPC bytes, or in shared memory with the batches on the doorbell."""
+    result = run_soak(SoakOptions(streams=4, monitor_streams=1, seconds=10.0, warmup=3.0,
+                                  shared_memory=shared_memory), tmp_path)
     print(report(result))  # shown with -s, and kept in the log of a failed run
     assert result.errors == 0, result.error_examples
     assert result.exit_code == 0
