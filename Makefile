@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) -m bench.soak --write-results
 	$(PY) -m bench.soak --shared-memory --write-results
 	$(PY) -m bench.faults --write-results
+	$(PY) -m bench.faults --shared-memory --write-results
 	$(PY) -m bench.fuzz --write-results
 	$(PY) -m bench.summary
 

@@ -38,6 +38,7 @@ import structlog
 
 from bench._stats import machine, markdown_table, write_headline, write_section
 from guard.host import GuardClient, Verdict
+from guard.host.shm import SharedMemory
 from tests.sae_fixtures import write_saelens
 from tests.sidecar import Sidecar, poll
 
@@ -105,10 +106,14 @@ def wait_recovered(hosts: list[Host], marks: list[int], serving: float) -> list[
     return list(recovered.values())
 
 
-def config(workdir: Path) -> dict[str, Any]:
+def config(workdir: Path, shared_memory: bool) -> dict[str, Any]:
     sae = write_saelens(workdir / "sae", 576, 4608, hook_name=HOOK)
+    server: dict[str, Any] = {"drain_grace_seconds": 1}
+    if shared_memory:
+        (workdir / "shm").mkdir(exist_ok=True)
+        server["shared_memory"] = {"enabled": True, "allowed_dirs": [str(workdir / "shm")]}
     return {
-        "server": {"drain_grace_seconds": 1},
+        "server": server,
         "logging": {"level": "info"},
         "saes": [{"path": str(sae)}],
         "plugins": {"enabled": ["detectors", "decision_log"], "watch_interval_seconds": 0,
@@ -119,8 +124,11 @@ def config(workdir: Path) -> dict[str, Any]:
     }
 
 
-def run(cycles: int, streams: int, batches: int, workdir: Path) -> dict[str, Any]:
-    sidecar = Sidecar(workdir, config(workdir), tag="faults")
+def run(cycles: int, streams: int, batches: int, workdir: Path,
+        shared_memory: bool = False) -> dict[str, Any]:
+    sidecar = Sidecar(workdir, config(workdir, shared_memory), tag="faults")
+    region = (SharedMemory(directory=str(workdir / "shm"), size_bytes=4 << 20)
+              if shared_memory else None)
     rows = np.random.default_rng(0).normal(size=(8, 576)).astype(np.float32)
     kinds: dict[str, str] = {}  # process prefix -> how that process ended
     recovery_s: list[float] = []
@@ -128,7 +136,8 @@ def run(cycles: int, streams: int, batches: int, workdir: Path) -> dict[str, Any
     sidecar.start()
     hosts = [Host(i, GuardClient(sidecar.address, hooks=[HOOK], failure_policy="closed",
                                  deadline_ms=5000, reconnect_backoff_ms=50,
-                                 reconnect_backoff_max_ms=200), rows) for i in range(streams)]
+                                 reconnect_backoff_max_ms=200, shared_memory=region), rows)
+             for i in range(streams)]
     try:
         for host in hosts:
             host.start()
@@ -234,13 +243,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=4, help="INLINE host streams")
     parser.add_argument("--batches", type=int, default=100,
                         help="guard verdicts each host gets between faults")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="rows in shared memory, batches on the doorbell socket")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     quiet_host_logs()
     started = time.strftime("%Y-%m-%d %H:%M")
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="guard-faults-") as tmp:
-        result = run(args.cycles, args.streams, args.batches, Path(tmp))
+        result = run(args.cycles, args.streams, args.batches, Path(tmp), args.shared_memory)
     took = time.monotonic() - began
     text = report(result)
     print(text)
@@ -249,20 +260,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                                **result}, indent=1) + "\n", encoding="utf-8")
     print(f"raw results: {os.path.relpath(OUT)}")
     if args.write_results:
+        name = "faults-doorbell" if args.shared_memory else "faults"
+        flag = " --shared-memory" if args.shared_memory else ""
+        transport = ("rows in shared memory, batches on the doorbell socket"
+                     if args.shared_memory else "rows as gRPC bytes")
         term = result["by_kind"].get("sigterm", {})
         received = term.get("received", 0)
         if received:
-            write_headline("faults", [
+            write_headline(name, [
                 {"label": f"decisions logged once / received, {args.cycles} SIGTERM+kill "
-                          "cycles (SIGTERM ones)",
+                          f"cycles (SIGTERM ones){' (doorbell)' if args.shared_memory else ''}",
                  "ratio": (received - term.get("missing", 0) - term.get("duplicated", 0))
                  / received,
                  "reference": "every decision id the hosts received", "better": "higher",
                  "target": 1.0}])
-        write_section("faults", (
-            "## Fault cycles (`bench/faults.py`)\n\n"
+        write_section(name, (
+            f"## Fault cycles{', shared memory and the doorbell' if args.shared_memory else ''}"
+            " (`bench/faults.py`)\n\n"
             f"`python -m bench.faults --cycles {args.cycles} --streams {args.streams} "
-            f"--batches {args.batches} --write-results`, run {started} ({took:.0f} s). A real "
+            f"--batches {args.batches}{flag} --write-results`, run {started} ({took:.0f} s); "
+            f"{transport}. A real "
             "`guard serve` (576x4608 SAE, a threshold detector, the decision log) under "
             f"{args.streams} INLINE hosts streaming the whole time (fail-closed, deadline "
             "5 s); each cycle every host gets "
