@@ -176,6 +176,11 @@ def format_description(reply: object, target: str) -> str:
         lines.append(f"    features    {features}")
     plugins = ", ".join(f"{p.name} {p.version}" for p in reply.plugins) or "none"
     lines.append(f"plugins: {plugins}")
+    if reply.shared_memory_dirs:
+        lines.append(f"shared memory: regions in {', '.join(reply.shared_memory_dirs)}; "
+                     f"doorbell {reply.shared_memory_doorbell or 'off'}")
+    else:
+        lines.append("shared memory: off (server.shared_memory.enabled)")
     return "\n".join(lines)
 
 

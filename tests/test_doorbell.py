@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from guard import codec
+from guard.cli import format_description
 from guard.config import (
     GuardConfig,
     LoggingConfig,
@@ -186,6 +187,10 @@ def test_describe_names_the_doorbell_beside_the_unix_socket_with_the_sockets_mod
     info = os.stat(path)
     assert stat.S_ISSOCK(info.st_mode)
     assert stat.S_IMODE(info.st_mode) == server.config.server.socket_mode == 0o660
+    with grpc.insecure_channel(server.addresses[0]) as channel:
+        described = pb_grpc.GuardStub(channel).Describe(pb.DescribeRequest())
+    assert format_description(described, "here").endswith(
+        f"shared memory: regions in {_folder}; doorbell {path}")
 
 
 def test_no_doorbell_without_shared_memory_or_when_turned_off_or_without_a_folder(

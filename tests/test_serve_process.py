@@ -127,6 +127,7 @@ def test_guard_describe_cli(guard_process: GuardProcess) -> None:
     assert "d_in 16, d_sae 64" in result.stdout
     assert "CPUExecutionProvider" in result.stdout
     assert "features    3: 1, 5, 7" in result.stdout
+    assert "shared memory: off (server.shared_memory.enabled)" in result.stdout
 
 
 def test_guard_describe_unreachable(tmp_path: Path) -> None:
