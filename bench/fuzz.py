@@ -4,9 +4,17 @@ tests/test_fuzz_loaders.py) with many more examples, and counts of what they rea
 Properties (strategies, oracle and checks live in ``tests/fuzz_strategies.py``):
 
 - ``streams``: whole Inspect streams of fuzzed configs and batches against a live guard
-  (SAELens SAE, detectors and steering plugins); each message gets what the oracle predicts,
-  no call hangs (gRPC deadline), no UNKNOWN or INTERNAL, and a known-good stream still gets a
-  decision after every case;
+  (SAELens SAE, detectors and steering plugins, shared memory on); each message gets what the
+  oracle predicts, no call hangs (gRPC deadline), no UNKNOWN or INTERNAL, and a known-good
+  stream still gets a decision after every case. The shared-memory fields are fuzzed against
+  real region files in the guard's allowed folder: ``StreamConfig.shared_memory``
+  registrations (good ones, read-only or writable; wrong sizes, paths outside the folder,
+  missing files, symbolic links, directories, FIFOs, files writable by others or with two
+  links, empty or repeated names, too many regions), ``Tensor.shm`` references (in bounds,
+  over the NaN and Inf a region holds, past the end, misaligned, huge uint64 offsets, wrong
+  lengths, unknown regions, ``raw`` set too) and ``ActivationBatch.steering_ref`` (writable,
+  read-only, out of bounds, wrong length): the oracle reads the region files, a STEER delta
+  asked for in a region must be there, and no other byte of a region may change;
 - ``bytes``: the same with serialized messages corrupted (random, flipped, cut, padded);
 - ``doorbell-streams``, ``doorbell-bytes``: the same two on the guard's doorbell socket (the
   Inspect protocol in frames; a StreamEnd frame where gRPC has a status);
@@ -125,6 +133,10 @@ def run_property(name: str, runner: Runner, examples: int, seconds: float,
 
 def _label(outcome: str) -> str:
     kind, _, what = outcome.partition(":")
+    if kind == "shm":  # a second label for an answer that involved shared memory
+        path, _, answer = what.partition(":")
+        return {"registered": "shm: regions registered", "delta": "shm: delta in a region"
+                }.get(path, f"shm {path}: {_label(answer)}")
     return {"decision": f"decision {what}", "error": f"batch error {what}",
             "status": f"stream status {what}", "undecodable": "stream status INVALID_ARGUMENT "
             "(undecodable bytes)"}.get(kind, outcome)
@@ -138,7 +150,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "Property-based fuzzing (hypothesis) of the Inspect protocol against a live in-process "
         "guard (SAELens SAE, detectors and steering plugins, `max_message_bytes` 4096 so both "
-        "size limits are reachable), of the tensor codec, and of the SAE file loaders. Each case "
+        "size limits are reachable, shared memory on: streams register real region files, well "
+        "or badly, and batches refer to them with `Tensor.shm` and `steering_ref`), of the "
+        "tensor codec, and of the SAE file loaders. Each case "
         "is checked against an oracle of the documented rules: every rejection is a per-batch "
         "error naming the field or a stream status with details (never UNKNOWN or INTERNAL), "
         "valid batches get a decision with finite steering deltas, no call hangs (gRPC deadline) "
@@ -159,7 +173,12 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                      "FAILED" if result["failure"] else "ok", outcomes])
     lines.append(markdown_table(["property", "cases", "seconds", "result", "outcomes"], rows))
     lines += ["", "Outcomes count answered messages (a stream case has several); `bytes` cases "
-              "whose corrupted message still parses are answered like any other message."]
+              "whose corrupted message still parses are answered like any other message. "
+              "`shm` outcomes count again the answers that involved shared memory: a config "
+              "that registered regions or was refused for one, a batch refused for a bad "
+              "`Tensor.shm` (`ref`) or `steering_ref`, a batch whose rows were read from a "
+              "region (`rows`; `nonfinite`: refused for the NaN or Inf there), a steering delta "
+              "written into a region."]
     return "\n".join(lines)
 
 

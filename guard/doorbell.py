@@ -203,9 +203,10 @@ class DoorbellServer:
 
 
 def _connected(conn: socket.socket) -> bool:
-    """The host has not shut its side down or gone (a zero-timeout poll)."""
+    """The host is still there (a zero-timeout poll): not gone and not reset. A half-close
+    (the host done sending, waiting for the rest of its replies) is still there."""
     poller = select.poll()
-    poller.register(conn, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    poller.register(conn, select.POLLHUP | select.POLLERR)
     return not poller.poll(0)
 
 

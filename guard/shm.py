@@ -156,6 +156,9 @@ def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, si
     """Check a registration against ``config`` and open its file; errors name ``field``."""
     if not path or not os.path.isabs(path):
         raise InvalidInput(f"{field}.path: expected an absolute path, found {path!r}")
+    if "\x00" in path:
+        raise InvalidInput(f"{field}.path: expected a path without NUL characters, "
+                           f"found {path!r}")
     if os.path.normpath(path) != path or ".." in Path(path).parts:
         raise InvalidInput(f"{field}.path: expected a normalised path (no '..', '.' or '//'), "
                            f"found {path!r}")

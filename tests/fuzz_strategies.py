@@ -6,15 +6,24 @@ that predicts, from the protocol rules the README documents, what the guard must
 each one, and :func:`check_stream` sends the messages to a live guard and compares. Every
 check returns an outcome label (``decision:CONTINUE``, ``error:INVALID_ARGUMENT``,
 ``status:NOT_FOUND``...) so that the callers can count what the fuzzing exercised.
+
+Shared memory is fuzzed against real region files: :func:`fuzz_server` writes them (and
+files the guard must refuse: a symbolic link, a directory, a FIFO, a file writable by
+others, a file with two links) in the guard's ``allowed_dirs``. Configs register them, well
+or badly; batches refer to them (``Tensor.shm``, ``ActivationBatch.steering_ref``) with
+offsets and lengths in and out of bounds, misaligned or huge. The oracle knows each file's
+bytes, so it predicts a region batch's answer exactly, NaN refusal included; answers that
+involved shared memory get a second label (``shm:...``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,25 @@ DESERIALIZE_DETAILS = "is not a guard.v1.InspectRequest"
 NONFINITE_FEATURES = "encode to NaN or Inf feature activations"
 INT64 = (-(2**63), 2**63 - 1)
 UINT64_MAX = 2**64 - 1
+#: ``server.shared_memory.max_regions_per_stream`` (the default, which the fuzz guard keeps).
+MAX_REGIONS = SharedMemoryConfig().max_regions_per_stream
+#: The region files in the guard's shm folder: role -> (file name, size, mode, sprinkled
+#: with non-finite words or not). ``ro.bin`` is read-only for its owner: registered
+#: writable, the guard cannot open it read-write (unless it runs as root, which
+#: :func:`make_regions` finds out).
+REGION_FILES = {"ro": ("ro.bin", 64 * 1024, 0o400, True),
+                "rw": ("rw.bin", 48 * 1024, 0o600, False)}
+#: Bytes [start, end) of every region file that hold only NaN, +Inf and -Inf (float32 words
+#: whose high halves are NaN or Inf in F16 and BF16 too): rows read there are refused.
+NONFINITE_BYTES = (8192, 8704)
+#: In a sprinkled file, one such word in every NONFINITE_EVERY bytes (the last of each
+#: span): a read of that many bytes or more holds one, a shorter one may. Everywhere else
+#: every 16-bit half is a finite F16 and BF16 value (and every 32-bit word a finite F32), so
+#: rows of any datatype read at any aligned offset are finite and below 8.
+NONFINITE_EVERY = 512
+#: Region paths with a NUL character among the bad registrations (refused as INVALID_ARGUMENT
+#: naming the path; they once raised ValueError: gRPC UNKNOWN, doorbell INTERNAL).
+FUZZ_NUL_PATHS = True
 
 PLUGIN_SETTINGS: dict[str, dict[str, Any]] = {
     "detectors": {
@@ -71,13 +99,151 @@ PLUGIN_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# --- shared-memory region files ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionFile:
+    """A region file the streams may register, and the bytes it holds at each stream's start."""
+
+    path: str
+    data: bytes = dataclasses.field(repr=False)
+    #: This process (the guard's) can open the file read-write.
+    opens_writable: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def restore(self) -> None:
+        """Put the original bytes back (steering deltas of the last stream overwrote some)."""
+        if not self.opens_writable:
+            return  # nobody can have written it
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, self.data, 0)
+        finally:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        return Path(self.path).read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Regions:
+    """What the fuzz guard's shm folder holds, for the strategies and the oracle."""
+
+    folder: str
+    readonly: RegionFile
+    writable: RegionFile
+    #: Files the guard opens and then refuses (PERMISSION_DENIED): path -> the message
+    #: fragment when registered read-only, and when registered writable.
+    refused: Mapping[str, tuple[str, str]]
+    #: Paths a registration may name to be refused, for every rule: relative, not
+    #: normalised, outside the folder, missing, refused files, too long, below a file.
+    bad_paths: tuple[str, ...]
+
+    @property
+    def files(self) -> tuple[RegionFile, RegionFile]:
+        return self.readonly, self.writable
+
+    def file(self, path: str) -> RegionFile | None:
+        return next((f for f in self.files if f.path == path), None)
+
+
+def region_bytes(size: int, seed: int, sprinkled: bool) -> bytes:
+    """Region contents: random 16-bit halves, each a finite F16 in ±[2**-5, 2.5) whose bits
+    are also a finite BF16 in ±[2**-47, 8), so any aligned read of any datatype is finite
+    and small (rows that the detectors mostly steer, sometimes abort); but the
+    NONFINITE_BYTES range holds NaN, +Inf and -Inf float32 words, and in a ``sprinkled``
+    file one word in NONFINITE_EVERY bytes is one of them."""
+    rng = np.random.default_rng(seed)
+    n = size // 2
+    exponent = rng.integers(10, 17, n)
+    mantissa = rng.integers(0, 1024, n)
+    mantissa = np.where(exponent == 16, mantissa % 256, mantissa)
+    halves = ((rng.integers(0, 2, n) << 15) | (exponent << 10) | mantissa).astype("<u2")
+    data = bytearray(halves.tobytes())
+    start, end = NONFINITE_BYTES
+    nonfinite = np.array([0x7FC00000, 0x7F800000, 0xFF800000], dtype="<u4")
+    data[start:end] = np.resize(nonfinite, (end - start) // 4).tobytes()
+    if sprinkled:
+        for i, at in enumerate(range(NONFINITE_EVERY - 4, size, NONFINITE_EVERY)):
+            data[at:at + 4] = nonfinite[i % 3:i % 3 + 1].tobytes()
+    return bytes(data)
+
+
+def _opens_writable(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        return False
+    os.close(fd)
+    return True
+
+
+def make_regions(folder: Path, outside: Path) -> Regions:
+    """Write the region files and the files the guard must refuse into ``folder`` (the
+    guard's allowed folder); ``outside`` is a folder outside it."""
+    files: list[RegionFile] = []
+    for seed, (name, size, mode, sprinkled) in enumerate(REGION_FILES.values()):
+        path = folder / name
+        path.write_bytes(region_bytes(size, seed, sprinkled))
+        path.chmod(mode)
+        files.append(RegionFile(str(path), path.read_bytes(), _opens_writable(path)))
+    (folder / "link.bin").symlink_to(folder / "ro.bin")
+    (folder / "dir").mkdir()
+    os.mkfifo(folder / "fifo", 0o600)
+    (folder / "shared.bin").write_bytes(bytes(4096))
+    (folder / "shared.bin").chmod(0o606)
+    (folder / "twin-a.bin").write_bytes(bytes(4096))
+    (folder / "twin-a.bin").chmod(0o600)
+    os.link(folder / "twin-a.bin", folder / "twin-b.bin")
+    (folder / "linkdir").symlink_to(outside)
+    (outside / "outside.bin").write_bytes(bytes(4096))
+    (outside / "outside.bin").chmod(0o600)
+    f = str(folder)
+    symlink = "expected a regular file, found a symbolic link"
+    regular = "expected a regular file"
+    links = "expected a file with one link"
+    others = "expected a file not writable by others"
+    refused = {
+        f"{f}/link.bin": (symlink, symlink),
+        f"{f}/dir": (f"{regular}, found a directory", "cannot open"),
+        f"{f}/fifo": (f"{regular}, found a FIFO", f"{regular}, found a FIFO"),
+        f"{f}/shared.bin": (others, others),
+        f"{f}/twin-a.bin": (links, links),
+        f"{f}/twin-b.bin": (links, links),
+    }
+    bad_paths = (
+        "", "ro.bin", "shm/ro.bin", "./ro.bin",
+        f"{f}/./ro.bin", f"{f}//ro.bin", f"{f}/../shm/ro.bin", f"{f}/ro.bin/", f"{f}/..",
+        str(outside / "outside.bin"), "/etc/passwd", "/", f, f"{f}/linkdir/outside.bin",
+        f"{f}/missing.bin", f"{f}/sub/missing.bin", f"{f}/dir/missing.bin",
+        f"{f}/ro.bin/inside", f"{f}/" + "x" * 300, *refused,
+        *((f"{f}/ro\x00.bin", f"{f}/a\x00b/ro.bin") if FUZZ_NUL_PATHS else ()),
+    )
+    return Regions(f, files[0], files[1], refused, bad_paths)
+
+
+#: The regions of the running fuzz_server (the strategies draw paths from it at draw time).
+_REGIONS: Regions | None = None
+
+
+def current_regions() -> Regions:
+    if _REGIONS is None:
+        raise RuntimeError("the shared-memory strategies and oracle need the region files "
+                           "of a running fuzz_server()")
+    return _REGIONS
+
+
 # --- the live server -----------------------------------------------------------------------
 
 
 def fuzz_config(workdir: Path) -> GuardConfig:
     """A guard with a real SAELens SAE, the detectors and the steering plugins (so every
-    valid batch is encoded, inspected and may get a steering delta), and shared memory on, so
-    that it also serves the doorbell socket."""
+    valid batch is encoded, inspected and may get a steering delta), and shared memory on
+    (regions in ``workdir/shm``), so that it also serves the doorbell socket."""
     sae = write_saelens(workdir / "sae", D_IN, D_SAE, hook_name=HOOK)
     (workdir / "shm").mkdir()
     return GuardConfig(
@@ -94,9 +260,13 @@ def fuzz_config(workdir: Path) -> GuardConfig:
 
 @contextmanager
 def fuzz_server() -> Iterator[tuple[GuardServer, grpc.Channel]]:
-    """A started, ready guard and a channel to it; both closed on exit."""
+    """A started, ready guard and a channel to it, with its region files (see
+    :func:`current_regions`); all closed and removed on exit."""
+    global _REGIONS
     with tempfile.TemporaryDirectory(prefix="guard-fuzz-") as tmp:
-        config = fuzz_config(Path(tmp))
+        workdir = Path(tmp)
+        config = fuzz_config(workdir)
+        _REGIONS = make_regions(workdir / "shm", workdir)
         server = GuardServer(config)
         server.start()
         try:
@@ -105,6 +275,7 @@ def fuzz_server() -> Iterator[tuple[GuardServer, grpc.Channel]]:
                 yield server, channel
         finally:
             server.stop(0)
+            _REGIONS = None
 
 
 # --- strategies ----------------------------------------------------------------------------
@@ -143,14 +314,110 @@ row_values = st.one_of(
     st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),
     special_floats,
 )
+Registered = Sequence[pb.SharedMemoryRegion]
 
 
 @st.composite
-def tensors(draw: st.DrawFn) -> tuple[pb.Tensor, int]:
-    """A Tensor (valid or not) and the row count its positions should match."""
-    datatype = draw(datatypes)
-    n_rows = draw(st.one_of(st.integers(1, 6), st.integers(-3, 0), st.integers(60, 130)))
+def registrations(draw: st.DrawFn) -> list[pb.SharedMemoryRegion]:
+    """``StreamConfig.shared_memory``: none, the region files registered well (read-only or
+    writable, once or twice), with one bad registration among them (wrong size, a refused
+    path, an empty or repeated name), or more than the guard allows."""
+    regions = current_regions()
+    # The common choice comes last too: hypothesis favours the ends of a list.
+    kind = draw(st.sampled_from(["good"] * 6 + ["none"] * 4 + ["many"] + ["bad"] * 3 + ["good"]))
+    if kind == "none":
+        return []
+    count = MAX_REGIONS + draw(st.integers(1, 2)) if kind == "many" else draw(st.integers(1, 3))
+    out: list[pb.SharedMemoryRegion] = []
+    for i in range(count):
+        file = draw(st.sampled_from([regions.writable, regions.readonly, regions.writable]))
+        own = file is regions.writable
+        name = draw(st.one_of(st.just("rw" if own else "ro"), _text))
+        if any(r.name == name for r in out) or not name:
+            name = f"region-{i}"
+        writable = draw(st.sampled_from([own, own, own, not own]))
+        out.append(pb.SharedMemoryRegion(name=name, path=file.path, size=file.size,
+                                         writable=writable))
+    if kind == "bad":
+        bad = draw(st.sampled_from(["size", "path", "path", "name", "twice"]))
+        file = draw(st.sampled_from(regions.files))
+        region = pb.SharedMemoryRegion(name="bad", path=file.path, size=file.size,
+                                       writable=draw(st.booleans()))
+        if bad == "size":
+            region.size = draw(st.sampled_from([file.size - 1, file.size + 1, file.size * 2,
+                                                file.size // 2, 0, 1, UINT64_MAX]))
+        elif bad == "path":
+            region.path = draw(st.sampled_from(regions.bad_paths))
+            region.size = draw(st.sampled_from([4096, file.size]))
+        elif bad == "name":
+            region.name = ""
+        else:
+            region.name = draw(st.sampled_from([r.name for r in out]))
+        out.insert(draw(st.integers(0, len(out))), region)
+    return out
+
+
+@st.composite
+def shm_refs(draw: st.DrawFn, registered: Registered, length: int, itemsize: int, *,
+             steering: bool = False) -> pb.SharedMemoryRef:
+    """A byte range of a region, for rows of ``length`` bytes: usually a registered region
+    (a writable one for a ``steering`` ref) at an aligned offset that fits, sometimes the
+    range of NaN and Inf, the last range that fits or the first that does not, misaligned,
+    huge, random; a wrong length; an unknown region."""
+    pool = [r for r in registered if r.writable] if steering else list(registered)
+    pick = draw(st.sampled_from(["pool"] * 8 + ["any", "unknown", "pool"]))
+    if pick == "any" or not pool:
+        pool = list(registered)
+    if pool and pick != "unknown":
+        region = draw(st.sampled_from(pool))
+        name, size = region.name, min(region.size, 1 << 20)
+    else:
+        name, size = draw(st.sampled_from(["nowhere", "", "RO", "rw "])), 1 << 16
+    span = max(size - length, 0)
+    fits = draw(st.integers(0, span // itemsize)) * itemsize
+    where = draw(st.sampled_from(["fits"] * 6 + ["nonfinite", "end", "nonfinite", "past",
+                                                 "misaligned", "huge", "any", "nonfinite",
+                                                 "fits"]))
+    offset = fits
+    if where == "end":
+        offset = span - span % itemsize
+    elif where == "nonfinite":
+        low = min(max(NONFINITE_BYTES[0] - length + itemsize, 0), span)
+        high = max(min(NONFINITE_BYTES[1] - itemsize, span), low)
+        offset = draw(st.integers(low, high)) // itemsize * itemsize
+    elif where == "past":
+        offset = span - span % itemsize + itemsize
+    elif where == "misaligned":
+        offset = fits + draw(st.integers(1, itemsize - 1))
+    elif where == "huge":
+        offset = draw(st.sampled_from([UINT64_MAX, 2**63, 2**64 - max(length, 1), size]))
+    elif where == "any":
+        offset = draw(uint64s)
+    how = draw(st.sampled_from(["ok"] * 10 + ["short", "long", "zero", "any", "ok"]))
+    ref_length = {"ok": length, "short": max(length - itemsize, 0), "long": length + itemsize,
+                  "zero": 0}.get(how)
+    if ref_length is None:
+        ref_length = draw(uint64s)
+    return pb.SharedMemoryRef(region=name, offset=min(offset, UINT64_MAX), length=ref_length)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, registered: Registered = (), *, clean: bool = False
+            ) -> tuple[pb.Tensor, int]:
+    """A Tensor (valid or not) and the row count its positions should match. With regions
+    registered, the rows are often in one of them (``shm``), sometimes ``raw`` and ``shm``
+    are both set; without, rarely (an unknown region). ``clean``: a valid datatype, shape
+    and row count, the rows in a region (only the reference is fuzzed)."""
+    datatype = draw(st.sampled_from(list(codec.DATATYPES)) if clean else datatypes)
     wire_type = datatype if datatype in codec.DATATYPES else "F32"
+    itemsize = codec.DATATYPES[wire_type]
+    if clean:
+        n_rows = draw(st.one_of(st.integers(1, 6),
+                                st.integers(60, MAX_MESSAGE_BYTES // (D_IN * itemsize) + 1)))
+        ref = draw(shm_refs(registered, n_rows * D_IN * itemsize, itemsize))
+        raw = bytes(draw(st.sampled_from([0] * 10 + [4, n_rows * D_IN * itemsize, 0])))
+        return pb.Tensor(datatype=datatype, shape=[n_rows, D_IN], raw=raw, shm=ref), n_rows
+    n_rows = draw(st.one_of(st.integers(1, 6), st.integers(-3, 0), st.integers(60, 130)))
     rows = max(n_rows, 0)
     values = draw(hnp.arrays(np.float32, (rows, D_IN), elements=row_values,
                              fill=st.just(np.float32(0.25))))
@@ -175,15 +442,25 @@ def tensors(draw: st.DrawFn) -> tuple[pb.Tensor, int]:
         raw = draw(st.binary(max_size=256))
     elif raw_kind == "bits" and raw:  # arbitrary bit patterns: NaN payloads, subnormals
         raw = bytes(draw(st.binary(min_size=len(raw), max_size=len(raw))))
-    return pb.Tensor(datatype=datatype, shape=shape, raw=raw), n_rows
+    storage = draw(st.sampled_from(["raw"] * 3 + ["shm"] * 2 + ["both", "raw"] if registered
+                                   else ["raw"] * 14 + ["shm", "both", "raw"]))
+    if storage == "raw":
+        return pb.Tensor(datatype=datatype, shape=shape, raw=raw), n_rows
+    ref = draw(shm_refs(registered, rows * D_IN * itemsize, itemsize))
+    raw = (raw or bytes(4)) if storage == "both" else b""
+    return pb.Tensor(datatype=datatype, shape=shape, raw=raw, shm=ref), n_rows
 
 
 @st.composite
-def batches(draw: st.DrawFn, sequence: int) -> pb.ActivationBatch:
-    tensor, n_rows = draw(tensors())
+def batches(draw: st.DrawFn, sequence: int, registered: Registered = ()) -> pb.ActivationBatch:
+    """A batch (valid or not). With regions registered, most batches are ``clean``
+    except for their shared-memory fields (the rows' reference and the steering_ref), so
+    that those reach the region checks and, when good, a decision."""
+    clean = bool(registered) and draw(st.sampled_from([True, True, False, True]))
+    tensor, n_rows = draw(tensors(registered, clean=clean))
     rows = max(n_rows, 0)
     positions: list[int] = list(range(rows))
-    kind = draw(st.sampled_from(["ok"] * 4 + ["values", "short", "long"]))
+    kind = draw(st.sampled_from(["ok"] * (12 if clean else 4) + ["values", "short", "long"]))
     if kind == "values":
         positions = draw(st.lists(int64s, min_size=rows, max_size=rows))
     elif kind == "short" and positions:
@@ -193,11 +470,27 @@ def batches(draw: st.DrawFn, sequence: int) -> pb.ActivationBatch:
     token_ids: list[int] = draw(st.one_of(
         st.just([100 + i for i in range(rows)]), st.just([]),
         st.lists(int64s, min_size=rows, max_size=rows), st.lists(int64s, max_size=8)))
-    return pb.ActivationBatch(
-        request_id=draw(request_ids), sequence=sequence, hook=draw(hooks),
-        activations=tensor, positions=positions, token_ids=token_ids,
-        phase=pb.Phase.ValueType(draw(enum_values)), attributes=draw(attributes),
+    batch = pb.ActivationBatch(
+        request_id="req-1" if clean else draw(request_ids), sequence=sequence,
+        hook=HOOK if clean else draw(hooks), activations=tensor, positions=positions,
+        token_ids=token_ids[:rows] if clean else token_ids,
+        phase=pb.Phase.ValueType(draw(enum_values)), attributes={} if clean else draw(attributes),
     )
+    steering = draw(st.sampled_from(["ref", "none", "valid", "same", "none", "ref", "valid"]
+                                    if registered else ["none"] * 15 + ["ref", "none"]))
+    itemsize = codec.DATATYPES.get(tensor.datatype, 4)
+    length = rows * D_IN * itemsize
+    writable = [r for r in registered if r.writable]
+    if steering == "same" and tensor.HasField("shm"):  # the delta over the rows' own range
+        batch.steering_ref.CopyFrom(tensor.shm)
+    elif steering == "valid" and writable:  # a writable region, in bounds, aligned
+        region = draw(st.sampled_from(writable))
+        slots = max(min(region.size, 1 << 20) - length, 0) // itemsize
+        batch.steering_ref.CopyFrom(pb.SharedMemoryRef(
+            region=region.name, offset=draw(st.integers(0, slots)) * itemsize, length=length))
+    elif steering != "none":
+        batch.steering_ref.CopyFrom(draw(shm_refs(registered, length, itemsize, steering=True)))
+    return batch
 
 
 def good_config() -> pb.StreamConfig:
@@ -214,6 +507,7 @@ stream_configs = st.builds(
     batch_deadline_ms=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
     host=_text,
     attributes=st.dictionaries(_text, _text, max_size=3),
+    shared_memory=registrations(),
 )
 
 
@@ -242,17 +536,24 @@ def sequences(draw: st.DrawFn, count: int) -> list[int]:
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[pb.InspectRequest]:
-    """A whole stream: usually a good config then batches; sometimes a bad or missing config,
-    a second config, or an empty message in between."""
+    """A whole stream: usually a good config (often registering shared-memory regions) then
+    batches; sometimes a bad or missing config, a second config, or an empty message in
+    between."""
     messages: list[pb.InspectRequest] = []
     first = draw(st.sampled_from(["good"] * 6 + ["fuzzed", "none"]))
+    config: pb.StreamConfig | None = None
     if first == "good":
-        messages.append(pb.InspectRequest(config=good_config()))
+        config = good_config()
+        config.shared_memory.extend(draw(registrations()))
     elif first == "fuzzed":
-        messages.append(pb.InspectRequest(config=draw(stream_configs)))
+        config = draw(stream_configs)
+    registered: list[pb.SharedMemoryRegion] = []
+    if config is not None:
+        messages.append(pb.InspectRequest(config=config))
+        registered = list(config.shared_memory)
     count = draw(st.integers(1, 5))
     for sequence in draw(sequences(count)):
-        messages.append(pb.InspectRequest(batch=draw(batches(sequence))))
+        messages.append(pb.InspectRequest(batch=draw(batches(sequence, registered))))
     extra = draw(st.sampled_from(["none"] * 8 + ["config", "empty"]))
     if extra != "none":
         at = draw(st.integers(1, len(messages)))
@@ -299,82 +600,205 @@ def byte_streams(draw: st.DrawFn) -> list[bytes]:
 
 # --- the oracle ----------------------------------------------------------------------------
 
+#: A status name and a fragment of the message that must come with it.
+Problem = tuple[str, str]
+
 
 @dataclasses.dataclass(frozen=True)
 class Expect:
     """What one message must get: a decision, a per-batch error (one of ``errors``, each a
     status name and a fragment of the message), nothing (a config), or the stream's end with
-    one of ``errors``."""
+    one of ``errors``. A ``decision`` with ``errors`` may get one of them instead (its rows
+    lie where an earlier batch's steering delta may have been written). ``tag`` names the
+    shared-memory path that decided the answer, if any."""
 
     kind: str  # "decision" | "error" | "none" | "end"
-    errors: tuple[tuple[str, str], ...] = ()
+    errors: tuple[Problem, ...] = ()
     skipped: int = 0
+    #: "registered", "refused" (a config); "ref", "steering-ref" (a bad reference), "rows"
+    #: (rows read from a region), "nonfinite" (region rows refused for NaN or Inf).
+    tag: str = ""
+    #: The rows the guard decodes, for a decision (None when unknown).
+    rows: NDArray[np.float32] | None = dataclasses.field(default=None, compare=False,
+                                                         repr=False)
+    #: A valid steering_ref: (region name, file path, offset, length) of the delta.
+    delta_to: tuple[str, str, int, int] | None = None
 
 
-#: A region the fuzzing registers (its path is made up) is refused with one of these codes,
-#: the details naming ``config.shared_memory``.
-_REGION_CODES = ("PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED",
-                 "FAILED_PRECONDITION")
+@dataclasses.dataclass(frozen=True)
+class Mapped:
+    """A region the guard must have opened for the stream."""
+
+    file: RegionFile
+    writable: bool
 
 
-def _config_problem(config: pb.StreamConfig) -> tuple[tuple[str, str], ...] | None:
+def _within(path: str, folder: str) -> bool:
+    """guard.shm's rule: the path's folder, links resolved, is the allowed one or below."""
+    parent, root = os.path.realpath(os.path.dirname(path)), os.path.realpath(folder)
+    return parent == root or parent.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _path_problem(field: str, path: str, size: int, writable: bool, regions: Regions
+                  ) -> tuple[Problem, ...] | None:
+    """What opening ``path`` as a region gets (guard.shm.open_region's checks, in order)."""
+    if not path or not os.path.isabs(path):
+        return (("INVALID_ARGUMENT", f"{field}.path: expected an absolute path"),)
+    if os.path.normpath(path) != path or ".." in Path(path).parts:
+        return (("INVALID_ARGUMENT", f"{field}.path: expected a normalised path"),)
+    if "\x00" in path:  # names no file; undocumented, so any refusal naming the field
+        return tuple((code, f"{field}.path") for code in
+                     ("INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND"))
+    if not _within(path, regions.folder):
+        return (("PERMISSION_DENIED", f"{field}.path: expected a file in"),)
+    file = regions.file(path)
+    if file is not None:
+        if writable and not file.opens_writable:
+            return (("PERMISSION_DENIED", f"{field}.path: cannot open"),)
+        if size != file.size:
+            return (("INVALID_ARGUMENT", f"{field}.size: the file"),)
+        return None
+    refused = regions.refused.get(path)
+    if refused is not None:
+        return (("PERMISSION_DENIED", f"{field}.path: {refused[1 if writable else 0]}"),)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return (("NOT_FOUND", f"{field}.path: no file at"),)
+    except OSError:  # a name too long, a file where a folder should be
+        return (("PERMISSION_DENIED", f"{field}.path: cannot open"),)
+    raise AssertionError(f"the oracle does not know the file {path!r}")
+
+
+def _config_outcome(config: pb.StreamConfig, regions: Regions | None
+                    ) -> tuple[tuple[Problem, ...] | None, dict[str, Mapped]]:
+    """The config's refusal (None: accepted) and the regions it registers."""
     version = config.protocol_version or "1"
     if version.split(".")[0] != "1":
-        return (("FAILED_PRECONDITION", "config.protocol_version"),)
+        return (("FAILED_PRECONDITION", "config.protocol_version"),), {}
     if config.mode not in (pb.MODE_MONITOR, pb.MODE_INLINE):
-        return (("INVALID_ARGUMENT", "config.mode"),)
+        return (("INVALID_ARGUMENT", "config.mode"),), {}
     if any(hook != HOOK for hook in config.hooks):
-        return (("NOT_FOUND", "is not served"),)
-    if config.shared_memory:
-        return tuple((code, "config.shared_memory") for code in _REGION_CODES)
+        return (("NOT_FOUND", "is not served"),), {}
+    registered = config.shared_memory
+    if len(registered) > MAX_REGIONS:
+        return (("RESOURCE_EXHAUSTED", "config.shared_memory: expected at most "
+                                       f"{MAX_REGIONS} regions"),), {}
+    table: dict[str, Mapped] = {}
+    for index, region in enumerate(registered):
+        regions = regions or current_regions()
+        field = f"config.shared_memory[{index}]"
+        if not region.name:
+            return (("INVALID_ARGUMENT", f"{field}.name: expected a non-empty name"),), {}
+        if region.name in table:
+            return (("INVALID_ARGUMENT", f"{field}.name: expected a name unique"),), {}
+        if region.size <= 0:
+            return (("INVALID_ARGUMENT", f"{field}.size: expected the file's size"),), {}
+        problem = _path_problem(field, region.path, region.size, region.writable, regions)
+        if problem is not None:
+            return problem, {}
+        file = regions.file(region.path)
+        assert file is not None
+        table[region.name] = Mapped(file, region.writable)
+    return None, table
+
+
+def _ref_problem(field: str, ref: pb.SharedMemoryRef, table: Mapping[str, Mapped],
+                 expected: int, itemsize: int, *, write: bool) -> Problem | None:
+    """guard.shm.RegionTable.resolve's checks, in order."""
+    mapped = table.get(ref.region)
+    if mapped is None:
+        return ("NOT_FOUND", f"{field}.region: {ref.region!r} is not registered")
+    if write and not mapped.writable:
+        return ("INVALID_ARGUMENT", f"{field}.region: {ref.region!r} was registered read-only")
+    if ref.length != expected:
+        return ("INVALID_ARGUMENT", f"{field}.length: expected {expected} bytes")
+    if ref.offset + ref.length > mapped.file.size:
+        return ("INVALID_ARGUMENT", f"{field}: offset {ref.offset} + length {ref.length}")
+    if ref.offset % itemsize:
+        return ("INVALID_ARGUMENT", f"{field}.offset: expected a multiple of the item size")
     return None
 
 
-def batch_problems(batch: pb.ActivationBatch) -> list[tuple[str, str]]:
-    """Every rule the batch breaks (the guard reports the first it checks)."""
-    problems: list[tuple[str, str]] = []
+def _overlaps(ranges: Sequence[tuple[int, int]], start: int, end: int) -> bool:
+    return any(start < e and s < end for s, e in ranges)
+
+
+def expect_batch(batch: pb.ActivationBatch, table: Mapping[str, Mapped],
+                 dirty: Mapping[str, Sequence[tuple[int, int]]], skipped: int = 0) -> Expect:
+    """What a batch gets: the first rule it breaks in the order guard.stream._decode checks
+    them (then guard.shm for a region), or a decision. ``table``: the stream's regions;
+    ``dirty``: file ranges where earlier batches' steering deltas may have been written."""
+
+    def error(problem: Problem, tag: str = "") -> Expect:
+        return Expect("error", (problem,), skipped, tag)
+
     if not batch.request_id:
-        problems.append(("INVALID_ARGUMENT", "batch.request_id"))
+        return error(("INVALID_ARGUMENT", "batch.request_id"))
     if batch.hook != HOOK:
-        problems.append(("NOT_FOUND", "is not served"))
+        return error(("NOT_FOUND", "is not served"))
     tensor = batch.activations
-    if len(tensor.raw) > MAX_MESSAGE_BYTES:
-        problems.append(("RESOURCE_EXHAUSTED", "server.max_message_bytes"))
-    if tensor.HasField("shm"):  # no region is ever registered: refused, whatever it says
-        problems += [("NOT_FOUND", "batch.activations.shm"),
-                     ("INVALID_ARGUMENT", "batch.activations")]
-        if tensor.shm.length > MAX_MESSAGE_BYTES:
-            problems.append(("RESOURCE_EXHAUSTED", "server.max_message_bytes"))
-    if batch.HasField("steering_ref"):
-        problems += [("NOT_FOUND", "batch.steering_ref"),
-                     ("INVALID_ARGUMENT", "batch.steering_ref")]
+    shm = tensor.shm if tensor.HasField("shm") else None
+    if (len(tensor.raw) if shm is None else shm.length) > MAX_MESSAGE_BYTES:
+        return error(("RESOURCE_EXHAUSTED", "server.max_message_bytes"),
+                     "" if shm is None else "ref")
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[1] != D_IN or shape[0] < 1:
-        problems.append(("INVALID_ARGUMENT", "batch.activations.shape"))
-    if tensor.datatype not in codec.DATATYPES:
-        problems.append(("INVALID_ARGUMENT", "tensor datatype"))
-    rows: NDArray[np.float32] | None = None
-    if len(shape) == 2 and shape[0] >= 0 and shape[1] >= 0 and tensor.datatype in codec.DATATYPES:
-        if len(tensor.raw) != codec.expected_nbytes(tensor.datatype, shape):
-            problems.append(("INVALID_ARGUMENT", "tensor raw"))
-        else:
-            rows = codec.decode(tensor.datatype, shape, tensor.raw)
-    if len(shape) == 2:
-        if len(batch.positions) != shape[0]:
-            problems.append(("INVALID_ARGUMENT", "batch.positions"))
-        if batch.token_ids and len(batch.token_ids) != shape[0]:
-            problems.append(("INVALID_ARGUMENT", "batch.token_ids"))
-    if rows is not None and rows.ndim == 2 and not np.isfinite(rows).all():
-        problems.append(("INVALID_ARGUMENT", "hold NaN or Inf"))
-    return problems
+        return error(("INVALID_ARGUMENT", "batch.activations.shape"))
+    if shm is not None and tensor.raw:
+        return error(("INVALID_ARGUMENT", "batch.activations: expected raw or shm, found both"),
+                     "ref")
+    datatype = tensor.datatype
+    if datatype not in codec.DATATYPES:
+        return error(("INVALID_ARGUMENT", "tensor datatype"))
+    try:
+        nbytes = codec.expected_nbytes(datatype, shape)
+    except InvalidInput:
+        return error(("INVALID_ARGUMENT", "tensor shape"))
+    itemsize = codec.DATATYPES[datatype]
+    tag, uncertain = "", False
+    if shm is None:
+        if len(tensor.raw) != nbytes:
+            return error(("INVALID_ARGUMENT", "tensor raw"))
+        rows = codec.decode(datatype, shape, tensor.raw)
+    else:
+        problem = _ref_problem("batch.activations.shm", shm, table, nbytes, itemsize,
+                               write=False)
+        if problem is not None:
+            return error(problem, "ref")
+        file = table[shm.region].file
+        end = shm.offset + shm.length
+        rows = codec.decode(datatype, shape, file.data[shm.offset:end])
+        tag, uncertain = "rows", _overlaps(dirty.get(file.path, ()), shm.offset, end)
+    delta_to = None
+    if batch.HasField("steering_ref"):
+        ref = batch.steering_ref
+        problem = _ref_problem("batch.steering_ref", ref, table, nbytes, itemsize, write=True)
+        if problem is not None:
+            return error(problem, "steering-ref")
+        delta_to = (ref.region, table[ref.region].file.path, ref.offset, ref.length)
+    if len(batch.positions) != shape[0]:
+        return error(("INVALID_ARGUMENT", "batch.positions"), tag)
+    if batch.token_ids and len(batch.token_ids) != shape[0]:
+        return error(("INVALID_ARGUMENT", "batch.token_ids"), tag)
+    nonfinite = ("INVALID_ARGUMENT", "hold NaN or Inf")
+    if uncertain:
+        return Expect("decision", (nonfinite,), skipped, tag, None, delta_to)
+    if not np.isfinite(rows).all():
+        return error(nonfinite, "nonfinite" if tag else "")
+    return Expect("decision", (), skipped, tag, rows, delta_to)
 
 
-def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
+def simulate(messages: Sequence[pb.InspectRequest | bytes], regions: Regions | None = None
+             ) -> list[Expect]:
     """The expected outcome of each message, up to and including the one that ends the
-    stream (later messages are never read)."""
+    stream (later messages are never read). ``regions``: the guard's region files (by
+    default those of the running fuzz_server), at their original bytes."""
     out: list[Expect] = []
     configured = False
     last: int | None = None
+    table: dict[str, Mapped] = {}
+    dirty: dict[str, list[tuple[int, int]]] = {}
     for item in messages:
         size = len(item) if isinstance(item, bytes) else item.ByteSize()
         if size > TRANSPORT_LIMIT:  # gRPC's own limit, or the doorbell's frame limit
@@ -391,13 +815,16 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
             message = item
         kind = message.WhichOneof("message")
         if kind == "config":
-            problems = ((("FAILED_PRECONDITION", "already received"),) if configured
-                        else _config_problem(message.config))
+            if configured:
+                out.append(Expect("end", (("FAILED_PRECONDITION", "already received"),)))
+                return out
+            problems, table = _config_outcome(message.config, regions)
             if problems is not None:
-                out.append(Expect("end", problems))
+                refused = any("config.shared_memory" in fragment for _, fragment in problems)
+                out.append(Expect("end", problems, tag="refused" if refused else ""))
                 return out
             configured = True
-            out.append(Expect("none"))
+            out.append(Expect("none", tag="registered" if table else ""))
             continue
         if kind is None:
             out.append(Expect("end", (("INVALID_ARGUMENT", "expected a config or a batch"),)))
@@ -411,9 +838,11 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes]) -> list[Expect]:
             continue
         skipped = 0 if last is None else batch.sequence - last - 1
         last = batch.sequence
-        broken = batch_problems(batch)
-        out.append(Expect("error", tuple(broken), skipped) if broken
-                   else Expect("decision", (), skipped))
+        expect = expect_batch(batch, table, dirty, skipped)
+        if expect.kind == "decision" and expect.delta_to is not None:
+            _, path, offset, length = expect.delta_to  # a STEER decision writes it there
+            dirty.setdefault(path, []).append((offset, offset + length))
+        out.append(expect)
     return out
 
 
@@ -426,26 +855,39 @@ def _code_name(value: int) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == value), str(value))
 
 
-def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: Expect) -> str:
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """A steering delta the guard says it wrote into a region file."""
+
+    path: str
+    offset: int
+    length: int
+    datatype: str
+    rows: int
+
+
+def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: Expect,
+                 written: list[Written]) -> str:
     assert (reply.request_id, reply.sequence) == (batch.request_id, batch.sequence), reply
     assert reply.skipped_sequences == expect.skipped, (reply, expect)
-    if expect.kind == "error":
-        assert reply.HasField("error"), f"expected one of {expect.errors}, got {reply}"
+    if reply.HasField("error"):
         code = _code_name(reply.error.code)
         message = reply.error.message
         assert message, reply
+        assert reply.action == pb.ACTION_UNSPECIFIED and not reply.decision_id, reply
+        if expect.kind == "decision" and NONFINITE_FEATURES in message:
+            # Finite rows so large that the SAE overflows float32: refused rather than scored
+            # NaN (the rows of a region's file, for a region batch).
+            assert code == "INVALID_ARGUMENT", reply
+            if expect.rows is not None:
+                assert float(np.max(np.abs(expect.rows))) > 1e30, (
+                    f"refused rows that are not huge: {reply}")
+            return "error:INVALID_ARGUMENT(non-finite features)"
+        assert expect.errors, f"a valid batch was rejected: {reply.error}"
         assert any(code == want and fragment in message for want, fragment in expect.errors), (
             f"got {code}: {message!r}; expected one of {expect.errors}")
-        assert reply.action == pb.ACTION_UNSPECIFIED and not reply.decision_id, reply
         return f"error:{code}"
-    if reply.HasField("error") and NONFINITE_FEATURES in reply.error.message:
-        # Finite rows so large that the SAE overflows float32: refused rather than scored NaN.
-        rows = codec.decode(batch.activations.datatype, list(batch.activations.shape),
-                            batch.activations.raw)
-        assert _code_name(reply.error.code) == "INVALID_ARGUMENT", reply
-        assert float(np.max(np.abs(rows))) > 1e30, f"refused rows that are not huge: {reply}"
-        return "error:INVALID_ARGUMENT(non-finite features)"
-    assert not reply.HasField("error"), f"a valid batch was rejected: {reply.error}"
+    assert expect.kind == "decision", f"expected one of {expect.errors}, got {reply}"
     assert reply.action in _ACTIONS, reply
     assert reply.decision_id, reply
     assert list(reply.positions) == list(batch.positions)
@@ -453,11 +895,41 @@ def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: E
     n_rows = batch.activations.shape[0]
     for steering in reply.steering:
         assert steering.hook == HOOK
-        assert steering.delta.datatype == datatype
-        delta = codec.decode(datatype, steering.delta.shape, steering.delta.raw)
-        assert delta.shape == (n_rows, D_IN)
-        assert np.isfinite(delta).all(), f"non-finite steering delta for {datatype} rows"
+        delta = steering.delta
+        assert delta.datatype == datatype
+        if expect.delta_to is not None:  # written into the batch's steering_ref
+            name, path, offset, length = expect.delta_to
+            assert delta.HasField("shm") and not delta.raw, (
+                f"expected the delta in the steering_ref {batch.steering_ref}, got {delta}")
+            assert (delta.shm.region, delta.shm.offset, delta.shm.length) == (
+                name, offset, length), delta
+            assert list(delta.shape) == [n_rows, D_IN], delta
+            written.append(Written(path, offset, length, datatype, n_rows))
+            continue
+        assert not delta.HasField("shm"), f"a delta in shared memory nobody asked for: {delta}"
+        values = codec.decode(datatype, delta.shape, delta.raw)
+        assert values.shape == (n_rows, D_IN)
+        assert np.isfinite(values).all(), f"non-finite steering delta for {datatype} rows"
     return f"decision:{_ACTIONS[reply.action]}"
+
+
+def _check_region_files(regions: Regions, written: Sequence[Written]) -> None:
+    """After a stream: the last delta written at each place decodes to finite values of the
+    batch's shape, and no byte outside the written deltas changed."""
+    for file in regions.files:
+        now = file.read()
+        assert len(now) == file.size, f"{file.path} changed size"
+        covered = np.zeros(file.size, dtype=bool)
+        for w in reversed([w for w in written if w.path == file.path]):
+            span = slice(w.offset, w.offset + w.length)
+            if not covered[span].any():  # not overwritten by a later delta
+                values = codec.decode(w.datatype, (w.rows, D_IN), now[span])
+                assert np.isfinite(values).all(), f"non-finite delta in {file.path} at {span}"
+            covered[span] = True
+        changed = np.frombuffer(now, np.uint8) != np.frombuffer(file.data, np.uint8)
+        outside = np.flatnonzero(changed & ~covered)
+        assert not outside.size, (
+            f"the guard wrote {file.path} outside the steering refs, at bytes {outside[:8]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,18 +953,19 @@ Target = grpc.Channel | str
 
 def run_doorbell_stream(path: str, messages: Sequence[pb.InspectRequest | bytes]
                         ) -> tuple[list[pb.InspectResponse], Ended | None]:
-    """Send every message as a frame on one doorbell connection (the socket times out
-    instead of hanging); the replies and the StreamEnd that ended the stream."""
+    """Send every message as a frame on one doorbell connection, then shut the sending side
+    down (the socket times out instead of hanging); the replies and the StreamEnd that ended
+    the stream. A half-closed host still gets its deltas in its region."""
     replies: list[pb.InspectResponse] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(STREAM_TIMEOUT_S)
         sock.connect(path)
+        reader = FrameReader(sock, 1 << 26)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the guard ended it
             for message in messages:
                 data = message if isinstance(message, bytes) else message.SerializeToString()
                 send_frame(sock, data)
             sock.shutdown(socket.SHUT_WR)
-        reader = FrameReader(sock, 1 << 26)
         while (payload := reader.read()) is not None:
             frame = pb.DoorbellFrame.FromString(payload)
             if frame.WhichOneof("frame") == "end":
@@ -527,13 +1000,21 @@ def run_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
 def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
                  ) -> list[str]:
     """The protocol property for one stream (on gRPC or the doorbell); returns an outcome
-    label per answered message."""
-    expected = simulate(messages)
+    label per answered message, and a ``shm:...`` label more for each answer that involved
+    shared memory (a registration, a reference, rows or a delta in a region)."""
+    regions = _REGIONS
+    if regions is not None:
+        for file in regions.files:
+            file.restore()
+    expected = simulate(messages, regions)
     replies, error = run_stream(target, messages)
     outcomes: list[str] = []
+    written: list[Written] = []
     answers = iter(replies)
     for item, expect in zip(messages, expected, strict=False):
         if expect.kind == "none":
+            if expect.tag:
+                outcomes.append(f"shm:{expect.tag}")
             continue
         if expect.kind == "end":
             assert error is not None, f"expected the stream to end with {expect.errors}"
@@ -542,15 +1023,25 @@ def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
             assert any(code == want and fragment in details for want, fragment in expect.errors), (
                 f"stream ended with {code}: {details!r}; expected one of {expect.errors}")
             outcomes.append("undecodable" if DESERIALIZE_DETAILS in details else f"status:{code}")
+            if expect.tag:
+                outcomes.append(f"shm:{expect.tag}:status:{code}")
             break
         message = item if isinstance(item, pb.InspectRequest) else pb.InspectRequest.FromString(
             item)
         reply = next(answers, None)
         assert reply is not None, f"no reply to a batch; stream error {error!r}"
-        outcomes.append(_check_reply(reply, message.batch, expect))
+        before = len(written)
+        outcome = _check_reply(reply, message.batch, expect, written)
+        outcomes.append(outcome)
+        if expect.tag:
+            outcomes.append(f"shm:{expect.tag}:{outcome}")
+        if len(written) > before:
+            outcomes.append("shm:delta")
     else:
         assert error is None, f"the stream ended with {error!r}; expected it to go on"
     assert next(answers, None) is None, "more replies than batches"
+    if regions is not None:
+        _check_region_files(regions, written)
     return outcomes
 
 

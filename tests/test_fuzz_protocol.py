@@ -1,11 +1,14 @@
 """Property-based fuzzing of the Inspect protocol against a live guard, and of the codec.
 
-A real GuardServer (SAELens SAE, detectors and steering plugins) on a Unix socket and a real
-gRPC channel. Each example is one whole stream; an oracle (``tests.fuzz_strategies.simulate``)
-says what each message must get. Properties: no stream hangs (every call has a gRPC
-deadline), every rejection is a per-batch error naming the field or a stream status with
-details (never UNKNOWN or INTERNAL; undecodable bytes are INVALID_ARGUMENT), valid batches
-get a decision, and a known-good stream still works after every example.
+A real GuardServer (SAELens SAE, detectors and steering plugins, shared memory on) on a Unix
+socket and a real gRPC channel, and its doorbell socket. Each example is one whole stream; an
+oracle (``tests.fuzz_strategies.simulate``) says what each message must get. Properties: no
+stream hangs (every call has a gRPC deadline), every rejection is a per-batch error naming
+the field or a stream status with details (never UNKNOWN or INTERNAL; undecodable bytes are
+INVALID_ARGUMENT), valid batches get a decision, and a known-good stream still works after
+every example. Streams register real region files (well and badly) and refer to them
+(``Tensor.shm``, ``steering_ref``): the oracle knows the files' bytes, a delta asked for in a
+region must be there, and nothing else in a region may change.
 
 The suite runs ~150 examples per property with a fixed seed (``derandomize``); ``-s`` prints
 the counts. ``python -m bench.fuzz`` runs the same properties for longer.
@@ -33,7 +36,9 @@ from tests.fuzz_strategies import (
     check_still_serving,
     check_stream,
     codec_inputs,
+    current_regions,
     fuzz_server,
+    good_config,
     streams,
 )
 
@@ -121,6 +126,29 @@ def test_the_fuzzing_reached_every_kind_of_answer() -> None:
                     "status:FAILED_PRECONDITION", "status:RESOURCE_EXHAUSTED",
                     "undecodable"]:
         assert outcome in seen, (outcome, COUNTS)
+    # Shared memory, on both transports: regions registered, a stream refused for a bad
+    # registration, per-batch errors for bad references (rows and steering_ref), decisions on
+    # rows read from a region, rows refused for the NaN and Inf in a region, and a steering
+    # delta written into a region.
+    for transport, outcomes in (("gRPC", seen), ("doorbell", on_the_doorbell)):
+        for path in ("shm:registered", "shm:refused:status:", "shm:ref:error:",
+                     "shm:steering-ref:error:", "shm:rows:decision:",
+                     "shm:nonfinite:error:INVALID_ARGUMENT", "shm:delta"):
+            assert any(o.startswith(path) for o in outcomes), (transport, path, COUNTS)
+
+
+@pytest.mark.parametrize("name", ["ro\x00.bin", "a\x00b/ro.bin"])
+@pytest.mark.parametrize("transport", ["grpc", "doorbell"])
+def test_a_region_path_with_a_nul_byte_is_refused_naming_the_field(
+    live: tuple[GuardServer, grpc.Channel], name: str, transport: str
+) -> None:
+    server, channel = live
+    assert server.doorbell is not None
+    config = good_config()
+    config.shared_memory.add(name="r", path=f"{current_regions().folder}/{name}", size=4096)
+    target = channel if transport == "grpc" else server.doorbell.path
+    # The oracle: INVALID_ARGUMENT (or PERMISSION_DENIED, NOT_FOUND) naming the path field.
+    assert check_stream(target, [pb.InspectRequest(config=config)])[0].startswith("status:")
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
