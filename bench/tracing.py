@@ -76,10 +76,12 @@ OFF = "off"
 NOT_SAMPLED = "not sampled"
 #: The target: not sampled within 5% of off (round-trip p50 ratio).
 TARGET = 1.05
-#: server -> (telemetry section of its config, extra environment, the batches' traceparent)
+#: server -> (telemetry section of its config, extra environment, the batches' traceparent).
+#: The off cases get the same unsampled traceparent as the not-sampled one (a tracing host
+#: sends it whatever the guard does): the ratio is then the guard's tracing alone.
 SERVERS: dict[str, tuple[str, dict[str, str], str]] = {
-    OFF: ("telemetry:\n  tracing: false\n", {}, ""),
-    "off, again": ("telemetry:\n  tracing: false\n", {}, ""),
+    OFF: ("telemetry:\n  tracing: false\n", {}, UNSAMPLED_PARENT),
+    "off, again": ("telemetry:\n  tracing: false\n", {}, UNSAMPLED_PARENT),
     NOT_SAMPLED: ("", {"OTEL_METRICS_EXPORTER": "none"}, UNSAMPLED_PARENT),
     "sampled": ("", {"OTEL_METRICS_EXPORTER": "none"}, ""),
     "metrics": ("telemetry:\n  tracing: false\n  metrics_listen: 127.0.0.1:0\n", {}, ""),
@@ -248,7 +250,7 @@ def measure_in_process(reps: int, batches: int) -> list[InProcess]:
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     # setting -> (instruments, the batches' traceparent attribute, as the host SDK sends it)
     settings = {
-        OFF: (Instruments(), ""),
+        OFF: (Instruments(), UNSAMPLED_PARENT),
         NOT_SAMPLED: (Instruments(tracer_provider, sampler_follows_parent=True),
                       UNSAMPLED_PARENT),
         "sampled": (Instruments(tracer_provider, sampler_follows_parent=True), ""),
@@ -409,9 +411,11 @@ def section(args: argparse.Namespace, trips: str, notes: str, in_proc: str, read
 {facts['python']}, grpcio {grpc.__version__}). Every batch is encoded (one 576x4608 SAELens
 SAE, three features), detected and flagged by the first-party detector (no decision log).
 *off*: `telemetry.tracing: false`, in two processes (*off, again* is the noise floor between
-processes); *not sampled*: tracing on and exporting over OTLP/gRPC to a receiver in the client
-process, default sampler (`parentbased_always_on`), each batch's `attributes` carrying a
-host `traceparent` that is not sampled (as the host SDK sends it); *sampled*: the same without
+processes), the batches carrying the same unsampled `traceparent` as the next case (a tracing
+host sends it whatever the guard does); *not sampled*: tracing on and exporting over
+OTLP/gRPC to a receiver in the client process, default sampler (`parentbased_always_on`),
+each batch's `attributes` carrying a host `traceparent` that is not sampled (as the host SDK
+sends it); *sampled*: the same without
 a parent, so every batch
 is traced (`guard.inspect`, `guard.decode`, `guard.encode`, `guard.plugin.detect`, a finding
 event) and exported by the batch span processor; *metrics*: tracing off, the Prometheus
