@@ -335,6 +335,7 @@ def end_batch_span(span: Span, end_time_ns: int, decision: Decision | None,
                              "guard.error.message": error.message})
         if error.code in SERVER_FAULTS:
             span.record_exception(error.exception)
+            span.set_attribute("error.type", error.code)  # the semantic conventions' key
             span.set_status(Status(StatusCode.ERROR, error.code))
     if record_sensitive and token_ids is not None:
         span.set_attribute("guard.token_ids", [int(t) for t in token_ids])

@@ -323,6 +323,7 @@ def test_client_errors_leave_the_status_unset_and_server_faults_set_it(
     for span in by_name(spans)["guard.inspect"]:
         assert span.status.status_code is StatusCode.UNSET
         assert dict(span.attributes or {})["rpc.grpc.status_code"] in (3, 6)
+        assert "error.type" not in dict(span.attributes or {})  # the client's fault
         assert not span.events
     spans.clear()
 
@@ -335,6 +336,7 @@ def test_client_errors_leave_the_status_unset_and_server_faults_set_it(
     (span,) = by_name(spans)["guard.inspect"]
     assert span.status.status_code is StatusCode.ERROR
     assert dict(span.attributes or {})["rpc.grpc.status_code"] == 13
+    assert dict(span.attributes or {})["error.type"] == "INTERNAL"
     assert [e.name for e in span.events] == ["exception"]
 
 
