@@ -222,7 +222,12 @@ class PluginSet:
                 result = impl.function(**args)
             except Exception as exc:
                 if span is not None:
-                    span.record_exception(exc)
+                    if instruments is not None and instruments.record_sensitive:
+                        span.record_exception(exc)
+                    else:  # a plugin's message could quote the rows it was given
+                        span.add_event("exception", {
+                            "exception.type": type(exc).__qualname__,
+                            "exception.message": "withheld (telemetry.record_sensitive)"})
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 failures.append(self._failed(impl.plugin_name, hook, exc))
                 continue

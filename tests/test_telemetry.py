@@ -491,6 +491,11 @@ def test_log_lines_carry_the_trace_span_and_decision_ids(
     assert plugin_failed["span_id"] == format(span_id(detect), "016x")
     assert detect.status.status_code is StatusCode.ERROR  # the plugin's fault, not the batch's
     assert inspects["boom"].status.status_code is StatusCode.UNSET
+    # The exception's type only: a plugin's message could quote the rows it was handed.
+    (exception,) = [e for e in detect.events if e.name == "exception"]
+    assert dict(exception.attributes or {}) == {
+        "exception.type": "RuntimeError",
+        "exception.message": "withheld (telemetry.record_sensitive)"}
 
 
 def test_without_tracing_log_lines_still_carry_the_decision_id(
