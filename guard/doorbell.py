@@ -23,6 +23,7 @@ import functools
 import itertools
 import select
 import socket
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Final, Protocol
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: ``struct ucred`` (pid, uid, gid) of SO_PEERCRED.
+_UCRED: Final = struct.Struct("iII")
 #: After a StreamEnd, how long and how much of the host's input is read and dropped.
 _LINGER_S: Final = 1.0
 _LINGER_BYTES: Final = 8 * 1024 * 1024
@@ -119,9 +122,12 @@ class DoorbellServer:
                      "the guard is starting or draining; retry when the health service "
                      "reports SERVING")
                 return
-            stream = InspectStream(engine, self._config.server.max_message_bytes, peer,
+            uid = _peer_uid(conn)
+            stream = InspectStream(engine, self._config.server.max_message_bytes,
+                                   f"{peer} (uid {uid})",
                                    shared_memory=self._config.server.shared_memory,
-                                   doorbell=True, alive=functools.partial(_connected, conn))
+                                   doorbell=True, alive=functools.partial(_connected, conn),
+                                   peer_uid=uid)
             self._run(conn, stream)
         except Exception:  # a bug: this stream ends, the guard goes on
             log.exception("doorbell stream failed", peer=peer)
@@ -200,6 +206,13 @@ class DoorbellServer:
                 conn.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(5.0)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(creds)
+    return int(uid)
 
 
 def _connected(conn: socket.socket) -> bool:

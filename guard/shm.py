@@ -17,7 +17,8 @@ with a status naming ``config.shared_memory[i]`` and what was expected):
   checked on the open descriptor (no window between check and use): a regular file, one hard
   link (no alias of another file), not writable by others, owned by the guard's effective uid
   or one of ``allowed_uids`` (gRPC does not tell the guard the peer's uid, so the owner is what
-  is checked), and exactly ``size`` bytes long;
+  is checked; on the doorbell, whose peer's uid the kernel tells, it must also be the peer's
+  own file), and exactly ``size`` bytes long;
 - a ``writable`` region is opened read-write (the guard writes steering deltas there),
   otherwise read-only.
 
@@ -152,7 +153,7 @@ def _within(folder: Path, roots: Sequence[Path]) -> bool:
 
 
 def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, size: int,
-                writable: bool) -> OpenRegion:
+                writable: bool, peer_uid: int | None = None) -> OpenRegion:
     """Check a registration against ``config`` and open its file; errors name ``field``."""
     if not path or not os.path.isabs(path):
         raise InvalidInput(f"{field}.path: expected an absolute path, found {path!r}")
@@ -200,6 +201,11 @@ def open_region(config: SharedMemoryConfig, field: str, name: str, path: str, si
                 f"{field}.path: expected a file owned by uid "
                 f"{' or '.join(str(u) for u in sorted(owners))} (the guard's uid or "
                 f"server.shared_memory.allowed_uids), found uid {info.st_uid} on {path!r}")
+        if peer_uid is not None and info.st_uid != peer_uid:
+            raise RegionRefused(
+                f"{field}.path: expected a file owned by the stream's own uid {peer_uid} (the "
+                f"doorbell's peer: a host registers only its own files), found uid "
+                f"{info.st_uid} on {path!r}")
         if info.st_size != size:
             raise InvalidInput(f"{field}.size: the file {path!r} is {info.st_size} bytes, "
                                f"found size {size}")
@@ -223,8 +229,11 @@ def _kind(mode: int) -> str:
 class RegionTable:
     """The regions registered on one stream (``config`` None: shared memory is disabled)."""
 
-    def __init__(self, config: SharedMemoryConfig | None) -> None:
+    def __init__(self, config: SharedMemoryConfig | None, peer_uid: int | None = None) -> None:
         self._config = config if config is not None and config.enabled else None
+        #: The uid of the process at the other end, when the transport tells it (the
+        #: doorbell's SO_PEERCRED; gRPC does not): region files must then be its own.
+        self._peer_uid = peer_uid
         self._regions: dict[str, OpenRegion] = {}
 
     def __len__(self) -> int:
@@ -259,7 +268,7 @@ class RegionTable:
                     raise InvalidInput(f"{field}.size: expected the file's size in bytes "
                                        f"(> 0), found {size}")
                 self._regions[name] = open_region(self._config, field, name, path, size,
-                                                  writable)
+                                                  writable, self._peer_uid)
         except BaseException:
             self.close()
             raise

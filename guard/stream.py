@@ -114,7 +114,8 @@ class InspectStream:
     def __init__(self, engine: Engine, max_message_bytes: int, peer: str = "",
                  trace_context: Context | None = None, *,
                  shared_memory: SharedMemoryConfig | None = None,
-                 doorbell: bool = False, alive: Callable[[], bool] | None = None) -> None:
+                 doorbell: bool = False, alive: Callable[[], bool] | None = None,
+                 peer_uid: int | None = None) -> None:
         self._engine = engine
         #: Whether the host is still there (checked before writing into its region: once
         #: its stream ended, the host reuses the batch's slot for other rows).
@@ -123,7 +124,7 @@ class InspectStream:
         self._rpc = DOORBELL_ATTRIBUTES if doorbell else RPC_ATTRIBUTES
         self._max_message_bytes = max_message_bytes
         #: Shared-memory regions of this stream, unmapped by :meth:`close`.
-        self.regions = RegionTable(shared_memory)
+        self.regions = RegionTable(shared_memory, peer_uid)
         self._config: pb.StreamConfig | None = None
         self._last_sequence: int | None = None
         self.peer = peer

@@ -680,3 +680,27 @@ def test_the_async_client_reconnects_on_the_doorbell_after_the_guard_restarts(
     assert first.source == "guard" and again.source == "guard"
     assert (down.source, down.cause) == ("fail_open", "unavailable")
     assert reconnects >= 1
+
+
+def test_on_the_doorbell_a_host_registers_only_its_own_files(
+        doorbell_guard: tuple[GuardServer, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel tells the doorbell its peer's uid (SO_PEERCRED): a region file of another
+    uid is refused even when that uid is allowed, so a host cannot have the guard read or
+    write another host's region."""
+    import guard.doorbell
+
+    server, folder = doorbell_guard
+    me = os.getuid()
+    region = region_file(folder, "mine.shm")
+    bell = Doorbell(doorbell_of(server))  # the real peer uid: its own file is accepted
+    bell.configure(registration(region))
+    assert bell.ask(shm_batch(x(), 1)).action == pb.ACTION_CONTINUE
+    assert bell.finish() == []
+    monkeypatch.setattr(guard.doorbell, "_peer_uid", lambda _conn: me + 1)
+    other = Doorbell(doorbell_of(server))  # "another host", running as uid me + 1
+    other.configure(registration(region))
+    end = other.ended()
+    assert code_name(end) == "PERMISSION_DENIED"
+    assert (f"config.shared_memory[0].path: expected a file owned by the stream's own uid "
+            f"{me + 1} (the doorbell's peer: a host registers only its own files), found uid "
+            f"{me}") in end.message
