@@ -245,3 +245,19 @@ def test_an_attached_models_name_is_the_gen_ai_request_model(
     assert dict(named.attributes or {})["gen_ai.request.model"] == "HuggingFaceTB/SmolLM2-135M"
     assert dict(named.attributes or {})["gen_ai.operation.name"] == "text_completion"
     assert "gen_ai.request.model" not in dict(bare.attributes or {})
+
+
+def test_an_inspect_that_raises_ends_its_span_as_an_error(
+    guard: GuardServer, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with GuardClient(guard.addresses[0], hooks=[HOOK]) as client:
+        def broken(*_args: Any) -> None:
+            raise RuntimeError("a bug on the client side")
+
+        monkeypatch.setattr(client, "_decide", broken)
+        with pytest.raises(RuntimeError, match="a bug on the client side"):
+            client.inspect("raises", HOOK, rows(), [1, 2, 3])
+    span = only(spans, "guard.host.inspect")
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "RuntimeError"
+    assert [e.name for e in span.events] == ["exception"]

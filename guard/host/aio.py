@@ -398,8 +398,7 @@ class AsyncGuardClient:
         try:
             verdict = await self._decide(item, timeout)
         except BaseException as exc:
-            span.record_exception(exc)
-            span.end()
+            tracing.fail_inspect_span(span, exc)
             raise
         tracing.end_inspect_span(span, verdict, self._options.mode,
                                  time.perf_counter() - started)

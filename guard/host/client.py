@@ -339,8 +339,7 @@ class GuardClient:
         try:
             verdict = self._decide(stream, item, timeout)
         except BaseException as exc:
-            span.record_exception(exc)
-            span.end()
+            tracing.fail_inspect_span(span, exc)
             raise
         tracing.end_inspect_span(span, verdict, self._options.mode,
                                  time.perf_counter() - started)

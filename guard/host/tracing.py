@@ -145,6 +145,14 @@ def end_inspect_span(span: Span, verdict: Verdict, mode: str, elapsed_s: float) 
     span.end()
 
 
+def fail_inspect_span(span: Span, exc: BaseException) -> None:
+    """``inspect`` raised (a cancelled task, a client bug): an error span, then ended."""
+    span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+    span.end()
+
+
 def verdict_cause(verdict: Verdict) -> str:
     """The failure-policy cause recorded on a policy verdict (``unavailable`` etc.)."""
     return verdict.cause or "error"
