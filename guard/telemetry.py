@@ -83,7 +83,10 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if json_lines
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # Tracebacks without local variables: a frame's locals may hold activation rows.
+        else structlog.dev.ConsoleRenderer(
+            colors=out.isatty(),
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False))
     )
     level = _LEVELS[config.level]
     shared: list[structlog.types.Processor] = [

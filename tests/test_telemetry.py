@@ -713,3 +713,27 @@ def test_the_metrics_endpoint_serves_prometheus_text(
                             set_global=False)
     finally:
         telemetry.shutdown()
+
+
+def test_console_tracebacks_show_no_local_variables() -> None:
+    """A frame's locals may hold activation rows: the readable (console) format's tracebacks
+    leave them out, as JSON lines do."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    out = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="console"), stream=out)
+    try:
+        def encode(rows: list[float]) -> float:
+            return rows[0] / 0
+
+        secret = sum(range(12345)) + 0.25  # a value that is in no source line shown
+        try:
+            encode([secret, secret * 2])
+        except ZeroDivisionError:
+            structlog.get_logger("guard.test").exception("batch failed")
+    finally:
+        structlog.reset_defaults()
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    text = out.getvalue()
+    assert "batch failed" in text and "ZeroDivisionError" in text
+    assert str(secret) not in text and str(secret * 2) not in text
