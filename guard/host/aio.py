@@ -117,6 +117,13 @@ class _AioStream:
         self.outbox.put_nowait(item)  # unbounded: each INLINE caller waits for its reply
         return future
 
+    def _number(self, item: BatchItem) -> None:
+        """MONITOR: a batch gets its sequence number as it is sent, after the drops before
+        it (INLINE batches got theirs in :meth:`submit`)."""
+        item.sequence = self._next_sequence + item.gap_before
+        self._next_sequence = item.sequence + 1
+        self.shm.bind(item.sequence, item.shm)
+
     def reset(self, reason: str) -> None:
         self._reset_reason = reason
         self.call.cancel()
@@ -132,10 +139,8 @@ class _AioStream:
                     if item is None:
                         await self.call.done_writing()
                         return
-                    if monitor:  # INLINE batches got theirs in submit()
-                        item.sequence = self._next_sequence + item.gap_before
-                        self._next_sequence = item.sequence + 1
-                        self.shm.bind(item.sequence, item.shm)
+                    if monitor:
+                        self._number(item)
                     self.counters.add("sent")
                     await self.call.write(item.to_request())
                 finally:
@@ -217,10 +222,8 @@ class _AioDoorbellStream(_AioStream):
                         await writer.drain()
                         writer.write_eof()  # the guard answers what it has, then closes
                         return
-                    if monitor:  # INLINE batches got theirs in submit()
-                        item.sequence = self._next_sequence + item.gap_before
-                        self._next_sequence = item.sequence + 1
-                        self.shm.bind(item.sequence, item.shm)
+                    if monitor:
+                        self._number(item)
                     self.counters.add("sent")
                     writer.write(_frame(item.to_request().SerializeToString()))
                     await writer.drain()  # MONITOR: the socket's back-pressure, as gRPC's
