@@ -428,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"(target <= {TARGET}); client counts {counts}; load average {load[0]:.2f}")
     print(f"raw results: {os.path.relpath(OUT)}")
     if args.write_results:
+        p50_ms = {(c.d_in, c.kind): c.summary().p50_ms for c in cases}
         write_section("shm", section_text(sdk, wire, detail, args, counts, load, ratios,
-                                          parts))
+                                          parts, p50_ms))
         reference = ("the same client without shared_memory (rows as gRPC bytes), same "
                      "guard serve")
         write_headline("shm", [
@@ -450,7 +451,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def section_text(sdk: str, wire: str, detail: str, args: argparse.Namespace,
                  counts: dict[str, int], load: tuple[float, float, float],
-                 ratios: dict[str, float], parts: list[dict[str, Any]]) -> str:
+                 ratios: dict[str, float], parts: list[dict[str, Any]],
+                 p50_ms: dict[tuple[int, str], float]) -> str:
+    wire_ms = [p50_ms[d, "wire-doorbell"] for d in WIDTHS]
+    extra_ms = [p50_ms[d, "shm"] - p50_ms[d, "wire-doorbell"] for d in WIDTHS]
+    bytes_ms = [p50_ms[d, "bytes"] for d in WIDTHS]
     doorbell = {d: ratios[f"sdk {d}"] for d in WIDTHS}
     protocol = {d: ratios[f"wire doorbell {d}"] for d in WIDTHS}
     met = [d for d, r in doorbell.items() if r <= TARGET]
@@ -511,16 +516,17 @@ def section_text(sdk: str, wire: str, detail: str, args: argparse.Namespace,
         "each way per batch plus the SDK's hand-offs to gRPC's threads, which is most of the "
         "bytes path too on this machine: shm over gRPC stays near the 1-row floor, so its "
         "ratio is bounded below by floor/bytes (about 0.5 at 32x4096, close to 1 at 32x576). "
-        "The doorbell removes that exchange: a frame each way on a Unix socket (about 15 us "
-        "for a round trip of empty frames here), the guard's decision path (about 50 us of "
-        "Python per batch), and the SDK's own work (validating, placing the rows, the span, "
-        "the verdict), with the INLINE caller reading its own reply. The `wire` table shows "
-        "the doorbell within the target when the caller does nothing else; through the SDK "
-        "its Python per batch (checking the arguments, placing the rows in a slot, the "
-        "request and reply messages, the span, the verdict, the slot's bookkeeping: about "
-        "0.1-0.2 ms in a process with other clients, on 2 shared cores) is what is left "
-        "above it, more than the whole budget at 32x576 where the bytes path itself is only "
-        "about 0.6-0.75 ms. The issue's 20-50 us is the hand-over of the rows alone (the "
+        "The doorbell removes that exchange: a frame each way on a Unix socket and the "
+        "guard's decision path are what the `wire` doorbell column measures "
+        f"({', '.join(f'{p:.3f}' for p in wire_ms)} ms p50), within the target when the "
+        "caller does nothing else. Through the SDK, its Python per batch (checking the "
+        "arguments, placing the rows in a slot, the request and reply messages, the span, "
+        "the verdict, the slot's bookkeeping; the INLINE caller reads its own reply, so no "
+        "thread hand-off) adds "
+        f"{', '.join(f'{e:.3f}' for e in extra_ms)} ms p50 (SDK shm minus wire doorbell, in "
+        "a process with the other cases' clients, on 2 shared cores): more than the whole "
+        f"budget at {ROWS}x{WIDTHS[0]}, where the bytes path itself is only "
+        f"{bytes_ms[0]:.2f} ms. The issue's 20-50 us is the hand-over of the rows alone (the "
         "breakdown's shm columns), not a round trip.",
     ])
 

@@ -34,9 +34,22 @@ class FrameTooLarge(FrameError):
         self.limit = limit
 
 
+def encode_frame(payload: bytes) -> bytes:
+    """One frame: the length, then ``payload`` (for writers that take bytes, not sockets)."""
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def frame_length(header: bytes, limit: int) -> int:
+    """The payload length a frame header announces; FrameTooLarge above ``limit``."""
+    (length,) = _LENGTH.unpack(header)
+    if length > limit:
+        raise FrameTooLarge(length, limit)
+    return int(length)
+
+
 class FrameReader:
-    """Reads frames from a socket, blocking or not (a non-blocking one is waited on with
-    ``poll``: a ``shutdown`` of the socket from another thread wakes it)."""
+    """Reads frames from a blocking socket (a ``shutdown`` of the socket from another thread
+    ends a read that waits)."""
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self._sock = sock
@@ -59,9 +72,8 @@ class FrameReader:
                 raise FrameError(f"the stream ended inside a frame header "
                                  f"({self._end - self._start} of {HEADER_BYTES} bytes)")
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer, self._start)
-        if length > self._limit:
-            raise FrameTooLarge(length, self._limit)
+        header = bytes(self._buffer[self._start:self._start + HEADER_BYTES])
+        length = frame_length(header, self._limit)
         if not self._fill(HEADER_BYTES + length, deadline):
             got = self._end - self._start - HEADER_BYTES
             raise FrameError(f"the stream ended inside a frame ({got} of {length} bytes)")
@@ -88,11 +100,7 @@ class FrameReader:
                     timeout = deadline - time.monotonic()
                     if timeout <= 0 or not _wait(self._sock, select.POLLIN, timeout):
                         raise TimeoutError("no whole frame from the peer in time")
-                try:
-                    count = self._sock.recv_into(view[self._end:])
-                except BlockingIOError:
-                    _wait(self._sock, select.POLLIN, None)
-                    continue
+                count = self._sock.recv_into(view[self._end:])
                 if count == 0:
                     return False
                 self._end += count
@@ -103,9 +111,10 @@ class FrameReader:
 
 def send_frame(sock: socket.socket, *parts: bytes, deadline: float | None = None) -> None:
     """Send one frame whose payload is ``parts`` joined (gathered by the kernel, not copied
-    here). On a non-blocking socket, waits for room until ``deadline`` (``time.monotonic()``;
-    None: no limit). Raises TimeoutError past the deadline, with the frame perhaps partly
-    sent (the stream is then unusable), and OSError when the peer is gone."""
+    here). A send that finds no room (EAGAIN: the socket's send timeout ran out) waits for
+    room until ``deadline`` (``time.monotonic()``; None: no limit). Raises TimeoutError past
+    the deadline, with the frame perhaps partly sent (the stream is then unusable), and
+    OSError when the peer is gone."""
     length = sum(len(part) for part in parts)
     buffers = [_LENGTH.pack(length), *parts]
     total = HEADER_BYTES + length

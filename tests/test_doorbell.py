@@ -704,3 +704,9 @@ def test_on_the_doorbell_a_host_registers_only_its_own_files(
     assert (f"config.shared_memory[0].path: expected a file owned by the stream's own uid "
             f"{me + 1} (the doorbell's peer: a host registers only its own files), found uid "
             f"{me}") in end.message
+
+
+def test_the_doorbell_argument_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"shared_memory.doorbell: expected True or False, "
+                                        r"found 'yes'"):
+        SharedMemory.of(SharedMemory(directory=str(tmp_path), doorbell="yes"))  # type: ignore[arg-type]

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from guard.host._batch import BatchItem
+from guard.host._options import ClientOptions, CounterBox
 from guard.host._pending import PendingReplies
 from guard.host._verdict import Cause
-from guard.host.shm import StreamShm
+from guard.host.shm import HostRegion, StreamShm
 from guard.v1 import guard_pb2 as pb
 
 
@@ -84,6 +85,47 @@ class Outbox:
             count = len(self._items)
             self._items.clear()
             return count
+
+
+class StreamState:
+    """What both transports keep of one stream: the region's view, the counters, the
+    outbox, the INLINE batches waiting for replies, and the sequence numbers."""
+
+    def __init__(self, options: ClientOptions, counters: CounterBox, outbox: Outbox,
+                 region: HostRegion | None) -> None:
+        self.options = options
+        self.shm = StreamShm(region)
+        self.counters = counters
+        self.outbox = outbox
+        self.finished = threading.Event()
+        self.pending: PendingReplies[ReplySlot] = PendingReplies()
+        self.replies = 0
+        self.end_reason = ""
+        self._reset_reason = ""
+        self._next_sequence = 1
+
+    def _assign(self, item: BatchItem, slot: ReplySlot) -> bool:
+        """INLINE (under the caller's send lock): the batch takes the next sequence number
+        and waits for its reply in ``slot``; False once the stream has ended."""
+        sequence = self._next_sequence
+        if not self.pending.add(sequence, slot):
+            return False
+        self._next_sequence += 1
+        item.sequence = sequence
+        self.shm.bind(sequence, item.shm)
+        return True
+
+    def _unassign(self, item: BatchItem) -> None:
+        """The batch was not sent after all: no reply will come, its slot is free."""
+        self.pending.remove(item.sequence)
+        self.shm.release(item.sequence)
+
+    def _number(self, item: BatchItem) -> None:
+        """MONITOR: a batch gets its sequence number as it is sent, after the drops before
+        it (its gap)."""
+        item.sequence = self._next_sequence + item.gap_before
+        self._next_sequence = item.sequence + 1
+        self.shm.bind(item.sequence, item.shm)
 
 
 class HostStream(Protocol):

@@ -157,6 +157,12 @@ def error_text(error: pb.BatchError) -> str:
     return f"{_CODE_NAMES.get(error.code, str(error.code))}: {error.message}"
 
 
+def stream_end_text(end: pb.StreamEnd) -> str:
+    """Why the guard ended a doorbell stream, as a gRPC status reads (``status_text``)."""
+    return (f"the stream to the guard ended: {_CODE_NAMES.get(end.code, str(end.code))}: "
+            f"{end.message}")
+
+
 def unavailable_reason(why: str) -> str:
     """Why an INLINE batch got the failure policy while the stream is down."""
     return f"the guard is unavailable ({why}); reconnecting in the background"

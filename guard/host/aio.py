@@ -24,7 +24,7 @@ from grpc import aio
 from numpy.typing import NDArray
 
 from guard.decision import Phase
-from guard.framing import FrameError
+from guard.framing import HEADER_BYTES, FrameError, encode_frame, frame_length
 from guard.host import tracing
 from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch, stream_config
 from guard.host._options import (
@@ -46,6 +46,7 @@ from guard.host._verdict import (
     monitor_verdict,
     policy_verdict,
     reply_to_verdict,
+    stream_end_text,
     unavailable_reason,
 )
 from guard.host.client import (
@@ -65,7 +66,6 @@ log = structlog.get_logger("guard.host")
 
 #: What an outbox holds: a batch, or None (send nothing more: half-close the stream).
 _Outbox = asyncio.Queue[BatchItem | None]
-_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 #: The stream reader's buffer limit (frames are read with readexactly, not lines).
 _READ_LIMIT: Final = 1 << 20
 
@@ -128,25 +128,36 @@ class _AioStream:
         self._reset_reason = reason
         self.call.cancel()
 
+    #: What a send raises once the call has ended (the reader reports why).
+    _ENDED: tuple[type[BaseException], ...] = (aio.AioRpcError, aio.UsageError,
+                                               asyncio.InvalidStateError)
+
+    async def _send(self, request: pb.InspectRequest) -> None:
+        await self.call.write(request)
+
+    async def _done_sending(self) -> None:
+        await self.call.done_writing()
+
     async def _write(self) -> None:
+        """The writer task: the StreamConfig, then the outbox's batches; None half-closes."""
         monitor = self.options.mode == "monitor"
         try:
-            await self.call.write(
+            await self._send(
                 pb.InspectRequest(config=self.shm.configure(stream_config(self.options))))
             while True:
                 item = await self.outbox.get()
                 try:
                     if item is None:
-                        await self.call.done_writing()
+                        await self._done_sending()
                         return
                     if monitor:
                         self._number(item)
                     self.counters.add("sent")
-                    await self.call.write(item.to_request())
+                    await self._send(item.to_request())
                 finally:
                     self.outbox.task_done()
-        except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError):
-            return  # the call ended; the reader reports why
+        except self._ENDED:
+            return
 
     async def read(self, on_reply: Callable[[_AioStream, pb.InspectResponse], None]) -> str:
         """Hand every reply to ``on_reply`` until the stream ends; returns why it ended."""
@@ -196,8 +207,7 @@ class _AioDoorbellStream(_AioStream):
     def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
                  outbox: _Outbox, shm: HostRegion | None) -> None:
         self.path = path
-        self._writer: asyncio.StreamWriter | None = None
-        self._connected = asyncio.get_running_loop().create_future()
+        self._writer: asyncio.StreamWriter | None = None  # once connected (read() connects)
         super().__init__(None, options, counters, outbox, None, shm)
 
     def _open_call(self, stub: pb_grpc.GuardAsyncStub | None,
@@ -209,28 +219,17 @@ class _AioDoorbellStream(_AioStream):
         if self._writer is not None:
             self._writer.transport.abort()  # the reader sees the connection end
 
-    async def _write(self) -> None:
-        monitor = self.options.mode == "monitor"
-        writer = await self._connected
-        try:
-            config = self.shm.configure(stream_config(self.options))
-            writer.write(_frame(pb.InspectRequest(config=config).SerializeToString()))
-            while True:
-                item = await self.outbox.get()
-                try:
-                    if item is None:
-                        await writer.drain()
-                        writer.write_eof()  # the guard answers what it has, then closes
-                        return
-                    if monitor:
-                        self._number(item)
-                    self.counters.add("sent")
-                    writer.write(_frame(item.to_request().SerializeToString()))
-                    await writer.drain()  # MONITOR: the socket's back-pressure, as gRPC's
-                finally:
-                    self.outbox.task_done()
-        except (OSError, RuntimeError):
-            return  # the connection ended; the reader reports why
+    _ENDED = (OSError, RuntimeError)
+
+    async def _send(self, request: pb.InspectRequest) -> None:
+        assert self._writer is not None
+        self._writer.write(encode_frame(request.SerializeToString()))
+        await self._writer.drain()  # the socket's back-pressure, as gRPC's flow control
+
+    async def _done_sending(self) -> None:
+        assert self._writer is not None
+        await self._writer.drain()
+        self._writer.write_eof()  # the guard answers what it has, then closes
 
     async def read(self, on_reply: Callable[[_AioStream, pb.InspectResponse], None]) -> str:
         try:
@@ -239,13 +238,11 @@ class _AioDoorbellStream(_AioStream):
         except (OSError, TimeoutError) as exc:
             reason = (f"cannot open a stream on the guard's doorbell socket {self.path}: "
                       f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}")
-            self._connected.cancel()
             if self.shm.region is not None:
                 self.shm.region.confirmed = False  # ask Describe again: the guard may change
             self._finish(None, reason)
             return reason
         self._writer = writer
-        self._connected.set_result(writer)
         limit = self.options.max_message_bytes * TRANSPORT_HEADROOM
         return await self._read_frames(reader, writer, limit, on_reply)
 
@@ -255,21 +252,18 @@ class _AioDoorbellStream(_AioStream):
         writer_task = asyncio.create_task(self._write(), name="guard-host-doorbell-writer")
         try:
             while True:
-                header = await reader.read(4)
-                if not header:
+                try:
+                    header = await reader.readexactly(HEADER_BYTES)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        raise
                     reason = self._reset_reason or "the guard ended the stream"
                     break
-                if len(header) < 4:
-                    header += await reader.readexactly(4 - len(header))
-                length = int.from_bytes(header, "little")
-                if length > limit:
-                    raise FrameError(f"a frame of {length} bytes exceeds the limit of {limit}")
+                length = frame_length(header, limit)
                 frame = pb.DoorbellFrame.FromString(await reader.readexactly(length))
                 kind = frame.WhichOneof("frame")
                 if kind == "end":
-                    code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
-                    reason = self._reset_reason or (f"the stream to the guard ended: {code}: "
-                                                    f"{frame.end.message}")
+                    reason = self._reset_reason or stream_end_text(frame.end)
                     break
                 if kind != "reply":
                     raise FrameError("a DoorbellFrame with neither a reply nor an end")
@@ -295,10 +289,6 @@ class _AioDoorbellStream(_AioStream):
         with contextlib.suppress(asyncio.CancelledError):
             await writer_task
         return reason
-
-
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "little") + payload
 
 
 class AsyncGuardClient:

@@ -46,8 +46,7 @@ from guard.host._options import (
     ReplyHook,
     TraceContextHook,
 )
-from guard.host._outbox import HostStream, Outbox, ReplySlot
-from guard.host._pending import PendingReplies
+from guard.host._outbox import HostStream, Outbox, ReplySlot, StreamState
 from guard.host._verdict import (
     Verdict,
     decision_verdict,
@@ -58,7 +57,7 @@ from guard.host._verdict import (
     unavailable_reason,
 )
 from guard.host.doorbell import DoorbellStream
-from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
+from guard.host.shm import HostRegion, SharedMemory, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 
@@ -105,23 +104,14 @@ def deadline_seconds(options: ClientOptions, deadline_ms: float | None) -> float
     return deadline_ms / 1e3
 
 
-class _GrpcStream:
+class _GrpcStream(StreamState):
     """One Inspect call: the StreamConfig, then batches from the outbox."""
 
     def __init__(self, stub: pb_grpc.GuardStub, options: ClientOptions, counters: CounterBox,
                  outbox: Outbox, metadata: tuple[tuple[str, str | bytes], ...] | None,
                  shm: HostRegion | None = None) -> None:
-        self.options = options
-        self.shm = StreamShm(shm)
-        self.counters = counters
-        self.outbox = outbox
-        self.finished = threading.Event()
-        self.pending: PendingReplies[ReplySlot] = PendingReplies()
-        self.replies = 0
-        self.end_reason = ""
-        self._reset_reason = ""
+        super().__init__(options, counters, outbox, shm)
         self._submit_lock = threading.Lock()
-        self._next_sequence = 1
         self.call = stub.Inspect(self._requests(), metadata=metadata)
 
     def _requests(self) -> Iterator[pb.InspectRequest]:
@@ -129,9 +119,7 @@ class _GrpcStream:
         monitor = self.options.mode == "monitor"
         while (item := self.outbox.take(self.finished)) is not None:
             if monitor:  # INLINE batches got theirs in submit()
-                item.sequence = self._next_sequence + item.gap_before
-                self._next_sequence = item.sequence + 1
-                self.shm.bind(item.sequence, item.shm)
+                self._number(item)
             self.counters.add("sent")
             yield item.to_request()
 
@@ -140,15 +128,10 @@ class _GrpcStream:
         never waits: ``timeout`` is for the doorbell's interface.)"""
         slot = ReplySlot()
         with self._submit_lock:  # sequence order is outbox order
-            sequence = self._next_sequence
-            if not self.pending.add(sequence, slot):
+            if not self._assign(item, slot):
                 return None
-            self._next_sequence += 1
-            item.sequence = sequence
-            self.shm.bind(sequence, item.shm)
             if not self.outbox.offer(item):  # the client is closing
-                self.pending.remove(sequence)
-                self.shm.release(sequence)
+                self._unassign(item)
                 return None
         return slot
 

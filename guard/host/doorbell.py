@@ -26,16 +26,14 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-import grpc
 import structlog
 
 from guard.framing import FrameError, FrameReader, send_frame
 from guard.host._batch import BatchItem, stream_config
 from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
-from guard.host._outbox import HostStream, Outbox, ReplySlot
-from guard.host._pending import PendingReplies
-from guard.host._verdict import unavailable_reason
-from guard.host.shm import HostRegion, StreamShm
+from guard.host._outbox import HostStream, Outbox, ReplySlot, StreamState
+from guard.host._verdict import stream_end_text, unavailable_reason
+from guard.host.shm import HostRegion
 from guard.v1 import guard_pb2 as pb
 
 log = structlog.get_logger("guard.host")
@@ -44,10 +42,9 @@ log = structlog.get_logger("guard.host")
 CONNECT_TIMEOUT_S: Final = 2.0
 #: ``struct timeval`` for SO_SNDTIMEO.
 _TIMEVAL: Final = struct.Struct("@ll")
-_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-class DoorbellStream:
+class DoorbellStream(StreamState):
     """One doorbell connection: the StreamConfig frame, then batches; the same interface as
     the client's gRPC stream (:class:`guard.host._outbox.HostStream`). A connection that
     fails leaves the stream ended at once, with the reason, for the client to retry."""
@@ -55,20 +52,12 @@ class DoorbellStream:
     def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
                  outbox: Outbox, region: HostRegion | None,
                  on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> None:
-        self.options = options
+        super().__init__(options, counters, outbox, region)
         self.path = path
-        self.shm = StreamShm(region)
-        self.counters = counters
-        self.outbox = outbox
-        self.finished = threading.Event()
-        self.pending: PendingReplies[ReplySlot] = PendingReplies()
-        self.replies = 0
-        self.end_reason = ""
         #: Why the connection could not be made (the stream is then over before it began).
         self.connect_error = ""
-        self._reset_reason = ""
         self._send_lock = threading.Lock()
-        self._next_sequence = 1
+        self._send_timeout: float | None = None  # SO_SNDTIMEO as last set, in seconds
         self._monitor = options.mode == "monitor"
         self._on_reply = on_reply
         #: Guards the reading role: one thread at a time reads frames and hands them on.
@@ -90,7 +79,8 @@ class DoorbellStream:
             sock.connect(path)
             sock.settimeout(None)  # blocking reads: one system call per reply
             config = self.shm.configure(stream_config(self.options))
-            _send(sock, pb.InspectRequest(config=config).SerializeToString(), CONNECT_TIMEOUT_S)
+            self._send(sock, pb.InspectRequest(config=config).SerializeToString(),
+                       CONNECT_TIMEOUT_S)
         except OSError as exc:
             sock.close()
             self.connect_error = (f"cannot open a stream on the guard's doorbell socket "
@@ -98,25 +88,32 @@ class DoorbellStream:
             return None
         return sock
 
+    def _send(self, sock: socket.socket, payload: bytes, timeout: float | None) -> None:
+        """Send a frame on the blocking socket within ``timeout`` seconds (None: no limit):
+        the kernel's send timeout (SO_SNDTIMEO, set only when it changes) bounds a send that
+        finds the socket buffer full (the guard stuck), without making the reader's socket
+        non-blocking. Raises OSError (TimeoutError or BlockingIOError past the time); the
+        frame may then be cut short. Under the send lock."""
+        seconds = 0.0 if timeout is None else max(timeout, 1e-3)
+        if seconds != self._send_timeout:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
+            self._send_timeout = seconds
+        deadline = None if timeout is None else time.monotonic() + seconds
+        send_frame(sock, payload, deadline=deadline)
+
     def submit(self, item: BatchItem, timeout: float) -> ReplySlot | None:
         """INLINE: number the batch and write its frame; None when the stream has ended (or
         the frame could not be sent within ``timeout``: the stream is then reset)."""
         slot = ReplySlot()
         with self._send_lock:  # frames whole, in sequence order
             sock = self._sock
-            if sock is None or self.finished.is_set():
+            if sock is None or self.finished.is_set() or not self._assign(item, slot):
                 return None
-            sequence = self._next_sequence
-            if not self.pending.add(sequence, slot):
-                return None
-            self._next_sequence += 1
-            item.sequence = sequence
-            self.shm.bind(sequence, item.shm)
             try:
-                _send(sock, item.to_request().SerializeToString(), timeout)
+                self._send(sock, item.to_request().SerializeToString(), timeout)
             except OSError as exc:  # TimeoutError included: a frame may be cut, so reset
-                self.pending.remove(sequence)
-                self.shm.release(sequence)
+                self._unassign(item)
                 self.reset(f"sending a batch on the doorbell failed: {exc}")
                 return None
         self.counters.add("sent")
@@ -127,12 +124,10 @@ class DoorbellStream:
         sock = self._sock
         assert sock is not None
         while (item := self.outbox.take(self.finished)) is not None:
-            item.sequence = self._next_sequence + item.gap_before
-            self._next_sequence = item.sequence + 1
-            self.shm.bind(item.sequence, item.shm)
+            self._number(item)
             with self._send_lock:
                 try:
-                    _send(sock, item.to_request().SerializeToString(), None)
+                    self._send(sock, item.to_request().SerializeToString(), None)
                 except OSError as exc:
                     self.reset(f"sending a batch on the doorbell failed: {exc}")
                     return
@@ -240,9 +235,7 @@ class DoorbellStream:
                         self._cond.notify_all()
                 return True
             if kind == "end":
-                code = _CODE_NAMES.get(frame.end.code, str(frame.end.code))
-                return self._end(self._reset_reason or (f"the stream to the guard ended: "
-                                                        f"{code}: {frame.end.message}"))
+                return self._end(self._reset_reason or stream_end_text(frame.end))
             raise FrameError("a DoorbellFrame with neither a reply nor an end")
         except TimeoutError:
             return False
@@ -278,14 +271,3 @@ def _wait_closed(sock: socket.socket, finished: threading.Event) -> None:
     poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
     while not finished.is_set() and not poller.poll(1000):
         pass
-
-
-def _send(sock: socket.socket, payload: bytes, timeout: float | None) -> None:
-    """Send a frame on the blocking socket within ``timeout`` seconds (None: no limit): the
-    kernel's send timeout (SO_SNDTIMEO) bounds a send that finds the socket buffer full
-    (the guard stuck), without making the reader's socket non-blocking. Raises OSError
-    (TimeoutError or BlockingIOError past the time); the frame may then be cut short."""
-    seconds = 0.0 if timeout is None else max(timeout, 1e-3)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
-    send_frame(sock, payload, deadline=None if timeout is None else time.monotonic() + seconds)
