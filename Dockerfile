@@ -14,7 +14,7 @@ COPY plugins ./plugins
 # Byte code is compiled here, at build time: the running container cannot write it.
 RUN python -m venv /opt/guard \
     && /opt/guard/bin/pip install . \
-    && /opt/guard/bin/python -c "import guard.server, onnxruntime" \
+    && /opt/guard/bin/python -c "import guard.sidecar.server, onnxruntime" \
     && ! /opt/guard/bin/python -c "import torch" 2>/dev/null
 
 FROM python:3.11-slim

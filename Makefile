@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint typecheck unit protos run demo bench clean
+.PHONY: install test lint typecheck contracts unit protos run demo bench clean
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make test: set up, lint, type-check and run the whole test suite.
-test: lint typecheck unit
+## make test: set up, lint, type-check, check the import contracts and run the test suite.
+test: lint typecheck contracts unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+## make contracts: the house rules on imports ([tool.importlinter] in pyproject.toml).
+contracts: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 unit: $(STAMP) tools
 	$(PY) -m pytest

@@ -64,7 +64,7 @@ def batches(rows: int, count: int, seed: int) -> list[NDArray[np.float32]]:
 
 
 def start_sidecar(state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from guard.demo import demo_config, wait_serving
+    from guard.demo.runner import demo_config, wait_serving
 
     socket = state / "guard.sock"
     config = demo_config(state, socket)
@@ -81,8 +81,8 @@ def start_sidecar(state: Path) -> tuple[subprocess.Popen[bytes], str]:
 def in_process_engine(state: Path) -> Any:
     """The reference: the same configuration, loaded in this process."""
     from guard.config import load_config
-    from guard.demo import demo_config
-    from guard.engine import Engine
+    from guard.demo.runner import demo_config
+    from guard.engine.core import Engine
 
     local = state / "in-process"
     local.mkdir()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from guard.config import LoggingConfig
     from guard.host import GuardClient
-    from guard.telemetry import configure_logging
+    from guard.telemetry.setup import configure_logging
 
     configure_logging(LoggingConfig(level="warning"))
     inline: dict[str, dict[str, Series]] = {s: {"sidecar": Series(), "in-process": Series()}

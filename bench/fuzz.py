@@ -50,7 +50,7 @@ from hypothesis import HealthCheck, given, seed, settings
 
 from bench._stats import machine, markdown_table, write_headline, write_section
 from guard.config import LoggingConfig
-from guard.telemetry import configure_logging
+from guard.telemetry.setup import configure_logging
 from tests import fuzz_strategies as fs
 
 OUT = Path(__file__).resolve().parent / "out" / "fuzz.json"

@@ -50,7 +50,7 @@ def start_guard(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     log = (workdir / "guard.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "guard", "serve", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT)
-    from guard.demo import wait_serving
+    from guard.demo.runner import wait_serving
 
     address = f"unix://{socket}"
     wait_serving(address, process, workdir / "guard.log")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from guard.host import GuardClient
     from guard.host.attach import attach
-    from guard.host.models import chat_input_ids, load_smollm2
+    from guard.models.smollm2 import chat_input_ids, load_smollm2
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_smollm2()

@@ -58,17 +58,17 @@ from bench._stats import (
     write_section,
 )
 from bench.transport import guard_command
-from guard import codec
 from guard.config import SharedMemoryConfig
-from guard.demo import wait_serving
-from guard.framing import FrameReader, send_frame
+from guard.demo.runner import wait_serving
 from guard.host import GuardClient
 from guard.host._batch import prepare_batch
 from guard.host._options import ClientOptions, CounterBox
 from guard.host.shm import HostRegion, SharedMemory
-from guard.shm import RegionTable
+from guard.sidecar.regions import RegionTable
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
+from guard.wire.framing import FrameReader, send_frame
 from tests.sae_fixtures import write_saelens
 
 OUT = Path(__file__).resolve().parent / "out" / "shm.json"

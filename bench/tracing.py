@@ -60,8 +60,8 @@ from bench.transport import (
     guard_command,
     run_cases,
 )
-from guard.demo import wait_serving
-from guard.otlp_receiver import OtlpReceiver
+from guard.demo.otlp_receiver import OtlpReceiver
+from guard.demo.runner import wait_serving
 from guard.v1 import guard_pb2
 from tests.sae_fixtures import write_saelens
 
@@ -234,10 +234,10 @@ def measure_in_process(reps: int, batches: int) -> list[InProcess]:
     )
 
     from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
-    from guard.engine import Engine
-    from guard.instrumentation import Instruments
-    from guard.stream import InspectStream
-    from guard.telemetry import configure_logging
+    from guard.engine.core import Engine
+    from guard.sidecar.session import InspectStream
+    from guard.telemetry.instruments import Instruments
+    from guard.telemetry.setup import configure_logging
 
     configure_logging(LoggingConfig(level="warning"), sys.stderr)
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from bench._stats import LatencySummary, machine, markdown_table, summarize, write_headline
 from bench.echo import FLAVOURS, MAX_MESSAGE_BYTES, SERVER_OPTIONS, Flavour, echo_process
-from guard.demo import wait_serving
+from guard.demo.runner import wait_serving
 from guard.v1 import guard_pb2, guard_pb2_grpc
 from tests.sae_fixtures import write_saelens
 

@@ -26,10 +26,10 @@ def _load(path: str | None) -> GuardConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from guard.engine import Engine
-    from guard.reload import ConfigReloader
-    from guard.server import GuardServer
-    from guard.telemetry import configure_logging, start_telemetry
+    from guard.engine.core import Engine
+    from guard.sidecar.reload import ConfigReloader
+    from guard.sidecar.server import GuardServer
+    from guard.telemetry.setup import configure_logging, start_telemetry
 
     config = _load(args.config)
     configure_logging(config.logging)
@@ -91,7 +91,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     saes = ", ".join(str(s.path) for s in config.saes) or "none"
     print(f"{config.source}: OK (listen {config.server.listen}; SAEs: {saes})")
     if args.load:
-        from guard.engine import Engine
+        from guard.engine.core import Engine
 
         engine = Engine.load(config)
         try:
@@ -235,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     from guard.audit.cli import register as register_audit
-    from guard.demo import register as register_demo
+    from guard.demo.runner import register as register_demo
     from guard.sae.cli import register as register_sae
+    from guard.training.cli import register as register_training
 
-    register_sae(commands)
+    register_training(register_sae(commands))
     register_audit(commands)
     register_demo(commands)
     return parser

@@ -74,7 +74,7 @@ class TlsConfig:
 @dataclass(frozen=True)
 class SharedMemoryConfig:
     """``server.shared_memory``: regions a host may register on its streams (Triton's system
-    shared memory); the checks each region passes are in :mod:`guard.shm`."""
+    shared memory); the checks each region passes are in :mod:`guard.sidecar.regions`."""
 
     #: Accept regions at all; off, a StreamConfig that registers one ends its stream.
     enabled: bool = False
@@ -85,7 +85,7 @@ class SharedMemoryConfig:
     allowed_uids: tuple[int, ...] = ()
     #: Regions one stream may register.
     max_regions_per_stream: int = 4
-    #: Serve the doorbell (:mod:`guard.doorbell`): the Inspect stream framed on a plain Unix
+    #: Serve the doorbell (:mod:`guard.sidecar.doorbell`): the Inspect stream framed on a plain Unix
     #: socket, without gRPC's exchange per batch. Needs a socket folder: ``doorbell_socket``,
     #: or a Unix ``server.listen`` beside which it goes.
     doorbell: bool = True
@@ -117,7 +117,7 @@ class ServerConfig:
     socket_group: str = ""
     #: TLS (and mutual TLS) on the TCP listeners; off unless ``cert_file`` is set.
     tls: TlsConfig = field(default_factory=TlsConfig)
-    #: The in-pod shared-memory transport (opt-in); see :mod:`guard.shm`.
+    #: The in-pod shared-memory transport (opt-in); see :mod:`guard.sidecar.regions`.
     shared_memory: SharedMemoryConfig = field(default_factory=SharedMemoryConfig)
 
 

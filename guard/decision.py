@@ -150,7 +150,7 @@ class FeatureEdit:
       ``(value - 1) * current`` times the decoder direction).
 
     ``positions`` limits the edit to those rows (default: every row of the batch).
-    Conflicts on one feature are resolved by the engine (see ``guard.steering``).
+    Conflicts on one feature are resolved by the engine (see ``guard.engine.deltas``).
     """
 
     hook: str

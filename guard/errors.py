@@ -1,16 +1,12 @@
-"""Domain errors, and the one place that maps them to gRPC status codes.
+"""Domain errors: what went wrong, in the guard's own terms (no gRPC here).
 
-Raise the most specific class; the server turns it into a status (or a per-batch error
-reply) through :func:`status_code`. Anything that is not a :class:`GuardError` is a bug:
-the client gets INTERNAL with a generic message and the details go to the log only.
+Raise the most specific class; the sidecar turns it into a status (or a per-batch error
+reply) through :func:`guard.sidecar.status.status_code`, the one place that maps them.
+Anything that is not a :class:`GuardError` is a bug: the client gets INTERNAL with a generic
+message and the details go to the log only.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # grpc is imported lazily: plugins import guard.errors and stay light
-    import grpc
 
 
 class GuardError(Exception):
@@ -72,6 +68,10 @@ class ConfigError(GuardError):
         super().__init__(f"{where}{key}: expected {expected}, found {found!r}")
 
 
+class ListenError(GuardError):
+    """An address could not be bound (a listener of the sidecar or its metrics endpoint)."""
+
+
 class SaeFileError(GuardError):
     """An SAE file on disk is unreadable or inconsistent; the message names file and field."""
 
@@ -81,15 +81,6 @@ class SaeFileError(GuardError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
-
-
-def status_code(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status for an exception: its own code for a GuardError, else INTERNAL."""
-    import grpc
-
-    if isinstance(error, GuardError):
-        return getattr(grpc.StatusCode, error.code)  # type: ignore[no-any-return]
-    return grpc.StatusCode.INTERNAL
 
 
 def public_message(error: BaseException) -> str:

@@ -65,7 +65,7 @@ def guard_detect(batch: FeatureBatch) -> Sequence[Finding] | None:
 @hookspec
 def guard_steer(batch: FeatureBatch, findings: Sequence[Finding]) -> Sequence[FeatureEdit] | None:
     """Return feature edits for this batch; the engine turns them into one residual delta
-    per hook (pin, nudge, scale; conflicts resolved as ``guard.steering`` documents).
+    per hook (pin, nudge, scale; conflicts resolved as ``guard.engine.deltas`` documents).
 
     :param batch: the feature activations of one batch of one hook.
     :param findings: every plugin's findings on this batch (for "when X fires, steer Y").

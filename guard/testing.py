@@ -23,9 +23,9 @@ Example, a test of a detector::
         [finding] = harness.detect(batch)
         assert finding.plugin == "my_detector"
 
-Recorded batches: :func:`save_batches` and :func:`load_batches` keep feature batches in an
-``.npz`` file (no pickle) for regression tests, and :class:`BatchRecorder` is a plugin that
-collects the batches a real guard hands to plugins.
+Recorded batches (re-exported from :mod:`guard.recording`): :func:`save_batches` and
+:func:`load_batches` keep feature batches in an ``.npz`` file (no pickle) for regression tests,
+and :class:`BatchRecorder` is a plugin that collects the batches a real guard hands to plugins.
 
 pytest imports this module in every run, so it defines fixtures and helpers only (no hooks,
 no side effects) and imports the plugin manager only when a harness is first built.
@@ -34,11 +34,9 @@ no side effects) and imports the plugin manager only when a harness is first bui
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import pytest
@@ -56,11 +54,10 @@ from guard.decision import (
     Steering,
     new_decision_id,
 )
-from guard.errors import ConfigError
-from guard.hookspecs import hookimpl
+from guard.recording import BatchRecorder, frozen_batch, load_batches, save_batches
 
 if TYPE_CHECKING:
-    from guard.plugin_manager import PluginSet, PluginSource
+    from guard.engine.plugins import PluginSet, PluginSource
 
 __all__ = [
     "DEFAULT_HOOK",
@@ -82,8 +79,6 @@ __all__ = [
 DEFAULT_HOOK: Final = "blocks.6.hook_resid_post"
 #: The SAE revision of synthetic batches unless one is given.
 SAE_SHA256: Final = "0" * 64
-#: Written into every file of :func:`save_batches`; :func:`load_batches` checks it.
-BATCH_FILE_FORMAT: Final = "guard-feature-batches/1"
 
 
 # -- feature batches -------------------------------------------------------------------------
@@ -148,7 +143,7 @@ def make_feature_batch(
         )
     if len(set(ids.tolist())) != ids.size or (ids < 0).any():
         raise ValueError(f"feature_ids: expected distinct ids >= 0, found {ids.tolist()}")
-    return _frozen_batch(
+    return frozen_batch(
         request_id=request_id,
         sequence=sequence,
         hook=hook,
@@ -160,128 +155,6 @@ def make_feature_batch(
         feature_labels={int(k): str(v) for k, v in (labels or {}).items()},
         sae_sha256=sae_sha256,
         attributes=dict(attributes or {}),
-    )
-
-
-def _frozen_batch(
-    *,
-    request_id: str,
-    sequence: int,
-    hook: str,
-    feature_ids: NDArray[np.int64],
-    activations: NDArray[np.float32],
-    positions: NDArray[Any],
-    token_ids: NDArray[Any] | None,
-    phase: Phase,
-    feature_labels: Mapping[int, str],
-    sae_sha256: str,
-    attributes: Mapping[str, str],
-) -> FeatureBatch:
-    """A batch whose arrays are read-only copies of the given ones, with rows checked."""
-    n_rows = activations.shape[0]
-    for name, array in (("positions", positions), ("token_ids", token_ids)):
-        if array is not None and array.shape != (n_rows,):
-            raise ValueError(
-                f"{name}: expected {n_rows} values (one per row), found shape {array.shape}"
-            )
-    return FeatureBatch(
-        request_id=request_id,
-        sequence=int(sequence),
-        hook=hook,
-        feature_ids=_read_only(feature_ids, np.int64),
-        activations=_read_only(activations, np.float32),
-        positions=_read_only(positions, np.int64),
-        token_ids=None if token_ids is None else _read_only(token_ids, np.int64),
-        phase=phase,
-        feature_labels=feature_labels,
-        sae_sha256=sae_sha256,
-        attributes=attributes,
-    )
-
-
-_Scalar = TypeVar("_Scalar", bound=np.generic)
-
-
-def _read_only(array: NDArray[Any], dtype: type[_Scalar]) -> NDArray[_Scalar]:
-    copy: NDArray[_Scalar] = np.array(array, dtype=dtype)
-    copy.setflags(write=False)
-    return copy
-
-
-def save_batches(path: str | os.PathLike[str], batches: Sequence[FeatureBatch]) -> None:
-    """Write feature batches to ``path`` (a compressed ``.npz``, exactly that name).
-
-    Every field is kept: ids, activations, positions, token ids, phase, labels, SAE revision
-    and attributes. The file holds plain arrays and JSON text, so :func:`load_batches` reads
-    it with ``allow_pickle=False``. Token ids can reveal the text: treat such files as data
-    of the requests they came from.
-
-    >>> import tempfile, pathlib
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "batches.npz"
-    >>> save_batches(path, [make_feature_batch(activations=[[0.5, 0.0]])])
-    >>> load_batches(path)[0].activations.tolist()
-    [[0.5, 0.0]]
-    """
-    arrays: dict[str, NDArray[Any]] = {
-        "format": np.array(BATCH_FILE_FORMAT),
-        "count": np.array(len(batches), dtype=np.int64),
-    }
-    for i, batch in enumerate(batches):
-        meta = {
-            "request_id": batch.request_id,
-            "sequence": int(batch.sequence),
-            "hook": batch.hook,
-            "phase": Phase(batch.phase).name,
-            "feature_labels": {str(k): v for k, v in batch.feature_labels.items()},
-            "sae_sha256": batch.sae_sha256,
-            "attributes": dict(batch.attributes),
-        }
-        arrays[f"{i}.meta"] = np.array(json.dumps(meta, sort_keys=True))
-        arrays[f"{i}.feature_ids"] = np.asarray(batch.feature_ids, dtype=np.int64)
-        arrays[f"{i}.activations"] = np.asarray(batch.activations, dtype=np.float32)
-        arrays[f"{i}.positions"] = np.asarray(batch.positions, dtype=np.int64)
-        if batch.token_ids is not None:
-            arrays[f"{i}.token_ids"] = np.asarray(batch.token_ids, dtype=np.int64)
-    with open(path, "wb") as file:  # a file object: numpy would append .npz to a name
-        np.savez_compressed(file, allow_pickle=False, **arrays)
-
-
-def load_batches(path: str | os.PathLike[str]) -> list[FeatureBatch]:
-    """Read the feature batches that :func:`save_batches` wrote, in their order.
-
-    Raises ValueError naming the file when it is not such a file (or a newer format).
-    """
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:  # not a zip file, or a .npy holding objects
-        raise ValueError(f"{path}: expected an .npz file of feature batches: {exc}") from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an .npz file of feature batches, found one array")
-    with data:
-        found = str(data["format"]) if "format" in data.files else "no format key"
-        if found != BATCH_FILE_FORMAT:
-            raise ValueError(f"{path}: format: expected {BATCH_FILE_FORMAT!r}, found {found!r}")
-        try:
-            return [_load_batch(data, i) for i in range(int(data["count"]))]
-        except (KeyError, ValueError) as exc:  # a missing array, bad JSON, an object array
-            raise ValueError(f"{path}: damaged feature batch file: {exc}") from exc
-
-
-def _load_batch(data: np.lib.npyio.NpzFile, i: int) -> FeatureBatch:
-    meta = json.loads(str(data[f"{i}.meta"]))
-    token_key = f"{i}.token_ids"
-    return _frozen_batch(
-        request_id=meta["request_id"],
-        sequence=meta["sequence"],
-        hook=meta["hook"],
-        feature_ids=data[f"{i}.feature_ids"],
-        activations=data[f"{i}.activations"],
-        positions=data[f"{i}.positions"],
-        token_ids=data[token_key] if token_key in data.files else None,
-        phase=Phase[meta["phase"]],
-        feature_labels={int(k): v for k, v in meta["feature_labels"].items()},
-        sae_sha256=meta["sae_sha256"],
-        attributes=meta["attributes"],
     )
 
 
@@ -333,14 +206,14 @@ def steering_delta(
     """The residual delta ``[rows, d_in]`` the engine makes of ``edits`` on ``batch``.
 
     ``decoder`` is the SAE's ``W_dec`` (``[d_sae, d_in]``); the rule for conflicting edits
-    is the engine's (``guard.steering``). None when the edits change nothing.
+    is the engine's (``guard.engine.deltas``). None when the edits change nothing.
 
     >>> batch = make_feature_batch(feature_ids=[1], activations=[2.0])
     >>> edit = FeatureEdit(batch.hook, feature_id=1, kind="pin", value=0.0)
     >>> steering_delta(batch, [edit], [[0.0, 0.0], [1.0, 0.5]]).tolist()
     [[-2.0, -1.0]]
     """
-    from guard.steering import build_delta
+    from guard.engine.deltas import build_delta
 
     weights = np.asarray(decoder, dtype=np.float32)
     if weights.ndim != 2:
@@ -412,7 +285,7 @@ class PluginHarness:
 
     @property
     def plugin_set(self) -> PluginSet:
-        """The underlying ``guard.plugin_manager.PluginSet``."""
+        """The underlying ``guard.engine.plugins.PluginSet``."""
         return self._plugin_set
 
     def implements(self, hook: str) -> bool:
@@ -420,7 +293,7 @@ class PluginHarness:
         return self._plugin_set.has_hook(hook)
 
     def _build(self) -> tuple[PluginSet, object]:
-        from guard.plugin_manager import PluginFailure, PluginSet, PluginSource
+        from guard.engine.plugins import PluginFailure, PluginSet, PluginSource
 
         target = self._target
         instance = target() if inspect.isclass(target) else target
@@ -534,7 +407,7 @@ class PluginHarness:
 
 
 def _entry_point(name: str) -> PluginSource:
-    from guard.plugin_manager import discover
+    from guard.engine.plugins import discover
 
     [source] = discover([name], autoload=False, env={})
     return source
@@ -543,92 +416,6 @@ def _entry_point(name: str) -> PluginSource:
 def _default_name(plugin: object) -> str:
     name = getattr(plugin, "__name__", None)
     return name if isinstance(name, str) else type(plugin).__name__
-
-
-# -- a plugin that records batches -----------------------------------------------------------
-
-
-class BatchRecorder:
-    """A plugin that keeps the feature batches the guard hands to plugins.
-
-    Register it under a name of your choice (an entry point of your package naming
-    ``guard.testing:BatchRecorder``, or a harness) and configure it::
-
-        plugins:
-          config:
-            batch_recorder:
-              hook: blocks.6.hook_resid_post
-              features: [7, 12]       # or "all"
-              path: /tmp/batches.npz  # written at shutdown; optional
-              max_batches: 1000       # later batches are not kept (default 1000)
-              token_ids: false        # keep token ids (they can reveal the text)
-
-    The batches go to :attr:`batches` and, at ``guard_shutdown``, to ``path`` in the format
-    of :func:`save_batches`. Meant for collecting regression data, not for production.
-    """
-
-    def __init__(self) -> None:
-        self.hook = ""
-        self.features: list[int] | None = []  # None: every feature
-        self.path = ""
-        self.max_batches = 1000
-        self.token_ids = False
-        self.batches: list[FeatureBatch] = []
-        #: Batches not kept because ``max_batches`` were.
-        self.skipped = 0
-
-    @hookimpl
-    def guard_configure(self, settings: Mapping[str, Any]) -> None:
-        known = {"hook", "features", "path", "max_batches", "token_ids"}
-        for key in settings:
-            if key not in known:
-                raise ConfigError(key, f"one of the keys {', '.join(sorted(known))}",
-                                  f"unknown key {key!r}")
-        hook, features = settings.get("hook"), settings.get("features")
-        if not isinstance(hook, str) or not hook:
-            raise ConfigError("hook", "a hook name such as blocks.6.hook_resid_post", hook)
-        if features != "all" and not (
-            isinstance(features, list)
-            and all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in features)
-        ):
-            raise ConfigError("features", "'all' or a list of feature ids (integers >= 0)",
-                              features)
-        path, limit = settings.get("path", ""), settings.get("max_batches", 1000)
-        if not isinstance(path, str):
-            raise ConfigError("path", "a file path (string)", path)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ConfigError("max_batches", "a positive integer", limit)
-        token_ids = settings.get("token_ids", False)
-        if not isinstance(token_ids, bool):
-            raise ConfigError("token_ids", "true or false", token_ids)
-        self.hook, self.path = hook, path
-        self.features = None if features == "all" else [int(f) for f in features]
-        self.max_batches, self.token_ids = limit, token_ids
-
-    @hookimpl
-    def guard_subscriptions(self) -> list[FeatureRequest]:
-        return [FeatureRequest(self.hook, "all" if self.features is None else self.features)]
-
-    @hookimpl
-    def guard_detect(self, batch: FeatureBatch) -> None:
-        if batch.hook != self.hook:
-            return
-        if len(self.batches) >= self.max_batches:
-            self.skipped += 1
-            return
-        # Copies: the engine's arrays are not promised to outlive the call.
-        self.batches.append(_frozen_batch(
-            request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
-            feature_ids=batch.feature_ids, activations=batch.activations,
-            positions=batch.positions, token_ids=batch.token_ids if self.token_ids else None,
-            phase=batch.phase, feature_labels=dict(batch.feature_labels),
-            sae_sha256=batch.sae_sha256, attributes=dict(batch.attributes),
-        ))
-
-    @hookimpl
-    def guard_shutdown(self) -> None:
-        if self.path:
-            save_batches(self.path, self.batches)
 
 
 # -- pytest fixtures -------------------------------------------------------------------------

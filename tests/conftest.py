@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from guard.config import GuardConfig, LoggingConfig, SaeConfig, ServerConfig
-from guard.engine import Engine
-from guard.server import GuardServer
+from guard.engine.core import Engine
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.sae_fixtures import write_saelens
@@ -102,7 +102,7 @@ def make_batch(
 ) -> pb.ActivationBatch:
     if rows is None:
         rows = np.random.default_rng(sequence).normal(size=(n_rows, width)).astype(np.float32)
-    from guard import codec
+    from guard.wire import codec
 
     shape, raw = codec.encode(rows, datatype)
     return pb.ActivationBatch(

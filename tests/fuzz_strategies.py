@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.config import (
     GuardConfig,
     LoggingConfig,
@@ -43,12 +42,13 @@ from guard.config import (
     ServerConfig,
     SharedMemoryConfig,
 )
-from guard.engine import Engine
+from guard.engine.core import Engine
 from guard.errors import InvalidInput
-from guard.framing import FrameReader, send_frame
-from guard.server import TRANSPORT_HEADROOM, GuardServer
+from guard.sidecar.server import TRANSPORT_HEADROOM, GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
+from guard.wire.framing import FrameReader, send_frame
 from tests.sae_fixtures import write_saelens
 
 HOOK = "blocks.6.hook_resid_post"
@@ -61,7 +61,7 @@ STREAM_TIMEOUT_S = 20.0
 METHOD = "/guard.v1.Guard/Inspect"
 #: What the guard answers when a message's bytes do not parse (it decodes requests itself).
 DESERIALIZE_DETAILS = "is not a guard.v1.InspectRequest"
-#: The guard's refusal of rows whose features overflow (guard.engine.check_finite_features).
+#: The guard's refusal of rows whose features overflow (guard.engine.core.check_finite_features).
 NONFINITE_FEATURES = "encode to NaN or Inf feature activations"
 INT64 = (-(2**63), 2**63 - 1)
 UINT64_MAX = 2**64 - 1
@@ -634,14 +634,16 @@ class Mapped:
 
 
 def _within(path: str, folder: str) -> bool:
-    """guard.shm's rule: the path's folder, links resolved, is the allowed one or below."""
+    """guard.sidecar.regions's rule: the path's folder, links resolved, is the allowed one or
+    below."""
     parent, root = os.path.realpath(os.path.dirname(path)), os.path.realpath(folder)
     return parent == root or parent.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _path_problem(field: str, path: str, size: int, writable: bool, regions: Regions
                   ) -> tuple[Problem, ...] | None:
-    """What opening ``path`` as a region gets (guard.shm.open_region's checks, in order)."""
+    """What opening ``path`` as a region gets (guard.sidecar.regions.open_region's checks, in
+    order)."""
     if not path or not os.path.isabs(path):
         return (("INVALID_ARGUMENT", f"{field}.path: expected an absolute path"),)
     if os.path.normpath(path) != path or ".." in Path(path).parts:
@@ -705,7 +707,7 @@ def _config_outcome(config: pb.StreamConfig, regions: Regions | None
 
 def _ref_problem(field: str, ref: pb.SharedMemoryRef, table: Mapping[str, Mapped],
                  expected: int, itemsize: int, *, write: bool) -> Problem | None:
-    """guard.shm.RegionTable.resolve's checks, in order."""
+    """guard.sidecar.regions.RegionTable.resolve's checks, in order."""
     mapped = table.get(ref.region)
     if mapped is None:
         return ("NOT_FOUND", f"{field}.region: {ref.region!r} is not registered")
@@ -726,8 +728,8 @@ def _overlaps(ranges: Sequence[tuple[int, int]], start: int, end: int) -> bool:
 
 def expect_batch(batch: pb.ActivationBatch, table: Mapping[str, Mapped],
                  dirty: Mapping[str, Sequence[tuple[int, int]]], skipped: int = 0) -> Expect:
-    """What a batch gets: the first rule it breaks in the order guard.stream._decode checks
-    them (then guard.shm for a region), or a decision. ``table``: the stream's regions;
+    """What a batch gets: the first rule it breaks in the order guard.sidecar.session._decode checks
+    them (then guard.sidecar.regions for a region), or a decision. ``table``: the stream's regions;
     ``dirty``: file ranges where earlier batches' steering deltas may have been written."""
 
     def error(problem: Problem, tag: str = "") -> Expect:

@@ -17,8 +17,8 @@ from guard import FeatureBatch, Phase
 from guard.audit import calibrate as cal
 from guard.audit.data import group_key
 from guard.audit.rank import PromptActivations
+from guard.engine.plugins import PluginSet, PluginSource
 from guard.errors import InvalidInput
-from guard.plugin_manager import PluginSet, PluginSource
 from guard.testing import load_batches, save_batches
 from guard_plugins.detectors import Detectors
 from tests.test_audit_rank import acts_from_rows

@@ -210,7 +210,7 @@ def test_split_keeps_near_duplicates_together_and_is_stratified() -> None:
 
 def smollm2_tokenizer() -> Any:
     """SmolLM2's tokenizer (its chat template is what the host sends); skips without it."""
-    models = pytest.importorskip("guard.host.models")
+    models = pytest.importorskip("guard.models.smollm2")
     pytest.importorskip("transformers")
     try:
         models.smollm2_gguf_dir()
@@ -226,7 +226,7 @@ def test_collect_matches_the_hook_rows_and_the_guards_encoder(tmp_path: Path) ->
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from guard.host.models import chat_input_ids
+    from guard.models.smollm2 import chat_input_ids
     from guard.sae import open_sae
     from tests.sae_fixtures import write_saelens
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from guard import codec
 from guard.errors import InvalidInput
+from guard.wire import codec
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=9)
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-models = pytest.importorskip("guard.host.models")
+models = pytest.importorskip("guard.models.smollm2")
 try:
     models.smollm2_gguf_dir()
 except models.ModelUnavailable as exc:  # pragma: no cover - make test installs it
     pytest.skip(f"SmolLM2 not installed: {exc}", allow_module_level=True)
 
-from guard.demo import demo_config, sidecar, start_inference_server  # noqa: E402
+from guard.demo.runner import demo_config, sidecar, start_inference_server  # noqa: E402
 from tests.test_telemetry_export import PROMETHEUS, Prometheus  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,6 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from guard import codec
 from guard.cli import format_description
 from guard.config import (
     GuardConfig,
@@ -35,17 +34,18 @@ from guard.config import (
     parse_config,
 )
 from guard.decision import Action
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.errors import ConfigError
-from guard.framing import FrameReader, send_frame
 from guard.host import AsyncGuardClient, GuardClient, Verdict
 from guard.host.shm import SharedMemory
-from guard.instrumentation import Instruments
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
-from guard.stream import InspectStream
+from guard.sidecar.server import GuardServer
+from guard.sidecar.session import InspectStream
+from guard.telemetry.instruments import Instruments
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
+from guard.wire.framing import FrameReader, send_frame
 from tests.conftest import D_IN, HOOK, StreamClient, make_batch
 from tests.sae_fixtures import write_saelens
 from tests.sidecar import short_socket
@@ -557,7 +557,7 @@ def test_the_guards_span_continues_the_hosts_over_the_doorbell(
 
 
 def test_frames_cut_short_or_oversized_are_errors_not_hangs() -> None:
-    from guard.framing import FrameError, FrameTooLarge
+    from guard.wire.framing import FrameError, FrameTooLarge
 
     left, right = socket.socketpair()
     try:
@@ -687,7 +687,7 @@ def test_on_the_doorbell_a_host_registers_only_its_own_files(
     """The kernel tells the doorbell its peer's uid (SO_PEERCRED): a region file of another
     uid is refused even when that uid is allowed, so a host cannot have the guard read or
     write another host's region."""
-    import guard.doorbell
+    import guard.sidecar.doorbell
 
     server, folder = doorbell_guard
     me = os.getuid()
@@ -696,7 +696,7 @@ def test_on_the_doorbell_a_host_registers_only_its_own_files(
     bell.configure(registration(region))
     assert bell.ask(shm_batch(x(), 1)).action == pb.ACTION_CONTINUE
     assert bell.finish() == []
-    monkeypatch.setattr(guard.doorbell, "_peer_uid", lambda _conn: me + 1)
+    monkeypatch.setattr(guard.sidecar.doorbell, "_peer_uid", lambda _conn: me + 1)
     other = Doorbell(doorbell_of(server))  # "another host", running as uid me + 1
     other.configure(registration(region))
     end = other.ended()

@@ -15,9 +15,9 @@ import pytest
 from guard import ConfigError, FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action, ActivationRows, Decision, Phase
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.errors import GuardError
-from guard.plugin_manager import PluginSource
 from tests.conftest import D_IN, D_SAE, HOOK
 from tests.sae_fixtures import random_standard_weights
 

@@ -17,8 +17,8 @@ import pytest
 
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action, ActivationRows, Phase
-from guard.engine import Engine
-from guard.plugin_manager import AUTOLOAD_ENV, PluginSet, PluginSource, discover
+from guard.engine.core import Engine
+from guard.engine.plugins import AUTOLOAD_ENV, PluginSet, PluginSource, discover
 from guard.testing import BatchRecorder, PluginHarness, load_batches, make_feature_batch
 from tests.conftest import D_IN, D_SAE, HOOK
 from tests.sae_fixtures import random_standard_weights

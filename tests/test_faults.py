@@ -46,8 +46,8 @@ from grpc_health.v1 import health_pb2
 from structlog.testing import capture_logs
 
 from guard.decision import Decision
+from guard.engine.record_queue import RecordQueue
 from guard.host import Action, GuardClient, Verdict
-from guard.records import RecordQueue
 from guard.testing import make_decision
 from tests import fault_plugins
 from tests.conftest import D_IN, HOOK

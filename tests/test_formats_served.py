@@ -11,8 +11,8 @@ import pytest
 
 from guard.cli import main
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
-from guard.engine import Engine
-from guard.server import GuardServer
+from guard.engine.core import Engine
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import StreamClient, make_batch

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from guard import codec
 from guard.errors import InvalidInput
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
+from guard.wire import codec
 from tests.fuzz_strategies import (
     byte_streams,
     check_decode,

@@ -15,7 +15,7 @@ import pytest
 from guard.decision import Action
 from guard.host import ClientClosedError, Verdict
 from guard.host.aio import AsyncGuardClient
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
 from tests.conftest import D_IN, HOOK
 from tests.test_host_client import ScriptedGuard, rows, scripted_guard
 

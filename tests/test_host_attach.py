@@ -13,14 +13,14 @@ import pytest
 from guard import FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action
-from guard.engine import Engine
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
+from guard.sidecar.server import GuardServer
 from tests.sae_fixtures import random_standard_weights, write_saelens
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-models = pytest.importorskip("guard.host.models")
+models = pytest.importorskip("guard.models.smollm2")
 try:
     models.smollm2_gguf_dir()
 except models.ModelUnavailable as exc:  # pragma: no cover - make test installs it

@@ -19,11 +19,11 @@ from numpy.typing import NDArray
 from guard import FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.errors import TooLarge
 from guard.host import ClientClosedError, GuardClient, Verdict
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
 from tests.conftest import D_IN, HOOK
 
 FEATURE = 3

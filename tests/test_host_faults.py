@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from guard.decision import Action
-from guard.engine import Engine
+from guard.engine.core import Engine
 from guard.host import AsyncGuardClient, GuardClient, Verdict
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
 from tests.conftest import HOOK
 from tests.test_host_client import guard_config, rows, wait_until
 from tests.test_serve_process import GuardProcess

@@ -22,12 +22,12 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 
 from guard.config import PluginsConfig
 from guard.decision import Action
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.host import AsyncGuardClient, GuardClient, tracing
 from guard.host.attach import Attachment
-from guard.instrumentation import Instruments
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
+from guard.telemetry.instruments import Instruments
 from tests.conftest import D_IN, HOOK, make_config
 from tests.test_telemetry import (
     ROW_VALUE,

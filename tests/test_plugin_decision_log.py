@@ -22,7 +22,7 @@ from guard import (
     Phase,
     PluginRun,
 )
-from guard.plugin_manager import PluginError, PluginSet, PluginSource
+from guard.engine.plugins import PluginError, PluginSet, PluginSource
 from guard_plugins.decision_log import DecisionLog
 
 HOOK = "blocks.6.hook_resid_post"

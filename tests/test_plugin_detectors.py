@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from guard import ConfigError, FeatureBatch, FeatureRequest, Finding, Phase
-from guard.plugin_manager import PluginSet, PluginSource
+from guard.engine.plugins import PluginSet, PluginSource
 from guard_plugins.detectors import Detectors, RunTracker
 
 HOOK = "blocks.6.hook_resid_post"

@@ -17,7 +17,7 @@ import pytest
 import guard
 from guard import hookspecs
 from guard.config import PluginsConfig
-from guard.plugin_manager import AUTOLOAD_ENV, PluginSet
+from guard.engine.plugins import AUTOLOAD_ENV, PluginSet
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "plugins" / "README.md"

@@ -22,7 +22,7 @@ from guard import (
     Finding,
     hookimpl,
 )
-from guard.plugin_manager import (
+from guard.engine.plugins import (
     AUTOLOAD_ENV,
     PluginError,
     PluginFailure,

@@ -26,7 +26,7 @@ from guard import (
     Phase,
     hookimpl,
 )
-from guard.plugin_manager import PluginError, PluginSet
+from guard.engine.plugins import PluginError, PluginSet
 from guard.testing import (
     DEFAULT_HOOK,
     SAE_SHA256,
@@ -481,7 +481,7 @@ def test_the_docstring_examples_run() -> None:
 def test_importing_the_pytest_plugin_leaves_the_plugin_manager_unloaded() -> None:
     """pytest imports guard.testing in every run of the environment: keep it cheap."""
     code = ("import sys, guard.testing; "
-            "print(sorted(m for m in ('guard.plugin_manager', 'structlog', 'guard.engine') "
+            "print(sorted(m for m in ('guard.engine.plugins', 'structlog', 'guard.engine.core') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)

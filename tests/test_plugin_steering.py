@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from guard import ConfigError, FeatureBatch, FeatureEdit, FeatureRequest, Finding, Phase
-from guard.plugin_manager import PluginSet, PluginSource
-from guard.steering import build_delta
+from guard.engine.deltas import build_delta
+from guard.engine.plugins import PluginSet, PluginSource
 from guard_plugins.detectors import Detectors
 from guard_plugins.steering import SteeringPlugin
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.config import PluginsConfig, SaeConfig
-from guard.engine import Engine
-from guard.server import GuardServer
+from guard.engine.core import Engine
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
 from tests.conftest import HOOK, StreamClient, make_batch, make_config
 from tests.sae_fixtures import write_saelens
 

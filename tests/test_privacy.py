@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from guard import FeatureBatch, FeatureRequest, Finding, hookimpl
 from guard.config import parse_config
-from guard.engine import Engine
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
-from guard.telemetry import configure_logging, start_telemetry
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
+from guard.sidecar.server import GuardServer
+from guard.telemetry.setup import configure_logging, start_telemetry
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, HOOK, make_batch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.plugin_manager import PluginSet, PluginSource
+from guard.engine.plugins import PluginSet, PluginSource
 from guard.testing import make_feature_batch
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.engine import Engine
-from guard.server import GuardServer
+from guard.engine.core import Engine
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, D_SAE, HOOK, StreamClient, make_batch, make_config
@@ -305,9 +305,9 @@ def test_separate_health_listener(tmp_path: Path, sae_dir: Path) -> None:
 
 @pytest.mark.parametrize("datatype", ["F32", "F16", "BF16"])
 def test_steering_deltas_travel_in_the_batch_datatype(datatype: str) -> None:
-    from guard import codec
     from guard.decision import Action, Decision, Steering
-    from guard.stream import decision_to_proto
+    from guard.sidecar.session import decision_to_proto
+    from guard.wire import codec
 
     delta = np.array([[0.5, -1.25, 2.0]], dtype=np.float32)
     decision = Decision("d1", Action.STEER, "req", 1, HOOK, np.array([4]),

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.config import (
     GuardConfig,
     LoggingConfig,
@@ -29,16 +28,17 @@ from guard.config import (
     parse_config,
 )
 from guard.decision import Action
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.errors import ConfigError, InvalidInput
 from guard.host import GuardClient, Verdict
 from guard.host._options import CounterBox
 from guard.host.aio import AsyncGuardClient
 from guard.host.shm import HostRegion, RingAllocator, SharedMemory
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
 from tests.conftest import D_IN, HOOK, StreamClient, make_batch
 from tests.sae_fixtures import write_saelens
 from tests.test_host_client import ScriptedGuard, wait_until
@@ -829,7 +829,7 @@ def test_rows_are_a_private_copy_and_a_file_cut_short_is_an_error_not_a_crash(
     """The guard reads rows with pread (a mapping's pages past a shrunk file's end would raise
     SIGBUS and kill the guard): later host writes do not reach decoded rows, and a file cut
     short after the range check gets an InvalidInput; a delta written to it grows it back."""
-    from guard.shm import RegionTable
+    from guard.sidecar.regions import RegionTable
 
     path = region_file(tmp_path)
     rows = x()

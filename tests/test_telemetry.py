@@ -26,12 +26,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from guard import Decision, FeatureBatch, FeatureRequest, Finding, hookimpl
 from guard.config import LoggingConfig, PluginsConfig, TelemetryConfig, parse_config
-from guard.engine import Engine
+from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.errors import ConfigError, GuardError
-from guard.instrumentation import Instruments
-from guard.plugin_manager import PluginSource
-from guard.server import GuardServer
-from guard.telemetry import configure_logging, split_host_port, start_telemetry
+from guard.sidecar.server import GuardServer
+from guard.telemetry.instruments import Instruments
+from guard.telemetry.setup import configure_logging, split_host_port, start_telemetry
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, HOOK, make_batch, make_config

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from guard.otlp_receiver import OtlpReceiver, attributes
+from guard.demo.otlp_receiver import OtlpReceiver, attributes
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import HOOK, make_batch

@@ -26,10 +26,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from guard.cli import main
 from guard.config import GuardConfig, ServerConfig, TlsConfig, parse_config
-from guard.engine import Engine
-from guard.errors import ConfigError
+from guard.engine.core import Engine
+from guard.errors import ConfigError, ListenError
 from guard.host import AsyncGuardClient, GuardClient, tls_credentials
-from guard.server import GuardServer, ListenError
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, D_SAE, HOOK, StreamClient, make_batch, make_config

@@ -614,7 +614,7 @@ def detectors_block(document: Any, where: str) -> dict[str, Any]:
 def shadow_plugins(blocks: Mapping[str, Any]) -> Any:
     """The installed ``detectors`` plugin (through its entry point, as the sidecar loads it),
     configured with every detector's action forced to ``log``."""
-    from guard.plugin_manager import PluginSet, discover
+    from guard.engine.plugins import PluginSet, discover
 
     sources = [s for s in discover(["detectors"], autoload=False, env={}) if s.name == "detectors"]
     plugins = PluginSet(sources)
@@ -653,7 +653,7 @@ def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations) -> Shadow
 
 
 def shadow_batches(blocks: Mapping[str, Any], batches: Sequence[Any]) -> ShadowResult:
-    """Recorded feature batches (``guard.testing.save_batches`` files, e.g. from the
+    """Recorded feature batches (``guard.recording.save_batches`` files, e.g. from the
     ``BatchRecorder`` plugin) through the plugin; a request fires when any of its batches
     does."""
     plugins = shadow_plugins(blocks)

@@ -240,7 +240,7 @@ def _edges(text: str) -> tuple[int, ...]:
 
 
 def _cache(path: Path | None) -> Path | None:
-    from guard.host.models import cache_dir
+    from guard.models.smollm2 import cache_dir
 
     if path is not None and str(path) == "none":
         return None
@@ -249,7 +249,7 @@ def _cache(path: Path | None) -> Path | None:
 
 def _prepare(args: argparse.Namespace) -> _Prepared:
     from guard.audit.rank import cached_activations, prompt_token_ids
-    from guard.host.models import load_smollm2
+    from guard.models.smollm2 import load_smollm2
     from guard.sae import open_sae
 
     edges = _edges(args.bucket_edges)
@@ -469,7 +469,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
         texts: list[str] = []
         labels = None
         if args.batches is not None:
-            from guard.testing import load_batches
+            from guard.recording import load_batches
 
             try:
                 batches = load_batches(args.batches)
@@ -480,7 +480,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             if args.sae is None:
                 raise InvalidInput("--sae: needed with --prompts")
             from guard.audit.rank import cached_activations
-            from guard.host.models import load_smollm2
+            from guard.models.smollm2 import load_smollm2
             from guard.sae import open_sae
 
             prompts = read_prompts(args.prompts, 0)
@@ -507,7 +507,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from guard.audit.steer import measure
-    from guard.host.models import load_smollm2
+    from guard.models.smollm2 import load_smollm2
     from guard.sae import open_sae
 
     edits: list[tuple[EditKind, float | None]] = [
@@ -558,7 +558,7 @@ def _marker(text: str | None) -> re.Pattern[str] | None:
 
 
 def cmd_example_data(args: argparse.Namespace) -> int:
-    from guard.host.models import cache_dir
+    from guard.models.smollm2 import cache_dir
 
     try:
         positives = example_positives(cache_dir())

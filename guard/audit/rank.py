@@ -126,7 +126,7 @@ def prompt_token_ids(
 ) -> tuple[list[int], int]:
     """(chat token ids as the host sends them, tokens of the user's message): the message is
     cut to ``max_tokens`` tokens first."""
-    from guard.host.models import chat_input_ids
+    from guard.models.smollm2 import chat_input_ids
 
     content: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None and len(content) > max_tokens:

@@ -2,7 +2,7 @@
 
 The edit is applied the way the guard applies it: at every row of the hook (all positions but
 0, prompt and generated tokens) the feature's current activation comes from the guard's
-encoder, :func:`guard.steering.build_delta` turns the edit into a residual delta along the
+encoder, :func:`guard.engine.deltas.build_delta` turns the edit into a residual delta along the
 feature's decoder direction, and the delta is added to the layer's output before the next
 layer runs (as ``guard.host.attach`` does with a STEER verdict). Two numbers come out:
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guard.decision import EditKind, FeatureBatch, FeatureEdit, Phase
-from guard.steering import build_delta
+from guard.engine.deltas import build_delta
 
 if TYPE_CHECKING:
     from guard.sae import Sae
@@ -113,7 +113,7 @@ def steered(model: Any, sae: Sae, hook: str, edit: FeatureEdit) -> Iterator[None
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
     import torch
 
-    from guard.host.models import chat_input_ids
+    from guard.models.smollm2 import chat_input_ids
 
     ids = chat_input_ids(tokenizer, [{"role": "user", "content": prompt}])
     with torch.no_grad():

@@ -11,12 +11,12 @@ from typing import Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.decision import Phase
 from guard.errors import TooLarge
 from guard.host._options import ClientOptions
 from guard.host.shm import Lease
 from guard.v1 import guard_pb2 as pb
+from guard.wire import codec
 
 PhaseName = Literal["prompt", "generation"]
 #: Writes rows (in a datatype, so many bytes) into shared memory; None: send them as bytes.

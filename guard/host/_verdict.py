@@ -12,12 +12,12 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.decision import Action
 from guard.errors import GuardError
 from guard.host._batch import BatchItem
 from guard.host._options import ClientOptions, CounterBox
 from guard.v1 import guard_pb2 as pb
+from guard.wire import codec
 
 log = structlog.get_logger("guard.host")
 

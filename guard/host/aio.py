@@ -24,7 +24,6 @@ from grpc import aio
 from numpy.typing import NDArray
 
 from guard.decision import Phase
-from guard.framing import HEADER_BYTES, FrameError, encode_frame, frame_length
 from guard.host import tracing
 from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch, stream_config
 from guard.host._options import (
@@ -61,6 +60,7 @@ from guard.host.doorbell import CONNECT_TIMEOUT_S
 from guard.host.shm import HostRegion, SharedMemory, StreamShm, release_unsent
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire.framing import HEADER_BYTES, FrameError, encode_frame, frame_length
 
 log = structlog.get_logger("guard.host")
 

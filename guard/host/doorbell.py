@@ -1,4 +1,4 @@
-"""The host's end of the doorbell (:mod:`guard.doorbell`): an Inspect stream on the guard's
+"""The host's end of the doorbell (:mod:`guard.sidecar.doorbell`): an Inspect stream on the guard's
 doorbell socket instead of a gRPC call, for a client whose rows travel in shared memory.
 
 :class:`guard.host.GuardClient` uses it on its own when it has a shared-memory region, the
@@ -28,13 +28,13 @@ from typing import Final
 
 import structlog
 
-from guard.framing import FrameError, FrameReader, send_frame
 from guard.host._batch import BatchItem, stream_config
 from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
 from guard.host._outbox import HostStream, Outbox, ReplySlot, StreamState
 from guard.host._verdict import stream_end_text, unavailable_reason
 from guard.host.shm import HostRegion
 from guard.v1 import guard_pb2 as pb
+from guard.wire.framing import FrameError, FrameReader, send_frame
 
 log = structlog.get_logger("guard.host")
 

@@ -43,9 +43,9 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.host._options import CounterBox
 from guard.v1 import guard_pb2 as pb
+from guard.wire import codec
 
 log = structlog.get_logger("guard.host")
 

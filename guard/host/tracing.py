@@ -33,7 +33,7 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from guard import __version__
-from guard.instrumentation import DOORBELL_ATTRIBUTES, LATENCY_BUCKETS, RPC_ATTRIBUTES
+from guard.telemetry.conventions import DOORBELL_ATTRIBUTES, LATENCY_BUCKETS, RPC_ATTRIBUTES
 
 if TYPE_CHECKING:
     from guard.host._verdict import Verdict

@@ -74,7 +74,7 @@ class SteeringPlugin:
             - {feature: 7, scale: 0.5}    # halve the feature's contribution
 
     The engine turns the edits into one residual delta per hook and resolves conflicting
-    edits on one feature (see ``guard.steering``). Pin and scale need the current activation,
+    edits on one feature (see ``guard.engine.deltas``). Pin and scale need the current activation,
     so this plugin subscribes to those features.
     """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from guard.config import GuardConfig, load_config
-from guard.engine import Engine
+from guard.engine.core import Engine
 from guard.errors import GuardError
 
 log = structlog.get_logger(__name__)

@@ -30,8 +30,8 @@ from opentelemetry.trace import SpanKind
 
 from guard.host.attach import Attachment, GuardAbort
 
-log = structlog.get_logger("guard.demo")
-_TRACER = trace.get_tracer("guard.host.server")
+log = structlog.get_logger("guard.demo.runner")
+_TRACER = trace.get_tracer("guard.demo.chat_server")
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_BODY_BYTES = 1 << 20
@@ -156,7 +156,7 @@ class ChatService:
         self._lock = threading.Lock()
 
     def _inputs(self, request: ChatRequest) -> Any:
-        from guard.host.models import chat_input_ids
+        from guard.models.smollm2 import chat_input_ids
 
         return chat_input_ids(self.tokenizer, request.messages)
 

@@ -8,7 +8,7 @@ plugin that raises or overruns is logged and counted, the others still run, and 
 gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the rest,
 ``closed`` aborts naming the plugin. A plugin still running past its budget is skipped by
 later batches (as a failure) until its call returns. Records go to sinks through a bounded
-queue off the hot path (``guard.records``).
+queue off the hot path (``guard.engine.record_queue``).
 
 The plugin part of the configuration reloads without dropping streams: a new set of plugin
 instances is configured and started aside, then swapped in; a rejected configuration
@@ -48,12 +48,12 @@ from guard.decision import (
     Steering,
     new_decision_id,
 )
+from guard.engine.deltas import build_delta
+from guard.engine.plugins import CallProgress, PluginFailure, PluginSet, PluginSource, discover
+from guard.engine.record_queue import RecordQueue
 from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
-from guard.instrumentation import DECISION_ID, Instruments
-from guard.plugin_manager import CallProgress, PluginFailure, PluginSet, PluginSource, discover
-from guard.records import RecordQueue
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
-from guard.steering import build_delta
+from guard.telemetry.instruments import DECISION_ID, Instruments
 
 log = structlog.get_logger(__name__)
 
@@ -138,7 +138,7 @@ class Engine:
     ) -> None:
         self._saes = dict(saes)
         self._extra_plugins = tuple(extra_plugins)
-        #: Spans and metrics (``guard.telemetry`` builds them; the default records nothing).
+        #: Spans and metrics (``guard.telemetry.setup`` builds them; the default records nothing).
         self.instruments = instruments if instruments is not None else Instruments()
         self._swap_lock = threading.Lock()
         self._stuck: dict[str, int] = {}
@@ -309,14 +309,14 @@ class Engine:
 
         ``timings`` holds the stages measured so far; ``started`` (a perf_counter value)
         is when the batch arrived, for the ``total`` timing. The decision id is made first
-        and set in :data:`guard.instrumentation.DECISION_ID`, so that every log line of the
+        and set in :data:`guard.telemetry.instruments.DECISION_ID`, so that every log line of the
         batch (plugins' included) carries it. Telemetry work that can wait until the reply is
         sent is appended to ``deferred`` when given (done at once otherwise).
 
-        ``batch.rows`` may be a read-only view on the host's shared memory (:mod:`guard.shm`),
-        which the host reuses once the reply is sent: nothing here keeps the rows past the
-        return (plugins get encoded features, records get the decision); a future consumer
-        that must keep rows takes ``batch.rows.copy()``.
+        ``batch.rows`` may be a read-only view on the host's shared memory
+        (:mod:`guard.sidecar.regions`), which the host reuses once the reply is sent: nothing
+        here keeps the rows past the return (plugins get encoded features, records get the
+        decision); a future consumer that must keep rows takes ``batch.rows.copy()``.
         """
         decision_id = new_decision_id()
         token = DECISION_ID.set(decision_id)

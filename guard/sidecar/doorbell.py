@@ -9,7 +9,7 @@ The doorbell runs the same protocol without it: the host connects to
 ``server.shared_memory.doorbell_socket`` (``DescribeResponse.shared_memory_doorbell``), sends
 length-prefixed ``InspectRequest`` frames (a StreamConfig, then batches) and reads
 ``DoorbellFrame`` frames (a reply per batch; a ``StreamEnd`` where a gRPC status would end the
-call). :class:`guard.stream.InspectStream` does the work exactly as for a gRPC stream, so
+call). :class:`guard.sidecar.session.InspectStream` does the work exactly as for a gRPC stream, so
 validation, decisions, records, spans and metrics are the same.
 
 One thread per connection, at most ``server.max_concurrent_rpcs`` connections (more get a
@@ -34,13 +34,13 @@ import grpc
 import structlog
 
 from guard.errors import InvalidInput, TooLarge
-from guard.framing import FrameError, FrameReader, FrameTooLarge, reply_parts, send_frame
-from guard.stream import InspectStream, StreamEnded
+from guard.sidecar.session import InspectStream, StreamEnded
 from guard.v1 import guard_pb2 as pb
+from guard.wire.framing import FrameError, FrameReader, FrameTooLarge, reply_parts, send_frame
 
 if TYPE_CHECKING:
     from guard.config import GuardConfig
-    from guard.engine import Engine
+    from guard.engine.core import Engine
 
 log = structlog.get_logger(__name__)
 

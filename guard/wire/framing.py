@@ -1,7 +1,7 @@
 """Length-prefixed protobuf frames on a stream socket: the doorbell's wire format.
 
 A frame is a little-endian uint32 byte length, then that many bytes (one serialized
-message). Both ends of the doorbell use these helpers: the guard (:mod:`guard.doorbell`) and
+message). Both ends of the doorbell use these helpers: the guard (:mod:`guard.sidecar.doorbell`) and
 the host SDK (:mod:`guard.host.doorbell`); nothing here knows about SAEs or gRPC.
 """
 

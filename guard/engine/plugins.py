@@ -28,7 +28,7 @@ from opentelemetry.trace import Status, StatusCode
 from guard import hookspecs
 from guard.decision import Decision, FeatureBatch, FeatureEdit, FeatureRequest, Finding
 from guard.errors import ConfigError, GuardError
-from guard.instrumentation import Instruments
+from guard.telemetry.instruments import Instruments
 
 log = structlog.get_logger(__name__)
 

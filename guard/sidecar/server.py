@@ -31,15 +31,17 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guard import __version__, codec
+from guard import __version__
 from guard.config import GuardConfig, ServerConfig
-from guard.doorbell import DoorbellServer
-from guard.engine import Engine
-from guard.errors import GuardError, InvalidInput, NotReady, status_code
-from guard.instrumentation import extract_context
-from guard.stream import PROTOCOL_VERSION, InspectStream, StreamEnded
+from guard.engine.core import Engine
+from guard.errors import InvalidInput, ListenError, NotReady
+from guard.sidecar.doorbell import DoorbellServer
+from guard.sidecar.session import PROTOCOL_VERSION, InspectStream, StreamEnded
+from guard.sidecar.status import status_code
+from guard.telemetry.instruments import extract_context
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
+from guard.wire import codec
 
 log = structlog.get_logger(__name__)
 
@@ -50,10 +52,6 @@ T = TypeVar("T")
 #: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
 #: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
 TRANSPORT_HEADROOM = 2
-
-
-class ListenError(GuardError):
-    """An address could not be bound."""
 
 
 def socket_path(address: str) -> Path | None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from guard.demo_trace import DemoTracing, metrics_address
+from guard.demo.tracing import DemoTracing, metrics_address
 
 DEFAULT_PORT = 8000
 DEMO_CONFIG = "defaults/demo.yaml"
@@ -134,10 +134,10 @@ def start_inference_server(guard_address: str, host: str, port: int, *,
 
     Returns (http server, client, attachment, tokenizer).
     """
+    from guard.demo.chat_server import ChatService, serve_http
     from guard.host import GuardClient
     from guard.host.attach import attach
-    from guard.host.models import load_smollm2
-    from guard.host.server import ChatService, serve_http
+    from guard.models.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     client = GuardClient(guard_address, mode=mode,  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ def baseline_answer(attachment: Any, tokenizer: Any, prompt: str, max_tokens: in
     """The model's answer with the guard paused (to show what steering changed)."""
     import torch
 
-    from guard.host.models import chat_input_ids
+    from guard.models.smollm2 import chat_input_ids
 
     ids = chat_input_ids(tokenizer, [{"role": "user", "content": prompt}])
     with attachment.paused(), torch.no_grad():
@@ -229,7 +229,7 @@ def trace_walk(tracing: DemoTracing, outcome: ScriptOutcome, state: Path) -> str
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from guard.config import LoggingConfig
-    from guard.telemetry import configure_logging
+    from guard.telemetry.setup import configure_logging
 
     configure_logging(LoggingConfig(level="warning"))
     state = Path(args.state or tempfile.mkdtemp(prefix="activation-guard-demo-"))
@@ -275,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_demo_serve(args: argparse.Namespace) -> int:
     from guard.config import LoggingConfig
-    from guard.telemetry import configure_logging
+    from guard.telemetry.setup import configure_logging
 
     configure_logging(LoggingConfig(level="info"))
     http, client, _, _ = start_inference_server(args.guard, args.host, args.port, mode=args.mode,

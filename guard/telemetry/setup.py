@@ -27,8 +27,8 @@ from opentelemetry import trace
 
 from guard import __version__
 from guard.config import LoggingConfig, TelemetryConfig
-from guard.errors import ConfigError
-from guard.instrumentation import DECISION_ID, Instruments
+from guard.errors import ConfigError, ListenError
+from guard.telemetry.instruments import DECISION_ID, Instruments
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
@@ -339,7 +339,6 @@ def _prometheus(address: str, telemetry: Telemetry) -> MetricReader:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from guard.server import ListenError
 
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry)

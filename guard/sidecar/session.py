@@ -16,9 +16,9 @@ Rules for bad input, as the README documents them:
   (ALREADY_EXISTS) and not processed twice; a gap is accepted and reported in
   ``skipped_sequences`` (a MONITOR-mode host may drop batches);
 - a tensor above ``server.max_message_bytes``: RESOURCE_EXHAUSTED naming that option;
-- shared memory (:mod:`guard.shm`): a refused region in the config ends the stream; a bad
-  reference in a batch (unknown region: NOT_FOUND; out of bounds, wrong length, misaligned,
-  ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply.
+- shared memory (:mod:`guard.sidecar.regions`): a refused region in the config ends the
+  stream; a bad reference in a batch (unknown region: NOT_FOUND; out of bounds, wrong length,
+  misaligned, ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from guard import codec
 from guard.config import SharedMemoryConfig
 from guard.decision import ActivationRows, Decision, Phase
-from guard.engine import Engine
+from guard.engine.core import Engine
 from guard.errors import (
     AlreadySeen,
     GuardError,
@@ -48,19 +47,19 @@ from guard.errors import (
     ProtocolViolation,
     TooLarge,
     public_message,
-    status_code,
 )
-from guard.instrumentation import (
-    DOORBELL_ATTRIBUTES,
+from guard.sidecar.regions import RegionTable
+from guard.sidecar.status import status_code
+from guard.telemetry.conventions import DOORBELL_ATTRIBUTES, RPC_ATTRIBUTES
+from guard.telemetry.instruments import (
     OTHER,
-    RPC_ATTRIBUTES,
     BatchError,
     end_batch_span,
     extract_context,
     start_batch_span,
 )
-from guard.shm import RegionTable
 from guard.v1 import guard_pb2 as pb
+from guard.wire import codec
 
 log = structlog.get_logger(__name__)
 

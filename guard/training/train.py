@@ -3,7 +3,7 @@
 The recipe (TopK, Gao et al. 2024, as EleutherAI sparsify and SAELens train it; ReLU with an
 L1 penalty, Anthropic's April 2024 update, as the alternative):
 
-1. Text: the built-in corpus (``guard.sae.corpus``) or the user's files, split by document
+1. Text: the built-in corpus (``guard.training.corpus``) or the user's files, split by document
    into training and held-out text; a share of it wrapped as chat turns.
 2. Activations: ``blocks.L.hook_resid_post`` (the output of decoder layer ``L``, which is
    ``output_hidden_states[L + 1]`` in transformers), harvested once into memory; the forward
@@ -59,8 +59,8 @@ from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from guard.errors import GuardError, InvalidInput
-from guard.sae import corpus
 from guard.sae.formats.saelens import CFG_FILE, WEIGHTS_FILE
+from guard.training import corpus
 
 ArchitectureName = Literal["topk", "relu"]
 SaveDtype = Literal["fp16", "fp32"]
@@ -272,13 +272,13 @@ def train_sae(
     """Train, save the SAELens folder and ``report.json`` into ``out``; return the report.
 
     ``on_step(step)`` runs after every optimiser step (tests interrupt through it).
-    ``model_and_tokenizer`` defaults to :func:`guard.host.models.load_smollm2`.
+    ``model_and_tokenizer`` defaults to :func:`guard.models.smollm2.load_smollm2`.
     """
     started = time.monotonic()
     checkpoints = checkpoint_dir if checkpoint_dir is not None else out / "checkpoint"
     torch_device = _device(device)
     if model_and_tokenizer is None:
-        from guard.host.models import load_smollm2
+        from guard.models.smollm2 import load_smollm2
 
         model_and_tokenizer = load_smollm2()
     model, tokenizer = model_and_tokenizer
@@ -421,7 +421,7 @@ def _sequences(
     if settings.corpus:
         documents = [d for path in settings.corpus for d in corpus.text_file_documents(Path(path))]
     else:
-        from guard.host.models import cache_dir
+        from guard.models.smollm2 import cache_dir
 
         documents = corpus.builtin_documents(cache_dir())
     train_docs, heldout_docs = corpus.split_documents(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from guard.otlp_receiver import OtlpReceiver, attributes, value_of
+from guard.demo.otlp_receiver import OtlpReceiver, attributes, value_of
 
 if TYPE_CHECKING:
     from opentelemetry.proto.trace.v1.trace_pb2 import Span

@@ -1,6 +1,6 @@
 """The guard's spans and metrics, written through the OpenTelemetry API only.
 
-``guard.telemetry`` sets up the SDK (exporters, sampler, the Prometheus endpoint) and hands
+``guard.telemetry.setup`` sets up the SDK (exporters, sampler, the Prometheus endpoint) and hands
 its providers to :class:`Instruments`; without providers every method here is a no-op, and
 the hot path pays a few ``is None`` checks. Span attributes are built only for spans that
 record (``span.is_recording()``), so an unsampled batch costs one sampler call.
@@ -25,6 +25,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 
 from guard import __version__
 from guard.decision import Action
+from guard.telemetry.conventions import (
+    LATENCY_BUCKETS,
+    RPC_ATTRIBUTES,
+)
 
 if TYPE_CHECKING:
     from guard.decision import Decision
@@ -33,28 +37,15 @@ if TYPE_CHECKING:
 SCOPE: Final = "guard"
 
 #: The decision id of the batch this thread (or the plugin worker running for it) is on;
-#: the log processor in ``guard.telemetry`` adds it to every log line.
+#: the log processor in ``guard.telemetry.setup`` adds it to every log line.
 DECISION_ID: ContextVar[str] = ContextVar("guard_decision_id", default="")
 
-RPC_SERVICE: Final = "guard.v1.Guard"
-#: Stream-level attributes of every batch span (semantic conventions for gRPC servers).
-RPC_ATTRIBUTES: Final[Mapping[str, str]] = {
-    "rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": "Inspect",
-}
-#: The same for a stream on the doorbell socket (:mod:`guard.doorbell`): Inspect, not gRPC.
-DOORBELL_ATTRIBUTES: Final[Mapping[str, str]] = {
-    "rpc.system": "guard_doorbell", "rpc.service": RPC_SERVICE, "rpc.method": "Inspect",
-    "network.transport": "unix",
-}
 #: Status codes that are the server's fault (the semantic conventions for gRPC server spans);
 #: every other code is the client's and leaves the span status unset.
 SERVER_FAULTS: Final = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL",
                                   "UNAVAILABLE", "DATA_LOSS"})
 #: A hook name that the guard does not serve is counted under this value (bounded labels).
 OTHER: Final = "_OTHER"
-#: Latency buckets in seconds: 50 us to 5 s (the OpenTelemetry default buckets are for ms).
-LATENCY_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                          0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _ACTIONS: Final = {action: action.name.lower() for action in Action}
 _PLUGIN_SPAN_NAMES: Final = {"guard_detect": "guard.plugin.detect",
                              "guard_steer": "guard.plugin.steer",

@@ -49,9 +49,9 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from guard import codec
 from guard.config import SharedMemoryConfig
 from guard.errors import GuardError, InvalidInput, NotFound, ProtocolViolation
+from guard.wire import codec
 
 log = structlog.get_logger(__name__)
 

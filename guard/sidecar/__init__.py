@@ -1,0 +1,3 @@
+"""The sidecar process: the gRPC server and its lifecycle, the doorbell socket, the protocol
+session one Inspect stream runs (shared by both transports), shared-memory regions and hot
+reload."""
