@@ -152,6 +152,19 @@ def decision_verdict(reply: pb.InspectResponse) -> Verdict:
                    steering=steering, details=reply.details, positions=tuple(reply.positions))
 
 
+def monitor_reply_verdict(reply: pb.InspectResponse) -> Verdict:
+    """What MONITOR's ``on_reply`` gets: the guard's decision, or a CONTINUE naming its error."""
+    if reply.HasField("error"):
+        return Verdict(action=Action.CONTINUE, source="monitor", request_id=reply.request_id,
+                       sequence=reply.sequence, positions=tuple(reply.positions),
+                       reason=f"the guard rejected the batch: {error_text(reply.error)}")
+    try:
+        return decision_verdict(reply)
+    except (GuardError, ValueError) as exc:
+        return Verdict(action=Action.CONTINUE, source="monitor", request_id=reply.request_id,
+                       sequence=reply.sequence, reason=f"invalid reply from the guard: {exc}")
+
+
 def error_text(error: pb.BatchError) -> str:
     """``CODE_NAME: message`` of a per-batch error."""
     return f"{_CODE_NAMES.get(error.code, str(error.code))}: {error.message}"

@@ -23,20 +23,16 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Final
 
-import structlog
-
 from guard.host._batch import BatchItem, stream_config
+from guard.host._core import ReplyHandler, StreamState
 from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
-from guard.host._outbox import HostStream, Outbox, ReplySlot, StreamState
-from guard.host._verdict import stream_end_text, unavailable_reason
+from guard.host._outbox import Outbox, ReplySlot
+from guard.host._verdict import stream_end_text
 from guard.host.shm import HostRegion
 from guard.v1 import guard_pb2 as pb
 from guard.wire.framing import FrameError, FrameReader, send_frame
-
-log = structlog.get_logger("guard.host")
 
 #: How long connecting and sending the StreamConfig may take.
 CONNECT_TIMEOUT_S: Final = 2.0
@@ -44,14 +40,16 @@ CONNECT_TIMEOUT_S: Final = 2.0
 _TIMEVAL: Final = struct.Struct("@ll")
 
 
-class DoorbellStream(StreamState):
+class DoorbellStream(StreamState[Outbox]):
     """One doorbell connection: the StreamConfig frame, then batches; the same interface as
     the client's gRPC stream (:class:`guard.host._outbox.HostStream`). A connection that
-    fails leaves the stream ended at once, with the reason, for the client to retry."""
+    fails leaves the stream ended at once, with the reason, for the client to retry (and the
+    region to be checked again with ``Describe``: the guard may have changed)."""
+
+    transport = "doorbell"
 
     def __init__(self, path: str, options: ClientOptions, counters: CounterBox,
-                 outbox: Outbox, region: HostRegion | None,
-                 on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> None:
+                 outbox: Outbox, region: HostRegion | None, on_reply: ReplyHandler) -> None:
         super().__init__(options, counters, outbox, region)
         self.path = path
         #: Why the connection could not be made (the stream is then over before it began).
@@ -85,6 +83,8 @@ class DoorbellStream(StreamState):
             sock.close()
             self.connect_error = (f"cannot open a stream on the guard's doorbell socket "
                                   f"{path}: {exc.strerror or exc}")
+            if self.shm.region is not None:
+                self.shm.region.confirmed = False
             return None
         return sock
 
@@ -182,7 +182,7 @@ class DoorbellStream(StreamState):
                 self._cond.notify_all()
         return slot.done.is_set()
 
-    def read(self, on_reply: Callable[[HostStream, pb.InspectResponse], None]) -> str:
+    def read(self, on_reply: ReplyHandler) -> str:
         """The client thread, until the stream ends; returns why it ended. MONITOR: it reads
         every reply. INLINE: callers read their replies (:meth:`wait`); this thread waits for
         the guard to close the stream (or for a reset), then reads what is left."""
@@ -227,9 +227,7 @@ class DoorbellStream(StreamState):
             frame = pb.DoorbellFrame.FromString(payload)
             kind = frame.WhichOneof("frame")
             if kind == "reply":
-                self.replies += 1
-                self.counters.add("replies")
-                self._on_reply(self, frame.reply)
+                self._received(frame.reply, self._on_reply)
                 if not self._monitor:
                     with self._cond:  # a waiter's slot may be resolved now
                         self._cond.notify_all()
@@ -243,25 +241,21 @@ class DoorbellStream(StreamState):
             return self._end(self._reset_reason
                              or f"the doorbell connection to the guard failed: {exc}")
         except Exception as exc:  # a client bug, or a frame protobuf cannot decode
-            log.exception("guard client failed reading a doorbell reply")
-            self.reset(f"the client failed reading a reply: {type(exc).__name__}")
-            return self._end(self._reset_reason)
+            return self._end(self._failed_reading(
+                "guard client failed reading a doorbell reply", exc))
 
     def _end(self, reason: str) -> bool:
-        """The stream is over (the first reason stands): batches still waiting get the
-        failure policy, their slots are freed, every waiting thread is woken. False."""
-        with self._cond:
-            if self.finished.is_set():
-                return False
-            self.end_reason = reason
-            self.finished.set()
+        """The stream is over (the first reason stands, :meth:`StreamState._finish`), and
+        every waiting thread is woken. False."""
+        with self._cond:  # a waiter that wakes sees the stream ended and its slot resolved
+            ended = self._finish(reason)
             self._cond.notify_all()
-        self.outbox.wake()
-        for slot in self.pending.close(reason):
-            slot.fail("unavailable", unavailable_reason(reason))
-        self.shm.close(reason, self.replies)
-        self._shutdown(socket.SHUT_RDWR)
+        if ended:
+            self._shutdown(socket.SHUT_RDWR)
         return False
+
+    def _stop_sending(self) -> None:
+        self.outbox.wake()
 
 
 def _wait_closed(sock: socket.socket, finished: threading.Event) -> None:
