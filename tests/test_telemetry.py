@@ -583,7 +583,7 @@ def test_a_hook_the_guard_does_not_serve_is_one_label_value(
 
 
 def test_every_metric_is_documented_in_the_readme() -> None:
-    source = (ROOT / "guard" / "instrumentation.py").read_text(encoding="utf-8")
+    source = (ROOT / "guard" / "telemetry" / "instruments.py").read_text(encoding="utf-8")
     names = re.findall(r'create_[a-z_]+\(\s*"(guard\.[a-z_.]+)"', source)
     assert len(names) >= 13
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

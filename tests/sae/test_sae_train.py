@@ -23,6 +23,7 @@ import pytest
 
 from guard.sae import open_sae
 from guard.sae.cli import register
+from guard.training.cli import register as register_training
 from guard.training.corpus import (
     Document,
     chat_text,
@@ -64,7 +65,7 @@ TINY: dict[str, Any] = {
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="guard")
-    register(parser.add_subparsers(dest="command", required=True))
+    register_training(register(parser.add_subparsers(dest="command", required=True)))
     args = parser.parse_args(list(argv))
     code: int = args.func(args)
     return code

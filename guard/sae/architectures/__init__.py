@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guard.sae.architectures.base import Architecture, SaeConfig
+from guard.sae.architectures.base import Architecture, ArchitectureConfig
 from guard.sae.architectures.gated import GatedConfig, GatedSae
 from guard.sae.architectures.jumprelu import JumpReluConfig, JumpReluSae
 from guard.sae.architectures.standard import StandardConfig, StandardSae
@@ -10,11 +10,11 @@ from guard.sae.architectures.topk import TopKConfig, TopKSae
 
 __all__ = [
     "Architecture",
+    "ArchitectureConfig",
     "GatedConfig",
     "GatedSae",
     "JumpReluConfig",
     "JumpReluSae",
-    "SaeConfig",
     "StandardConfig",
     "StandardSae",
     "TopKConfig",

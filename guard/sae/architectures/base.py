@@ -24,7 +24,7 @@ IndexArray = NDArray[np.int64]
 
 
 @dataclasses.dataclass(frozen=True)
-class SaeConfig:
+class ArchitectureConfig:
     """Sizes shared by every architecture."""
 
     d_in: int
@@ -42,7 +42,7 @@ class SaeConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-ConfigT = TypeVar("ConfigT", bound=SaeConfig)
+ConfigT = TypeVar("ConfigT", bound=ArchitectureConfig)
 
 
 class Architecture(ABC, Generic[ConfigT]):
@@ -53,7 +53,7 @@ class Architecture(ABC, Generic[ConfigT]):
     """
 
     name: ClassVar[str]
-    config_type: ClassVar[type[SaeConfig]]
+    config_type: ClassVar[type[ArchitectureConfig]]
     feature_params: ClassVar[tuple[str, ...]]
     pre_activation_biases: ClassVar[tuple[str, ...]]
     """The biases added to ``z @ W_enc``: folding an input shift moves them."""
@@ -66,7 +66,7 @@ class Architecture(ABC, Generic[ConfigT]):
         self.params: dict[str, FloatArray] = dict(params)
 
     @classmethod
-    def param_shapes(cls, config: SaeConfig) -> dict[str, tuple[int, ...]]:
+    def param_shapes(cls, config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
         """The shape each canonical parameter must have."""
         shapes: dict[str, tuple[int, ...]] = {"W_enc": (config.d_in, config.d_sae)}
         shapes.update({name: (config.d_sae,) for name in cls.feature_params})

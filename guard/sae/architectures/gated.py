@@ -14,13 +14,13 @@ import dataclasses
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.sae.architectures.base import Architecture, FloatArray, IndexArray, SaeConfig
+from guard.sae.architectures.base import Architecture, ArchitectureConfig, FloatArray, IndexArray
 from guard.sae.graph import GraphBuilder
 from guard.sae.registry import register_architecture
 
 
 @dataclasses.dataclass(frozen=True)
-class GatedConfig(SaeConfig):
+class GatedConfig(ArchitectureConfig):
     """Gate and magnitude biases and ``r_mag`` are parameters, not settings."""
 
 

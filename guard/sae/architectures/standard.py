@@ -6,13 +6,13 @@ import dataclasses
 
 import numpy as np
 
-from guard.sae.architectures.base import Architecture, FloatArray, IndexArray, SaeConfig
+from guard.sae.architectures.base import Architecture, ArchitectureConfig, FloatArray, IndexArray
 from guard.sae.graph import GraphBuilder
 from guard.sae.registry import register_architecture
 
 
 @dataclasses.dataclass(frozen=True)
-class StandardConfig(SaeConfig):
+class StandardConfig(ArchitectureConfig):
     """A ReLU SAE has no settings beyond its sizes."""
 
 

@@ -22,13 +22,13 @@ import dataclasses
 import numpy as np
 from onnx import numpy_helper
 
-from guard.sae.architectures.base import Architecture, FloatArray, IndexArray, SaeConfig
+from guard.sae.architectures.base import Architecture, ArchitectureConfig, FloatArray, IndexArray
 from guard.sae.graph import GraphBuilder
 from guard.sae.registry import register_architecture
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKConfig(SaeConfig):
+class TopKConfig(ArchitectureConfig):
     k: int = 32
     """Number of features kept per row."""
 
