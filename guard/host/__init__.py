@@ -13,7 +13,7 @@ from __future__ import annotations
 from guard.decision import Action, Phase
 from guard.errors import TooLarge
 from guard.host._options import ClientCounters, ClientOptions, tls_credentials
-from guard.host._verdict import Finding, Source, Verdict
+from guard.host._verdict import ReportedFinding, Source, Verdict
 from guard.host.aio import AsyncGuardClient
 from guard.host.client import ClientClosedError, GuardClient
 
@@ -23,9 +23,9 @@ __all__ = [
     "ClientClosedError",
     "ClientCounters",
     "ClientOptions",
-    "Finding",
     "GuardClient",
     "Phase",
+    "ReportedFinding",
     "Source",
     "TooLarge",
     "Verdict",

@@ -35,8 +35,9 @@ _ACTIONS: Final = {int(a): a for a in Action}
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One detector's verdict on a batch, as the guard reported it."""
+class ReportedFinding:
+    """One detector's verdict on a batch, as the guard reported it to the host (the plugin
+    side's :class:`guard.Finding` is what a detector returns)."""
 
     detector: str
     score: float
@@ -65,7 +66,7 @@ class Verdict:
     sequence: int = 0
     #: Names the guard's decision log record ("" when the guard did not decide).
     decision_id: str = ""
-    findings: tuple[Finding, ...] = ()
+    findings: tuple[ReportedFinding, ...] = ()
     #: Hook -> residual delta ``[rows, d_in]`` (float32, read-only) to add; set on STEER.
     steering: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
     #: The guard's explanation; always set on ABORT (for a policy ABORT it is ``reason``).
@@ -138,7 +139,7 @@ def decision_verdict(reply: pb.InspectResponse) -> Verdict:
         for s in reply.steering
     }
     findings = tuple(
-        Finding(
+        ReportedFinding(
             detector=f.detector, score=f.score, threshold=f.threshold,
             action=_ACTIONS.get(f.action, Action.CONTINUE),
             feature_ids=tuple(f.feature_ids), feature_activations=tuple(f.feature_activations),
