@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench._stats import machine, markdown_table, write_headline, write_section
+from guard.sidecar.process import GuardProcess
 
 OUT = Path(__file__).resolve().parent / "out" / "e2e.json"
 HOOK = "blocks.15.hook_resid_post"
@@ -63,19 +61,11 @@ def batches(rows: int, count: int, seed: int) -> list[NDArray[np.float32]]:
     return [rng.normal(0.0, 1.0, size=(rows, 576)).astype(np.float32) for _ in range(count)]
 
 
-def start_sidecar(state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from guard.demo.runner import demo_config, wait_serving
+def start_sidecar(state: Path) -> GuardProcess:
+    from guard.demo.runner import demo_config
 
     socket = state / "guard.sock"
-    config = demo_config(state, socket)
-    log = state / "guard.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT)
-    address = f"unix://{socket}"
-    wait_serving(address, process, log)
-    return process, address
+    return GuardProcess(demo_config(state, socket), f"unix://{socket}").start()
 
 
 def in_process_engine(state: Path) -> Any:
@@ -181,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     monitor: dict[str, Series] = {"sidecar": Series(), "in-process": Series()}
     with tempfile.TemporaryDirectory(prefix="guard-e2e-") as tmp:
         state = Path(tmp)
-        process, address = start_sidecar(state)
+        guard = start_sidecar(state)
+        address = guard.address
         engine = in_process_engine(state)
         client = GuardClient(address, mode="inline", hooks=[HOOK], deadline_ms=10_000)
         monitor_run = MonitorRun(address, monitor_count)
@@ -219,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             client.close()
             monitor_run.client.close()
             engine.close()
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+            guard.stop()
 
     rows = []
     results: dict[str, Any] = {"machine": machine(), "rounds": args.rounds, "inline": {},

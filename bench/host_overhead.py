@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench._stats import machine, write_headline, write_section
+from guard.sidecar.process import GuardProcess
 from tests.sae_fixtures import write_saelens
 
 HOOK = "blocks.15.hook_resid_post"
@@ -34,7 +32,7 @@ PROMPTS = [
 OUT = Path(__file__).resolve().parent / "out" / "host_overhead.json"
 
 
-def start_guard(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_guard(workdir: Path) -> GuardProcess:
     sae = write_saelens(workdir / "sae", 576, 4608, hook_name=HOOK)
     socket = workdir / "guard.sock"
     features = list(range(0, 4608, 144))[:32]
@@ -47,14 +45,7 @@ def start_guard(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         f"    decision_log:\n      path: {workdir}/decisions.jsonl\n"
         f"saes:\n  - path: {sae}\n"
     )
-    log = (workdir / "guard.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "guard", "serve", "--config", str(config)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    from guard.demo.runner import wait_serving
-
-    address = f"unix://{socket}"
-    wait_serving(address, process, workdir / "guard.log")
-    return process, address
+    return GuardProcess(config, f"unix://{socket}").start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         return tokens, time.perf_counter() - started
 
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as tmp:
-        process, address = start_guard(Path(tmp))
+        guard = start_guard(Path(tmp))
+        address = guard.address
         try:
             clients = {
                 "monitor": GuardClient(address, mode="monitor", hooks=[HOOK]),
@@ -114,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             for client in clients.values():
                 client.close()
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+            guard.stop()
 
     def median(values: list[float]) -> float:
         ordered = sorted(values)

@@ -35,9 +35,7 @@ import dataclasses
 import json
 import os
 import queue
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,13 +55,12 @@ from bench._stats import (
     write_headline,
     write_section,
 )
-from bench.transport import guard_command
 from guard.config import SharedMemoryConfig
-from guard.demo.runner import wait_serving
 from guard.host import GuardClient
 from guard.host._batch import prepare_batch
 from guard.host._options import ClientOptions, CounterBox
 from guard.host.shm import HostRegion, SharedMemory
+from guard.sidecar.process import GuardProcess
 from guard.sidecar.regions import RegionTable
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -115,23 +112,9 @@ def write_config(workdir: Path, shm_dir: Path) -> Path:
 @contextlib.contextmanager
 def guard_process(workdir: Path, shm_dir: Path) -> Iterator[str]:
     """``guard serve`` with shared memory on; yields its address, SIGTERM at the end."""
-    config = write_config(workdir, shm_dir)
-    address = f"unix://{workdir}/guard.sock"
-    log = workdir / "guard.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(guard_command(config), cwd=REPO_ROOT, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
-    try:
-        wait_serving(address, process, log, 120.0)
-        yield address
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with GuardProcess(write_config(workdir, shm_dir), f"unix://{workdir}/guard.sock",
+                      cwd=REPO_ROOT) as guard:
+        yield guard.address
 
 
 def batch_rows(d_in: int, n: int = ROWS) -> np.ndarray[Any, np.dtype[np.float32]]:

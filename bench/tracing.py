@@ -34,9 +34,7 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,11 +55,10 @@ from bench.transport import (
     Payload,
     _cells,
     _record,
-    guard_command,
     run_cases,
 )
 from guard.demo.otlp_receiver import OtlpReceiver
-from guard.demo.runner import wait_serving
+from guard.sidecar.process import GuardProcess
 from guard.v1 import guard_pb2
 from tests.sae_fixtures import write_saelens
 
@@ -141,31 +138,16 @@ def write_config(workdir: Path, name: str, telemetry: str) -> tuple[Path, str]:
 @contextlib.contextmanager
 def guard_processes(workdir: Path, endpoint: str) -> Iterator[dict[str, str]]:
     """One ``guard serve`` per server, each with its own environment; SIGTERM at the end."""
-    processes: list[subprocess.Popen[bytes]] = []
-    addresses: dict[str, str] = {}
     base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    try:
+    with contextlib.ExitStack() as stack:
+        addresses: dict[str, str] = {}
         for name, (telemetry, extra_env, _metadata) in SERVERS.items():
             config, address = write_config(workdir, name, telemetry)
             env = {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, **extra_env}
-            log = config.with_suffix(".log")
-            with log.open("wb") as log_file:
-                process = subprocess.Popen(guard_command(config), cwd=REPO_ROOT, env=env,
-                                           stdout=log_file, stderr=subprocess.STDOUT)
-            processes.append(process)
-            wait_serving(address, process, log)
-            addresses[name] = address
+            guard = GuardProcess(config, address, log=config.with_suffix(".log"), env=env,
+                                 cwd=REPO_ROOT)
+            addresses[name] = stack.enter_context(guard).address
         yield addresses
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def round_trip_table(cases: list[Case]) -> str:

@@ -30,8 +30,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ import numpy as np
 
 from bench._stats import LatencySummary, machine, markdown_table, summarize, write_headline
 from bench.echo import FLAVOURS, MAX_MESSAGE_BYTES, SERVER_OPTIONS, Flavour, echo_process
-from guard.demo.runner import wait_serving
+from guard.sidecar.process import GuardProcess
 from guard.v1 import guard_pb2, guard_pb2_grpc
 from tests.sae_fixtures import write_saelens
 
@@ -240,38 +238,21 @@ def write_guard_config(workdir: Path) -> Path:
     return config
 
 
-def guard_command(config: Path) -> list[str]:
-    script = Path(sys.executable).parent / "guard"
-    if script.exists():
-        return [str(script), "serve", "--config", str(config)]
-    return [sys.executable, "-m", "guard.cli", "serve", "--config", str(config)]
-
-
 @contextlib.contextmanager
 def guard_process(workdir: Path) -> Iterator[str]:
     """Start `guard serve`, wait until it is SERVING, yield its address; SIGTERM at the end."""
-    config = write_guard_config(workdir)
-    address = f"unix://{workdir}/guard.sock"
-    log = workdir / "guard.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(guard_command(config), cwd=REPO_ROOT, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
+    guard = GuardProcess(write_guard_config(workdir), f"unix://{workdir}/guard.sock",
+                         cwd=REPO_ROOT)
+    started = time.monotonic()
+    guard.start(READY_TIMEOUT_S)
+    print(f"  guard serve SERVING after {time.monotonic() - started:.1f} s", file=sys.stderr)
     try:
-        started = time.monotonic()
-        wait_serving(address, process, log, READY_TIMEOUT_S)
-        print(f"  guard serve SERVING after {time.monotonic() - started:.1f} s", file=sys.stderr)
-        yield address
+        yield guard.address
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                code = process.wait()
-            if code != 0:
-                print(f"  guard serve exited with code {code} after SIGTERM; the end of its "
-                      f"log:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+        code = guard.stop()
+        if code != 0:
+            print(f"  guard serve exited with code {code} after SIGTERM; the end of its "
+                  f"log:\n{guard.log_tail(4000)}", file=sys.stderr)
 
 
 def measure_guard(workdir: Path, echo_flavour: Flavour, rounds: int, scale: float) -> list[Case]:

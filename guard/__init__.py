@@ -1,8 +1,9 @@
 """Activation Guard: a gRPC sidecar that reads an LLM's activations through sparse
 autoencoders and lets plugins detect, steer and record.
 
-The public plugin API is what this module exports: the ``hookimpl`` marker and the data
-types handed to and returned from hooks. Everything else is internal.
+The public plugin API is what this module exports: the ``hookimpl`` marker, the data types
+handed to and returned from hooks, and :class:`Settings`, the strict reader of a plugin's
+settings. Everything else is internal.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from guard.decision import (
 )
 from guard.errors import ConfigError
 from guard.hookspecs import hookimpl
+from guard.settings import Settings
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "FindingAction",
     "Phase",
     "PluginRun",
+    "Settings",
     "Steering",
     "__version__",
     "hookimpl",

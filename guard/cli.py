@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -15,14 +16,32 @@ import grpc
 import structlog
 
 from guard import __version__
-from guard.config import DEFAULT_LISTEN, GuardConfig, load_config, load_default_config
+from guard.config import (
+    DEFAULT_LISTEN,
+    ENV_OVERRIDES,
+    GuardConfig,
+    load_config,
+    load_default_config,
+)
 from guard.errors import GuardError
 
 log = structlog.get_logger(__name__)
 
 
-def _load(path: str | None) -> GuardConfig:
-    return load_config(path) if path else load_default_config()
+def _load(path: str | None, env: dict[str, str] | None = None) -> GuardConfig:
+    return load_config(path, env=env) if path else load_default_config(env=env)
+
+
+def override_flag(variable: str) -> str:
+    """The ``guard serve`` flag of an ENV_OVERRIDES variable: GUARD_TCP_LISTEN: --tcp-listen."""
+    return "--" + variable.removeprefix("GUARD_").lower().replace("_", "-")
+
+
+def serve_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the configuration is read with: the process's, with each override flag
+    given in place of its variable (a flag wins over the variable, which wins over the file)."""
+    flags = {variable: getattr(args, variable) for variable in ENV_OVERRIDES}
+    return {**os.environ, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -31,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from guard.sidecar.server import GuardServer
     from guard.telemetry.setup import configure_logging, start_telemetry
 
-    config = _load(args.config)
+    env = serve_environment(args)
+    config = _load(args.config, env)
     configure_logging(config.logging)
     stop = threading.Event()
     reload_requested = threading.Event()
@@ -67,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     reloader = None
     if args.config:
-        reloader = ConfigReloader(engine, Path(args.config), config)
+        reloader = ConfigReloader(engine, Path(args.config), config, env=env)
         reloader.start(config.plugins.watch_interval_seconds)
     if not stop.is_set():
         server.set_ready(engine)
@@ -198,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", metavar="FILE",
                        help="YAML configuration (default: the embedded default)")
+    overrides = serve.add_argument_group(
+        "overrides", "Each sets one key of the configuration, over the file and over the "
+        "key's environment variable.")
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        metavar = "ADDRESS" if key.endswith("listen") else key.rpartition("_")[2].upper()
+        overrides.add_argument(override_flag(variable), dest=variable, metavar=metavar,
+                               help=f"{section}.{key} (environment: {variable})")
     serve.set_defaults(func=cmd_serve)
 
     describe = commands.add_parser(

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, cast
 
 import yaml
 
 from guard.errors import ConfigError
+from guard.settings import Settings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -39,7 +40,6 @@ ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
     "GUARD_METRICS_LISTEN": ("telemetry", "metrics_listen"),
 }
 
-_HOOK_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -109,6 +109,11 @@ class ServerConfig:
     drain_grace_seconds: float = 10.0
     #: Concurrent RPCs (streams and unary calls); more get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 64
+    #: Segments (requests) one batch may carry (an engine step); more get RESOURCE_EXHAUSTED.
+    max_segments_per_batch: int = 1024
+    #: Requests a stream keeps state for; past it the least recently seen is forgotten
+    #: (counted in ``guard.requests.evicted``). Hosts free requests with RequestEnded.
+    max_requests_per_stream: int = 4096
     #: Serve gRPC server reflection (``grpcurl list``).
     reflection: bool = True
     #: Permissions of the Unix socket file (in YAML an octal string such as ``'0660'``).
@@ -125,7 +130,9 @@ class ServerConfig:
 class LoggingConfig:
     """structlog output: JSON lines when not on a TTY (``auto``), readable on a TTY."""
 
+    #: Lowest level written.
     level: LogLevel = "info"
+    #: ``auto`` (JSON lines unless stderr is a TTY), ``json`` or ``console``.
     format: LogFormat = "auto"
 
 
@@ -142,7 +149,7 @@ class SaeConfig:
     sha256: str | None = None
     #: Weight dtype of the encoder graph.
     dtype: SaeDtype = "auto"
-    #: Features computed for every batch until plugins subscribe (``all`` or a list of ids).
+    #: Features encoded for every batch on top of the plugins' subscriptions (``all`` or ids).
     features: tuple[int, ...] | Literal["all"] = ()
 
 
@@ -201,236 +208,142 @@ class GuardConfig:
     source: str = "<defaults>"
 
 
-T = TypeVar("T")
-
-
-class _Section:
-    """A mapping read with type checks; errors carry the full key path."""
-
-    def __init__(self, data: object, path: str, source: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(path or "<top level>", "a mapping", data, source=source)
-        self.data: Mapping[str, Any] = data
-        self.path = path
-        self.source = source
-        self.read: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, check: Callable[[str, object], T], default: T) -> T:
-        self.read.add(name)
-        if name not in self.data:
-            return default
-        return check(self.key(name), self.data[name])
-
-    def finish(self) -> None:
-        """Reject keys nobody read: a typo must not silently fall back to a default."""
-        unknown = sorted(str(k) for k in self.data if k not in self.read)
-        if unknown:
-            raise ConfigError(
-                self.key(unknown[0]),
-                f"one of the keys {', '.join(sorted(self.read))}",
-                f"unknown key {unknown[0]!r}",
-                source=self.source,
-            )
-        return None
-
-
 def _load_config_from_mapping(data: object, source: str, base_dir: Path | None) -> GuardConfig:
-    def fail(key: str, expected: str, found: object) -> ConfigError:
-        return ConfigError(key, expected, found, source=source)
-
-    def string(key: str, value: object) -> str:
-        if not isinstance(value, str):
-            raise fail(key, "a string", value)
-        return value
-
-    def optional_string(key: str, value: object) -> str | None:
-        return None if value is None else string(key, value)
-
-    def positive_int(key: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise fail(key, "a positive integer", value)
-        return value
-
-    def nonneg_number(key: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise fail(key, "a number >= 0", value)
-        return float(value)
-
-    def boolean(key: str, value: object) -> bool:
-        if not isinstance(value, bool):
-            raise fail(key, "true or false", value)
-        return value
-
-    def choice(*options: str) -> Callable[[str, object], Any]:
-        def check(key: str, value: object) -> str:
-            if not isinstance(value, str) or value.lower() not in options:
-                raise fail(key, f"one of {', '.join(options)}", value)
-            return value.lower()
-
-        return check
-
-    def address(key: str, value: object) -> str:
-        text = string(key, value).strip()
-        if text and not (text.startswith("unix:") or re.match(r"^[\w.\-\[\]:]*:\d+$", text)):
-            raise fail(key, "unix:///path/to.sock or host:port", value)
-        return text
-
-    top = _Section(data, "", source)
-    server_section = _Section(top.get("server", lambda k, v: v, None), "server", source)
-    defaults = ServerConfig()
-    server = ServerConfig(
-        listen=server_section.get("listen", address, defaults.listen),
-        tcp_listen=server_section.get("tcp_listen", address, defaults.tcp_listen),
-        health_listen=server_section.get("health_listen", address, defaults.health_listen),
-        max_message_bytes=server_section.get(
-            "max_message_bytes", positive_int, defaults.max_message_bytes
-        ),
-        drain_grace_seconds=server_section.get(
-            "drain_grace_seconds", nonneg_number, defaults.drain_grace_seconds
-        ),
-        max_concurrent_rpcs=server_section.get(
-            "max_concurrent_rpcs", positive_int, defaults.max_concurrent_rpcs
-        ),
-        reflection=server_section.get("reflection", boolean, defaults.reflection),
-        socket_mode=server_section.get("socket_mode", _socket_mode(source),
-                                       defaults.socket_mode),
-        socket_group=server_section.get("socket_group", _socket_group(source),
-                                        defaults.socket_group),
-        tls=_tls_section(server_section.get("tls", lambda k, v: v, None), source, base_dir),
-        shared_memory=_shared_memory_section(
-            server_section.get("shared_memory", lambda k, v: v, None), source),
-    )
-    server_section.finish()
-    if not server.listen:
-        raise fail("server.listen", "an address (unix:///path or host:port)", server.listen)
-    if server.tls.enabled and server.listen.startswith("unix:") and not server.tcp_listen:
-        raise fail("server.tcp_listen", "a TCP listener (host:port) for server.tls to secure "
-                   "(the Unix socket never uses TLS)", server.tcp_listen)
-
-    log_section = _Section(top.get("logging", lambda k, v: v, None), "logging", source)
+    if not isinstance(data, Mapping):
+        raise ConfigError("<top level>", "a mapping", data)
+    top = Settings(data)
+    server = _server_section(top.section("server"), base_dir)
+    log_section = top.section("logging")
     logging_config = LoggingConfig(
-        level=log_section.get("level", choice("debug", "info", "warning", "error"), "info"),
-        format=log_section.get("format", choice("auto", "json", "console"), "auto"),
+        level=cast(LogLevel, log_section.choice(
+            "level", ("debug", "info", "warning", "error"), "info", fold_case=True)),
+        format=cast(LogFormat, log_section.choice(
+            "format", ("auto", "json", "console"), "auto", fold_case=True)),
     )
     log_section.finish()
-
-    raw_saes = top.get("saes", lambda k, v: v, None)
-    if raw_saes is None:
-        raw_saes = []
-    if not isinstance(raw_saes, list):
-        raise fail("saes", "a list of SAE entries", raw_saes)
-    saes: list[SaeConfig] = []
-    for index, entry in enumerate(raw_saes):
-        section = _Section(entry, f"saes[{index}]", source)
-
-        def hook_name(key: str, value: object) -> str:
-            text = string(key, value)
-            if not _HOOK_NAME.match(text):
-                raise fail(key, "a hook name such as blocks.12.hook_resid_post", value)
-            return text
-
-        def sha256(key: str, value: object) -> str:
-            text = string(key, value).lower()
-            if not _SHA256.match(text):
-                raise fail(key, "64 hex characters (a sha256 digest)", value)
-            return text
-
-        def features(key: str, value: object) -> tuple[int, ...] | Literal["all"]:
-            if value == "all":
-                return "all"
-            if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-            ):
-                raise fail(key, "'all' or a list of feature ids (integers >= 0)", value)
-            return tuple(sorted(set(cast(list[int], value))))
-
-        raw_path = section.get("path", optional_string, None)
-        if not raw_path:
-            raise fail(f"saes[{index}].path", "the path of an SAE", raw_path)
-        path = Path(os.path.expanduser(raw_path))
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        saes.append(
-            SaeConfig(
-                path=path,
-                hook=section.get("hook", hook_name, None),
-                sha256=section.get("sha256", sha256, None),
-                dtype=section.get("dtype", choice("auto", "fp32", "fp16", "int8"), "auto"),
-                features=section.get("features", features, ()),
-            )
-        )
-        section.finish()
-    plugins = _plugins_section(top.get("plugins", lambda k, v: v, None), source)
-
-    def tcp_address(key: str, value: object) -> str:
-        text = address(key, value)
-        if text.startswith("unix:"):
-            raise fail(key, "host:port (an HTTP endpoint for Prometheus)", value)
-        return text
-
-    telemetry_section = _Section(top.get("telemetry", lambda k, v: v, None), "telemetry", source)
+    entries = top.sequence("saes", "a list of SAE entries")
+    saes = tuple(_sae_entry(entries.section(index), base_dir) for index in entries.names())
+    plugins = _plugins_section(top.section("plugins"))
+    telemetry_section = top.section("telemetry")
     telemetry_defaults = TelemetryConfig()
     telemetry = TelemetryConfig(
-        metrics_listen=telemetry_section.get("metrics_listen", tcp_address,
+        metrics_listen=telemetry_section.get("metrics_listen", _tcp_address,
                                              telemetry_defaults.metrics_listen),
-        tracing=telemetry_section.get("tracing", boolean, telemetry_defaults.tracing),
-        record_sensitive=telemetry_section.get("record_sensitive", boolean,
-                                               telemetry_defaults.record_sensitive),
+        tracing=telemetry_section.boolean("tracing", telemetry_defaults.tracing),
+        record_sensitive=telemetry_section.boolean("record_sensitive",
+                                                   telemetry_defaults.record_sensitive),
     )
     telemetry_section.finish()
     top.finish()
-    return GuardConfig(
-        server=server, logging=logging_config, saes=tuple(saes), plugins=plugins,
-        telemetry=telemetry, source=source,
+    return GuardConfig(server=server, logging=logging_config, saes=saes, plugins=plugins,
+                       telemetry=telemetry, source=source)
+
+
+def _server_section(section: Settings, base_dir: Path | None) -> ServerConfig:
+    defaults = ServerConfig()
+    server = ServerConfig(
+        listen=section.get("listen", _address, defaults.listen),
+        tcp_listen=section.get("tcp_listen", _address, defaults.tcp_listen),
+        health_listen=section.get("health_listen", _address, defaults.health_listen),
+        max_message_bytes=section.positive_int("max_message_bytes", defaults.max_message_bytes),
+        drain_grace_seconds=section.number("drain_grace_seconds", defaults.drain_grace_seconds,
+                                           min=0),
+        max_concurrent_rpcs=section.positive_int("max_concurrent_rpcs",
+                                                 defaults.max_concurrent_rpcs),
+        max_segments_per_batch=section.positive_int("max_segments_per_batch",
+                                                    defaults.max_segments_per_batch),
+        max_requests_per_stream=section.positive_int("max_requests_per_stream",
+                                                     defaults.max_requests_per_stream),
+        reflection=section.boolean("reflection", defaults.reflection),
+        socket_mode=section.get("socket_mode", _socket_mode, defaults.socket_mode),
+        socket_group=section.get("socket_group", _socket_group, defaults.socket_group),
+        tls=_tls_section(section.section("tls"), base_dir),
+        shared_memory=_shared_memory_section(section.section("shared_memory")),
     )
+    section.finish()
+    if not server.listen:
+        raise section.error("listen", "an address (unix:///path or host:port)", server.listen)
+    if server.tls.enabled and server.listen.startswith("unix:") and not server.tcp_listen:
+        raise section.error("tcp_listen", "a TCP listener (host:port) for server.tls to secure "
+                            "(the Unix socket never uses TLS)", server.tcp_listen)
+    return server
 
 
-def _socket_mode(source: str) -> Callable[[str, object], int]:
-    def check(key: str, value: object) -> int:
-        # Only strings: YAML 1.1 reads an unquoted 0660 as octal but 660 as decimal.
-        text = value.strip().lower() if isinstance(value, str) else ""
-        if re.fullmatch(r"(0o?)?[0-7]{3}", text):
-            return int(text.removeprefix("0o"), 8)
-        raise ConfigError(key, "a quoted octal permission string such as '0660' (owner and "
-                          "group) or '0600' (owner only)", value, source=source)
-
-    return check
-
-
-def _socket_group(source: str) -> Callable[[str, object], str]:
-    def check(key: str, value: object) -> str:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return str(value)
-        if isinstance(value, str) and re.fullmatch(r"([A-Za-z_][\w.\-]*\$?|\d+)?", value):
-            return value
-        raise ConfigError(key, "a group name or a numeric group id ('' for the guard's own "
-                          "group)", value, source=source)
-
-    return check
+def _sae_entry(section: Settings, base_dir: Path | None) -> SaeConfig:
+    raw_path = section.string("path", None, empty=True)
+    if not raw_path:
+        raise section.error("path", "the path of an SAE", raw_path)
+    features = section.features("features", ())
+    entry = SaeConfig(
+        path=_resolve(raw_path, base_dir),
+        hook=section.hook("hook", None),
+        sha256=section.get("sha256", _sha256, None),
+        dtype=cast(SaeDtype, section.choice("dtype", ("auto", "fp32", "fp16", "int8"), "auto",
+                                            fold_case=True)),
+        features=features if features == "all" else tuple(sorted(set(features))),
+    )
+    section.finish()
+    return entry
 
 
-def _tls_section(data: object, source: str, base_dir: Path | None) -> TlsConfig:
+def _resolve(path: str, base_dir: Path | None) -> Path:
+    """``~`` expanded; a relative path is relative to the config file's folder."""
+    resolved = Path(os.path.expanduser(path))
+    if not resolved.is_absolute() and base_dir is not None:
+        resolved = base_dir / resolved
+    return resolved
+
+
+def _address(key: str, value: object) -> str:
+    text = value.strip() if isinstance(value, str) else None
+    if text is None or (text and not (text.startswith("unix:")
+                                      or re.match(r"^[\w.\-\[\]:]*:\d+$", text))):
+        raise ConfigError(key, "unix:///path/to.sock or host:port", value)
+    return text
+
+
+def _tcp_address(key: str, value: object) -> str:
+    text = _address(key, value)
+    if text.startswith("unix:"):
+        raise ConfigError(key, "host:port (an HTTP endpoint for Prometheus)", value)
+    return text
+
+
+def _sha256(key: str, value: object) -> str:
+    text = value.lower() if isinstance(value, str) else ""
+    if not _SHA256.match(text):
+        raise ConfigError(key, "64 hex characters (a sha256 digest)", value)
+    return text
+
+
+def _socket_mode(key: str, value: object) -> int:
+    # Only strings: YAML 1.1 reads an unquoted 0660 as octal but 660 as decimal.
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if re.fullmatch(r"(0o?)?[0-7]{3}", text):
+        return int(text.removeprefix("0o"), 8)
+    raise ConfigError(key, "a quoted octal permission string such as '0660' (owner and "
+                      "group) or '0600' (owner only)", value)
+
+
+def _socket_group(key: str, value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and re.fullmatch(r"([A-Za-z_][\w.\-]*\$?|\d+)?", value):
+        return value
+    raise ConfigError(key, "a group name or a numeric group id ('' for the guard's own "
+                      "group)", value)
+
+
+def _tls_section(section: Settings, base_dir: Path | None) -> TlsConfig:
     """``server.tls``: both halves of the key pair, every file readable PEM, and the key
     matching the certificate (checked with the ssl module, so a bad pair is reported here
     rather than by gRPC's bind)."""
 
-    def fail(key: str, expected: str, found: object) -> ConfigError:
-        return ConfigError(key, expected, found, source=source)
-
     def file_path(key: str, value: object) -> Path:
         if not isinstance(value, str) or not value.strip():
-            raise fail(key, "the path of a PEM file", value)
-        path = Path(os.path.expanduser(value.strip()))
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return path
+            raise ConfigError(key, "the path of a PEM file", value)
+        return _resolve(value.strip(), base_dir)
 
-    section = _Section(data, "server.tls", source)
     cert = section.get("cert_file", file_path, None)
     key = section.get("key_file", file_path, None)
     client_ca = section.get("client_ca_file", file_path, None)
@@ -438,153 +351,104 @@ def _tls_section(data: object, source: str, base_dir: Path | None) -> TlsConfig:
     if cert is None and key is None and client_ca is None:
         return TlsConfig()
     if cert is None:
-        needed_by = "server.tls.key_file" if key is not None else "server.tls.client_ca_file"
-        raise fail("server.tls.cert_file", f"the server's PEM certificate ({needed_by} is set; "
-                   "TLS needs cert_file and key_file together)", None)
+        needed_by = section.key("key_file" if key is not None else "client_ca_file")
+        raise section.error("cert_file", f"the server's PEM certificate ({needed_by} is set; "
+                            "TLS needs cert_file and key_file together)", None)
     if key is None:
-        raise fail("server.tls.key_file", "the PEM private key of server.tls.cert_file (TLS "
-                   "needs cert_file and key_file together)", None)
+        raise section.error("key_file", f"the PEM private key of {section.key('cert_file')} "
+                            "(TLS needs cert_file and key_file together)", None)
 
     def read(name: str, path: Path, marker: bytes, what: str) -> bytes:
-        full = f"server.tls.{name}"
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise fail(full, f"a readable {what}", f"{path} ({exc.strerror})") from exc
+            raise section.error(name, f"a readable {what}", f"{path} ({exc.strerror})") from exc
         if marker not in data:
-            raise fail(full, f"a {what} (with a '-----BEGIN ...' line)", str(path))
+            raise section.error(name, f"a {what} (with a '-----BEGIN ...' line)", str(path))
         return data
 
     read("cert_file", cert, b"-----BEGIN CERTIFICATE-----", "PEM certificate file")
     key_pem = read("key_file", key, b"PRIVATE KEY-----", "PEM private key file")
     if b"ENCRYPTED" in key_pem:
-        raise fail("server.tls.key_file", "an unencrypted PEM private key (gRPC takes no "
-                   "passphrase)", str(key))
+        raise section.error("key_file", "an unencrypted PEM private key (gRPC takes no "
+                            "passphrase)", str(key))
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
     except ssl.SSLError as exc:
-        raise fail("server.tls.key_file", f"the private key of the certificate in {cert}",
-                   f"{key} ({exc.reason or exc})") from exc
+        raise section.error("key_file", f"the private key of the certificate in {cert}",
+                            f"{key} ({exc.reason or exc})") from exc
     if client_ca is not None:
         read("client_ca_file", client_ca, b"-----BEGIN CERTIFICATE-----",
              "PEM CA certificate file")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=client_ca)
         except ssl.SSLError as exc:
-            raise fail("server.tls.client_ca_file", "a PEM bundle of CA certificates",
-                       f"{client_ca} ({exc.reason or exc})") from exc
+            raise section.error("client_ca_file", "a PEM bundle of CA certificates",
+                                f"{client_ca} ({exc.reason or exc})") from exc
     return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
 
 
-def _shared_memory_section(data: object, source: str) -> SharedMemoryConfig:
+def _shared_memory_section(section: Settings) -> SharedMemoryConfig:
     """``server.shared_memory``: absolute folders, numeric uids, a positive region count."""
-
-    def fail(key: str, expected: str, found: object) -> ConfigError:
-        return ConfigError(key, expected, found, source=source)
-
-    def boolean(key: str, value: object) -> bool:
-        if not isinstance(value, bool):
-            raise fail(key, "true or false", value)
-        return value
-
-    def folders(key: str, value: object) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise fail(key, "a non-empty list of absolute folder paths", value)
-        for index, item in enumerate(value):
-            if (not isinstance(item, str) or not os.path.isabs(item) or ".." in Path(item).parts
-                    or os.path.normpath(item) == "/"):
-                raise fail(f"{key}[{index}]", "an absolute folder path without '..', other "
-                           "than / (a memory-backed folder such as /dev/shm)", item)
-        return tuple(os.path.normpath(item) for item in value)
-
-    def uids(key: str, value: object) -> tuple[int, ...]:
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            raise fail(key, "a list of numeric user ids (integers >= 0)", value)
-        return tuple(cast(list[int], value))
-
-    def positive_int(key: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise fail(key, "a positive integer", value)
-        return value
 
     def socket_file(key: str, value: object) -> str:
         if value == "":  # the default: beside the listen socket
             return ""
         if (not isinstance(value, str) or not os.path.isabs(value)
                 or ".." in Path(value).parts or value.endswith("/")):
-            raise fail(key, "an absolute socket file path without '..' (or '' for beside "
-                            "server.listen)", value)
+            raise ConfigError(key, "an absolute socket file path without '..' (or '' for "
+                              "beside server.listen)", value)
         return os.path.normpath(value)
 
-    section = _Section(data, "server.shared_memory", source)
     defaults = SharedMemoryConfig()
+    # Read even when absent, so that a typo's error lists allowed_dirs among the known keys.
+    given = "allowed_dirs" in section
+    folders = section.sequence("allowed_dirs", "a non-empty list of absolute folder paths",
+                               non_empty=given)
+    allowed_dirs = (tuple(_folder(folders, index) for index in folders.names()) if given
+                    else defaults.allowed_dirs)
     config = SharedMemoryConfig(
-        enabled=section.get("enabled", boolean, defaults.enabled),
-        allowed_dirs=section.get("allowed_dirs", folders, defaults.allowed_dirs),
-        allowed_uids=section.get("allowed_uids", uids, defaults.allowed_uids),
-        max_regions_per_stream=section.get("max_regions_per_stream", positive_int,
-                                           defaults.max_regions_per_stream),
-        doorbell=section.get("doorbell", boolean, defaults.doorbell),
+        enabled=section.boolean("enabled", defaults.enabled),
+        allowed_dirs=allowed_dirs,
+        allowed_uids=section.int_list("allowed_uids", defaults.allowed_uids,
+                                      expected="a list of numeric user ids (integers >= 0)"),
+        max_regions_per_stream=section.positive_int("max_regions_per_stream",
+                                                    defaults.max_regions_per_stream),
+        doorbell=section.boolean("doorbell", defaults.doorbell),
         doorbell_socket=section.get("doorbell_socket", socket_file, defaults.doorbell_socket),
     )
     section.finish()
     return config
 
 
-def _plugins_section(data: object, source: str) -> PluginsConfig:
-    def fail(key: str, expected: str, found: object) -> ConfigError:
-        return ConfigError(key, expected, found, source=source)
+def _folder(folders: Settings, index: int) -> str:
+    path = folders.string(index, empty=True)
+    if not os.path.isabs(path) or ".." in Path(path).parts or os.path.normpath(path) == "/":
+        raise folders.error(index, "an absolute folder path without '..', other than / (a "
+                            "memory-backed folder such as /dev/shm)", path)
+    return os.path.normpath(path)
 
-    def boolean(key: str, value: object) -> bool:
-        if not isinstance(value, bool):
-            raise fail(key, "true or false", value)
-        return value
 
-    def names(key: str, value: object) -> tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise fail(key, "a list of plugin names", value)
-        return tuple(value)
+def _plugins_section(section: Settings) -> PluginsConfig:
+    def names(name: str) -> tuple[str, ...]:
+        listed = section.sequence(name, "a list of plugin names")
+        return tuple(listed.string(index) for index in listed.names())
 
-    def number(key: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise fail(key, "a number >= 0", value)
-        return float(value)
-
-    def positive_int(key: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise fail(key, "a positive integer", value)
-        return value
-
-    def failure_mode(key: str, value: object) -> FailureMode:
-        if value == "open" or value == "closed":
-            return value
-        raise fail(key, "open or closed", value)
-
-    def blocks(key: str, value: object) -> Mapping[str, Mapping[str, Any]]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise fail(key, "a mapping of plugin name to its settings", value)
-        for name, block in value.items():
-            if not isinstance(block, Mapping) and block is not None:
-                raise fail(f"{key}.{name}", "a mapping of settings", block)
-        return {str(n): (b if b is not None else {}) for n, b in value.items()}
-
-    section = _Section(data, "plugins", source)
     defaults = PluginsConfig()
+    blocks = section.section("config", what="a mapping of plugin name to its settings")
     plugins = PluginsConfig(
-        autoload=section.get("autoload", boolean, defaults.autoload),
-        enabled=section.get("enabled", names, defaults.enabled),
-        disabled=section.get("disabled", names, defaults.disabled),
-        trace=section.get("trace", boolean, defaults.trace),
-        timeout_ms=section.get("timeout_ms", number, defaults.timeout_ms),
-        failure_mode=section.get("failure_mode", failure_mode, defaults.failure_mode),
-        record_queue_size=section.get("record_queue_size", positive_int,
-                                      defaults.record_queue_size),
-        watch_interval_seconds=section.get("watch_interval_seconds", number,
-                                           defaults.watch_interval_seconds),
-        config=section.get("config", blocks, {}),
+        autoload=section.boolean("autoload", defaults.autoload),
+        enabled=names("enabled"),
+        disabled=names("disabled"),
+        trace=section.boolean("trace", defaults.trace),
+        timeout_ms=section.number("timeout_ms", defaults.timeout_ms, min=0),
+        failure_mode=cast(FailureMode, section.choice("failure_mode", ("open", "closed"),
+                                                      defaults.failure_mode)),
+        record_queue_size=section.positive_int("record_queue_size",
+                                               defaults.record_queue_size),
+        watch_interval_seconds=section.number("watch_interval_seconds",
+                                              defaults.watch_interval_seconds, min=0),
+        config={name: block.data for name, block in blocks.sections("plugin")},
     )
     section.finish()
     return plugins
@@ -621,7 +485,13 @@ def parse_config(
     if data is None:
         data = {}
     data = _apply_env(data, os.environ if env is None else env)
-    return _load_config_from_mapping(data, source, base_dir)
+    try:
+        return _load_config_from_mapping(data, source, base_dir)
+    except ConfigError as exc:  # the one place that names the file in a key's error
+        if exc.source:
+            raise
+        named = ConfigError(exc.key, exc.expected, exc.found, source=source)
+        raise named.with_traceback(exc.__traceback__) from None
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None

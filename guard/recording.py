@@ -16,8 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.decision import FeatureBatch, FeatureRequest, Phase
-from guard.errors import ConfigError
 from guard.hookspecs import hookimpl
+from guard.settings import Settings
 
 __all__ = ["BATCH_FILE_FORMAT", "BatchRecorder", "load_batches", "save_batches"]
 
@@ -182,31 +182,14 @@ class BatchRecorder:
 
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
-        known = {"hook", "features", "path", "max_batches", "token_ids"}
-        for key in settings:
-            if key not in known:
-                raise ConfigError(key, f"one of the keys {', '.join(sorted(known))}",
-                                  f"unknown key {key!r}")
-        hook, features = settings.get("hook"), settings.get("features")
-        if not isinstance(hook, str) or not hook:
-            raise ConfigError("hook", "a hook name such as blocks.6.hook_resid_post", hook)
-        if features != "all" and not (
-            isinstance(features, list)
-            and all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in features)
-        ):
-            raise ConfigError("features", "'all' or a list of feature ids (integers >= 0)",
-                              features)
-        path, limit = settings.get("path", ""), settings.get("max_batches", 1000)
-        if not isinstance(path, str):
-            raise ConfigError("path", "a file path (string)", path)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ConfigError("max_batches", "a positive integer", limit)
-        token_ids = settings.get("token_ids", False)
-        if not isinstance(token_ids, bool):
-            raise ConfigError("token_ids", "true or false", token_ids)
-        self.hook, self.path = hook, path
-        self.features = None if features == "all" else [int(f) for f in features]
-        self.max_batches, self.token_ids = limit, token_ids
+        block = Settings(settings)
+        block.only(("hook", "features", "path", "max_batches", "token_ids"))
+        self.hook = block.hook("hook")
+        features = block.features("features")
+        self.features = None if features == "all" else list(features)
+        self.path = block.string("path", "", empty=True)
+        self.max_batches = block.positive_int("max_batches", 1000)
+        self.token_ids = block.boolean("token_ids", False)
 
     @hookimpl
     def guard_subscriptions(self) -> list[FeatureRequest]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import structlog
 from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,6 +29,34 @@ from tests.sae_fixtures import write_saelens
 HOOK = "blocks.6.hook_resid_post"
 D_IN = 16
 D_SAE = 64
+
+
+def log_through_logging() -> None:
+    """Send structlog's lines (the guards, servers and clients run in the test process)
+    through the standard library's logging, which pytest captures per test (shown with a
+    failure) and drops between tests. Left unconfigured, structlog prints to the real
+    stdout: a line that a server or client thread writes after its test ended (``stream
+    closed``, ``guard stream down``) landed in the middle of pytest's progress output."""
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.dev.set_exc_info,
+                    structlog.dev.ConsoleRenderer(
+                        colors=False, exception_formatter=structlog.dev.plain_traceback)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    for name in ("guard", "guard_plugins"):  # info lines too, whatever the root's level
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    log_through_logging()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_through_logging() -> Iterator[None]:
+    yield
+    log_through_logging()  # a test may have reset structlog to its stdout default
 
 
 @pytest.fixture(scope="session")

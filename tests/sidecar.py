@@ -1,6 +1,8 @@
-"""A real ``guard serve`` process for fault and soak runs: its own config, log, decision log
-and (optionally) the fault plugins of :mod:`tests.fault_plugins`, installed the way a user
-installs a plugin (a ``.dist-info`` with a ``guard`` entry point on the process's path).
+"""A real ``guard serve`` process for fault and soak runs (a
+:class:`guard.sidecar.process.GuardProcess`): its own config, log, decision log and
+(optionally) the fault plugins of :mod:`tests.fault_plugins`, installed the way a user
+installs a plugin (a ``.dist-info`` with a ``guard`` entry point on the process's path); and
+:func:`refused_start`, a guard that must refuse to start.
 
 Shared by tests/test_faults.py, tests/test_soak.py, bench/soak.py and bench/faults.py.
 """
@@ -11,20 +13,17 @@ import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import grpc
+import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard.sidecar.process import GuardProcess, ServeFailed
 from tests import fault_plugins
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +58,23 @@ def poll(condition: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
-class Sidecar:
-    """``guard serve --config FILE`` as a subprocess on a fixed Unix socket.
+def refused_start(folder: Path, sae: Mapping[str, str]) -> str:
+    """Start ``guard serve`` serving one SAE entry (``{"path": ..., "sha256": ...}``) that it
+    must refuse: it exits with 1 before it is ready and leaves no socket. Its log."""
+    socket = folder / "g.sock"
+    config = folder / "guard.yaml"
+    config.write_text(yaml.safe_dump({"server": {"listen": f"unix://{socket}"},
+                                      "saes": [dict(sae)]}), encoding="utf-8")
+    guard = GuardProcess(config, f"unix://{socket}")
+    with pytest.raises(ServeFailed, match="exited with 1 before it was ready"):
+        guard.start(60)
+    assert not socket.exists()
+    return guard.log_text()
+
+
+class Sidecar(GuardProcess):
+    """``guard serve --config FILE`` as a subprocess on a fixed Unix socket, with its own
+    config, log and decision log in ``workdir``.
 
     The socket survives :meth:`kill` (no drain, no cleanup), so :meth:`start` on the same
     object brings a new process up on the same address, as a restarted container would.
@@ -70,15 +84,10 @@ class Sidecar:
                  plugin_site: Path | None = None, tag: str = "fault") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.socket = short_socket(tag)
-        self.address = f"unix://{self.socket}"
-        self.config_path = workdir / "guard.yaml"
         self.decision_log = workdir / "decisions.jsonl"
-        self.log = workdir / "guard.log"
         self.plugin_site = plugin_site
-        self.process: subprocess.Popen[bytes] | None = None
-        self.exit_codes: list[int] = []
-        self._log_file: IO[bytes] | None = None
+        super().__init__(workdir / "guard.yaml", f"unix://{short_socket(tag)}",
+                         log=workdir / "guard.log", cwd=REPO_ROOT)
         self._log_offset = 0
         self.write_config(config)
 
@@ -90,91 +99,31 @@ class Sidecar:
         server = dict(data.get("server") or {})
         server.setdefault("listen", self.address)
         data["server"] = server
-        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        self.config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
     # -- the process ------------------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0) -> Sidecar:
         """Start the process and wait until its health service says SERVING."""
-        assert self.process is None or self.process.poll() is not None, "already running"
-        env = dict(os.environ, GUARD_LOG_FORMAT="json")
+        env = dict(os.environ)
         env.pop("GUARD_DISABLE_PLUGIN_AUTOLOAD", None)
         paths = [str(REPO_ROOT)]
         if self.plugin_site is not None:
             paths.insert(0, str(self.plugin_site))
         env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep)
-        if self._log_file is not None:
-            self._log_file.close()
+        self.env = env
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
-        self._log_file = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "guard", "serve", "--config", str(self.config_path)],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
-        )
-        self.wait_serving(timeout)
+        super().start(timeout)
+        return self
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def health(self, address: str | None = None, timeout: float = 2.0) -> int | None:
-        """The health service's status (a ServingStatus value), or None when unreachable."""
-        with grpc.insecure_channel(address or self.address) as channel:
-            try:
-                return int(health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=timeout).status)
-            except grpc.RpcError:
-                return None
-
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        process = self.process
-        assert process is not None
-
-        def serving() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"guard serve exited with {process.returncode}:\n"
-                                     f"{self.log_text()[-4000:]}")
-            return (self.socket.exists()
-                    and self.health() == health_pb2.HealthCheckResponse.SERVING)
-
-        poll(serving, timeout, f"guard serve at {self.address} to be SERVING", 0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, nothing flushed that was not yet, the socket file stays."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.exit_codes.append(self.process.wait())
-
-    def terminate(self) -> None:
-        """SIGTERM: the guard drains (see :meth:`wait`)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        """Wait for the process to exit; its exit code."""
-        assert self.process is not None
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"guard serve did not exit within {timeout:g} s; the end of "
-                                 f"its log:\n{self.log_text()[-3000:]}") from None
-        self.exit_codes.append(code)
-        return code
-
-    def stop(self) -> None:
-        """End whatever is still running (SIGKILL) and close the log; idempotent."""
-        self.kill()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+    def stop(self, grace: float = 0.0) -> int | None:
+        """End whatever is still running (SIGKILL unless ``grace``) and remove the socket;
+        idempotent."""
+        code = super().stop(grace)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
+        return code
 
     # -- what it wrote ----------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from guard.cli import main
+from guard.cli import build_parser, main, override_flag, serve_environment
 from guard.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    ENV_OVERRIDES,
     load_config,
     load_default_config,
     parse_config,
@@ -44,6 +45,10 @@ def test_empty_file_gives_defaults() -> None:
         ("server: {listen: 'not an address'}",
          "server.listen: expected unix:///path/to.sock or host:port"),
         ("server: {reflection: 'yes'}", "server.reflection: expected true or false"),
+        ("server: {max_segments_per_batch: 0}",
+         "server.max_segments_per_batch: expected a positive integer, found 0"),
+        ("server: {max_requests_per_stream: many}",
+         "server.max_requests_per_stream: expected a positive integer, found 'many'"),
         ("server: {drain_grace_seconds: -1}", "server.drain_grace_seconds: expected a number >= 0"),
         ("logging: {level: loud}", "logging.level: expected one of debug, info, warning, error"),
         ("saes: {path: x}", "saes: expected a list of SAE entries"),
@@ -104,3 +109,44 @@ def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: server.max_message_bytes: expected a positive integer, found 0" in err
+
+
+def test_serve_flags_override_the_environment_and_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "guard.yaml"
+    config.write_text("server: {listen: 'unix:///tmp/file.sock'}\nlogging: {level: warning}\n")
+    monkeypatch.setenv("GUARD_LISTEN", "unix:///tmp/env.sock")
+    monkeypatch.setenv("GUARD_LOG_LEVEL", "error")
+    monkeypatch.delenv("GUARD_METRICS_LISTEN", raising=False)
+    args = build_parser().parse_args(["serve", "--config", str(config), "--listen",
+                                      "127.0.0.1:7000", "--metrics-listen", "127.0.0.1:0"])
+    loaded = load_config(config, env=serve_environment(args))
+    assert loaded.server.listen == "127.0.0.1:7000"  # the flag, over the variable and the file
+    assert loaded.logging.level == "error"  # no flag: the variable, over the file
+    assert loaded.telemetry.metrics_listen == "127.0.0.1:0"
+
+
+def test_serve_help_documents_a_flag_for_every_environment_override(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        assert f"{override_flag(variable)} " in text
+        assert f"{section}.{key} (environment: {variable})" in text
+    assert "--listen ADDRESS" in text and "--log-level LEVEL" in text
+
+
+def test_a_bad_flag_value_names_its_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--log-level", "loud"]) == 2
+    assert "logging.level: expected one of debug, info, warning, error, found 'loud'" in (
+        capsys.readouterr().err)
+
+
+def test_the_continuous_batching_limits_are_read() -> None:
+    config = parse_config(
+        "server: {max_segments_per_batch: 64, max_requests_per_stream: 100}", env={})
+    assert (config.server.max_segments_per_batch, config.server.max_requests_per_stream) == (
+        64, 100)

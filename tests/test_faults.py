@@ -547,7 +547,7 @@ def test_reload_with_a_broken_file_keeps_the_old_config(
         return finding.threshold
 
     def reload(text: str, event: str, count: int) -> dict[str, Any]:
-        guard.config_path.write_text(text, encoding="utf-8")
+        guard.config.write_text(text, encoding="utf-8")
         guard.signal(signal.SIGHUP)
         return guard.wait_event(event, count)
 
@@ -560,7 +560,7 @@ def test_reload_with_a_broken_file_keeps_the_old_config(
         at = lines.index("  config:") + 1
         broken = "\n".join([*lines[:at], "    detectors: {always: {hook: x", *lines[at:]])
         rejected = reload(broken + "\n", rejected_event, 1)
-        assert f"{guard.config_path}: <file>: expected valid YAML at line" in rejected["reason"]
+        assert f"{guard.config}: <file>: expected valid YAML at line" in rejected["reason"]
         assert rejected["trigger"] == "SIGHUP"
         assert threshold() == -1.0  # the old configuration serves
         # Valid YAML, a misspelled key: the reason names the key.

@@ -17,45 +17,28 @@ import pytest
 from guard.decision import Action
 from guard.engine.core import Engine
 from guard.host import AsyncGuardClient, GuardClient, Verdict
+from guard.sidecar.process import GuardProcess
 from guard.sidecar.server import GuardServer
 from tests.conftest import HOOK
 from tests.test_host_client import guard_config, rows, wait_until
-from tests.test_serve_process import GuardProcess
 
 DEADLINE_MS = 3000.0
 #: Small reconnect backoff (first delay, cap) so that recovery is quick in tests.
 BACKOFF_MS, BACKOFF_MAX_MS = 50.0, 200.0
 
 
-class RestartableGuard:
-    """``guard serve`` on a fixed socket that can be killed and started again."""
-
-    def __init__(self, tmp_path: Path, sae_dir: Path) -> None:
-        # Unix socket paths are limited to ~107 bytes: keep it short.
-        self.socket = Path(f"/tmp/guard-host-{os.getpid()}-{time.monotonic_ns()}.sock")
-        self.address = f"unix://{self.socket}"
-        self.config = tmp_path / "guard.yaml"
-        self.config.write_text(
-            f"server:\n  listen: {self.address}\n  drain_grace_seconds: 0\n"
-            f"saes:\n  - path: {sae_dir}\n    features: [1, 5, 7]\n"
-        )
-        self.process: GuardProcess | None = None
-
-    def start(self) -> None:
-        self.process = GuardProcess(self.config, self.socket)
-        self.process.wait_serving()
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, the socket file stays behind."""
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-
 @pytest.fixture
-def restartable(tmp_path: Path, sae_dir: Path) -> Iterator[RestartableGuard]:
-    guard = RestartableGuard(tmp_path, sae_dir)
-    guard.start()
+def restartable(tmp_path: Path, sae_dir: Path) -> Iterator[GuardProcess]:
+    """``guard serve`` on a fixed socket that can be killed (SIGKILL: no drain, the socket
+    file stays behind) and started again."""
+    # Unix socket paths are limited to ~107 bytes: keep it short.
+    address = f"unix:///tmp/guard-host-{os.getpid()}-{time.monotonic_ns()}.sock"
+    config = tmp_path / "guard.yaml"
+    config.write_text(
+        f"server:\n  listen: {address}\n  drain_grace_seconds: 0\n"
+        f"saes:\n  - path: {sae_dir}\n    features: [1, 5, 7]\n"
+    )
+    guard = GuardProcess(config, address).start()
     yield guard
     guard.kill()
     with contextlib.suppress(FileNotFoundError):
@@ -69,7 +52,7 @@ def _assert_policy(verdicts: list[Verdict], action: Action, source: str) -> None
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_then_restart_sync(restartable: RestartableGuard) -> None:
+def test_sigkill_mid_stream_then_restart_sync(restartable: GuardProcess) -> None:
     with GuardClient(restartable.address, failure_policy="closed", deadline_ms=DEADLINE_MS,
                      reconnect_backoff_ms=BACKOFF_MS,
                      reconnect_backoff_max_ms=BACKOFF_MAX_MS) as client:
@@ -95,7 +78,7 @@ def test_sigkill_mid_stream_then_restart_sync(restartable: RestartableGuard) -> 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_then_restart_asyncio(restartable: RestartableGuard) -> None:
+def test_sigkill_mid_stream_then_restart_asyncio(restartable: GuardProcess) -> None:
     async def main() -> None:
         async with AsyncGuardClient(restartable.address, failure_policy="open",
                                     deadline_ms=DEADLINE_MS, reconnect_backoff_ms=BACKOFF_MS,

@@ -16,8 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard.sidecar.process import GuardProcess
 from guard.v1 import guard_pb2 as pb
 from tests.conftest import HOOK, StreamClient, make_batch
+from tests.sidecar import refused_start
 
 pytestmark = pytest.mark.slow
 
@@ -26,45 +28,12 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shut
 )
 
 
-class GuardProcess:
-    def __init__(self, config: Path, socket: Path) -> None:
-        self.socket = socket
-        self.address = f"unix://{socket}"
-        self.log = config.parent / "guard.log"
-        self._log_file = self.log.open("w")
-        env = dict(os.environ, GUARD_LOG_FORMAT="json")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
-        )
-
-    def wait_serving(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"guard exited early:\n{self.log.read_text()}"
-            if self.socket.exists():
-                with grpc.insecure_channel(self.address) as channel:
-                    try:
-                        status = health_pb2_grpc.HealthStub(channel).Check(
-                            health_pb2.HealthCheckRequest(), timeout=2).status
-                    except grpc.RpcError:
-                        status = None
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"guard not SERVING after {timeout}s:\n{self.log.read_text()}")
-
-    def health_address(self) -> str:
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{") and json.loads(line)["event"] == "listening":
-                return str(json.loads(line)["health"])
-        raise AssertionError(f"no 'listening' event in the log:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log_file.close()
+def health_address(guard: GuardProcess) -> str:
+    """The health-only listener's address, from the guard's ``listening`` log line."""
+    for line in guard.log_text().splitlines():
+        if line.startswith("{") and json.loads(line)["event"] == "listening":
+            return str(json.loads(line)["health"])
+    raise AssertionError(f"no 'listening' event in the log:\n{guard.log_text()}")
 
 
 @pytest.fixture
@@ -77,10 +46,8 @@ def guard_process(tmp_path: Path, sae_dir: Path) -> Iterator[GuardProcess]:
         "  drain_grace_seconds: 20\n"
         f"saes:\n  - path: {sae_dir}\n    features: [1, 5, 7]\n"
     )
-    guard = GuardProcess(config, socket)
-    guard.wait_serving()
-    yield guard
-    guard.stop()
+    with GuardProcess(config, f"unix://{socket}") as guard:
+        yield guard
 
 
 def test_sigterm_drains_a_stream_in_flight(guard_process: GuardProcess) -> None:
@@ -88,10 +55,10 @@ def test_sigterm_drains_a_stream_in_flight(guard_process: GuardProcess) -> None:
         client = StreamClient(channel)
         client.configure()
         assert client.ask(make_batch(sequence=1)).action == pb.ACTION_CONTINUE
-        guard_process.process.send_signal(signal.SIGTERM)
+        guard_process.terminate()
         # The health listener reports NOT_SERVING as soon as the drain begins, while the
         # stream in flight is still served (new calls on the main listener are refused).
-        with grpc.insecure_channel(guard_process.health_address()) as health_channel:
+        with grpc.insecure_channel(health_address(guard_process)) as health_channel:
             deadline = time.monotonic() + 10
             status = None
             while time.monotonic() < deadline:
@@ -105,9 +72,9 @@ def test_sigterm_drains_a_stream_in_flight(guard_process: GuardProcess) -> None:
             reply = client.ask(make_batch(sequence=sequence))
             assert reply.action == pb.ACTION_CONTINUE
             assert reply.sequence == sequence
-        assert guard_process.process.poll() is None  # still draining while the stream is open
+        assert guard_process.running  # still draining while the stream is open
         assert client.rest() == []
-    assert guard_process.process.wait(timeout=15) == 0
+    assert guard_process.wait(timeout=15) == 0
     events = [json.loads(line) for line in guard_process.log.read_text().splitlines()
               if line.startswith("{")]
     names = [e["event"] for e in events]
@@ -163,17 +130,9 @@ def test_grpcurl_lists_and_calls(guard_process: GuardProcess) -> None:
 
 
 def test_bad_sae_path_fails_start_with_a_clear_reason(tmp_path: Path) -> None:
-    config = tmp_path / "guard.yaml"
-    config.write_text(f"server:\n  listen: unix://{tmp_path}/g.sock\n"
-                      f"saes:\n  - path: {tmp_path}/missing\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-        env=dict(os.environ, GUARD_LOG_FORMAT="json"),
-    )
-    assert result.returncode == 1
-    assert "cannot start" in result.stderr
-    assert f"{tmp_path}/missing" in result.stderr
+    log = refused_start(tmp_path, {"path": f"{tmp_path}/missing"})
+    assert "cannot start" in log
+    assert f"{tmp_path}/missing" in log
 
 
 def _detector_config(socket: Path, sae_dir: Path, threshold: object, watch: float) -> str:
@@ -210,13 +169,13 @@ def test_hot_reload_keeps_streams_and_rejects_a_bad_file(
     config = tmp_path / "guard.yaml"
     watch = 0 if trigger == "sighup" else 0.2
     config.write_text(_detector_config(socket, sae_dir, -1.0, watch))
-    guard = GuardProcess(config, socket)
+    guard = GuardProcess(config, f"unix://{socket}")
     try:
-        guard.wait_serving()
+        guard.start()
 
         def reload_and_wait(expected_event: str, count: int) -> None:
             if trigger == "sighup":
-                guard.process.send_signal(signal.SIGHUP)
+                guard.signal(signal.SIGHUP)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 if guard.log.read_text().count(f'"{expected_event}"') >= count:
@@ -240,9 +199,28 @@ def test_hot_reload_keeps_streams_and_rejects_a_bad_file(
                         if "reload rejected" in line)
         assert "plugins.config.detectors.always.threshold" in rejected["reason"]
     finally:
-        guard.process.send_signal(signal.SIGTERM)
-        assert guard.process.wait(timeout=15) == 0
+        guard.terminate()
+        assert guard.wait(timeout=15) == 0
         guard.stop()
     decisions = Path(f"{socket}.decisions.jsonl").read_text().splitlines()
     assert len(decisions) == 3  # every decision reached the log across the reload
     Path(f"{socket}.decisions.jsonl").unlink()
+
+
+def test_a_listen_flag_overrides_the_file_and_is_no_change_to_a_reload(
+    tmp_path: Path, sae_dir: Path
+) -> None:
+    socket = Path(f"/tmp/guard-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    config = tmp_path / "guard.yaml"
+    config.write_text(_detector_config(tmp_path / "from-the-file.sock", sae_dir, -1.0, 0))
+    with GuardProcess(config, f"unix://{socket}",
+                      args=("--listen", f"unix://{socket}")) as guard:
+        assert not (tmp_path / "from-the-file.sock").exists()
+        config.write_text(_detector_config(tmp_path / "from-the-file.sock", sae_dir, -2.0, 0))
+        guard.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while '"config reloaded"' not in guard.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = guard.log_text()
+        assert '"config reloaded"' in log
+        assert "need a restart" not in log  # the flag is read again with the file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -372,3 +373,22 @@ def test_rows_that_overflow_the_sae_get_an_error_not_nan_scores(stream: StreamCl
     assert "3e+38" in reply.error.message
     ok = stream.ask(make_batch(np.ones((2, D_IN), np.float32), sequence=2))
     assert not ok.HasField("error") and ok.action == pb.ACTION_CONTINUE
+
+
+def test_a_servers_log_lines_reach_pytests_capture_not_stdout(
+    running_server: GuardServer, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The stream's last line is written by the server's thread when the stream ends, maybe
+    after the test did: it goes through logging (tests/conftest.py), which pytest captures,
+    not to stdout, where it used to land in the middle of pytest's progress output."""
+    with grpc.insecure_channel(running_server.addresses[0]) as channel:
+        client = StreamClient(channel)
+        client.configure()
+        assert client.ask(make_batch(sequence=1)).action == pb.ACTION_CONTINUE
+        client.close()
+    deadline = time.monotonic() + 10
+    while "stream closed" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "stream closed" in caplog.text
+    assert capsys.readouterr().out == ""

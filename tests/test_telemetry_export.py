@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,10 +19,10 @@ import grpc
 import pytest
 
 from guard.demo.otlp_receiver import OtlpReceiver, attributes
+from guard.sidecar.process import GuardProcess
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import HOOK, make_batch
-from tests.test_serve_process import GuardProcess
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +62,13 @@ def start_guard(tmp_path: Path, sae_dir: Path) -> Iterator[Any]:
         # Unix socket paths are limited to ~107 bytes: keep it short.
         socket_path = Path(f"/tmp/guard-otel-{os.getpid()}-{time.monotonic_ns()}.sock")
         guard = GuardProcess(write_config(tmp_path, sae_dir, socket_path, telemetry),
-                             socket_path)
+                             f"unix://{socket_path}")
         started.append(guard)
-        guard.wait_serving()
-        return guard
+        return guard.start()
 
     yield start
     for guard in started:
-        guard.stop()
+        guard.stop(grace=0)
 
 
 def inspect(address: str, request_ids: list[str],
@@ -108,8 +106,8 @@ def test_spans_and_metrics_reach_an_otlp_collector(
 
         receiver.wait_for(complete)
         receiver.wait_for(lambda r: [True] if "guard.batches" in r.metric_names else [])
-        guard.process.send_signal(signal.SIGTERM)
-        assert guard.process.wait(timeout=30) == 0
+        guard.terminate()
+        assert guard.wait(timeout=30) == 0
 
     spans = [s for s in receiver.spans if s.trace_id.hex() == TRACE_ID]
     (batch,) = [s for s in spans if s.name == "guard.inspect"]

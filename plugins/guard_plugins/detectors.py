@@ -13,15 +13,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard import (
-    ConfigError,
     FeatureBatch,
     FeatureRequest,
     Finding,
     FindingAction,
     Phase,
+    Settings,
     hookimpl,
 )
-from guard_plugins import _settings as s
 
 Combine = Literal["any", "all"]
 Reduce = Literal["max", "mean"]
@@ -314,7 +313,7 @@ class Detectors:
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
         detectors = tuple(_parse(name, block) for name, block in
-                          s.entries(settings, "", "detector"))
+                          Settings(settings, what="a mapping of detectors").sections("detector"))
         by_hook: dict[str, tuple[Detector, ...]] = {}
         for detector in detectors:
             by_hook[detector.rule.hook] = (*by_hook.get(detector.rule.hook, ()), detector)
@@ -339,53 +338,55 @@ class Detectors:
         return findings
 
 
-def _parse(name: str, data: object) -> Detector:
-    block = s.Block(data, name, what="a mapping of detector settings")
-    kind = block.optional("type", s.choice(*_TYPE_KEYS), "threshold")
+def _parse(name: str, block: Settings) -> Detector:
+    kind = block.choice("type", tuple(_TYPE_KEYS), "threshold")
     block.only((*_COMMON_KEYS, *_TYPE_KEYS[kind]), f"of a {kind} detector")
-
-    def phases(key: str, value: object) -> frozenset[Phase]:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(key, "a non-empty list of phases (prompt, generation)", value)
-        return frozenset(_PHASES[s.choice(*_PHASES)(f"{key}[{i}]", v)]
-                         for i, v in enumerate(value))
-
-    hook = block.required("hook", s.string)
-    threshold = block.required("threshold", s.number)
-    action = cast(FindingAction, block.optional("action", s.choice("log", "flag", "abort"),
-                                                "flag"))
-    phase_set = block.optional("phases", phases, _ALL_PHASES)
-    combine = cast(Combine, block.optional("combine", s.choice("any", "all"), "any"))
-    reduce = cast(Reduce, block.optional("reduce", s.choice("max", "mean"), "max"))
+    hook = block.string("hook")
+    threshold = block.number("threshold")
+    action = cast(FindingAction, block.choice("action", ("log", "flag", "abort"), "flag"))
+    phase_set = _phases(block) if "phases" in block else _ALL_PHASES
+    combine = cast(Combine, block.choice("combine", ("any", "all"), "any"))
+    reduce = cast(Reduce, block.choice("reduce", ("max", "mean"), "max"))
 
     detector: Detector
     if kind == "linear":
-        weights = block.required("weights", _weights)
-        bias = block.optional("bias", s.number, 0.0)
+        weights = _weights(block)
+        bias = block.number("bias", 0.0)
         rule = Rule(name, hook, tuple(weights), threshold, action, phase_set)
         detector = LinearDetector(rule, np.array(list(weights.values()), dtype=np.float64),
                                   bias, reduce)
     else:
-        rule = Rule(name, hook, block.required("features", s.feature_ids), threshold, action,
-                    phase_set)
+        rule = Rule(name, hook, _feature_ids(block), threshold, action, phase_set)
         if kind == "threshold":
             detector = ThresholdDetector(rule, combine, reduce)
         else:
-            window = block.required("window", s.positive_int)
-            tracker = RunTracker(block.optional("max_requests", s.positive_int, 10_000),
-                                 block.optional("idle_seconds", s.positive_number, 600.0))
+            window = block.positive_int("window")
+            tracker = RunTracker(block.positive_int("max_requests", 10_000),
+                                 block.number("idle_seconds", 600.0, above=0))
             detector = SustainedDetector(rule, combine, window, tracker)
     return detector
 
 
-def _weights(key: str, value: object) -> dict[int, float]:
+def _phases(block: Settings) -> frozenset[Phase]:
+    phases = block.sequence("phases", "a non-empty list of phases (prompt, generation)",
+                            non_empty=True)
+    return frozenset(_PHASES[phases.choice(i, tuple(_PHASES))] for i in phases.names())
+
+
+def _feature_ids(block: Settings) -> tuple[int, ...]:
+    """A non-empty list of distinct feature ids, in the order given (digit strings too: Helm
+    ``--set-string``)."""
+    listed = block.sequence("features", "a non-empty list of feature ids", non_empty=True)
+    ids = tuple(listed.feature_id(i, digits=True) for i in listed.names())
+    if len(set(ids)) != len(ids):
+        raise block.error("features", "distinct feature ids", block.data["features"])
+    return ids
+
+
+def _weights(block: Settings) -> dict[int, float]:
     """Feature id -> weight; a map (not a list) so that Helm ``--set`` can change one."""
-    if not isinstance(value, Mapping) or not value:
-        raise ConfigError(key, "a non-empty mapping of feature id to weight", value)
-    weights: dict[int, float] = {}
-    for raw, weight in value.items():
-        feature = s.feature_id(f"{key}.{raw}", raw)
-        if feature in weights:  # 123 and "123" both given
-            raise ConfigError(f"{key}.{raw}", "each feature id once", raw)
-        weights[feature] = s.number(f"{key}.{raw}", weight)
-    return weights
+    weights = block.section("weights", what="a non-empty mapping of feature id to weight")
+    if not weights:
+        raise block.error("weights", "a non-empty mapping of feature id to weight",
+                          block.data.get("weights", "nothing"))
+    return {feature: weights.number(key) for feature, key in weights.feature_keys().items()}

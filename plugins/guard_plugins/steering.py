@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guard import (
-    ConfigError,
     EditKind,
     FeatureBatch,
     FeatureEdit,
     FeatureRequest,
     Finding,
+    Settings,
     hookimpl,
 )
-from guard_plugins import _settings as s
 
 Rows = Literal["fired", "all"]
 _KINDS: tuple[EditKind, ...] = ("pin", "nudge", "scale")
@@ -88,7 +87,8 @@ class SteeringPlugin:
 
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
-        rules = tuple(_parse(name, block) for name, block in s.entries(settings, "", "rule"))
+        block = Settings(settings, what="a mapping of steering rules")
+        rules = tuple(_parse(name, rule) for name, rule in block.sections("steering rule"))
         by_hook: dict[str, tuple[SteeringRule, ...]] = {}
         for rule in rules:
             by_hook[rule.hook] = (*by_hook.get(rule.hook, ()), rule)
@@ -123,40 +123,39 @@ class SteeringPlugin:
         return edits
 
 
-def _parse(name: str, data: object) -> SteeringRule:
-    block = s.Block(data, name, what="a mapping of steering settings")
+def _parse(name: str, block: Settings) -> SteeringRule:
     block.only(("hook", "when", "rows", "edits"), "of a steering rule")
-    hook = block.required("hook", s.string)
-    when: tuple[str, ...] = block.optional("when", _detector_names, ())
-    chosen = block.optional("rows", s.choice("fired", "all"), "fired" if when else "all")
+    hook = block.string("hook")
+    when = _detector_names(block)
+    chosen = block.choice("rows", ("fired", "all"), "fired" if when else "all")
     rows: Rows = "fired" if chosen == "fired" else "all"
     if rows == "fired" and not when:
-        raise ConfigError(block.key("rows"), "all (fired needs `when`)", rows)
-    edits = block.required("edits", _edits)
-    return SteeringRule(name, hook, edits, when, rows)
+        raise block.error("rows", "all (fired needs `when`)", rows)
+    return SteeringRule(name, hook, _edits(block), when, rows)
 
 
-def _detector_names(key: str, value: object) -> tuple[str, ...]:
-    """Plain strings only: the detector may belong to any plugin, so its name is not checked."""
-    if isinstance(value, str):
-        return (s.string(key, value),)
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, "a detector name or a non-empty list of them", value)
-    return tuple(s.string(f"{key}[{i}]", v) for i, v in enumerate(value))
+def _detector_names(block: Settings) -> tuple[str, ...]:
+    """``when``: plain strings only: the detector may belong to any plugin, so its name is
+    not checked."""
+    if "when" not in block:
+        return ()
+    if isinstance(block.data["when"], str):
+        return (block.string("when"),)
+    names = block.sequence("when", "a detector name or a non-empty list of them",
+                           non_empty=True)
+    return tuple(names.string(i) for i in names.names())
 
 
-def _edits(key: str, value: object) -> tuple[Edit, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, "a non-empty list of edits ({feature: N, pin|nudge|scale: V})",
-                          value)
+def _edits(block: Settings) -> tuple[Edit, ...]:
+    listed = block.sequence("edits", "a non-empty list of edits ({feature: N, pin|nudge|scale: "
+                            "V})", non_empty=True)
     edits = []
-    for i, item in enumerate(value):
-        block = s.Block(item, f"{key}[{i}]", what="an edit: {feature: N, pin|nudge|scale: V}")
-        block.only(("feature", *_KINDS), "of an edit")
-        feature = block.required("feature", s.feature_id)
-        kinds = [k for k in _KINDS if block.has(k)]
+    for i in listed.names():
+        edit = listed.section(i, what="an edit: {feature: N, pin|nudge|scale: V}")
+        edit.only(("feature", *_KINDS), "of an edit")
+        feature = edit.feature_id("feature", digits=True)
+        kinds = [k for k in _KINDS if k in edit]
         if len(kinds) != 1:
-            raise ConfigError(block.path, "exactly one of pin, nudge, scale",
-                              ", ".join(kinds) or "none")
-        edits.append(Edit(feature, kinds[0], block.required(kinds[0], s.number)))
+            raise edit.error(None, "exactly one of pin, nudge, scale", ", ".join(kinds) or "none")
+        edits.append(Edit(feature, kinds[0], edit.number(kinds[0])))
     return tuple(edits)

@@ -11,7 +11,7 @@ import pytest
 
 from guard.sae import open_sae
 from guard.sae.cli import register
-from tests.sae_fixtures import write_saelens
+from tests.sae_fixtures import write_gemmascope, write_saelens
 
 D_IN, D_SAE = 32, 128
 
@@ -167,6 +167,19 @@ def test_errors_are_one_line_and_non_zero(
         )
         == 1
     )
+
+
+def test_encode_a_params_npz_outside_gemma_scopes_layout_needs_no_hook(
+    tmp_path: Path, x_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    npz = write_gemmascope(tmp_path / "my-sae" / "params.npz", D_IN, D_SAE)
+    out = tmp_path / "acts.npy"
+    assert run("sae", "encode", str(npz), "--input", str(x_file), "--output", str(out)) == 0
+    full = open_sae(npz, hook="blocks.0.hook_resid_post").encoder().encode(np.load(x_file))
+    np.testing.assert_allclose(np.load(out), full, atol=1e-6)
+    # Serving and export still need one: the error says to pass it.
+    assert run("sae", "export", str(npz), str(tmp_path / "art"), "--dtype", "fp32") == 1
+    assert "cannot tell the hook from the path" in capsys.readouterr().err
 
 
 def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:

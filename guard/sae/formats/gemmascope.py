@@ -12,7 +12,8 @@ code from the file, so it is refused.
 
 The hook comes from the path Gemma Scope publishes under
 (``gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71/params.npz`` is
-``blocks.20.hook_resid_post``); elsewhere it must be given.
+``blocks.20.hook_resid_post``); elsewhere it must be given, unless the caller needs none
+(``require_hook=False``: encoding rows offline).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def is_gemmascope_path(path: Path) -> bool:
     return (path.suffix == ".npz" and path.is_file()) or (path / PARAMS_FILE).is_file()
 
 
-def load_gemmascope(path: Path, hook: str | None = None) -> SaeModel:
+def load_gemmascope(path: Path, hook: str | None = None, *, require_hook: bool = True
+                    ) -> SaeModel:
     npz_path = path if path.suffix == ".npz" else path / PARAMS_FILE
     arrays = _read_npz(npz_path)
     for name in _REQUIRED:
@@ -68,7 +70,7 @@ def load_gemmascope(path: Path, hook: str | None = None) -> SaeModel:
         root = np.sqrt(np.float64(d_in))
         params["W_enc"] = (params["W_enc"] / root).astype(np.float32)
         w_dec = (w_dec * root).astype(np.float32)
-    hook_name = hook or _hook_from_path(npz_path, parts)
+    hook_name = hook or _hook_from_path(npz_path, parts, require_hook)
     return SaeModel(
         architecture=JumpReluSae(config, params),
         normalization="none",
@@ -126,7 +128,7 @@ def _float_array(npz_path: Path, data: np.lib.npyio.NpzFile, key: str) -> NDArra
     return array
 
 
-def _hook_from_path(npz_path: Path, parts: tuple[str, ...]) -> str:
+def _hook_from_path(npz_path: Path, parts: tuple[str, ...], required: bool) -> str:
     joined = "/".join(parts)
     if "embedding" in parts and "-res" in joined:
         return "hook_embed"
@@ -139,6 +141,8 @@ def _hook_from_path(npz_path: Path, parts: tuple[str, ...]) -> str:
             return f"blocks.{n}.hook_mlp_out"
         if "-att" in joined:
             return f"blocks.{n}.attn.hook_z"
+    if not required:
+        return ""
     raise SaeFileError(
         npz_path,
         "cannot tell the hook from the path (expected .../gemma-scope-*-res/layer_N/...): "

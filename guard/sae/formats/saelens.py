@@ -63,8 +63,10 @@ def is_saelens_folder(path: Path) -> bool:
     return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_saelens(folder: Path, hook: str | None = None) -> SaeModel:
-    """Load a SAELens SAE folder into the canonical form."""
+def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = True
+                 ) -> SaeModel:
+    """Load a SAELens SAE folder into the canonical form (``require_hook=False``: a config
+    that names no hook loads with an empty one)."""
     cfg_path = folder / CFG_FILE
     weights_path = folder / WEIGHTS_FILE
     cfg = read_json_object(cfg_path)
@@ -82,7 +84,7 @@ def load_saelens(folder: Path, hook: str | None = None) -> SaeModel:
         )
     normalization, scaling_factor = _normalization(folder, cfg_path, cfg)
     apply_b_dec = boolean(cfg_path, cfg, "apply_b_dec_to_input", True)
-    hook_name = hook or _hook_name(cfg_path, cfg)
+    hook_name = hook or _hook_name(cfg_path, cfg, require_hook)
 
     file = SafetensorsFile(weights_path)
     sha256 = sha256_of_files([weights_path])
@@ -240,7 +242,7 @@ def _factor(path: Path, values: dict[str, Any], key: str) -> float:
     return number
 
 
-def _hook_name(cfg_path: Path, cfg: dict[str, Any]) -> str:
+def _hook_name(cfg_path: Path, cfg: dict[str, Any], required: bool) -> str:
     for section in ("metadata", "meta"):
         meta = cfg.get(section)
         if isinstance(meta, dict) and isinstance(meta.get("hook_name"), str):
@@ -248,6 +250,8 @@ def _hook_name(cfg_path: Path, cfg: dict[str, Any]) -> str:
     for key in ("hook_name", "hook_point"):
         if isinstance(cfg.get(key), str):
             return str(cfg[key])
+    if not required:
+        return ""
     raise SaeFileError(
         cfg_path, "missing field 'metadata.hook_name' (or 'hook_name'): pass the hook explicitly"
     )

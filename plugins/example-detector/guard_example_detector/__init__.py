@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 from typing import Any
 
-from guard import ConfigError, FeatureBatch, FeatureRequest, Finding, hookimpl
+from guard import FeatureBatch, FeatureRequest, Finding, Settings, hookimpl
 
 
 class ExampleDetector:
@@ -11,14 +11,11 @@ class ExampleDetector:
 
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
-        hook, feature, threshold = (settings.get(k) for k in ("hook", "feature", "threshold"))
-        if not isinstance(hook, str) or not hook:
-            raise ConfigError("hook", "a hook name such as blocks.6.hook_resid_post", hook)
-        if not isinstance(feature, int) or isinstance(feature, bool) or feature < 0:
-            raise ConfigError("feature", "a feature id (an integer >= 0)", feature)
-        if not isinstance(threshold, int | float) or isinstance(threshold, bool):
-            raise ConfigError("threshold", "a number", threshold)
-        self.hook, self.feature, self.threshold = hook, feature, float(threshold)
+        block = Settings(settings)
+        block.only(("hook", "feature", "threshold"))
+        self.hook = block.hook("hook")
+        self.feature = block.feature_id("feature")
+        self.threshold = block.number("threshold")
 
     @hookimpl
     def guard_subscriptions(self) -> list[FeatureRequest]:
