@@ -39,8 +39,27 @@ FindingAction = Literal["log", "flag", "abort"]
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One request's rows in a multi-request batch: rows ``start:stop`` of the batch.
+
+    ``attributes`` are the request's own, merged over the batch's (the request's win).
+    """
+
+    request_id: str
+    start: int
+    stop: int
+    phase: Phase
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ActivationRows:
-    """One validated batch: ``rows`` is float32 ``[n, d_in]`` of one hook of one request."""
+    """One validated batch: ``rows`` is float32 ``[n, d_in]`` of one hook.
+
+    Without ``segments`` every row is ``request_id``'s. With segments (one engine step of
+    several requests, covering the rows in order) ``request_id`` and ``phase`` are unused:
+    each segment names its request; :meth:`request` gives one request's rows.
+    """
 
     request_id: str
     sequence: int
@@ -50,6 +69,17 @@ class ActivationRows:
     token_ids: NDArray[np.int64] | None
     phase: Phase
     attributes: Mapping[str, str] = field(default_factory=dict)
+    segments: tuple[Segment, ...] = ()
+
+    def request(self, segment: Segment) -> ActivationRows:
+        """The rows of one segment as a single-request batch (views, no copy)."""
+        rows = slice(segment.start, segment.stop)
+        return ActivationRows(
+            request_id=segment.request_id, sequence=self.sequence, hook=self.hook,
+            rows=self.rows[rows], positions=self.positions[rows],
+            token_ids=None if self.token_ids is None else self.token_ids[rows],
+            phase=segment.phase, attributes=segment.attributes,
+        )
 
 
 @dataclass(frozen=True)
@@ -58,7 +88,7 @@ class FeatureRequest:
 
     ``feature_ids="all"`` asks for every feature (the full encoder). For TopK SAEs a subset is
     only exact with the full pre-activations; ``approximate_topk=True`` accepts a subset
-    computed without the TopK selection (see the README).
+    computed without the TopK selection (see docs/saes.md).
     """
 
     hook: str
@@ -210,6 +240,28 @@ class Decision:
     #: Token ids of the rows (None when the host sent none). Sinks must not write them
     #: unless the user turned that on: token ids are the prompt's text.
     token_ids: NDArray[np.int64] | None = None
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The guard's answer to a batch with segments: one :class:`Decision` per request.
+
+    Each request's decision (its own id, findings, edits, record) is what a single-request
+    batch of the same rows would get; ``steering`` holds one delta per hook over every row of
+    the batch, zero on the rows of requests that are not steered.
+    """
+
+    #: One per segment, in segment order.
+    decisions: tuple[Decision, ...]
+    #: The most severe of the decisions' actions (ABORT over STEER over CONTINUE).
+    action: Action
+    sequence: int
+    hook: str
+    #: Every row's position, in row order.
+    positions: NDArray[np.int64]
+    steering: tuple[Steering, ...] = ()
+    #: Stage name -> seconds for the whole batch (decode, encode, total).
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 _ID_PREFIX = os.urandom(8).hex()

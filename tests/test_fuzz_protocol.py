@@ -42,7 +42,7 @@ from tests.fuzz_strategies import (
     streams,
 )
 
-EXAMPLES = 150
+EXAMPLES = 200
 #: The server fixture is module-scoped on purpose: one live guard takes every example (that
 #: is the point: it must keep serving), so the function-scoped-fixture check does not apply.
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -2,6 +2,10 @@
 
 encode (only subscribed features) -> detect -> steer -> decide -> (reply) -> record.
 
+A batch with segments (several requests' rows, one engine step) is encoded once; then each
+request goes through detect -> steer -> decide -> record on its own rows
+(:meth:`Engine.inspect_step`), so plugins see one request per call as before.
+
 The decision is ABORT if any finding asks to abort, STEER if the edits give a nonzero
 residual delta, CONTINUE otherwise. Plugins run within ``plugins.timeout_ms`` per batch; a
 plugin that raises or overruns is logged and counted, the others still run, and the batch
@@ -46,6 +50,7 @@ from guard.decision import (
     Finding,
     PluginRun,
     Steering,
+    StepDecision,
     new_decision_id,
 )
 from guard.engine.deltas import build_delta
@@ -317,6 +322,9 @@ class Engine:
         (:mod:`guard.sidecar.regions`), which the host reuses once the reply is sent: nothing
         here keeps the rows past the return (plugins get encoded features, records get the
         decision); a future consumer that must keep rows takes ``batch.rows.copy()``.
+
+        Only the batch-level request id and phase are read: a batch with segments goes to
+        :meth:`inspect_step`.
         """
         decision_id = new_decision_id()
         token = DECISION_ID.set(decision_id)
@@ -336,23 +344,82 @@ class Engine:
             timings["total"] = time.perf_counter() - t0
             return self._decision(decision_id, batch, runtime, pipeline, Action.CONTINUE, [],
                                   [], (), "", [], timings)
-        traced = (tracer := self.instruments.tracer) is not None
-        if traced and not trace.get_current_span().is_recording():
-            tracer = None  # the batch is not sampled: no child spans
-        if runtime.encoder is not None:
-            started = time.perf_counter()
-            if tracer is None:
-                activations = runtime.encoder.encode(batch.rows)
-            else:
-                with tracer.start_as_current_span("guard.encode", attributes={
-                        "guard.hook": batch.hook, "guard.rows": int(batch.rows.shape[0]),
-                        "guard.encode.features": int(runtime.feature_ids.size),
-                        "guard.sae.execution_provider": runtime.execution_provider}):
-                    activations = runtime.encoder.encode(batch.rows)
-            timings["encode"] = time.perf_counter() - started
-            check_finite_features(activations, batch)
+        traced = self.instruments.tracer is not None
+        activations = self._encode(runtime, batch, timings, traced)
+        return self._decide_request(pipeline, runtime, batch, activations, timings, t0,
+                                    decision_id, deferred, traced)
+
+    def inspect_step(
+        self, batch: ActivationRows, timings: dict[str, float], started: float | None = None,
+        *, deferred: list[Callable[[], object]] | None = None,
+    ) -> StepDecision:
+        """Decide on a validated batch with segments: one encode of all its rows, then, per
+        request, the plugins on that request's rows and a decision of its own.
+
+        Each request is decided exactly as a single-request batch of its rows would be (its
+        own decision id in :data:`~guard.telemetry.instruments.DECISION_ID` while its plugins
+        run, its own findings, failures, steering and record), so plugins see one
+        :class:`FeatureBatch` per request and need no change. ``timings`` and ``started`` as
+        for :meth:`inspect`; each decision's timings hold the shared stages (decode, encode)
+        and its own (detect, steer, total). The combined steering delta covers every row.
+        """
+        t0 = time.perf_counter() if started is None else started
+        pipeline = self._pipeline  # one configuration for every request of the batch
+        runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
+        requests = [batch.request(segment) for segment in batch.segments]
+        decisions: list[Decision] = []
+        if not (pipeline.runs_plugins or pipeline.records):
+            timings["total"] = time.perf_counter() - t0
+            decisions = [self._decision(new_decision_id(), request, runtime, pipeline,
+                                        Action.CONTINUE, [], [], (), "", [], timings)
+                         for request in requests]
         else:
-            activations = np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
+            traced = self.instruments.tracer is not None
+            activations = self._encode(runtime, batch, timings, traced)
+            for segment, request in zip(batch.segments, requests, strict=True):
+                decision_id = new_decision_id()
+                token = DECISION_ID.set(decision_id)
+                try:
+                    decisions.append(self._decide_request(
+                        pipeline, runtime, request, activations[segment.start:segment.stop],
+                        dict(timings), t0, decision_id, deferred, traced))
+                finally:
+                    DECISION_ID.reset(token)
+            timings["total"] = time.perf_counter() - t0
+        return StepDecision(
+            decisions=tuple(decisions),
+            action=max((d.action for d in decisions), default=Action.CONTINUE),
+            sequence=batch.sequence, hook=batch.hook, positions=batch.positions,
+            steering=_combined_steering(batch, decisions), timings=dict(timings),
+        )
+
+    def _encode(self, runtime: HookRuntime, batch: ActivationRows, timings: dict[str, float],
+                traced: bool) -> NDArray[np.float32]:
+        """The subscribed features of every row of the batch (one encoder call)."""
+        if runtime.encoder is None:
+            return np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
+        tracer = self.instruments.tracer if traced else None
+        if tracer is not None and not trace.get_current_span().is_recording():
+            tracer = None  # the batch is not sampled: no child spans
+        started = time.perf_counter()
+        if tracer is None:
+            activations = runtime.encoder.encode(batch.rows)
+        else:
+            with tracer.start_as_current_span("guard.encode", attributes={
+                    "guard.hook": batch.hook, "guard.rows": int(batch.rows.shape[0]),
+                    "guard.encode.features": int(runtime.feature_ids.size),
+                    "guard.sae.execution_provider": runtime.execution_provider}):
+                activations = runtime.encoder.encode(batch.rows)
+        timings["encode"] = time.perf_counter() - started
+        check_finite_features(activations, batch)
+        return activations
+
+    def _decide_request(
+        self, pipeline: Pipeline, runtime: HookRuntime, batch: ActivationRows,
+        activations: NDArray[np.float32], timings: dict[str, float], t0: float,
+        decision_id: str, deferred: list[Callable[[], object]] | None, traced: bool,
+    ) -> Decision:
+        """Plugins, steering delta, decision and record for one request's encoded rows."""
         features = FeatureBatch(
             request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
             feature_ids=runtime.feature_ids, activations=activations,
@@ -578,6 +645,21 @@ class DaemonExecutor:
                         item[0].cancel()
             for _ in self._threads:
                 self._work.put(None)
+
+
+def _combined_steering(batch: ActivationRows, decisions: Sequence[Decision]
+                       ) -> tuple[Steering, ...]:
+    """One delta per hook over every row of a batch with segments: each steered request's
+    delta in its rows, zero elsewhere (the host adds it to the whole step at once)."""
+    combined: dict[str, NDArray[np.float32]] = {}
+    for segment, decision in zip(batch.segments, decisions, strict=True):
+        for steering in decision.steering:
+            delta = combined.get(steering.hook)
+            if delta is None:
+                delta = combined[steering.hook] = np.zeros(
+                    (batch.rows.shape[0], steering.delta.shape[1]), dtype=np.float32)
+            delta[segment.start:segment.stop] = steering.delta
+    return tuple(Steering(hook, delta) for hook, delta in combined.items())
 
 
 def _defer(deferred: list[Callable[[], object]] | None, work: Callable[[], object]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,6 +28,41 @@ _PHASES: Final[dict[object, Phase]] = {
     Phase.PROMPT: Phase.PROMPT, Phase.GENERATION: Phase.GENERATION,
 }
 _AUTO_DATATYPES: Final = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+EndReason = Literal["finished", "aborted", "preempted"]
+_END_REASONS: Final[dict[object, pb.RequestEnded.Reason.ValueType]] = {
+    "finished": pb.RequestEnded.REASON_FINISHED,
+    "aborted": pb.RequestEnded.REASON_ABORTED,
+    "preempted": pb.RequestEnded.REASON_PREEMPTED,
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One request's rows in a step (``inspect_step``): the next ``rows`` rows of the step's
+    array are ``request_id``'s (the rows of one request are contiguous, as in vLLM's flat
+    ``[tokens, hidden]`` layout). ``attributes`` go to the plugins with this request's rows
+    (a key here wins over the same key in the step's attributes)."""
+
+    request_id: str
+    rows: int
+    phase: PhaseName | Phase = "prompt"
+    attributes: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepSegment:
+    """A validated :class:`Segment`: where its rows start in the step, its resolved phase."""
+
+    request_id: str
+    start: int
+    rows: int
+    phase: Phase
+    attributes: dict[str, str]
+
+    def to_proto(self) -> pb.Segment:
+        return pb.Segment(request_id=self.request_id, rows=self.rows,
+                          phase=pb.Phase.ValueType(int(self.phase)),
+                          attributes=self.attributes)
 
 
 @dataclass(slots=True)
@@ -50,10 +85,21 @@ class BatchItem:
     gap_before: int = 0
     #: The rows' slot in the shared-memory region (``raw`` is then empty).
     shm: Lease | None = None
+    #: A step of several requests (``inspect_step``): the requests' rows, in row order
+    #: (``request_id`` is then empty and ``phase`` unspecified). Empty: one request.
+    segments: tuple[StepSegment, ...] = ()
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        """The requests whose rows the batch holds."""
+        if self.segments:
+            return tuple(s.request_id for s in self.segments)
+        return (self.request_id,)
 
     def to_request(self) -> pb.InspectRequest:
         shm = self.shm
         return pb.InspectRequest(batch=pb.ActivationBatch(
+            segments=[s.to_proto() for s in self.segments],
             request_id=self.request_id,
             sequence=self.sequence,
             hook=self.hook,
@@ -65,6 +111,38 @@ class BatchItem:
             phase=pb.Phase.ValueType(int(self.phase)),
             attributes=self.attributes,
         ))
+
+
+@dataclass(frozen=True, slots=True)
+class EndItem:
+    """A ``RequestEnded`` message waiting to be sent: no sequence number, no reply."""
+
+    request_ids: tuple[str, ...]
+    reason: pb.RequestEnded.Reason.ValueType
+
+    def to_request(self) -> pb.InspectRequest:
+        return pb.InspectRequest(ended=pb.RequestEnded(request_ids=self.request_ids,
+                                                       reason=self.reason))
+
+
+#: What a stream's outbox holds: a batch (numbered, answered) or a RequestEnded (neither).
+Outgoing: TypeAlias = BatchItem | EndItem
+
+
+def prepare_end(request_ids: Sequence[str], reason: str) -> EndItem:
+    """Validate the arguments of ``end_requests``; errors name the argument."""
+    if isinstance(request_ids, str) or not isinstance(request_ids, Sequence):
+        raise TypeError(f"request_ids: expected a sequence of request ids, found "
+                        f"{request_ids!r}")
+    for index, request_id in enumerate(request_ids):
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_ids[{index}]: expected a non-empty string, found "
+                             f"{request_id!r}")
+    code = _END_REASONS.get(reason)
+    if code is None:
+        raise ValueError(f"reason: expected 'finished', 'aborted' or 'preempted', "
+                         f"found {reason!r}")
+    return EndItem(tuple(request_ids), code)
 
 
 def prepare_batch(
@@ -85,6 +163,74 @@ def prepare_batch(
     """
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id: expected a non-empty string, found {request_id!r}")
+    resolved_phase = _PHASES.get(phase)
+    if resolved_phase is None:
+        raise ValueError(f"phase: expected 'prompt' or 'generation', found {phase!r}")
+    return _encode(options, request_id, hook, rows, positions, token_ids, resolved_phase,
+                   attributes, (), place)
+
+
+def prepare_step(
+    options: ClientOptions,
+    hook: str,
+    rows: object,
+    segments: Sequence[Segment],
+    positions: Positions,
+    token_ids: Positions | None,
+    attributes: Mapping[str, str] | None,
+    *,
+    place: Placer | None = None,
+) -> BatchItem:
+    """Validate the arguments of ``inspect_step`` (the segments cover the rows in order, ids
+    non-empty and distinct, phases known) and encode the rows; errors name the argument."""
+    if isinstance(segments, Segment) or not isinstance(segments, Sequence) or not segments:
+        raise ValueError(f"segments: expected a non-empty sequence of guard.host.Segment, "
+                         f"found {segments!r}")
+    resolved: list[StepSegment] = []
+    seen: dict[str, int] = {}
+    start = 0
+    for index, segment in enumerate(segments):
+        name = f"segments[{index}]"
+        if not isinstance(segment, Segment):
+            raise TypeError(f"{name}: expected a guard.host.Segment, found "
+                            f"{type(segment).__qualname__}")
+        request_id = segment.request_id
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"{name}.request_id: expected a non-empty string, found "
+                             f"{request_id!r}")
+        if request_id in seen:
+            raise ValueError(f"{name}.request_id: {request_id!r} is already "
+                             f"segments[{seen[request_id]}]'s (one segment per request)")
+        seen[request_id] = index
+        count = segment.rows
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+            raise ValueError(f"{name}.rows: expected an integer >= 1, found {count!r}")
+        phase = _PHASES.get(segment.phase)
+        if phase is None:
+            raise ValueError(f"{name}.phase: expected 'prompt' or 'generation', found "
+                             f"{segment.phase!r}")
+        own = dict(segment.attributes or {})
+        _check_attributes(f"{name}.attributes", own)
+        resolved.append(StepSegment(request_id, start, int(count), phase, own))
+        start += int(count)
+    if isinstance(rows, np.ndarray) and rows.ndim == 2 and start != rows.shape[0]:
+        raise ValueError(f"segments: the segments' rows sum to {start}, expected the "
+                         f"{rows.shape[0]} rows of `rows`")
+    return _encode(options, "", hook, rows, positions, token_ids, Phase.UNSPECIFIED,
+                   attributes, tuple(resolved), place)
+
+
+def _check_attributes(name: str, attributes: Mapping[Any, Any]) -> None:
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"{name}: expected str keys and values, found {key!r}: {value!r}")
+
+
+def _encode(options: ClientOptions, request_id: str, hook: str, rows: object,
+            positions: Positions, token_ids: Positions | None, phase: Phase,
+            attributes: Mapping[str, str] | None, segments: tuple[StepSegment, ...],
+            place: Placer | None) -> BatchItem:
+    """What ``inspect`` and ``inspect_step`` check alike, then the rows encoded."""
     if not isinstance(hook, str) or not hook:
         raise ValueError(f"hook: expected a hook name such as 'blocks.12.hook_resid_post', "
                          f"found {hook!r}")
@@ -105,18 +251,12 @@ def prepare_batch(
     n_rows = int(rows.shape[0])
     position_list = _integers("positions", positions, n_rows)
     token_list = [] if token_ids is None else _integers("token_ids", token_ids, n_rows)
-    resolved_phase = _PHASES.get(phase)
-    if resolved_phase is None:
-        raise ValueError(f"phase: expected 'prompt' or 'generation', found {phase!r}")
     merged: dict[str, str] = {}
     if attributes:
         merged.update(attributes)
     if options.trace_context is not None:  # on the caller's thread, where its span lives
         merged.update(options.trace_context())
-    for key, value in merged.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"attributes: expected str keys and values, found "
-                            f"{key!r}: {value!r}")
+    _check_attributes("attributes", merged)
     datatype = auto if options.wire_dtype == "auto" else options.wire_dtype
     nbytes = codec.expected_nbytes(datatype, rows.shape)
     if nbytes > options.max_message_bytes:
@@ -131,8 +271,8 @@ def prepare_batch(
     else:
         shape, raw = [int(d) for d in rows.shape], b""
     return BatchItem(request_id=request_id, hook=hook, datatype=datatype, shape=shape, raw=raw,
-                     positions=position_list, token_ids=token_list, phase=resolved_phase,
-                     attributes=merged, shm=lease)
+                     positions=position_list, token_ids=token_list, phase=phase,
+                     attributes=merged, shm=lease, segments=segments)
 
 
 def _integers(name: str, values: Positions, n_rows: int) -> list[int]:

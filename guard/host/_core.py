@@ -28,7 +28,16 @@ from numpy.typing import NDArray
 
 from guard.decision import Phase
 from guard.host import tracing
-from guard.host._batch import BatchItem, PhaseName, Positions, prepare_batch
+from guard.host._batch import (
+    BatchItem,
+    EndItem,
+    PhaseName,
+    Positions,
+    Segment,
+    prepare_batch,
+    prepare_end,
+    prepare_step,
+)
 from guard.host._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Backoff,
@@ -41,10 +50,12 @@ from guard.host._options import (
 )
 from guard.host._pending import PendingReplies
 from guard.host._verdict import (
+    Answer,
     Cause,
+    StepVerdict,
     Verdict,
     error_text,
-    monitor_reply_verdict,
+    monitor_reply_verdicts,
     monitor_verdict,
     policy_verdict,
     reply_to_verdict,
@@ -97,6 +108,10 @@ class GuardStream(Protocol):
 
     def reset(self, reason: str) -> None:
         """End the stream from this side (the guard fell behind, or the client closes)."""
+
+    def send_ended(self, item: EndItem) -> bool:
+        """Send (or queue) a RequestEnded; no reply comes and no sequence number is used.
+        False when it could not be (the stream ended, MONITOR's queue is full)."""
 
 
 #: What a stream calls with every reply it reads (the client's :meth:`BaseClient._on_reply`).
@@ -165,6 +180,10 @@ class StreamState(ABC, Generic[Box]):
     def reset(self, reason: str) -> None:
         """End the stream from this side (the guard fell behind, or the client closes)."""
 
+    @abstractmethod
+    def send_ended(self, item: EndItem) -> bool:
+        """Send (or queue) a RequestEnded: no sequence number, no reply; False when not."""
+
     def _assign(self, item: BatchItem, waiter: ReplyWaiter) -> bool:
         """INLINE (under the caller's send lock, if any): the batch takes the next sequence
         number and waits for its reply in ``waiter``; False once the stream has ended."""
@@ -218,22 +237,26 @@ class StreamState(ABC, Generic[Box]):
 
 
 class InspectSpan:
-    """The ``guard.host.inspect`` span of one batch, as a ``with`` block: ended with the
-    verdict handed to :meth:`ended`, or as an error when the block raises (a cancelled task, a
-    client bug)."""
+    """The ``guard.host.inspect`` span of one batch (or one step of several requests), as a
+    ``with`` block: ended with the verdict handed to :meth:`ended`, or as an error when the
+    block raises (a cancelled task, a client bug)."""
 
     def __init__(self, item: BatchItem, mode: str, doorbell: bool) -> None:
         self._mode = mode
-        self._verdict: Verdict | None = None
-        self._span = tracing.start_inspect_span(item.request_id, item.hook,
-                                                len(item.positions), mode, doorbell)
+        self._verdict: Answer | None = None
+        if item.segments:
+            self._span = tracing.start_step_span(item.request_ids, item.hook,
+                                                 len(item.positions), mode, doorbell)
+        else:
+            self._span = tracing.start_inspect_span(item.request_id, item.hook,
+                                                    len(item.positions), mode, doorbell)
         tracing.inject(self._span, item.attributes)  # the guard's batch span becomes its child
         self._started = time.perf_counter()
 
     def __enter__(self) -> InspectSpan:
         return self
 
-    def ended(self, verdict: Verdict) -> Verdict:
+    def ended(self, verdict: Answer) -> Answer:
         self._verdict = verdict
         return verdict
 
@@ -362,6 +385,43 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
         return prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
                              phase, attributes, place=self._place)
 
+    @staticmethod
+    def _single(answer: Answer) -> Verdict:
+        """``inspect``'s verdict (a batch without segments gets a :class:`Verdict`)."""
+        assert isinstance(answer, Verdict), answer
+        return answer
+
+    @staticmethod
+    def _step(answer: Answer) -> StepVerdict:
+        """``inspect_step``'s verdict (a batch with segments gets a :class:`StepVerdict`)."""
+        assert isinstance(answer, StepVerdict), answer
+        return answer
+
+    def _prepare_step(self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],
+                      positions: Positions, token_ids: Positions | None,
+                      attributes: Mapping[str, str] | None) -> BatchItem:
+        """Validate and encode ``inspect_step``'s arguments (into the region when there is
+        one)."""
+        return prepare_step(self._options, hook, rows, segments, positions, token_ids,
+                            attributes, place=self._place)
+
+    def _end(self, request_ids: Sequence[str], reason: str) -> bool:
+        """``end_requests``: a RequestEnded on the open stream (never one of its own: the
+        guard forgets a stream's requests when the stream ends). No reply is awaited; it
+        takes no sequence number. False when no stream took it."""
+        item = prepare_end(request_ids, reason)
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError(
+                    f"{type(self).__name__}.end_requests: the client is closed")
+            stream = self._stream
+        if not item.request_ids or stream is None or stream.finished.is_set():
+            return False
+        if not stream.send_ended(item):
+            return False
+        self._counters.add("requests_ended", len(item.request_ids))
+        return True
+
     def _traced(self, item: BatchItem, stream: StreamT | None) -> InspectSpan:
         return InspectSpan(item, self._options.mode,
                            stream is not None and stream.transport == "doorbell")
@@ -377,7 +437,7 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
             stream = self._stream
         return stream if stream is not None and not stream.finished.is_set() else None
 
-    def _unavailable(self, item: BatchItem, stream: StreamT | None) -> Verdict:
+    def _unavailable(self, item: BatchItem, stream: StreamT | None) -> Answer:
         """INLINE: no stream took the batch: the failure policy decides."""
         release_unsent(item.shm)
         if stream is not None:
@@ -388,7 +448,7 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
         return policy_verdict(self._options, self._counters, item, "unavailable",
                               unavailable_reason(why))
 
-    def _late(self, stream: StreamT, item: BatchItem, timeout: float) -> Verdict | None:
+    def _late(self, stream: StreamT, item: BatchItem, timeout: float) -> Answer | None:
         """INLINE: the deadline passed: the failure policy's verdict, or None when the reply
         was resolved in the meantime (use it). Resets a stream the guard fell behind on."""
         unanswered = stream.pending.abandon(item.sequence)
@@ -401,14 +461,14 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
                               f"no reply from the guard within {timeout * 1e3:g} ms "
                               f"(sequence {item.sequence})")
 
-    def _answer(self, item: BatchItem, outcome: Outcome) -> Verdict:
+    def _answer(self, item: BatchItem, outcome: Outcome) -> Answer:
         """INLINE: the verdict on the batch's outcome: the guard's, or the failure policy's."""
         if isinstance(outcome, Failure):
             return policy_verdict(self._options, self._counters, item, outcome.cause,
                                   outcome.reason)
         return reply_to_verdict(self._options, self._counters, item, outcome)
 
-    def _enqueue(self, item: BatchItem) -> Verdict:
+    def _enqueue(self, item: BatchItem) -> Answer:
         """MONITOR: queue the batch (or drop it when the queue is full); CONTINUE at once."""
         if self._offer(item):
             if self._dropping:
@@ -423,7 +483,8 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
                 self._dropping = True
                 log.warning("monitor queue full: dropping the newest batches",
                             queue_size=self._options.queue_size, dropped=dropped,
-                            request_id=item.request_id, hook=item.hook)
+                            request_id=item.request_id or list(item.request_ids),
+                            hook=item.hook)
         return monitor_verdict(item)
 
     # -- the stream -----------------------------------------------------------------------
@@ -487,11 +548,12 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
         callback = self._options.on_reply
         if callback is None:
             return
-        try:
-            callback(monitor_reply_verdict(reply))
-        except Exception:  # the user's callback must not stop the reader
-            log.exception("on_reply callback failed", request_id=reply.request_id,
-                          sequence=reply.sequence)
+        for verdict in monitor_reply_verdicts(reply):  # one per request of a step
+            try:
+                callback(verdict)
+            except Exception:  # the user's callback must not stop the reader
+                log.exception("on_reply callback failed", request_id=verdict.request_id,
+                              sequence=reply.sequence)
 
     # -- closing --------------------------------------------------------------------------
 

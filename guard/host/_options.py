@@ -229,6 +229,8 @@ class ClientCounters:
     #: Batches sent as bytes although shared memory is on: no free slot, or the guard refused
     #: the region.
     shm_fallbacks: int = 0
+    #: Requests named in RequestEnded messages sent (``end_requests``).
+    requests_ended: int = 0
 
 
 _COUNTER_NAMES: Final = frozenset(f.name for f in fields(ClientCounters))

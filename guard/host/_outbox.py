@@ -9,7 +9,7 @@ import threading
 from collections import deque
 from typing import Protocol
 
-from guard.host._batch import BatchItem
+from guard.host._batch import BatchItem, EndItem, Outgoing
 from guard.host._core import GuardStream, Outcome, ReplyHandler
 
 
@@ -30,29 +30,32 @@ class ReplySlot:
 
 
 class Outbox:
-    """Batches waiting for gRPC's sender thread; bounded (MONITOR) or not (INLINE, where each
-    caller waits for its reply). ``offer`` never blocks."""
+    """Batches (and RequestEnded messages) waiting for a sender thread; bounded (MONITOR) or
+    not (INLINE, where each caller waits for its reply). ``offer`` never blocks."""
 
     def __init__(self, capacity: int | None) -> None:
-        self._items: deque[BatchItem] = deque()
+        self._items: deque[Outgoing] = deque()
         self._capacity = capacity
         self._cond = threading.Condition()
         self._closed = False
         self._gap = 0
 
-    def offer(self, item: BatchItem) -> bool:
-        """Queue a batch; False (and the batch dropped) when full or closed."""
+    def offer(self, item: Outgoing) -> bool:
+        """Queue a batch; False (and the batch dropped) when full or closed. A dropped
+        RequestEnded leaves no gap: it has no sequence number."""
         with self._cond:
             if self._closed or (self._capacity is not None
                                 and len(self._items) >= self._capacity):
-                self._gap += 1
+                if isinstance(item, BatchItem):
+                    self._gap += 1
                 return False
-            item.gap_before, self._gap = self._gap, 0
+            if isinstance(item, BatchItem):
+                item.gap_before, self._gap = self._gap, 0
             self._items.append(item)
             self._cond.notify()
             return True
 
-    def take(self, stop: threading.Event) -> BatchItem | None:
+    def take(self, stop: threading.Event) -> Outgoing | None:
         """The next batch; None once ``stop`` is set, or once closed and empty."""
         with self._cond:
             while not self._items and not self._closed and not stop.is_set():
@@ -75,7 +78,7 @@ class Outbox:
     def drain(self) -> int:
         """Discard what is queued; returns how many batches that was."""
         with self._cond:
-            count = len(self._items)
+            count = sum(1 for item in self._items if not isinstance(item, EndItem))
             self._items.clear()
             return count
 
@@ -89,6 +92,9 @@ class HostStream(GuardStream, Protocol):
 
     def wait(self, slot: ReplySlot, timeout: float) -> bool:
         """INLINE: wait up to ``timeout`` seconds for ``slot``'s reply; True once resolved."""
+
+    def send_ended(self, item: EndItem) -> bool:
+        """Send (or queue) a RequestEnded: no sequence number, no reply; False when not."""
 
     def close_sending(self) -> None:
         """Send what is queued, then no more: the guard answers the rest and ends the stream."""

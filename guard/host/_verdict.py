@@ -1,9 +1,9 @@
-"""What ``inspect`` returns, and the one place where the failure policy turns a fault into
-a verdict (counted and logged)."""
+"""What ``inspect`` and ``inspect_step`` return, and the one place where the failure policy
+turns a fault into a verdict (counted and logged)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -12,9 +12,9 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from guard.decision import Action
+from guard.decision import Action, Phase
 from guard.errors import GuardError
-from guard.host._batch import BatchItem
+from guard.host._batch import BatchItem, StepSegment
 from guard.host._options import ClientOptions, CounterBox
 from guard.v1 import guard_pb2 as pb
 from guard.wire import codec
@@ -85,36 +85,123 @@ class Verdict:
         return self.source in ("fail_open", "fail_closed")
 
 
-def monitor_verdict(item: BatchItem) -> Verdict:
+#: Most severe first wins: ABORT over STEER over CONTINUE.
+_SEVERITY: Final = {Action.CONTINUE: 0, Action.STEER: 1, Action.ABORT: 2}
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    """The answer to one step (``inspect_step``): a :class:`Verdict` per request, in segment
+    order, and the step's steering over all its rows."""
+
+    #: One per segment, in the segments' order; each with its request id and positions (on
+    #: STEER, its ``steering`` is its own rows of the step's delta).
+    verdicts: tuple[Verdict, ...]
+    #: Who decided: the guard, the failure policy (every request then has the same verdict)
+    #: or ``monitor``.
+    source: Source
+    #: The step's sequence number on its stream (0 when it never got one).
+    sequence: int = 0
+    #: Hook -> residual delta ``[rows, d_in]`` over every row of the step (rows of requests
+    #: that are not steered are zero): ``hidden[rows] += delta`` once for the step.
+    steering: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
+    #: Why the failure policy decided, and its cause, as on :class:`Verdict`.
+    reason: str = ""
+    cause: str = ""
+
+    @property
+    def action(self) -> Action:
+        """The most severe of the verdicts' actions (ABORT over STEER over CONTINUE)."""
+        return max((v.action for v in self.verdicts), key=_SEVERITY.__getitem__,
+                   default=Action.CONTINUE)
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(v.request_id for v in self.verdicts)
+
+    @property
+    def decided_by_policy(self) -> bool:
+        return self.source in ("fail_open", "fail_closed")
+
+    def verdict(self, request_id: str) -> Verdict:
+        """The verdict of one request of the step; KeyError when it is not in the step."""
+        for verdict in self.verdicts:
+            if verdict.request_id == request_id:
+                return verdict
+        raise KeyError(request_id)
+
+    def __iter__(self) -> Iterator[Verdict]:
+        return iter(self.verdicts)
+
+    def __len__(self) -> int:
+        return len(self.verdicts)
+
+
+#: What a batch gets: a verdict (``inspect``), or a verdict per request (``inspect_step``).
+Answer = Verdict | StepVerdict
+
+
+def _segment_positions(item: BatchItem, segment: StepSegment) -> tuple[int, ...]:
+    return tuple(item.positions[segment.start:segment.start + segment.rows])
+
+
+def monitor_verdict(item: BatchItem) -> Answer:
+    if item.segments:
+        return StepVerdict(verdicts=tuple(
+            Verdict(action=Action.CONTINUE, source="monitor", request_id=s.request_id,
+                    positions=_segment_positions(item, s)) for s in item.segments),
+            source="monitor")
     return Verdict(action=Action.CONTINUE, source="monitor", request_id=item.request_id,
                    positions=tuple(item.positions))
 
 
 def policy_verdict(
     options: ClientOptions, counters: CounterBox, item: BatchItem, cause: Cause, reason: str,
-) -> Verdict:
-    """The failure policy's verdict on a batch; counts the cause and the outcome, logs both."""
+) -> Answer:
+    """The failure policy's verdict on a batch (for a step, the same verdict for each of its
+    requests); counts the cause and the outcome once per batch, logs both."""
     cause_count = counters.add(_CAUSE_COUNTERS[cause])
     source: Source = "fail_open" if options.failure_policy == "open" else "fail_closed"
     action = Action.CONTINUE if source == "fail_open" else Action.ABORT
     decided = counters.add(source)
     log.warning("guard failure policy applied", policy=source, cause=cause,
-                request_id=item.request_id, hook=item.hook, sequence=item.sequence,
-                rows=len(item.positions), reason=reason, policy_count=decided,
-                cause_count=cause_count)
+                request_id=item.request_id or list(item.request_ids), hook=item.hook,
+                sequence=item.sequence, rows=len(item.positions), reason=reason,
+                policy_count=decided, cause_count=cause_count)
+    details = reason if action is Action.ABORT else ""
+    if item.segments:
+        return StepVerdict(verdicts=tuple(
+            Verdict(action=action, source=source, request_id=s.request_id,
+                    sequence=item.sequence, details=details,
+                    positions=_segment_positions(item, s), reason=reason, cause=cause)
+            for s in item.segments),
+            source=source, sequence=item.sequence, reason=reason, cause=cause)
     return Verdict(action=action, source=source, request_id=item.request_id,
-                   sequence=item.sequence, details=reason if action is Action.ABORT else "",
+                   sequence=item.sequence, details=details,
                    positions=tuple(item.positions), reason=reason, cause=cause)
 
 
 def reply_to_verdict(
     options: ClientOptions, counters: CounterBox, item: BatchItem, reply: pb.InspectResponse,
-) -> Verdict:
+) -> Answer:
     """The verdict for an INLINE batch's reply: the guard's decision, or the policy's when the
     reply carries a per-batch error or does not make sense."""
     if reply.HasField("error"):
         return policy_verdict(options, counters, item, "error",
                               f"the guard rejected the batch: {error_text(reply.error)}")
+    if item.segments:
+        answered = [v.request_id for v in reply.verdicts]
+        if answered != list(item.request_ids):
+            return policy_verdict(
+                options, counters, item, "protocol",
+                f"the guard's reply to sequence {reply.sequence} has verdicts for "
+                f"{answered!r}, expected one per segment: {list(item.request_ids)!r}")
+        try:
+            return step_verdict(reply, item.segments)
+        except (GuardError, ValueError) as exc:
+            return policy_verdict(options, counters, item, "protocol",
+                                  f"the guard's reply to sequence {reply.sequence} is "
+                                  f"invalid: {exc}")
     if reply.request_id != item.request_id:
         return policy_verdict(
             options, counters, item, "protocol",
@@ -131,14 +218,49 @@ def reply_to_verdict(
 def decision_verdict(reply: pb.InspectResponse) -> Verdict:
     """The guard's decision in a reply without ``error``; ValueError or InvalidInput when
     the reply is malformed (no action, a bad steering tensor)."""
-    action = _ACTIONS.get(reply.action)
+    return Verdict(action=_action(reply.action), source="guard", request_id=reply.request_id,
+                   sequence=reply.sequence, decision_id=reply.decision_id,
+                   findings=_findings(reply.findings), steering=_steering(reply),
+                   details=reply.details, positions=tuple(reply.positions))
+
+
+def step_verdict(reply: pb.InspectResponse, segments: tuple[StepSegment, ...]) -> StepVerdict:
+    """The guard's decisions in a step's reply (one RequestVerdict per segment, checked by
+    the caller); ValueError or InvalidInput when the reply is malformed."""
+    steering = _steering(reply)
+    rows = sum(s.rows for s in segments)
+    for hook, delta in steering.items():
+        if delta.ndim != 2 or delta.shape[0] != rows:
+            raise ValueError(f"steering[{hook!r}]: expected a delta over the step's {rows} "
+                             f"rows, found shape {list(delta.shape)}")
+    verdicts = []
+    for segment, verdict in zip(segments, reply.verdicts, strict=True):
+        action = _action(verdict.action)
+        own = ({hook: delta[segment.start:segment.start + segment.rows]
+                for hook, delta in steering.items()} if action is Action.STEER else {})
+        verdicts.append(Verdict(
+            action=action, source="guard", request_id=verdict.request_id,
+            sequence=reply.sequence, decision_id=verdict.decision_id,
+            findings=_findings(verdict.findings), steering=own, details=verdict.details,
+            positions=tuple(verdict.positions)))
+    return StepVerdict(verdicts=tuple(verdicts), source="guard", sequence=reply.sequence,
+                       steering=steering)
+
+
+def _action(value: int) -> Action:
+    action = _ACTIONS.get(value)
     if action is None:
-        raise ValueError(f"action: expected CONTINUE, STEER or ABORT, found {reply.action}")
-    steering = {
-        s.hook: codec.decode(s.delta.datatype, s.delta.shape, s.delta.raw)
-        for s in reply.steering
-    }
-    findings = tuple(
+        raise ValueError(f"action: expected CONTINUE, STEER or ABORT, found {value}")
+    return action
+
+
+def _steering(reply: pb.InspectResponse) -> dict[str, NDArray[np.float32]]:
+    return {s.hook: codec.decode(s.delta.datatype, s.delta.shape, s.delta.raw)
+            for s in reply.steering}
+
+
+def _findings(findings: Iterable[pb.Finding]) -> tuple[ReportedFinding, ...]:
+    return tuple(
         ReportedFinding(
             detector=f.detector, score=f.score, threshold=f.threshold,
             action=_ACTIONS.get(f.action, Action.CONTINUE),
@@ -146,11 +268,25 @@ def decision_verdict(reply: pb.InspectResponse) -> Verdict:
             feature_labels=tuple(f.feature_labels), positions=tuple(f.positions),
             message=f.message,
         )
-        for f in reply.findings
+        for f in findings
     )
-    return Verdict(action=action, source="guard", request_id=reply.request_id,
-                   sequence=reply.sequence, decision_id=reply.decision_id, findings=findings,
-                   steering=steering, details=reply.details, positions=tuple(reply.positions))
+
+
+def monitor_reply_verdicts(reply: pb.InspectResponse) -> list[Verdict]:
+    """What MONITOR's ``on_reply`` gets: :func:`monitor_reply_verdict`, or for a step's reply
+    (verdicts set) one verdict per request (each with its own rows of the step's delta)."""
+    if not reply.verdicts or reply.HasField("error"):
+        return [monitor_reply_verdict(reply)]
+    positions = [len(v.positions) for v in reply.verdicts]
+    starts = np.cumsum([0, *positions]).tolist()
+    segments = tuple(StepSegment(v.request_id, start, count, Phase.UNSPECIFIED, {})
+                     for v, start, count in zip(reply.verdicts, starts, positions, strict=False))
+    try:
+        return list(step_verdict(reply, segments).verdicts)
+    except (GuardError, ValueError) as exc:
+        return [Verdict(action=Action.CONTINUE, source="monitor", request_id=v.request_id,
+                        sequence=reply.sequence, reason=f"invalid reply from the guard: {exc}")
+                for v in reply.verdicts]
 
 
 def monitor_reply_verdict(reply: pb.InspectResponse) -> Verdict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Final
 
@@ -20,7 +20,16 @@ from grpc import aio
 from numpy.typing import NDArray
 
 from guard.decision import Phase
-from guard.host._batch import BatchItem, PhaseName, Positions, stream_config
+from guard.host._batch import (
+    BatchItem,
+    EndItem,
+    EndReason,
+    Outgoing,
+    PhaseName,
+    Positions,
+    Segment,
+    stream_config,
+)
 from guard.host._core import (
     BaseClient,
     Outcome,
@@ -31,15 +40,15 @@ from guard.host._core import (
     status_text,
 )
 from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
-from guard.host._verdict import Verdict, stream_end_text
+from guard.host._verdict import Answer, StepVerdict, Verdict, stream_end_text
 from guard.host.doorbell import CONNECT_TIMEOUT_S
 from guard.host.shm import HostRegion
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from guard.wire.framing import HEADER_BYTES, FrameError, encode_frame, frame_length
 
-#: What an outbox holds: a batch, or None (send nothing more: half-close the stream).
-_Outbox = asyncio.Queue[BatchItem | None]
+#: What an outbox holds: a batch, a RequestEnded, or None (send nothing more: half-close).
+_Outbox = asyncio.Queue[Outgoing | None]
 #: The stream reader's buffer limit (frames are read with readexactly, not lines).
 _READ_LIMIT: Final = 1 << 20
 
@@ -83,6 +92,15 @@ class _AioStream(StreamState[_Outbox]):
         self.outbox.put_nowait(item)  # unbounded: each INLINE caller waits for its reply
         return waiter
 
+    def send_ended(self, item: EndItem) -> bool:
+        """Queue a RequestEnded for the writer (no sequence number, no reply); False when
+        MONITOR's queue is full."""
+        try:
+            self.outbox.put_nowait(item)
+        except asyncio.QueueFull:
+            return False
+        return True
+
     def reset(self, reason: str) -> None:
         self._reset_reason = reason
         self.call.cancel()
@@ -105,9 +123,10 @@ class _AioStream(StreamState[_Outbox]):
                     if item is None:
                         await self._done_sending()
                         return
-                    if monitor:
-                        self._number(item)
-                    self.counters.add("sent")
+                    if isinstance(item, BatchItem):  # a RequestEnded: no number, no reply
+                        if monitor:
+                            self._number(item)
+                        self.counters.add("sent")
                     await self._send(item.to_request())
                 finally:
                     self.outbox.task_done()
@@ -266,10 +285,30 @@ class AsyncGuardClient(BaseClient[_AioStream, asyncio.Task[None]]):
         if self._keeper is None:
             await self._check_shm()  # before the first batch is placed in the region
         item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes)
+        return self._single(await self._run(item, timeout))
+
+    async def inspect_step(self, hook: str, rows: NDArray[np.floating],
+                           segments: Sequence[Segment], positions: Positions,
+                           token_ids: Positions | None = None,
+                           attributes: Mapping[str, str] | None = None,
+                           *, deadline_ms: float | None = None) -> StepVerdict:
+        """See :meth:`guard.host.GuardClient.inspect_step`."""
+        timeout = deadline_seconds(self._options, deadline_ms)
+        if self._keeper is None:
+            await self._check_shm()
+        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes)
+        return self._step(await self._run(item, timeout))
+
+    async def end_requests(self, request_ids: Sequence[str],
+                           reason: EndReason = "finished") -> bool:
+        """See :meth:`guard.host.GuardClient.end_requests` (queues it; never awaits a reply)."""
+        return self._end(request_ids, reason)
+
+    async def _run(self, item: BatchItem, timeout: float) -> Answer:
         with self._traced(item, None) as span:
             return span.ended(await self._decide(item, timeout))
 
-    async def _decide(self, item: BatchItem, timeout: float) -> Verdict:
+    async def _decide(self, item: BatchItem, timeout: float) -> Answer:
         """The verdict on one prepared batch: the guard's, or the failure policy's."""
         stream = self._live_stream()  # opened on the first batch; None while the guard is down
         if self._monitor:
@@ -321,7 +360,7 @@ class AsyncGuardClient(BaseClient[_AioStream, asyncio.Task[None]]):
         left = 0
         if self._monitor_outbox is not None:
             left = sum(1 for _ in range(self._monitor_outbox.qsize())
-                       if self._monitor_outbox.get_nowait() is not None)
+                       if isinstance(self._monitor_outbox.get_nowait(), BatchItem))
         if self._channel is not None:
             await self._channel.close(None)
         self._closed_summary(left)

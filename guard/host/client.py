@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 
 import grpc
@@ -33,7 +33,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.decision import Phase
-from guard.host._batch import BatchItem, PhaseName, Positions, stream_config
+from guard.host._batch import (
+    BatchItem,
+    EndItem,
+    EndReason,
+    PhaseName,
+    Positions,
+    Segment,
+    stream_config,
+)
 from guard.host._core import (
     BaseClient,
     ClientClosedError,
@@ -46,7 +54,7 @@ from guard.host._core import (
 )
 from guard.host._options import ClientOptions, CounterBox
 from guard.host._outbox import HostStream, Outbox, ReplySlot
-from guard.host._verdict import Verdict
+from guard.host._verdict import Answer, StepVerdict, Verdict
 from guard.host.doorbell import DoorbellStream
 from guard.host.shm import HostRegion
 from guard.v1 import guard_pb2 as pb
@@ -69,9 +77,10 @@ class _GrpcStream(StreamState[Outbox]):
         yield pb.InspectRequest(config=self.shm.configure(stream_config(self.options)))
         monitor = self.options.mode == "monitor"
         while (item := self.outbox.take(self.finished)) is not None:
-            if monitor:  # INLINE batches got theirs in submit()
-                self._number(item)
-            self.counters.add("sent")
+            if isinstance(item, BatchItem):  # a RequestEnded takes no number, gets no reply
+                if monitor:  # INLINE batches got theirs in submit()
+                    self._number(item)
+                self.counters.add("sent")
             yield item.to_request()
 
     def submit(self, item: BatchItem, timeout: float) -> ReplySlot | None:
@@ -85,6 +94,10 @@ class _GrpcStream(StreamState[Outbox]):
                 self._unassign(item)
                 return None
         return slot
+
+    def send_ended(self, item: EndItem) -> bool:
+        """Queue a RequestEnded for gRPC's sender, behind the batches already queued."""
+        return self.outbox.offer(item)
 
     def wait(self, slot: ReplySlot, timeout: float) -> bool:
         """INLINE: the client thread delivers the reply; wait for it."""
@@ -179,11 +192,42 @@ class GuardClient(BaseClient[HostStream, threading.Thread]):
         if self._keeper is None:
             self._check_shm()  # before the first batch is placed in the region
         item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes)
+        return self._single(self._run(item, timeout))
+
+    def inspect_step(self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],
+                     positions: Positions, token_ids: Positions | None = None,
+                     attributes: Mapping[str, str] | None = None,
+                     *, deadline_ms: float | None = None) -> StepVerdict:
+        """Send one engine step of one hook: ``rows [n, d_in]`` of several requests, the
+        ``segments`` (a :class:`guard.host.Segment` per request, in row order, their ``rows``
+        summing to ``n``); ``positions`` (and ``token_ids``) one per row. Returns a
+        :class:`guard.host.StepVerdict`: a verdict per request in segment order, the most
+        severe ``action``, and ``steering`` over every row of the step (zero on the rows of
+        requests that are not steered). INLINE, MONITOR and the failure policy as for
+        :meth:`inspect`: when the guard is down, late or rejects the step, every request gets
+        the policy's verdict. Raises ValueError or TypeError for bad arguments (segments
+        that do not cover the rows, empty or repeated request ids, unknown phases).
+        """
+        timeout = deadline_seconds(self._options, deadline_ms)
+        if self._keeper is None:
+            self._check_shm()
+        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes)
+        return self._step(self._run(item, timeout))
+
+    def end_requests(self, request_ids: Sequence[str],
+                     reason: EndReason = "finished") -> bool:
+        """Tell the guard that these requests are over (``finished``, ``aborted`` by the host,
+        or ``preempted``: their rows will be sent again), so it frees their state. Never
+        waits for a reply (none comes). Returns False when no stream is up to take it (the
+        guard forgets a stream's requests when it ends anyway)."""
+        return self._end(request_ids, reason)
+
+    def _run(self, item: BatchItem, timeout: float) -> Answer:
         stream = self._live_stream()  # opened on the first batch; None while the guard is down
         with self._traced(item, stream) as span:
             return span.ended(self._decide(stream, item, timeout))
 
-    def _decide(self, stream: HostStream | None, item: BatchItem, timeout: float) -> Verdict:
+    def _decide(self, stream: HostStream | None, item: BatchItem, timeout: float) -> Answer:
         """The verdict on one prepared batch: the guard's, or the failure policy's."""
         if self._monitor:
             return self._enqueue(item)

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Final
 
-from guard.host._batch import BatchItem, stream_config
+from guard.host._batch import BatchItem, EndItem, stream_config
 from guard.host._core import ReplyHandler, StreamState
 from guard.host._options import TRANSPORT_HEADROOM, ClientOptions, CounterBox
 from guard.host._outbox import Outbox, ReplySlot
@@ -119,19 +119,38 @@ class DoorbellStream(StreamState[Outbox]):
         self.counters.add("sent")
         return slot
 
+    def send_ended(self, item: EndItem) -> bool:
+        """A RequestEnded: MONITOR queues it behind the batches; INLINE writes its frame now,
+        within the client's deadline (no sequence number, no reply)."""
+        if self._monitor:
+            return self.outbox.offer(item)
+        with self._send_lock:
+            sock = self._sock
+            if sock is None or self.finished.is_set():
+                return False
+            try:
+                self._send(sock, item.to_request().SerializeToString(),
+                           self.options.deadline_ms / 1e3)
+            except OSError as exc:  # a frame may be cut, so reset
+                self.reset(f"sending a RequestEnded on the doorbell failed: {exc}")
+                return False
+        return True
+
     def _send_queued(self) -> None:
         """MONITOR: the sender thread; numbers queued batches as they go (drops leave gaps)."""
         sock = self._sock
         assert sock is not None
         while (item := self.outbox.take(self.finished)) is not None:
-            self._number(item)
+            if isinstance(item, BatchItem):  # a RequestEnded takes no number, gets no reply
+                self._number(item)
             with self._send_lock:
                 try:
                     self._send(sock, item.to_request().SerializeToString(), None)
                 except OSError as exc:
                     self.reset(f"sending a batch on the doorbell failed: {exc}")
                     return
-            self.counters.add("sent")
+            if isinstance(item, BatchItem):
+                self.counters.add("sent")
         if not self.finished.is_set():  # closed and sent: the guard answers, then ends
             self._shutdown(socket.SHUT_WR)
 

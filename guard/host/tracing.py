@@ -15,6 +15,9 @@ here is a no-op that costs a few attribute lookups. With one:
   child. The verdict is on the span: action, decision id, who decided (``guard``, the failure
   policy, ``monitor``), and for a failure-policy verdict its cause, with the span status
   ERROR (a fault of the call, as the semantic conventions for gRPC clients say).
+  A step of several requests (``inspect_step``) is one such span with the requests' ids in
+  ``guard.request_ids`` (a list, in segment order), the most severe action in
+  ``guard.decision.action`` and each request's decision id in ``guard.decision.ids``.
 
 Metrics (meter ``guard.host``): ``guard.host.batches`` by mode, action and verdict source,
 ``guard.host.failure_policy`` (fail-open and fail-closed events by cause),
@@ -25,9 +28,9 @@ Spans and metrics never carry activations, token ids or prompt text.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, cast
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -36,7 +39,7 @@ from guard import __version__
 from guard.telemetry.conventions import DOORBELL_ATTRIBUTES, LATENCY_BUCKETS, RPC_ATTRIBUTES
 
 if TYPE_CHECKING:
-    from guard.host._verdict import Verdict
+    from guard.host._verdict import StepVerdict, Verdict
 
 #: Instrumentation scope of the host SDK's tracer and meter.
 SCOPE: Final = "guard.host"
@@ -102,6 +105,19 @@ def start_inspect_span(request_id: str, hook: str, rows: int, mode: str,
     return span
 
 
+def start_step_span(request_ids: Sequence[str], hook: str, rows: int, mode: str,
+                    doorbell: bool = False) -> Span:
+    """The ``guard.host.inspect`` span of one step of several requests (``inspect_step``),
+    with their ids in ``guard.request_ids``."""
+    span = tracer().start_span("guard.host.inspect", kind=SpanKind.CLIENT,
+                               attributes=DOORBELL_ATTRIBUTES if doorbell else RPC_ATTRIBUTES)
+    if span.is_recording():
+        span.set_attributes({"guard.request_ids": list(request_ids), "guard.hook": hook,
+                             "guard.rows": rows, "guard.segments": len(request_ids),
+                             "guard.stream.mode": mode})
+    return span
+
+
 def inject(span: Span, carrier: MutableMapping[str, str]) -> None:
     """Put ``span``'s W3C trace context (``traceparent``, ``tracestate``) into ``carrier``.
 
@@ -114,8 +130,10 @@ def inject(span: Span, carrier: MutableMapping[str, str]) -> None:
         propagate.inject(carrier, context=trace.set_span_in_context(span))
 
 
-def end_inspect_span(span: Span, verdict: Verdict, mode: str, elapsed_s: float) -> None:
-    """Record the verdict on the batch span and in the metrics, then end the span."""
+def end_inspect_span(span: Span, verdict: Verdict | StepVerdict, mode: str,
+                     elapsed_s: float) -> None:
+    """Record the verdict on the batch span and in the metrics, then end the span (for a
+    step: the most severe action, every request's decision id and detectors)."""
     action = verdict.action.name.lower()
     attributes = {"guard.stream.mode": mode, "guard.decision.action": action,
                   "guard.verdict.source": verdict.source}
@@ -131,13 +149,23 @@ def end_inspect_span(span: Span, verdict: Verdict, mode: str, elapsed_s: float) 
         span.set_attributes(attributes)
         if verdict.sequence:
             span.set_attribute("guard.sequence", verdict.sequence)
-        if verdict.decision_id:
-            span.set_attribute("guard.decision.id", verdict.decision_id)
-        if verdict.findings:
-            span.set_attribute("guard.decision.detectors",
-                               sorted({f.detector for f in verdict.findings}))
-        if verdict.details:
-            span.set_attribute("guard.decision.details", verdict.details)
+        step: tuple[Verdict, ...] | None = getattr(verdict, "verdicts", None)
+        verdicts = (cast("Verdict", verdict),) if step is None else step
+        if step is None:
+            decision_id = getattr(verdict, "decision_id", "")
+            if decision_id:
+                span.set_attribute("guard.decision.id", decision_id)
+        elif any(v.decision_id for v in step):
+            span.set_attribute("guard.decision.ids", [v.decision_id for v in step])
+        detectors = sorted({f.detector for v in verdicts for f in v.findings})
+        if detectors:
+            span.set_attribute("guard.decision.detectors", detectors)
+        if step is None or verdict.decided_by_policy:
+            details = verdicts[0].details
+        else:
+            details = "; ".join(f"{v.request_id}: {v.details}" for v in step if v.details)
+        if details:
+            span.set_attribute("guard.decision.details", details)
         if verdict.decided_by_policy:
             span.set_attribute("guard.failure.cause", verdict_cause(verdict))
             span.set_attribute("error.type", verdict_cause(verdict))
@@ -153,7 +181,7 @@ def fail_inspect_span(span: Span, exc: BaseException) -> None:
     span.end()
 
 
-def verdict_cause(verdict: Verdict) -> str:
+def verdict_cause(verdict: Verdict | StepVerdict) -> str:
     """The failure-policy cause recorded on a policy verdict (``unavailable`` etc.)."""
     return verdict.cause or "error"
 

@@ -8,9 +8,9 @@ fifth of a gRPC bytes round trip, against nine tenths for the same reference ove
 The doorbell runs the same protocol without it: the host connects to
 ``server.shared_memory.doorbell_socket`` (``DescribeResponse.shared_memory_doorbell``), sends
 length-prefixed ``InspectRequest`` frames (a StreamConfig, then batches) and reads
-``DoorbellFrame`` frames (a reply per batch; a ``StreamEnd`` where a gRPC status would end the
-call). :class:`guard.sidecar.session.InspectStream` does the work exactly as for a gRPC stream, so
-validation, decisions, records, spans and metrics are the same.
+``DoorbellFrame`` frames (a reply per batch, none for a ``RequestEnded``; a ``StreamEnd`` where
+a gRPC status would end the call). :class:`guard.sidecar.session.InspectStream` does the work
+exactly as for a gRPC stream, so validation, decisions, records, spans and metrics are the same.
 
 One thread per connection, at most ``server.max_concurrent_rpcs`` connections (more get a
 RESOURCE_EXHAUSTED end). The socket has the gRPC socket's mode and group. A drain stops
@@ -34,7 +34,7 @@ import grpc
 import structlog
 
 from guard.errors import InvalidInput, TooLarge
-from guard.sidecar.session import InspectStream, StreamEnded
+from guard.sidecar.session import InspectStream, StreamEnded, StreamLimits
 from guard.v1 import guard_pb2 as pb
 from guard.wire.framing import FrameError, FrameReader, FrameTooLarge, reply_parts, send_frame
 
@@ -52,9 +52,11 @@ _LINGER_BYTES: Final = 8 * 1024 * 1024
 
 
 class EngineSource(Protocol):
-    """Where the doorbell finds the engine (the gRPC servicer holds it; None while loading)."""
+    """Where the doorbell finds the engine (the gRPC servicer holds it; None while loading)
+    and the streams' limits."""
 
     engine: Engine | None
+    limits: StreamLimits
 
 
 class DoorbellServer:
@@ -127,7 +129,7 @@ class DoorbellServer:
                                    f"{peer} (uid {uid})",
                                    shared_memory=self._config.server.shared_memory,
                                    doorbell=True, alive=functools.partial(_connected, conn),
-                                   peer_uid=uid)
+                                   peer_uid=uid, limits=self._source.limits)
             self._run(conn, stream)
         except Exception:  # a bug: this stream ends, the guard goes on
             log.exception("doorbell stream failed", peer=peer)
@@ -139,7 +141,10 @@ class DoorbellServer:
                 log.info("stream closed", peer=peer, mode=stream.mode, transport="doorbell",
                          batches=counters.batches, rows=counters.rows,
                          rejected=counters.rejected,
-                         skipped_sequences=counters.skipped_sequences)
+                         skipped_sequences=counters.skipped_sequences,
+                         requests_ended=counters.requests_ended,
+                         requests_unknown=counters.requests_unknown,
+                         requests_evicted=counters.requests_evicted)
             with contextlib.suppress(OSError):
                 conn.close()
             with self._lock:

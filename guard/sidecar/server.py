@@ -36,7 +36,7 @@ from guard.config import GuardConfig, ServerConfig
 from guard.engine.core import Engine
 from guard.errors import InvalidInput, ListenError, NotReady
 from guard.sidecar.doorbell import DoorbellServer
-from guard.sidecar.session import PROTOCOL_VERSION, InspectStream, StreamEnded
+from guard.sidecar.session import PROTOCOL_VERSION, InspectStream, StreamEnded, StreamLimits
 from guard.sidecar.status import status_code
 from guard.telemetry.instruments import extract_context
 from guard.v1 import guard_pb2 as pb
@@ -156,8 +156,12 @@ def _not_a(message: str, number: int, undecodable: Undecodable) -> str:
 class GuardServicer(pb_grpc.GuardServicer):
     """Serves guard.v1.Guard; answers UNAVAILABLE until an engine is set."""
 
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: GuardConfig, limits: StreamLimits | None = None) -> None:
         self._config = config
+        #: Continuous-batching limits of every stream (the doorbell's too).
+        self.limits = limits if limits is not None else StreamLimits(
+            max_segments=config.server.max_segments_per_batch,
+            max_requests=config.server.max_requests_per_stream)
         self.engine: Engine | None = None
         #: The doorbell socket's path, once it listens (Describe names it).
         self.doorbell_path = ""
@@ -181,7 +185,7 @@ class GuardServicer(pb_grpc.GuardServicer):
             parent = extract_context(context.invocation_metadata())
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
                                parent, shared_memory=self._config.server.shared_memory,
-                               alive=context.is_active)
+                               alive=context.is_active, limits=self.limits)
         try:
             for number, request in enumerate(request_iterator, 1):
                 if isinstance(request, Undecodable):
@@ -200,7 +204,10 @@ class GuardServicer(pb_grpc.GuardServicer):
             counters = stream.counters
             log.info("stream closed", peer=stream.peer, mode=stream.mode,
                      batches=counters.batches, rows=counters.rows, rejected=counters.rejected,
-                     skipped_sequences=counters.skipped_sequences)
+                     skipped_sequences=counters.skipped_sequences,
+                     requests_ended=counters.requests_ended,
+                     requests_unknown=counters.requests_unknown,
+                     requests_evicted=counters.requests_evicted)
 
     def Describe(
         self, request: pb.DescribeRequest | Undecodable, context: grpc.ServicerContext
@@ -218,6 +225,8 @@ class GuardServicer(pb_grpc.GuardServicer):
             hooks=sorted(engine.hooks),
             max_message_bytes=self._config.server.max_message_bytes,
             datatypes=list(codec.DATATYPES),
+            max_segments_per_batch=self.limits.max_segments,
+            max_requests_per_stream=self.limits.max_requests,
         )
         shared_memory = self._config.server.shared_memory
         if shared_memory.enabled:
@@ -246,9 +255,14 @@ class GuardServicer(pb_grpc.GuardServicer):
 
 
 class GuardServer:
-    """The guard's gRPC server(s): start, mark ready, drain and stop."""
+    """The guard's gRPC server(s): start, mark ready, drain and stop.
 
-    def __init__(self, config: GuardConfig) -> None:
+    ``limits``: the continuous-batching limits of every stream (segments per batch, requests
+    kept per stream); when None, ``server.max_segments_per_batch`` and
+    ``server.max_requests_per_stream`` of the configuration.
+    """
+
+    def __init__(self, config: GuardConfig, *, limits: StreamLimits | None = None) -> None:
         self.config = config
         server_config = config.server
         transport_limit = server_config.max_message_bytes * TRANSPORT_HEADROOM
@@ -263,7 +277,7 @@ class GuardServer:
             options=options,
             maximum_concurrent_rpcs=workers,
         )
-        self.servicer = GuardServicer(config)
+        self.servicer = GuardServicer(config, limits)
         self.health = health.HealthServicer()
         add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -5,7 +5,7 @@ InspectResponse. A bad batch gets a per-batch error reply and the stream goes on
 protocol violation (a batch before the config, a second config, an unknown hook or an
 unsupported version in the config) ends the stream with a status.
 
-Rules for bad input, as the README documents them:
+Rules for bad input, as docs/protocol.md documents them:
 
 - unknown hook: NOT_FOUND listing the served hooks;
 - unsupported datatype, a byte length that does not match shape and datatype, a width that
@@ -18,7 +18,16 @@ Rules for bad input, as the README documents them:
 - a tensor above ``server.max_message_bytes``: RESOURCE_EXHAUSTED naming that option;
 - shared memory (:mod:`guard.sidecar.regions`): a refused region in the config ends the
   stream; a bad reference in a batch (unknown region: NOT_FOUND; out of bounds, wrong length,
-  misaligned, ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply.
+  misaligned, ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply;
+- segments (several requests in one batch): more than ``max_segments``: RESOURCE_EXHAUSTED;
+  an empty or repeated request id, a segment of no rows, row counts that do not sum to the
+  tensor's rows: INVALID_ARGUMENT naming ``batch.segments[i]...``. The reply then holds one
+  verdict per segment (:func:`step_to_proto`).
+
+A ``RequestEnded`` message gets no reply and does not touch the sequence numbers: it frees
+the named requests' state in the stream's :class:`~guard.sidecar.requests.RequestTable`
+(bounded by ``max_requests``); an id the table does not hold is ignored and counted. Before
+the config it is a protocol violation, as a batch would be.
 """
 
 from __future__ import annotations
@@ -32,13 +41,22 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 import structlog
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from guard.config import SharedMemoryConfig
-from guard.decision import ActivationRows, Decision, Phase
+from guard.decision import (
+    Action,
+    ActivationRows,
+    Decision,
+    Phase,
+    Segment,
+    Steering,
+    StepDecision,
+)
 from guard.engine.core import Engine
 from guard.errors import (
     AlreadySeen,
@@ -49,6 +67,7 @@ from guard.errors import (
     public_message,
 )
 from guard.sidecar.regions import RegionTable
+from guard.sidecar.requests import DEFAULT_MAX_REQUESTS, RequestTable
 from guard.sidecar.status import status_code
 from guard.telemetry.conventions import DOORBELL_ATTRIBUTES, RPC_ATTRIBUTES
 from guard.telemetry.instruments import (
@@ -66,6 +85,21 @@ log = structlog.get_logger(__name__)
 PROTOCOL_VERSION = "1.0"
 _MODES = {pb.MODE_MONITOR: "monitor", pb.MODE_INLINE: "inline"}
 _PHASES = {int(p): p for p in Phase}
+_END_REASONS = {pb.RequestEnded.REASON_FINISHED: "finished",
+                pb.RequestEnded.REASON_ABORTED: "aborted",
+                pb.RequestEnded.REASON_PREEMPTED: "preempted"}
+#: Default of :attr:`StreamLimits.max_segments`.
+DEFAULT_MAX_SEGMENTS = 1024
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Per-stream limits of continuous batching (DescribeResponse reports them)."""
+
+    #: The most segments (requests) one batch may carry; more: RESOURCE_EXHAUSTED.
+    max_segments: int = DEFAULT_MAX_SEGMENTS
+    #: Requests a stream keeps state for; past it the least recently seen is forgotten.
+    max_requests: int = DEFAULT_MAX_REQUESTS
 
 
 class StreamEnded(Exception):
@@ -85,6 +119,10 @@ class StreamCounters:
     rows: int = 0
     rejected: int = 0
     skipped_sequences: int = 0
+    #: RequestEnded: requests freed, ids the stream did not hold; requests evicted (cap).
+    requests_ended: int = 0
+    requests_unknown: int = 0
+    requests_evicted: int = 0
     counts_by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -96,7 +134,9 @@ class _Answered(NamedTuple):
     hook: str
     rows: int
     seconds: float
-    decision: Decision | None
+    #: The batch's decision, or one per request for a batch with segments (``step``).
+    decisions: tuple[Decision, ...]
+    step: bool
     error: BatchError | None
     token_ids: Any
 
@@ -114,8 +154,11 @@ class InspectStream:
                  trace_context: Context | None = None, *,
                  shared_memory: SharedMemoryConfig | None = None,
                  doorbell: bool = False, alive: Callable[[], bool] | None = None,
-                 peer_uid: int | None = None) -> None:
+                 peer_uid: int | None = None, limits: StreamLimits | None = None) -> None:
         self._engine = engine
+        self.limits = limits if limits is not None else StreamLimits()
+        #: Per-request state, freed by RequestEnded, bounded by ``limits.max_requests``.
+        self.requests = RequestTable(self.limits.max_requests)
         #: Whether the host is still there (checked before writing into its region: once
         #: its stream ended, the host reuses the batch's slot for other rows).
         self._alive = alive
@@ -148,19 +191,36 @@ class InspectStream:
         if kind == "config":
             self._configure(request.config)
             return None
-        if kind != "batch":
-            raise StreamEnded(
-                InvalidInput("InspectRequest: expected a config or a batch, found neither")
-            )
+        if kind not in ("batch", "ended"):
+            raise StreamEnded(InvalidInput(
+                "InspectRequest: expected a config or a batch (or a RequestEnded in `ended`), "
+                "found none of them"))
         if self._config is None:
-            batch = request.batch
-            raise StreamEnded(
-                ProtocolViolation(
-                    "the first message on an Inspect stream must be a StreamConfig; found a "
-                    f"batch (request_id={batch.request_id!r}, sequence={batch.sequence})"
-                )
-            )
+            if kind == "ended":
+                found = f"a RequestEnded for {len(request.ended.request_ids)} request(s)"
+            else:
+                batch = request.batch
+                found = (f"a batch (request_id={batch.request_id!r}, "
+                         f"sequence={batch.sequence})")
+            raise StreamEnded(ProtocolViolation(
+                f"the first message on an Inspect stream must be a StreamConfig; found {found}"))
+        if kind == "ended":
+            self._end_requests(request.ended)
+            return None
         return self._inspect(request.batch)
+
+    def _end_requests(self, ended: pb.RequestEnded) -> None:
+        """Free the state of requests the host says are over (no reply)."""
+        reason = _END_REASONS.get(ended.reason, "unspecified")
+        freed, unknown = self.requests.end(ended.request_ids)
+        counters = self.counters
+        counters.requests_ended += len(freed)
+        counters.requests_unknown += unknown
+        if self._instruments.metering:
+            self._instruments.requests_forgotten(reason, ended=len(freed), unknown=unknown)
+        if unknown:
+            log.debug("RequestEnded for requests this stream does not hold", peer=self.peer,
+                      unknown=unknown, reason=reason)
 
     def _configure(self, config: pb.StreamConfig) -> None:
         if self._config is not None:
@@ -225,25 +285,44 @@ class InspectStream:
                         "guard.decode", record_exception=False, set_status_on_exception=False):
                     rows = self._decode(batch)
             timings = {"decode": time.perf_counter() - started}
-            decision = self._engine.inspect(
-                rows, timings, started,
-                deferred=self._deferred if self._instruments.metering else None)
+            deferred = self._deferred if self._instruments.metering else None
+            if rows.segments:
+                step = self._engine.inspect_step(rows, timings, started, deferred=deferred)
+            else:
+                decision = self._engine.inspect(rows, timings, started, deferred=deferred)
         except Exception as exc:
             if not isinstance(exc, GuardError):  # a bug: the peer gets a generic message
                 log.exception("batch failed", request_id=batch.request_id,
                               sequence=batch.sequence)
             reply = self._reject(batch, exc, skipped)
-            self._answer(span, started, batch, None, exc, reply.error)
+            self._answer(span, started, batch, (), False, exc, reply.error)
             return reply
         finally:
             if token is not None:
                 otel_context.detach(token)
         self.counters.rows += len(batch.positions)
+        delta_out = self._delta_out(batch)
+        if rows.segments:
+            for segment in rows.segments:
+                self._seen(segment.request_id, segment.stop - segment.start)
+            if span is not None or self._instruments.metering:
+                self._answer(span, started, batch, step.decisions, True, None, None)
+            return step_to_proto(step, batch, skipped,
+                                 delta_datatype=batch.activations.datatype,
+                                 delta_out=delta_out)
+        self._seen(rows.request_id, len(batch.positions))
         if span is not None or self._instruments.metering:
-            self._answer(span, started, batch, decision, None, None)
+            self._answer(span, started, batch, (decision,), False, None, None)
         return decision_to_proto(decision, skipped, batch.positions,
                                  delta_datatype=batch.activations.datatype,
-                                 delta_out=self._delta_out(batch))
+                                 delta_out=delta_out)
+
+    def _seen(self, request_id: str, rows: int) -> None:
+        """Count a decided batch in the request's state (evicting the oldest when full)."""
+        if self.requests.seen(request_id, rows):
+            self.counters.requests_evicted += 1
+            if self._instruments.metering:
+                self._instruments.requests_forgotten(evicted=1)
 
     def _start_span(self, tracer: trace.Tracer, batch: pb.ActivationBatch
                     ) -> tuple[Span | None, Token[Context]]:
@@ -256,13 +335,15 @@ class InspectStream:
             unsampled = self._instruments.unsampled_parent(parent)
         if unsampled and parent is not None:  # the host's "not sampled" stands: no span
             return None, otel_context.attach(parent)
-        span = start_batch_span(tracer, parent, batch.request_id, batch.sequence, batch.hook,
-                                self._mode, self._rpc)
+        segments = batch.segments
+        span = start_batch_span(
+            tracer, parent, batch.request_id, batch.sequence, batch.hook, self._mode, self._rpc,
+            [s.request_id for s in segments[:self.limits.max_segments]] if segments else ())
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return (span if span.is_recording() else None), token
 
     def _answer(self, span: Span | None, started: float, batch: pb.ActivationBatch,
-                decision: Decision | None, exc: BaseException | None,
+                decisions: tuple[Decision, ...], step: bool, exc: BaseException | None,
                 error: pb.BatchError | None) -> None:
         seconds = time.perf_counter() - started
         rejected = None
@@ -274,9 +355,9 @@ class InspectStream:
             token_ids = list(batch.token_ids)
         self._answered = _Answered(
             span, time.time_ns() if span is not None else 0,
-            decision.hook if decision is not None else batch.hook,
-            len(decision.positions) if decision is not None else 0,
-            seconds, decision, rejected, token_ids)
+            decisions[0].hook if decisions else batch.hook,
+            sum(len(d.positions) for d in decisions),
+            seconds, decisions, step, rejected, token_ids)
 
     def after_reply(self) -> None:
         """End the last batch's span and record its metrics (after its reply was sent)."""
@@ -289,11 +370,12 @@ class InspectStream:
             for work in deferred:
                 work()
             if answered.span is not None:
-                end_batch_span(answered.span, answered.end_time_ns, answered.decision,
-                               answered.error, answered.token_ids, instruments.record_sensitive)
+                end_batch_span(answered.span, answered.end_time_ns, answered.decisions,
+                               answered.error, answered.token_ids, instruments.record_sensitive,
+                               step=answered.step)
             if instruments.metering:
                 instruments.batch_measured(self._metric_labels(answered.hook), answered.rows,
-                                           answered.seconds, answered.decision, answered.error)
+                                           answered.seconds, answered.decisions, answered.error)
         except Exception:  # telemetry must never end a stream
             log.exception("batch telemetry failed", peer=self.peer)
 
@@ -337,8 +419,10 @@ class InspectStream:
         # Fields are read once into locals: every access to a message field allocates.
         request_id = batch.request_id
         hook = batch.hook
-        if not request_id:
-            raise InvalidInput("batch.request_id: expected a non-empty request id, found ''")
+        segment_field = batch.segments
+        if not request_id and not segment_field:
+            raise InvalidInput("batch.request_id: expected a non-empty request id (or "
+                               "segments), found ''")
         d_in = self._engine.hook(hook).d_in
         tensor = batch.activations
         raw = tensor.raw
@@ -389,6 +473,10 @@ class InspectStream:
                 f"batch.token_ids: expected none or one per row ({n_rows}), "
                 f"found {len(token_field)}"
             )
+        attributes = batch.attributes
+        batch_attributes = dict(attributes) if attributes else {}
+        segments = (self._segments(segment_field, n_rows, batch_attributes)
+                    if segment_field else ())
         positions = np.array(position_field, dtype=np.int64)
         bad = codec.nonfinite_rows(rows)
         if bad.size:
@@ -398,7 +486,6 @@ class InspectStream:
                 f"batch.activations: rows at positions {shown}{more} hold NaN or Inf; "
                 "expected finite values (non-finite rows are rejected, never encoded)"
             )
-        attributes = batch.attributes
         return ActivationRows(
             request_id=request_id,
             sequence=batch.sequence,
@@ -407,8 +494,49 @@ class InspectStream:
             positions=positions,
             token_ids=np.array(token_field, dtype=np.int64) if token_field else None,
             phase=_PHASES.get(batch.phase, Phase.UNSPECIFIED),
-            attributes=dict(attributes) if attributes else {},
+            attributes=batch_attributes,
+            segments=segments,
         )
+
+    def _segments(self, field: Iterable[pb.Segment], n_rows: int,
+                  batch_attributes: dict[str, str]) -> tuple[Segment, ...]:
+        """Validate a batch's segments against its ``n_rows`` rows; each request's
+        attributes are merged over the batch's."""
+        wire = list(field)
+        limit = self.limits.max_segments
+        if len(wire) > limit:
+            raise TooLarge(
+                f"batch.segments: {len(wire)} segments exceed the limit of {limit} per batch "
+                "(DescribeResponse.max_segments_per_batch); split the step into batches of "
+                "fewer requests")
+        segments: list[Segment] = []
+        first_index: dict[str, int] = {}
+        start = 0
+        for index, segment in enumerate(wire):
+            request_id = segment.request_id
+            if not request_id:
+                raise InvalidInput(f"batch.segments[{index}].request_id: expected a non-empty "
+                                   "request id, found ''")
+            earlier = first_index.setdefault(request_id, index)
+            if earlier != index:
+                raise InvalidInput(
+                    f"batch.segments[{index}].request_id: {request_id!r} is already "
+                    f"segments[{earlier}]'s; expected each request at most once per batch "
+                    "(its rows contiguous)")
+            count = segment.rows
+            if count < 1:
+                raise InvalidInput(f"batch.segments[{index}].rows: expected at least 1 row, "
+                                   f"found {count}")
+            own = segment.attributes
+            attributes = {**batch_attributes, **own} if own else batch_attributes
+            segments.append(Segment(request_id, start, start + count,
+                                    _PHASES.get(segment.phase, Phase.UNSPECIFIED), attributes))
+            start += count
+        if start != n_rows:
+            raise InvalidInput(
+                f"batch.segments: the segments' rows sum to {start}, expected the "
+                f"{n_rows} rows of batch.activations")
+        return tuple(segments)
 
     def _delta_out(self, batch: pb.ActivationBatch) -> DeltaOut | None:
         """Where a STEER reply's delta goes: the batch's ``steering_ref`` (checked by
@@ -466,6 +594,38 @@ def _enum_name(enum: Any, value: int) -> str:
 DeltaOut = Callable[[str, "np.ndarray[Any, Any]"], "pb.Tensor | None"]
 
 
+def step_to_proto(
+    step: StepDecision, batch: pb.ActivationBatch, skipped_sequences: int = 0, *,
+    delta_datatype: str = "F32", delta_out: DeltaOut | None = None,
+) -> pb.InspectResponse:
+    """The wire form of a batch with segments: one verdict per request, the most severe
+    action at the batch level (for hosts that read no verdicts), and one delta per hook over
+    every row (as :func:`decision_to_proto` sends it)."""
+    response = pb.InspectResponse(
+        request_id=batch.request_id,
+        sequence=step.sequence,
+        action=pb.Action.ValueType(step.action.value),
+        skipped_sequences=skipped_sequences,
+    )
+    response.positions.extend(batch.positions)
+    aborted: list[str] = []
+    for decision in step.decisions:
+        verdict = response.verdicts.add(
+            request_id=decision.request_id,
+            action=pb.Action.ValueType(decision.action.value),
+            decision_id=decision.decision_id,
+            details=decision.details,
+        )
+        verdict.positions.extend(decision.positions.tolist())
+        _add_findings(verdict.findings, decision)
+        if decision.action is Action.ABORT:
+            aborted.append(f"request {decision.request_id}: {decision.details}")
+    if aborted:
+        response.details = "; ".join(aborted)
+    _add_steering(response, step.steering, delta_datatype, delta_out)
+    return response
+
+
 def decision_to_proto(
     decision: Decision, skipped_sequences: int = 0, positions: Iterable[int] | None = None,
     *, delta_datatype: str = "F32", delta_out: DeltaOut | None = None,
@@ -487,10 +647,18 @@ def decision_to_proto(
         skipped_sequences=skipped_sequences,
     )
     response.positions.extend(decision.positions.tolist() if positions is None else positions)
+    _add_findings(response.findings, decision)
+    _add_steering(response, decision.steering, delta_datatype, delta_out)
+    return response
+
+
+def _add_findings(findings: RepeatedCompositeFieldContainer[pb.Finding],
+                  decision: Decision) -> None:
+    """The decision's findings for the host (a reply's, or a verdict's)."""
     for finding in decision.findings:
         if finding.action == "log":  # log-only findings go to the decision log, not the host
             continue
-        response.findings.add(
+        findings.add(
             detector=finding.detector,
             score=finding.score,
             threshold=finding.threshold,
@@ -501,7 +669,11 @@ def decision_to_proto(
             positions=finding.positions,
             message=finding.message,
         )
-    for steering in decision.steering:
+
+
+def _add_steering(response: pb.InspectResponse, steerings: Iterable[Steering],
+                  delta_datatype: str, delta_out: DeltaOut | None) -> None:
+    for steering in steerings:
         if delta_out is not None:
             tensor = delta_out(steering.hook, steering.delta)
             if tensor is not None:  # written into the host's shared memory
@@ -511,4 +683,3 @@ def decision_to_proto(
         response.steering.add(
             hook=steering.hook, delta=pb.Tensor(datatype=delta_datatype, shape=shape, raw=raw)
         )
-    return response

@@ -8,6 +8,10 @@ record (``span.is_recording()``), so an unsampled batch costs one sampler call.
 Names: the per-batch span is ``guard.inspect`` (kind SERVER, ``rpc.*`` attributes as the
 gRPC instrumentation writes them), with children ``guard.decode``, ``guard.encode`` and one
 ``guard.plugin.<hook>`` per plugin call; project attributes and metrics live under ``guard.``.
+A batch with segments (several requests) is still one ``guard.inspect`` span, with the
+request ids as the ``guard.request_ids`` list and one ``guard.verdict`` *event* per request
+(events, not child spans: a step of 32 requests would otherwise cost 32 spans); its
+``guard.finding`` events carry the ``guard.request_id`` they belong to.
 Token ids and feature activations go into spans only with ``telemetry.record_sensitive``.
 """
 
@@ -113,6 +117,9 @@ class Instruments:
         self.rows = Tally("guard.hook", "guard.stream.mode")
         self.decisions = Tally("guard.hook", "guard.decision.action")
         self.findings = Tally("guard.detector", "guard.finding.action")
+        self.requests_ended = Tally("guard.request.end_reason")
+        self.requests_evicted = Tally()
+        self.requests_unknown = Tally()
         self.batch_duration = meter.create_histogram(
             "guard.batch.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
             description="Time from a batch's arrival to its reply (decode, encode, plugins, "
@@ -144,6 +151,19 @@ class Instruments:
             meter.create_observable_counter(
                 "guard.findings", [self.findings.observe], unit="{finding}",
                 description="Findings, by detector and action")
+            meter.create_observable_counter(
+                "guard.requests.ended", [self.requests_ended.observe], unit="{request}",
+                description="Requests whose state a stream freed on the host's RequestEnded, "
+                            "by the reason it gave")
+            meter.create_observable_counter(
+                "guard.requests.evicted", [self.requests_evicted.observe], unit="{request}",
+                description="Requests forgotten because a stream held state for "
+                            "max_requests_per_stream requests (least recently seen first)")
+            meter.create_observable_counter(
+                "guard.requests.unknown_ended", [self.requests_unknown.observe],
+                unit="{request}",
+                description="Request ids in RequestEnded messages that the stream did not "
+                            "hold (never seen, or already forgotten): ignored")
             meter.create_observable_counter(
                 "guard.records.dropped", [self._dropped], unit="{record}",
                 description="Decision records dropped because the record queue was full")
@@ -249,11 +269,25 @@ class Instruments:
                 self._plugin_attributes[(plugin, hook)] = labels
         return labels
 
+    # -- requests ---------------------------------------------------------------------
+
+    def requests_forgotten(self, reason: str = "", ended: int = 0, unknown: int = 0,
+                           evicted: int = 0) -> None:
+        """Count requests a stream freed: ``ended`` for ``reason``, ids it did not hold, and
+        requests evicted to stay within its cap."""
+        if ended:
+            self.requests_ended.add((reason,), ended)
+        if unknown:
+            self.requests_unknown.add((), unknown)
+        if evicted:
+            self.requests_evicted.add((), evicted)
+
     # -- batches ----------------------------------------------------------------------
 
     def batch_measured(self, labels: Mapping[str, str], rows: int, seconds: float,
-                       decision: Decision | None, error: BatchError | None) -> None:
-        """Count one batch (``labels``: hook and mode) and its decision, or its error."""
+                       decisions: Sequence[Decision], error: BatchError | None) -> None:
+        """Count one batch (``labels``: hook and mode) and its decisions (one per request;
+        none when unknown), or its error."""
         hook, mode = labels["guard.hook"], labels["guard.stream.mode"]
         if error is not None:
             self.batches.add((hook, mode, error.code))
@@ -261,14 +295,15 @@ class Instruments:
         self.batches.add((hook, mode, ""))
         self.rows.add((hook, mode), rows)
         self.batch_duration.record(seconds, labels)
-        if decision is None:
+        if not decisions:
             return
-        encode = decision.timings.get("encode")
+        encode = decisions[0].timings.get("encode")  # one encode for the whole batch
         if encode is not None:
             self.encode_duration.record(encode, {"guard.hook": hook})
-        self.decisions.add((hook, _ACTIONS[decision.action]))
-        for finding in decision.findings:
-            self.findings.add((finding.detector, finding.action))
+        for decision in decisions:
+            self.decisions.add((hook, _ACTIONS[decision.action]))
+            for finding in decision.findings:
+                self.findings.add((finding.detector, finding.action))
 
 
 class Tally:
@@ -304,22 +339,30 @@ class BatchError(NamedTuple):
 
 
 def start_batch_span(tracer: Tracer, parent: Context | None, request_id: str, sequence: int,
-                     hook: str, mode: str, rpc: Mapping[str, str] = RPC_ATTRIBUTES) -> Span:
+                     hook: str, mode: str, rpc: Mapping[str, str] = RPC_ATTRIBUTES,
+                     request_ids: Sequence[str] = ()) -> Span:
     """The ``guard.inspect`` span of one batch (attributes only when it records); ``rpc``:
-    the stream's transport attributes."""
+    the stream's transport attributes; ``request_ids``: a batch's segments' requests."""
     span = tracer.start_span("guard.inspect", parent, SpanKind.SERVER, rpc)
     if span.is_recording():
         span.set_attributes({"guard.request_id": request_id, "guard.sequence": sequence,
                              "guard.hook": hook, "guard.stream.mode": mode})
+        if request_ids:
+            span.set_attributes({"guard.request_ids": list(request_ids),
+                                 "guard.segments": len(request_ids)})
     return span
 
 
-def end_batch_span(span: Span, end_time_ns: int, decision: Decision | None,
+def end_batch_span(span: Span, end_time_ns: int, decisions: Sequence[Decision],
                    error: BatchError | None, token_ids: Sequence[int] | None,
-                   record_sensitive: bool) -> None:
-    """Put the decision (or the error) on a batch span and end it at ``end_time_ns``."""
-    if decision is not None:
-        decision_attributes(span, decision, record_sensitive)
+                   record_sensitive: bool, *, step: bool = False) -> None:
+    """Put the decision (or the error) on a batch span and end it at ``end_time_ns``;
+    ``step``: the batch had segments, ``decisions`` holds one per request."""
+    if step and error is None:
+        step_attributes(span, decisions, record_sensitive)
+        span.set_attribute("rpc.grpc.status_code", 0)
+    elif decisions:
+        decision_attributes(span, decisions[0], record_sensitive)
         span.set_attribute("rpc.grpc.status_code", 0)
     elif error is not None:
         span.set_attributes({"rpc.grpc.status_code": error.number,
@@ -331,6 +374,41 @@ def end_batch_span(span: Span, end_time_ns: int, decision: Decision | None,
     if record_sensitive and token_ids is not None:
         span.set_attribute("guard.token_ids", [int(t) for t in token_ids])
     span.end(end_time_ns)
+
+
+def step_attributes(span: Span, decisions: Sequence[Decision], record_sensitive: bool) -> None:
+    """A batch with segments on its span: the most severe action, and one ``guard.verdict``
+    event per request (its decision) followed by that request's ``guard.finding`` events."""
+    action = max((d.action for d in decisions), default=Action.CONTINUE)
+    attributes: dict[str, Any] = {
+        "guard.decision.action": action.name.lower(),
+        "guard.rows": sum(len(d.positions) for d in decisions),
+        "guard.finding.count": sum(len(d.findings) for d in decisions),
+    }
+    if decisions:
+        first = decisions[0]
+        attributes["guard.sae.sha256"] = first.sae_sha256
+        attributes["guard.plugin.names"] = [p.name for p in first.plugins]
+        attributes["guard.plugin.versions"] = [p.version for p in first.plugins]
+    span.set_attributes(attributes)
+    for decision in decisions:
+        verdict: dict[str, Any] = {
+            "guard.request_id": decision.request_id,
+            "guard.decision.id": decision.decision_id,
+            "guard.decision.action": decision.action.name.lower(),
+            "guard.rows": len(decision.positions),
+            "guard.phase": decision.phase.name.lower(),
+            "guard.finding.count": len(decision.findings),
+        }
+        if decision.details:
+            verdict["guard.decision.details"] = decision.details
+        if decision.plugin_errors:
+            verdict["guard.decision.plugin_errors"] = list(decision.plugin_errors)
+        if decision.edits:
+            verdict["guard.steering.feature_ids"] = sorted({int(e.feature_id)
+                                                           for e in decision.edits})
+        span.add_event("guard.verdict", verdict)
+        _finding_events(span, decision, record_sensitive, decision.request_id)
 
 
 def decision_attributes(span: Span, decision: Decision, record_sensitive: bool) -> None:
@@ -355,6 +433,12 @@ def decision_attributes(span: Span, decision: Decision, record_sensitive: bool) 
         attributes["guard.steering.feature_ids"] = sorted({int(e.feature_id)
                                                            for e in decision.edits})
     span.set_attributes(attributes)
+    _finding_events(span, decision, record_sensitive)
+
+
+def _finding_events(span: Span, decision: Decision, record_sensitive: bool,
+                    request_id: str = "") -> None:
+    """One ``guard.finding`` event per finding; ``request_id`` set for a batch's segment."""
     for finding in decision.findings:
         event: dict[str, Any] = {
             "guard.detector": finding.detector,
@@ -366,6 +450,8 @@ def decision_attributes(span: Span, decision: Decision, record_sensitive: bool) 
             "guard.feature.labels": list(finding.feature_labels),
             "guard.finding.positions": [int(p) for p in finding.positions],
         }
+        if request_id:
+            event["guard.request_id"] = request_id
         if finding.message:
             event["guard.finding.message"] = finding.message
         if record_sensitive:

@@ -9,6 +9,11 @@ answers every batch with exactly one InspectResponse, in order; in MONITOR
 mode it answers too, but the host never waits for the answer. Modelled on
 Envoy's ext_proc (external_processor.proto).
 
+Continuous batching: one batch may hold the rows of many requests (one engine
+step, as vLLM and SGLang run them), described by ActivationBatch.segments; the
+reply then carries one RequestVerdict per segment. RequestEnded messages tell
+the guard that requests are over; they get no reply.
+
 Tensors use the KServe v2 / Triton convention: a datatype string, a shape and
 row-major little-endian raw bytes. Inside a pod the bytes may instead lie in a
 shared-memory region that the host registered in its StreamConfig (opt-in,
@@ -320,8 +325,72 @@ class StreamConfig(_message.Message):
 Global___StreamConfig: _TypeAlias = StreamConfig  # noqa: Y015
 
 @_typing.final
+class Segment(_message.Message):
+    """One request's rows in a multi-request batch (one step of an engine that
+    batches requests continuously). A batch's segments cover its rows in order:
+    the first segment's `rows` rows are the tensor's first rows, and so on; the
+    rows of one request are contiguous, as in vLLM's flat [tokens, hidden] layout.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request these rows belong to: non-empty, and at most once per batch. The
+    same request may appear in batches of several hooks and in later batches.
+    """
+    rows: _builtins.int
+    """How many consecutive rows of the batch are this request's; at least 1."""
+    phase: Global___Phase.ValueType
+    """Whether these rows are prompt (prefill) or generated (decode) tokens."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Per-request attributes, handed to plugins with the request's rows; a key
+        set here wins over the same key in ActivationBatch.attributes.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        phase: Global___Phase.ValueType = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "phase", b"phase", "request_id", b"request_id", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
 class ActivationBatch(_message.Message):
-    """Residual-stream rows of one hook for one request."""
+    """Residual-stream rows of one hook: of one request, or of several (`segments`)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -354,11 +423,16 @@ class ActivationBatch(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     STEERING_REF_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """The request of every row, for a batch without segments; left empty (and
+    ignored) when `segments` is set.
+    """
     sequence: _builtins.int
     """Per stream; starts at any value and increases by exactly 1 per batch."""
     hook: _builtins.str
     phase: Global___Phase.ValueType
+    """The rows' phase, for a batch without segments; ignored when `segments` is set."""
     @_builtins.property
     def activations(self) -> Global___Tensor:
         """Shape [rows, d_in]."""
@@ -372,7 +446,11 @@ class ActivationBatch(_message.Message):
         """One per row: the token id at that position (empty if unknown)."""
 
     @_builtins.property
-    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Attributes of the batch (e.g. a W3C `traceparent` for this batch's span),
+        handed to plugins with the rows.
+        """
+
     @_builtins.property
     def steering_ref(self) -> Global___SharedMemoryRef:
         """Optional: where the guard writes this batch's steering delta ([rows, d_in],
@@ -380,7 +458,18 @@ class ActivationBatch(_message.Message):
         reply's Steering.delta then carries this ref in `shm` and no `raw`. The
         region must be registered `writable`; `length` must equal the activations'
         byte length. It may be the activations' own range: the guard writes the
-        delta only after it is done reading the rows.
+        delta only after it is done reading the rows. With segments it holds the
+        one delta over all the batch's rows, as the reply's bytes would.
+        """
+
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Segment]:
+        """The requests whose rows this batch holds, in row order (see Segment). Empty:
+        every row is `request_id`'s, as for a host that predates segments. Set: the
+        row counts must sum to the tensor's rows, request ids must be non-empty and
+        distinct, and there may be at most DescribeResponse.max_segments_per_batch
+        segments; otherwise the batch gets an error reply naming the field. The
+        reply then carries one RequestVerdict per segment.
         """
 
     def __init__(
@@ -395,14 +484,77 @@ class ActivationBatch(_message.Message):
         phase: Global___Phase.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         steering_ref: Global___SharedMemoryRef | None = ...,
+        segments: _abc.Iterable[Global___Segment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "steering_ref", b"steering_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "segments", b"segments", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivationBatch: _TypeAlias = ActivationBatch  # noqa: Y015
+
+@_typing.final
+class RequestEnded(_message.Message):
+    """Requests that are over: the guard frees what it keeps per request (its
+    per-request state is bounded anyway: see
+    DescribeResponse.max_requests_per_stream). The guard sends no reply to this
+    message, in either mode: a host that counts replies counts batches only. It
+    carries no sequence number and does not move the batches' sequence. A request
+    id the guard never saw on this stream (or already forgot) is ignored and
+    counted, not an error: the host's threads may race.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Reason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RequestEnded._Reason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REASON_UNSPECIFIED: RequestEnded._Reason.ValueType  # 0
+        REASON_FINISHED: RequestEnded._Reason.ValueType  # 1
+        """The request completed normally."""
+        REASON_ABORTED: RequestEnded._Reason.ValueType  # 2
+        """The host (or its client) stopped the request, e.g. after an ABORT verdict."""
+        REASON_PREEMPTED: RequestEnded._Reason.ValueType  # 3
+        """The engine evicted the request to make room; its rows will be recomputed
+        and sent again later, as new batches.
+        """
+
+    class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
+    REASON_UNSPECIFIED: RequestEnded.Reason.ValueType  # 0
+    REASON_FINISHED: RequestEnded.Reason.ValueType  # 1
+    """The request completed normally."""
+    REASON_ABORTED: RequestEnded.Reason.ValueType  # 2
+    """The host (or its client) stopped the request, e.g. after an ABORT verdict."""
+    REASON_PREEMPTED: RequestEnded.Reason.ValueType  # 3
+    """The engine evicted the request to make room; its rows will be recomputed
+    and sent again later, as new batches.
+    """
+
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: Global___RequestEnded.Reason.ValueType
+    """Why they ended, for the record (every reason frees the same state)."""
+    @_builtins.property
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The requests that ended (Segment.request_id or ActivationBatch.request_id)."""
+
+    def __init__(
+        self,
+        *,
+        request_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: Global___RequestEnded.Reason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_ids", b"request_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestEnded: _TypeAlias = RequestEnded  # noqa: Y015
 
 @_typing.final
 class InspectRequest(_message.Message):
@@ -410,21 +562,31 @@ class InspectRequest(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def config(self) -> Global___StreamConfig: ...
+    def config(self) -> Global___StreamConfig:
+        """First message on the stream, and only there."""
+
     @_builtins.property
-    def batch(self) -> Global___ActivationBatch: ...
+    def batch(self) -> Global___ActivationBatch:
+        """Rows to inspect; answered by exactly one InspectResponse."""
+
+    @_builtins.property
+    def ended(self) -> Global___RequestEnded:
+        """Requests that are over; never answered (see RequestEnded)."""
+
     def __init__(
         self,
         *,
         config: Global___StreamConfig | None = ...,
         batch: Global___ActivationBatch | None = ...,
+        ended: Global___RequestEnded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config", b"config", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config", b"config", "ended", b"ended", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config", b"config", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config", b"config", "ended", b"ended", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["config", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["config", "batch", "ended"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -436,9 +598,10 @@ class DoorbellFrame(_message.Message):
     that use shared memory (server.shared_memory.doorbell). The host connects to
     the Unix socket that DescribeResponse.shared_memory_doorbell names and sends
     frames, each a little-endian uint32 byte length followed by an
-    InspectRequest: a StreamConfig first, then batches, exactly as on Inspect.
-    The guard answers with DoorbellFrame frames (the same uint32 length prefix):
-    one reply per batch, in order, and a StreamEnd before it closes a stream it
+    InspectRequest: a StreamConfig first, then batches (and RequestEnded
+    messages), exactly as on Inspect. The guard answers with DoorbellFrame frames
+    (the same uint32 length prefix): one reply per batch, in order, none for a
+    RequestEnded, and a StreamEnd before it closes a stream it
     ends (what a gRPC status says on Inspect). The host ends the stream by
     shutting down its sending side; the guard answers what it has, then closes.
     A frame above twice server.max_message_bytes ends the stream with
@@ -498,7 +661,7 @@ Global___StreamEnd: _TypeAlias = StreamEnd  # noqa: Y015
 
 @_typing.final
 class Finding(_message.Message):
-    """One detector's verdict on a batch."""
+    """One detector's verdict on a batch (on one request's rows, in a RequestVerdict)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -553,7 +716,9 @@ Global___Finding: _TypeAlias = Finding  # noqa: Y015
 @_typing.final
 class Steering(_message.Message):
     """A residual delta for one hook, shape [rows, d_in], aligned with the batch's
-    rows, to be added to the residual stream.
+    rows, to be added to the residual stream. For a batch with segments it covers
+    every row of the batch (one `hidden[rows] += delta` for the whole step): rows
+    of requests whose verdict is not STEER are zero.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -603,6 +768,54 @@ class BatchError(_message.Message):
 Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
 
 @_typing.final
+class RequestVerdict(_message.Message):
+    """The guard's decision on one request's rows of a batch with segments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The segment's request_id."""
+    action: Global___Action.ValueType
+    """What the host does with this request; one request's ABORT or STEER never
+    changes another's verdict.
+    """
+    decision_id: _builtins.str
+    """Unique per decision; names this request's decision log record."""
+    details: _builtins.str
+    """Why, for humans; always set on ABORT."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """The findings on this request's rows."""
+
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions of this request's rows (its slice of ActivationBatch.positions)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        action: Global___Action.ValueType = ...,
+        decision_id: _builtins.str = ...,
+        findings: _abc.Iterable[Global___Finding] | None = ...,
+        details: _builtins.str = ...,
+        positions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "decision_id", b"decision_id", "details", b"details", "findings", b"findings", "positions", b"positions", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestVerdict: _TypeAlias = RequestVerdict  # noqa: Y015
+
+@_typing.final
 class InspectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -616,30 +829,49 @@ class InspectResponse(_message.Message):
     POSITIONS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SKIPPED_SEQUENCES_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echo of the batch's request_id and sequence."""
     sequence: _builtins.int
     decision_id: _builtins.str
-    """Unique per decision; names the decision log record."""
+    """Unique per decision; names the decision log record. Empty for a batch with
+    segments: each verdict has its own.
+    """
     action: Global___Action.ValueType
+    """For a batch with segments, the most severe of the verdicts' actions (ABORT
+    over STEER over CONTINUE), for hosts that read no verdicts.
+    """
     details: _builtins.str
-    """Why, for humans; always set on ABORT."""
+    """Why, for humans; always set on ABORT. For a batch with segments, the
+    details of each aborted request, prefixed by its request id.
+    """
     skipped_sequences: _builtins.int
     """How many sequence numbers were skipped just before this batch (host-side
     drops in MONITOR mode show up here).
     """
     @_builtins.property
-    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]: ...
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """Empty for a batch with segments: each verdict has its own."""
+
     @_builtins.property
-    def steering(self) -> _containers.RepeatedCompositeFieldContainer[Global___Steering]: ...
+    def steering(self) -> _containers.RepeatedCompositeFieldContainer[Global___Steering]:
+        """At most one delta per hook, over every row of the batch."""
+
     @_builtins.property
     def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Positions this decision covers."""
+        """Positions this decision covers (every row of the batch)."""
 
     @_builtins.property
     def error(self) -> Global___BatchError:
-        """Set when the batch was rejected; action is then UNSPECIFIED and the host
-        applies its failure policy.
+        """Set when the batch was rejected; action is then UNSPECIFIED, there are no
+        verdicts, and the host applies its failure policy to every request of the
+        batch.
+        """
+
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestVerdict]:
+        """One verdict per ActivationBatch.segments entry, in the same order. Empty for
+        a batch without segments: the fields above are then its only verdict.
         """
 
     def __init__(
@@ -655,10 +887,11 @@ class InspectResponse(_message.Message):
         positions: _abc.Iterable[_builtins.int] | None = ...,
         error: Global___BatchError | None = ...,
         skipped_sequences: _builtins.int = ...,
+        verdicts: _abc.Iterable[Global___RequestVerdict] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "decision_id", b"decision_id", "details", b"details", "error", b"error", "findings", b"findings", "positions", b"positions", "request_id", b"request_id", "sequence", b"sequence", "skipped_sequences", b"skipped_sequences", "steering", b"steering"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "decision_id", b"decision_id", "details", b"details", "error", b"error", "findings", b"findings", "positions", b"positions", "request_id", b"request_id", "sequence", b"sequence", "skipped_sequences", b"skipped_sequences", "steering", b"steering", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -784,6 +1017,8 @@ class DescribeResponse(_message.Message):
     DATATYPES_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_DIRS_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_DOORBELL_FIELD_NUMBER: _builtins.int
+    MAX_SEGMENTS_PER_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_REQUESTS_PER_STREAM_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     guard_version: _builtins.str
     max_message_bytes: _builtins.int
@@ -792,6 +1027,13 @@ class DescribeResponse(_message.Message):
     """The doorbell socket's path (see DoorbellFrame); empty when the guard serves
     none (shared memory off, server.shared_memory.doorbell false, or no Unix
     socket folder to put it in).
+    """
+    max_segments_per_batch: _builtins.int
+    """The most segments one ActivationBatch may carry; a host splits larger steps."""
+    max_requests_per_stream: _builtins.int
+    """How many requests the guard keeps state for per stream; past it, the request
+    seen least recently is forgotten (as if it had ended). Hosts send
+    RequestEnded so that it never comes to that.
     """
     @_builtins.property
     def hooks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -822,10 +1064,12 @@ class DescribeResponse(_message.Message):
         datatypes: _abc.Iterable[_builtins.str] | None = ...,
         shared_memory_dirs: _abc.Iterable[_builtins.str] | None = ...,
         shared_memory_doorbell: _builtins.str = ...,
+        max_segments_per_batch: _builtins.int = ...,
+        max_requests_per_stream: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatypes", b"datatypes", "guard_version", b"guard_version", "hooks", b"hooks", "max_message_bytes", b"max_message_bytes", "plugins", b"plugins", "protocol_version", b"protocol_version", "saes", b"saes", "shared_memory_dirs", b"shared_memory_dirs", "shared_memory_doorbell", b"shared_memory_doorbell", "subscriptions", b"subscriptions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatypes", b"datatypes", "guard_version", b"guard_version", "hooks", b"hooks", "max_message_bytes", b"max_message_bytes", "max_requests_per_stream", b"max_requests_per_stream", "max_segments_per_batch", b"max_segments_per_batch", "plugins", b"plugins", "protocol_version", b"protocol_version", "saes", b"saes", "shared_memory_dirs", b"shared_memory_dirs", "shared_memory_doorbell", b"shared_memory_doorbell", "subscriptions", b"subscriptions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

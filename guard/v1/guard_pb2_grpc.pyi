@@ -9,6 +9,11 @@ answers every batch with exactly one InspectResponse, in order; in MONITOR
 mode it answers too, but the host never waits for the answer. Modelled on
 Envoy's ext_proc (external_processor.proto).
 
+Continuous batching: one batch may hold the rows of many requests (one engine
+step, as vLLM and SGLang run them), described by ActivationBatch.segments; the
+reply then carries one RequestVerdict per segment. RequestEnded messages tell
+the guard that requests are over; they get no reply.
+
 Tensors use the KServe v2 / Triton convention: a datatype string, a shape and
 row-major little-endian raw bytes. Inside a pod the bytes may instead lie in a
 shared-memory region that the host registered in its StreamConfig (opt-in,
