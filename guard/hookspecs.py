@@ -2,7 +2,7 @@
 
 Implement a hook with ``@guard.hookimpl`` on a function or method of the same name. A plugin
 may accept fewer arguments than the spec lists (pluggy passes only those it names), so new
-arguments can be added without breaking plugins. plugins/README.md has one section per hook;
+arguments can be added without breaking plugins. docs/plugins.md has one section per hook;
 a test fails when a hook is undocumented or untested.
 """
 

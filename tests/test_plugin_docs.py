@@ -1,4 +1,4 @@
-"""The plugin guide (plugins/README.md) keeps up with the hook specs, and every hook has a test
+"""The plugin guide (docs/plugins.md) keeps up with the hook specs, and every hook has a test
 (as datasette's test_docs and test_plugin_hooks_have_tests do)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from guard.config import PluginsConfig
 from guard.engine.plugins import AUTOLOAD_ENV, PluginSet
 
 ROOT = Path(__file__).resolve().parent.parent
-GUIDE = ROOT / "plugins" / "README.md"
+GUIDE = ROOT / "docs" / "plugins.md"
 EXAMPLE = ROOT / "plugins" / "example-detector"
 
 
@@ -72,7 +72,7 @@ def test_every_hook_spec_has_a_docstring() -> None:
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hook_is_documented(hook: str) -> None:
-    assert hook in sections(), f"plugins/README.md has no '### {hook}' section"
+    assert hook in sections(), f"docs/plugins.md has no '### {hook}' section"
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -101,12 +101,12 @@ def test_the_guides_python_examples_parse() -> None:
 
 @pytest.mark.parametrize("name", [n for n in guard.__all__ if n not in ("__version__",)])
 def test_every_public_name_is_documented(name: str) -> None:
-    assert re.search(rf"\b{name}\b", guide()), f"guard.{name} is not in plugins/README.md"
+    assert re.search(rf"\b{name}\b", guide()), f"guard.{name} is not in docs/plugins.md"
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(PluginsConfig)])
 def test_every_plugins_setting_is_documented(field: str) -> None:
-    assert f"`plugins.{field}" in guide(), f"plugins.{field} is not in plugins/README.md"
+    assert f"`plugins.{field}" in guide(), f"plugins.{field} is not in docs/plugins.md"
 
 
 def test_the_autoload_variable_is_documented() -> None:

@@ -2,7 +2,7 @@
 with measured error rates, and run them in shadow mode before they may block.
 
 ``guard features rank``, ``guard detectors calibrate`` and ``guard detectors shadow`` (see
-``guard/audit/README.md``). Host side: running prompts needs torch and transformers (the
+``docs/auditing.md``). Host side: running prompts needs torch and transformers (the
 ``host`` extra); the statistics and the config writer are NumPy only.
 """
 
