@@ -19,6 +19,7 @@ from guard.decision import (
     FindingAction,
     Phase,
     PluginRun,
+    RequestEndReason,
     Steering,
 )
 from guard.errors import ConfigError
@@ -39,6 +40,7 @@ __all__ = [
     "FindingAction",
     "Phase",
     "PluginRun",
+    "RequestEndReason",
     "Settings",
     "Steering",
     "__version__",

@@ -37,6 +37,14 @@ class Phase(enum.IntEnum):
 #: host, decision stays CONTINUE), ``abort`` (the decision becomes ABORT).
 FindingAction = Literal["log", "flag", "abort"]
 
+#: Why a request ended (``guard_request_ended``): the host said so in a ``RequestEnded``
+#: (``finished``, ``aborted``, ``preempted``, or ``unspecified`` when it gave no reason), or
+#: the guard forgot it: ``evicted`` (its stream held state for ``max_requests_per_stream``
+#: requests and this one was seen least recently) or ``stream_closed`` (its stream ended with
+#: the request still open).
+RequestEndReason = Literal["finished", "aborted", "preempted", "unspecified", "evicted",
+                           "stream_closed"]
+
 
 @dataclass(frozen=True)
 class Segment:

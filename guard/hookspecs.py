@@ -13,7 +13,14 @@ from typing import Any
 
 import pluggy
 
-from guard.decision import Decision, FeatureBatch, FeatureEdit, FeatureRequest, Finding
+from guard.decision import (
+    Decision,
+    FeatureBatch,
+    FeatureEdit,
+    FeatureRequest,
+    Finding,
+    RequestEndReason,
+)
 
 PROJECT = "guard"
 
@@ -81,6 +88,20 @@ def guard_record(decision: Decision) -> None:
     Records hold ids, findings and timings, never activations or token text.
 
     :param decision: the decision, with its findings, edits, plugins and timings.
+    """
+
+
+@hookspec
+def guard_request_ended(request_id: str, reason: RequestEndReason) -> None:
+    """Forget a request that is over: free what this plugin keeps for it (windows, counters).
+
+    Called from the sink thread (as ``guard_record``), after every decision of the request
+    that the record queue accepted: when the host ends it (``RequestEnded``), when its stream
+    evicts it at ``server.max_requests_per_stream``, and when its stream closes with it open.
+    Keep it fast; an exception is logged and counted, and the stream goes on.
+
+    :param request_id: the request's id (``FeatureBatch.request_id``, ``Decision.request_id``).
+    :param reason: why it ended (:data:`guard.RequestEndReason`).
     """
 
 

@@ -51,6 +51,7 @@ from guard.decision import (
     Finding,
     Phase,
     PluginRun,
+    RequestEndReason,
     Steering,
     new_decision_id,
 )
@@ -235,11 +236,11 @@ class PluginHarness:
 
     As in the guard, a plugin is configured, asked for its subscriptions and started before
     it sees a batch: a hook call on a harness that was not configured configures it with an
-    empty block (what the guard hands a plugin without one), and ``detect``, ``steer`` and
-    ``record`` start it first. A batch that lacks a feature the plugin subscribed to on the
-    batch's hook is refused (the guard always encodes those). Unlike the guard, an exception
-    of the plugin is not isolated but raised from the call, with its traceback, so that a
-    test fails where it should.
+    empty block (what the guard hands a plugin without one), and ``detect``, ``steer``,
+    ``record`` and ``request_ended`` start it first. A batch that lacks a feature the plugin
+    subscribed to on the batch's hook is refused (the guard always encodes those). Unlike
+    the guard, an exception of the plugin is not isolated but raised from the call, with its
+    traceback, so that a test fails where it should.
 
     >>> from guard import Finding, hookimpl
     >>> class Always:
@@ -390,6 +391,12 @@ class PluginHarness:
         """Hand ``decision`` to the plugin's ``guard_record`` (see :func:`make_decision`)."""
         self.startup()
         self._calling(lambda: self._plugin_set.record(decision))
+
+    def request_ended(self, request_id: str, reason: RequestEndReason = "finished") -> None:
+        """Tell the plugin that a request is over (``guard_request_ended``), as the guard does
+        once the host ends it, its stream evicts it, or its stream closes."""
+        self.startup()
+        self._calling(lambda: self._plugin_set.request_ended(request_id, reason))
 
     def _ensure_configured(self) -> None:
         if not self._configured:

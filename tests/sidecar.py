@@ -151,11 +151,13 @@ class Sidecar(GuardProcess):
         return self.events(name)[count - 1]
 
     def decisions(self) -> list[dict[str, Any]]:
-        """The decision log's records (every line must be valid JSON)."""
+        """The decision log's decision records (every line must be valid JSON; the lines that
+        close requests, ``"event": "request ended"``, are left out)."""
         if not self.decision_log.exists():
             return []
         text = self.decision_log.read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines()]
+        records = [json.loads(line) for line in text.splitlines()]
+        return [record for record in records if record.get("event") == "decision"]
 
     # -- metrics ----------------------------------------------------------------------------
 

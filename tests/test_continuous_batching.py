@@ -5,14 +5,18 @@ shared memory and the doorbell on, small continuous-batching limits) on a real g
 and doorbell socket: a step of several requests gets one verdict per request, each what
 that request's rows get alone, and one steering delta over every row; bad segments get
 per-batch errors naming the field; RequestEnded gets no reply, frees the request, and the
-per-request state stays within its cap. The last test drives ``guard serve`` on the demo's
-own configuration (its jailbreak detector and dessert steering).
+per-request state stays within its cap. A second guard (a sustained detector, the decision
+log and two plugins of the tests' own) shows what the end of a request frees: the plugins'
+``guard_request_ended`` runs for ended, evicted and still-open requests, a raising plugin
+there costs nothing, and the decision log closes the request. The last test drives ``guard
+serve`` on the demo's own configuration (its jailbreak detector and dessert steering).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +31,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from guard import RequestEndReason, hookimpl
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.engine.core import Engine
+from guard.engine.plugins import PluginSource
 from guard.sidecar.requests import RequestTable
 from guard.sidecar.server import GuardServer
 from guard.telemetry.instruments import Instruments
@@ -37,9 +43,17 @@ from guard.v1 import guard_pb2_grpc as pb_grpc
 from guard.wire import codec
 from tests.conftest import HOOK, StreamClient, make_batch
 from tests.sae_fixtures import write_saelens
-from tests.sidecar import short_socket
+from tests.sidecar import poll, short_socket
 from tests.test_doorbell import Doorbell, code_name, doorbell_of
-from tests.test_plugins_end_to_end import BATCHES, D_IN, D_SAE, PLUGIN_SETTINGS, WEIGHTS
+from tests.test_plugins_end_to_end import (
+    BATCHES,
+    D_IN,
+    D_SAE,
+    PLUGIN_SETTINGS,
+    WATCH,
+    WEIGHTS,
+)
+from tests.test_plugins_end_to_end import rows as driven_rows
 from tests.test_shm import configure, get, region_file, registration, shm_config
 from tests.test_telemetry import value, wait_spans
 
@@ -356,16 +370,188 @@ def test_request_ended_before_the_config_ends_the_stream(channel: grpc.Channel) 
 
 def test_the_request_table_evicts_the_least_recently_seen_first() -> None:
     table = RequestTable(2)
-    assert table.seen("a", 3) == 0 and table.seen("b", 1) == 0
-    assert table.seen("a", 2) == 0  # a is now the most recent
-    assert table.seen("c", 1) == 1  # so b goes
+    assert table.seen("a", 3) is None and table.seen("b", 1) is None
+    assert table.seen("a", 2) is None  # a is now the most recent
+    assert table.seen("c", 1) == "b"  # so b goes
     assert "b" not in table and table.evicted == 1
     state = table.get("a")
     assert state is not None and (state.batches, state.rows) == (2, 5)
     freed, unknown = table.end(["a", "b", "a"])
     assert list(freed) == ["a"] and unknown == 2 and len(table) == 1
+    assert table.clear() == ["c"] and len(table) == 0
     with pytest.raises(ValueError, match="capacity"):
         RequestTable(0)
+
+
+# -- what the end of a request frees ---------------------------------------------------------
+
+#: The sustained detector of the lifecycle guard: WATCH on WINDOW consecutive tokens.
+WINDOW = 4
+
+
+class EndProbe:
+    """Records every ``guard_request_ended`` call, as (request id, reason)."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        with self._lock:
+            self.ended.append((request_id, reason))
+
+    def wait(self, request_id: str, reason: str) -> None:
+        poll(lambda: (request_id, reason) in self.ended, 30,
+             f"guard_request_ended({request_id!r}, {reason!r})")
+
+
+class RaisingOnEnd:
+    """A plugin whose ``guard_request_ended`` always raises (registered before the probe)."""
+
+    @hookimpl
+    def guard_request_ended(self, request_id: str) -> None:
+        raise RuntimeError(f"cannot forget {request_id}")
+
+
+@dataclass(frozen=True)
+class LifecycleGuard:
+    server: GuardServer
+    engine: Engine
+    probe: EndProbe
+    decision_log: Path
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LifecycleGuard]:
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    sae_dir = write_saelens(tmp / "sae", D_IN, D_SAE, hook_name=HOOK, weights=WEIGHTS)
+    decision_log = tmp / "decisions.jsonl"
+    config = GuardConfig(
+        server=ServerConfig(listen=f"unix://{short_socket('ends')}", drain_grace_seconds=0,
+                            max_requests_per_stream=MAX_REQUESTS),
+        logging=LoggingConfig(level="warning"),
+        saes=(SaeConfig(path=sae_dir),),
+        plugins=PluginsConfig(enabled=("detectors", "decision_log"), timeout_ms=30_000, config={
+            "detectors": {"drift": {"type": "sustained", "hook": HOOK, "features": [WATCH],
+                                    "threshold": 2.0, "window": WINDOW, "action": "flag"}},
+            "decision_log": {"path": str(decision_log)},
+        }),
+    )
+    probe = EndProbe()
+    server = GuardServer(config)
+    server.start()
+    try:
+        engine = Engine.load(config, extra_plugins=[
+            PluginSource("raising", "0", RaisingOnEnd), PluginSource("probe", "0", probe)])
+        server.set_ready(engine)
+        yield LifecycleGuard(server, engine, probe, decision_log)
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def lifecycle_stream(lifecycle: LifecycleGuard) -> Iterator[StreamClient]:
+    with grpc.insecure_channel(lifecycle.server.addresses[0]) as channel:
+        client = StreamClient(channel)
+        client.configure()
+        yield client
+        client.close()
+
+
+def watching(n: int) -> NDArray[np.float32]:
+    """``n`` rows on which the sustained detector's feature is over its threshold."""
+    return driven_rows(n, 7, {row: {WATCH: 3.0} for row in range(n)})
+
+
+def drifted(reply: pb.InspectResponse) -> dict[str, bool]:
+    """Request id -> whether the sustained detector fired on its rows."""
+    assert not reply.HasField("error"), reply.error
+    return {v.request_id: any(f.detector == "drift" for f in v.findings)
+            for v in reply.verdicts}
+
+
+def test_an_ended_request_starts_its_sustained_count_afresh(
+    lifecycle: LifecycleGuard, lifecycle_stream: StreamClient,
+) -> None:
+    half = WINDOW // 2
+    first = step_batch([("end-kept", watching(half), 0, pb.PHASE_GENERATION),
+                        ("end-ended", watching(half), 0, pb.PHASE_GENERATION)], 1)
+    assert drifted(lifecycle_stream.ask(first)) == {"end-kept": False, "end-ended": False}
+
+    lifecycle_stream.send(ended("end-ended", reason=pb.RequestEnded.REASON_PREEMPTED))
+    lifecycle.probe.wait("end-ended", "preempted")
+
+    # The next tokens of both: "end-kept" reaches the window, "end-ended" counts from zero.
+    second = step_batch([("end-kept", watching(half), half, pb.PHASE_GENERATION),
+                         ("end-ended", watching(half), half, pb.PHASE_GENERATION)], 2)
+    assert drifted(lifecycle_stream.ask(second)) == {"end-kept": True, "end-ended": False}
+    assert ("end-kept", "preempted") not in lifecycle.probe.ended
+
+
+def test_an_evicted_request_ends_for_the_plugins(
+    lifecycle: LifecycleGuard, lifecycle_stream: StreamClient,
+) -> None:
+    half = WINDOW // 2
+    reply = lifecycle_stream.ask(step_batch([("evict-1", watching(half), 0,
+                                              pb.PHASE_GENERATION)], 1))
+    assert drifted(reply) == {"evict-1": False}
+    for sequence, request_id in enumerate(("evict-2", "evict-3", "evict-4"), start=2):
+        lifecycle_stream.ask(step_batch([(request_id, _rows(1), 0, pb.PHASE_PROMPT)],
+                                        sequence))
+    lifecycle.probe.wait("evict-1", "evicted")  # MAX_REQUESTS is 3: the oldest went
+    assert [r for r, _ in lifecycle.probe.ended if r.startswith("evict-")] == ["evict-1"]
+    # Its run went with it: its next tokens count from zero.
+    reply = lifecycle_stream.ask(step_batch([("evict-1", watching(half), half,
+                                              pb.PHASE_GENERATION)], 5))
+    assert drifted(reply) == {"evict-1": False}
+
+
+def test_a_closed_streams_open_requests_end(lifecycle: LifecycleGuard) -> None:
+    with grpc.insecure_channel(lifecycle.server.addresses[0]) as channel:
+        client = StreamClient(channel)
+        client.configure()
+        client.ask(step_batch([("close-1", _rows(1), 0, pb.PHASE_PROMPT),
+                               ("close-2", _rows(1), 0, pb.PHASE_PROMPT)], 1))
+        client.send(ended("close-2"))
+        assert client.rest() == []
+    lifecycle.probe.wait("close-1", "stream_closed")
+    lifecycle.probe.wait("close-2", "finished")
+    assert [e for e in lifecycle.probe.ended if e[0].startswith("close-")] == [
+        ("close-2", "finished"), ("close-1", "stream_closed")]
+
+
+def test_a_plugin_that_raises_on_an_end_breaks_nothing(
+    lifecycle: LifecycleGuard, lifecycle_stream: StreamClient,
+) -> None:
+    failures = lifecycle.engine.plugin_set.failures
+    before = failures[("raising", "guard_request_ended")]
+    reply = lifecycle_stream.ask(step_batch([("raise-1", _rows(1), 0, pb.PHASE_PROMPT)], 1))
+    assert [v.action for v in reply.verdicts] == [pb.ACTION_CONTINUE]
+    lifecycle_stream.send(ended("raise-1"))
+    lifecycle.probe.wait("raise-1", "finished")  # the plugin after the raising one ran
+    assert failures[("raising", "guard_request_ended")] > before
+    reply = lifecycle_stream.ask(step_batch([("raise-2", _rows(1), 0, pb.PHASE_PROMPT)], 2))
+    assert not reply.HasField("error") and [v.action for v in reply.verdicts] == [
+        pb.ACTION_CONTINUE]
+
+
+def test_the_decision_log_closes_an_ended_request_after_its_decisions(
+    lifecycle: LifecycleGuard, lifecycle_stream: StreamClient,
+) -> None:
+    reply = lifecycle_stream.ask(step_batch([("log-1", _rows(2), 0, pb.PHASE_PROMPT),
+                                             ("log-2", _rows(1), 0, pb.PHASE_PROMPT)], 1))
+    lifecycle_stream.send(ended("log-1", reason=pb.RequestEnded.REASON_ABORTED))
+    lifecycle.probe.wait("log-1", "aborted")  # the log comes before the probe
+
+    lines = [json.loads(line) for line in lifecycle.decision_log.read_text().splitlines()]
+    mine = [line for line in lines if line["request_id"] == "log-1"]
+    assert [line["event"] for line in mine] == ["decision", "request ended"]
+    assert mine[0]["decision_id"] == reply.verdicts[0].decision_id
+    assert mine[1] == {"event": "request ended", "request_id": "log-1", "reason": "aborted",
+                       "timestamp": mine[1]["timestamp"]}
+    assert not any(line["event"] == "request ended" and line["request_id"] == "log-2"
+                   for line in lines)  # still open
 
 
 # -- the demo's guard ------------------------------------------------------------------------
@@ -444,18 +630,26 @@ def test_the_demo_guard_answers_a_step_of_three_requests(
     ids = {v.request_id: v.decision_id for v in reply.verdicts}
     records = _wait_records(decision_log, set(ids.values()))
     assert {r["decision_id"]: r["request_id"] for r in records
-            if r["decision_id"] in ids.values()} == {d: r for r, d in ids.items()}
+            if r.get("decision_id") in ids.values()} == {d: r for r, d in ids.items()}
+    # The RequestEnded closes the three requests in the log, after their decisions.
+    poll(lambda: {r["request_id"] for r in _read_records(decision_log)
+                  if r["event"] == "request ended"} >= set(ids), 30, "the requests' ends")
+    order = [(r["event"], r["request_id"]) for r in _read_records(decision_log)
+             if r["request_id"] in ids]
+    for request_id in ids:
+        assert order.index(("request ended", request_id)) > order.index(("decision",
+                                                                          request_id))
 
 
 def _wait_records(path: Path, decision_ids: set[str]) -> list[dict[str, Any]]:
     """The decision log's records, once it holds every one of ``decision_ids``."""
-    from tests.sidecar import poll
-
-    def read() -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-    poll(lambda: decision_ids <= {r.get("decision_id") for r in read()}, 30,
+    poll(lambda: decision_ids <= {r.get("decision_id") for r in _read_records(path)}, 30,
          "the step's decision records")
-    return read()
+    return _read_records(path)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Every line of the decision log (decisions and request ends)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

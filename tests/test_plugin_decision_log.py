@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -116,6 +117,29 @@ def test_one_json_line_per_decision_with_every_field(log_path: Path) -> None:
     }
     assert (second["decision_id"], second["action"], second["findings"]) == ("d-2", "continue",
                                                                               [])
+
+
+def test_the_end_of_a_request_is_a_line_of_ids_reason_and_time(log_path: Path) -> None:
+    plugins = sink({"path": str(log_path), "include_token_ids": True})
+    plugins.record(decision("d-1"))
+    before = datetime.datetime.now(datetime.UTC)
+    assert plugins.request_ended("req-1", "preempted") == []
+    # read while the file is open: the line is flushed as it is written
+    decision_line, end = strict_lines(log_path.read_text())
+    assert decision_line["event"] == "decision"
+    assert end.keys() == {"event", "timestamp", "request_id", "reason"}
+    assert (end["event"], end["request_id"], end["reason"]) == (
+        "request ended", "req-1", "preempted")
+    written = datetime.datetime.fromisoformat(end["timestamp"].replace("Z", "+00:00"))
+    assert before - datetime.timedelta(seconds=1) <= written <= datetime.datetime.now(
+        datetime.UTC)
+    plugins.shutdown()
+
+
+def test_the_end_record_is_json_ready_and_holds_nothing_of_the_request() -> None:
+    assert DecisionLog.end_record("req-9", "stream_closed", 1_700_000_000.25) == {
+        "timestamp": "2023-11-14T22:13:20.250000Z", "request_id": "req-9",
+        "reason": "stream_closed"}
 
 
 def test_each_record_is_flushed_before_guard_record_returns(log_path: Path) -> None:

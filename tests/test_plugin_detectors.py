@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from guard import ConfigError, FeatureBatch, FeatureRequest, Finding, Phase
+from guard import ConfigError, FeatureBatch, FeatureRequest, Finding, Phase, RequestEndReason
 from guard.engine.plugins import PluginSet, PluginSource
-from guard_plugins.detectors import Detectors, RunTracker
+from guard.testing import PluginHarnessFactory
+from guard_plugins.detectors import Detectors, RunTracker, SustainedDetector
 
 HOOK = "blocks.6.hook_resid_post"
 OTHER_HOOK = "blocks.9.hook_resid_post"
@@ -315,6 +316,40 @@ def test_run_tracker_memory_is_bounded() -> None:
 
     tracker.advance("d", one + 1, ~met, now=21.0)  # a broken run holds no state
     assert len(tracker) == 0
+
+    tracker.advance("e", one, met, now=22.0)
+    assert tracker.forget("e") and not tracker.forget("e")  # an ended request holds none
+    assert len(tracker) == 0
+
+
+@pytest.mark.parametrize("reason", ["finished", "aborted", "preempted", "evicted",
+                                    "stream_closed"])
+def test_the_end_of_a_request_frees_its_run(
+    guard_plugin_harness: PluginHarnessFactory, reason: RequestEndReason,
+) -> None:
+    harness = guard_plugin_harness("detectors", settings={"drift": sustained()})
+    plugin = harness.plugin
+    assert isinstance(plugin, Detectors)
+    [tracker] = [d.runs for d in plugin.detectors if isinstance(d, SustainedDetector)]
+    assert harness.detect(feature_batch({5: [2.0, 2.0]}, request_id="a")) == []
+    assert harness.detect(feature_batch({5: [2.0, 2.0]}, request_id="b")) == []
+    assert len(tracker) == 2
+
+    harness.request_ended("a", reason)
+    harness.request_ended("never-seen", reason)  # nothing to free: no error
+
+    assert len(tracker) == 1  # "b" keeps its run
+    # "a" at position 2 would be its third token: its count did not survive the end
+    assert harness.detect(feature_batch({5: [2.0]}, positions=[2], request_id="a")) == []
+    [finding] = harness.detect(feature_batch({5: [2.0]}, positions=[2], request_id="b"))
+    assert finding.detector == "drift"
+
+
+def test_a_request_ends_without_state_in_threshold_only_detectors(
+    guard_plugin_harness: PluginHarnessFactory,
+) -> None:
+    harness = guard_plugin_harness("detectors", settings={"j": threshold([1])})
+    harness.request_ended("a", "finished")  # nothing kept, nothing to free
 
 
 # -- configuration --------------------------------------------------------------------------

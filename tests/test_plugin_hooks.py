@@ -20,6 +20,7 @@ from guard import (
     FeatureEdit,
     FeatureRequest,
     Finding,
+    RequestEndReason,
     hookimpl,
 )
 from guard.engine.plugins import (
@@ -77,6 +78,10 @@ class Calls:
         self.calls.append(("record", decision))
 
     @hookimpl
+    def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        self.calls.append(("request_ended", (request_id, reason)))
+
+    @hookimpl
     def guard_shutdown(self) -> None:
         self.calls.append(("shutdown", None))
 
@@ -98,6 +103,10 @@ class Raising:
     @hookimpl
     def guard_record(self, decision: Decision) -> None:
         raise OSError("disk full")
+
+    @hookimpl
+    def guard_request_ended(self, request_id: str) -> None:
+        raise KeyError(request_id)
 
     @hookimpl
     def guard_shutdown(self) -> None:
@@ -306,6 +315,20 @@ def test_guard_record_reaches_every_sink_despite_a_failing_one() -> None:
     assert failures == [PluginFailure("raising", "guard_record", "OSError: disk full")]
 
 
+# -- guard_request_ended ---------------------------------------------------------------------
+
+
+def test_guard_request_ended_reaches_every_plugin_despite_a_failing_one() -> None:
+    before, after = Calls(), Calls()
+    plugins = plugin_set(("before", before), ("raising", Raising()), ("after", after))
+
+    failures = plugins.request_ended("req-1", "evicted")
+
+    assert before.calls == after.calls == [("request_ended", ("req-1", "evicted"))]
+    assert failures == [PluginFailure("raising", "guard_request_ended", "KeyError: 'req-1'")]
+    assert plugins.failures[("raising", "guard_request_ended")] == 1
+
+
 # -- guard_shutdown --------------------------------------------------------------------------
 
 
@@ -344,8 +367,8 @@ def test_an_argument_the_hook_does_not_have_is_rejected() -> None:
 
 def test_hook_names_are_the_specs() -> None:
     assert PluginSet.hook_names() == [
-        "guard_configure", "guard_detect", "guard_record", "guard_shutdown", "guard_startup",
-        "guard_steer", "guard_subscriptions",
+        "guard_configure", "guard_detect", "guard_record", "guard_request_ended",
+        "guard_shutdown", "guard_startup", "guard_steer", "guard_subscriptions",
     ]
 
 

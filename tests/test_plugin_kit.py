@@ -24,6 +24,7 @@ from guard import (
     FeatureRequest,
     Finding,
     Phase,
+    RequestEndReason,
     hookimpl,
 )
 from guard.engine.plugins import PluginError, PluginSet
@@ -243,6 +244,10 @@ class Lifecycle:
         self.log.append(f"record {decision.action.name}")
 
     @hookimpl
+    def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        self.log.append(f"ended {request_id} {reason}")
+
+    @hookimpl
     def guard_shutdown(self) -> None:
         self.log.append("shutdown")
 
@@ -270,6 +275,27 @@ def test_the_harness_runs_the_lifecycle_in_the_guards_order(lifecycle: list[str]
     assert lifecycle == ["configure {}", "startup", "record STEER", "shutdown"]
     harness.close()  # once only
     assert lifecycle[-2:] == ["record STEER", "shutdown"]
+
+
+def test_the_harness_ends_requests_after_starting_the_plugin(lifecycle: list[str]) -> None:
+    harness = PluginHarness(Lifecycle)
+    harness.request_ended("req-7")
+    harness.request_ended("req-8", "evicted")
+    harness.close()
+    assert lifecycle == ["configure {}", "startup", "ended req-7 finished",
+                         "ended req-8 evicted", "shutdown"]
+
+
+def test_the_harness_raises_what_guard_request_ended_raised() -> None:
+    class Leaky:
+        @hookimpl
+        def guard_request_ended(self, request_id: str) -> None:
+            raise KeyError(request_id)
+
+    harness = PluginHarness(Leaky)
+    with pytest.raises(KeyError, match="req-1"):
+        harness.request_ended("req-1", "aborted")
+    harness.close()
 
 
 def test_the_harness_configures_and_subscribes(lifecycle: list[str]) -> None:

@@ -97,7 +97,9 @@ BATCHES = [
 @dataclass(frozen=True)
 class Scenario:
     replies: list[pb.InspectResponse]
+    #: The decision log's decision lines, then its other lines (the request's end).
     log_lines: list[dict[str, Any]]
+    end_lines: list[dict[str, Any]]
     subscribed: tuple[int, ...]
     plugins: dict[str, str]
 
@@ -131,12 +133,16 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                 del batch.positions[:]
                 batch.positions.extend(range(first, first + len(x)))
                 replies.append(client.ask(batch))
+            client.send(pb.InspectRequest(ended=pb.RequestEnded(
+                request_ids=["req-e2e"], reason=pb.RequestEnded.REASON_FINISHED)))
             client.close()
             described = pb_grpc.GuardStub(channel).Describe(pb.DescribeRequest())
     finally:
         server.stop(1)  # closes the engine: drains the record queue, shuts the plugins down
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    return Scenario(replies, lines, tuple(described.subscriptions[0].feature_ids),
+    return Scenario(replies, [line for line in lines if line["event"] == "decision"],
+                    [line for line in lines if line["event"] != "decision"],
+                    tuple(described.subscriptions[0].feature_ids),
                     {p.name: p.version for p in described.plugins})
 
 
@@ -211,6 +217,14 @@ def test_decision_log_has_one_line_per_decision_with_the_replies_ids(
     assert all(len(line["sae_sha256"]) == 64 for line in lines)
     assert {p["name"] for p in lines[0]["plugins"]} == {"detectors", "steering",
                                                         "decision_log"}
+
+
+def test_decision_log_closes_the_request_after_its_decisions(scenario: Scenario) -> None:
+    (end,) = scenario.end_lines
+    assert end.keys() == {"event", "timestamp", "request_id", "reason"}
+    assert (end["event"], end["request_id"], end["reason"]) == (
+        "request ended", "req-e2e", "finished")
+    assert end["timestamp"] >= scenario.log_lines[-1]["timestamp"]  # ISO 8601 UTC: sortable
 
 
 def test_decision_log_holds_the_log_only_finding_and_the_edits(scenario: Scenario) -> None:

@@ -12,7 +12,8 @@ plugin that raises or overruns is logged and counted, the others still run, and 
 gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the rest,
 ``closed`` aborts naming the plugin. A plugin still running past its budget is skipped by
 later batches (as a failure) until its call returns. Records go to sinks through a bounded
-queue off the hot path (``guard.engine.record_queue``).
+queue off the hot path (``guard.engine.record_queue``), and so do the ends of requests
+(:meth:`Engine.end_requests`, for ``guard_request_ended``), after the requests' decisions.
 
 The plugin part of the configuration reloads without dropping streams: a new set of plugin
 instances is configured and started aside, then swapped in; a rejected configuration
@@ -49,13 +50,14 @@ from guard.decision import (
     FeatureRequest,
     Finding,
     PluginRun,
+    RequestEndReason,
     Steering,
     StepDecision,
     new_decision_id,
 )
 from guard.engine.deltas import build_delta
 from guard.engine.plugins import CallProgress, PluginFailure, PluginSet, PluginSource, discover
-from guard.engine.record_queue import RecordQueue
+from guard.engine.record_queue import RecordQueue, RequestsEnded
 from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
 from guard.telemetry.instruments import DECISION_ID, Instruments
@@ -128,6 +130,8 @@ class Pipeline:
     runs_plugins: bool
     records: bool
     plugin_runs: tuple[PluginRun, ...]
+    #: Whether a plugin implements ``guard_request_ended`` (else ends are not queued).
+    request_ends: bool = False
 
 
 class Engine:
@@ -154,7 +158,8 @@ class Engine:
                                          "reloads_rejected": 0}
         self._pipeline = self._start(plugins_config)
         self._executor = DaemonExecutor("guard-plugins")
-        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size)
+        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size,
+                                    deliver_end=self._deliver_end)
         self.instruments.watch(self)
 
     @classmethod
@@ -226,7 +231,7 @@ class Engine:
         runs = plugins.has_hook("guard_detect") or plugins.has_hook("guard_steer")
         plugin_runs = tuple(PluginRun(n, v) for n, v in plugins.plugins.items())
         return Pipeline(plugins, hooks, plugins_config, runs, plugins.has_hook("guard_record"),
-                        plugin_runs)
+                        plugin_runs, plugins.has_hook("guard_request_ended"))
 
     @staticmethod
     def _runtime(hook: str, sae: Sae, entry: SaeConfig,
@@ -562,6 +567,28 @@ class Engine:
             plugin_errors=tuple(sorted({f.plugin for f in failures})) if failures else (),
             timings=dict(timings), timestamp=time.time(), token_ids=batch.token_ids,
         )
+
+    # -- the request lifecycle ------------------------------------------------------------
+
+    def end_requests(self, request_ids: Sequence[str], reason: RequestEndReason) -> bool:
+        """Tell the plugins (``guard_request_ended``) that these requests are over.
+
+        Never blocks and calls no plugin here: the ends go through the record queue, so the
+        plugins hear of them on the sink thread, after every decision of these requests that
+        the queue accepted (the decision log writes a request's end after its decisions).
+        False when nothing was queued: no plugin implements the hook, no ids, or the queue
+        was full (``records.ends_dropped``) or closed.
+        """
+        if not request_ids or not self._pipeline.request_ends:
+            return False
+        return self._records.offer_end(RequestsEnded(tuple(request_ids), reason))
+
+    def _deliver_end(self, ended: RequestsEnded) -> None:
+        """Tell every plugin that these requests are over (on the sink thread)."""
+        with self._swap_lock:  # never into plugins that a reload is shutting down
+            plugins = self._pipeline.plugins
+            for request_id in ended.request_ids:
+                plugins.request_ended(request_id, ended.reason)
 
     def _deliver(self, decision: Decision, trace_context: Context | None) -> None:
         """Hand a decision to the sinks in its batch's context (trace and decision id)."""

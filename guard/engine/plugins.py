@@ -26,7 +26,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from guard import hookspecs
-from guard.decision import Decision, FeatureBatch, FeatureEdit, FeatureRequest, Finding
+from guard.decision import (
+    Decision,
+    FeatureBatch,
+    FeatureEdit,
+    FeatureRequest,
+    Finding,
+    RequestEndReason,
+)
 from guard.errors import ConfigError, GuardError
 from guard.telemetry.instruments import Instruments
 
@@ -387,6 +394,11 @@ class PluginSet:
     def record(self, decision: Decision) -> list[PluginFailure]:
         """Hand a decision to every sink (called from the sink thread only)."""
         return self._call("guard_record", {"decision": decision})
+
+    def request_ended(self, request_id: str, reason: RequestEndReason) -> list[PluginFailure]:
+        """Tell every plugin that a request is over (called from the sink thread only); a
+        plugin that raises is logged and counted, the others still hear of it."""
+        return self._call("guard_request_ended", {"request_id": request_id, "reason": reason})
 
     def has_hook(self, hook: str) -> bool:
         return bool(self._impls(hook))

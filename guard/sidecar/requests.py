@@ -6,6 +6,10 @@ it decided on) until then; the table is bounded so that a host that never says "
 cannot grow the guard's memory: past ``capacity`` requests, the one seen least recently is
 forgotten (an eviction, counted). Ending a request the table does not hold (never seen on
 this stream, or already forgotten) is ignored and counted: the host's threads may race.
+
+Whenever a request leaves the table (ended by the host, evicted, or still open when the
+stream closes) the stream tells the plugins through the engine (``guard_request_ended``), so
+that they free their own state for it too.
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ class RequestTable:
     def get(self, request_id: str) -> RequestState | None:
         return self._states.get(request_id)
 
-    def seen(self, request_id: str, rows: int) -> int:
-        """Count a decided batch of ``rows`` rows for the request; returns how many requests
-        were evicted to make room (0 or 1)."""
+    def seen(self, request_id: str, rows: int) -> str | None:
+        """Count a decided batch of ``rows`` rows for the request; returns the id of the
+        request evicted to make room, or None."""
         states = self._states
         state = states.get(request_id)
         if state is None:
@@ -67,10 +71,10 @@ class RequestTable:
         state.batches += 1
         state.rows += rows
         if len(states) <= self.capacity:
-            return 0
-        states.popitem(last=False)
+            return None
+        evicted, _state = states.popitem(last=False)
         self.evicted += 1
-        return 1
+        return evicted
 
     def end(self, request_ids: Iterable[str]) -> Forgotten:
         """Free the state of these requests; ids not held are counted, not an error."""
@@ -83,3 +87,10 @@ class RequestTable:
             else:
                 freed[request_id] = state
         return Forgotten(freed, unknown)
+
+    def clear(self) -> list[str]:
+        """Forget every request (the stream ended); returns their ids, least recently seen
+        first."""
+        ids = list(self._states)
+        self._states.clear()
+        return ids

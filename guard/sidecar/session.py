@@ -27,7 +27,10 @@ Rules for bad input, as docs/protocol.md documents them:
 A ``RequestEnded`` message gets no reply and does not touch the sequence numbers: it frees
 the named requests' state in the stream's :class:`~guard.sidecar.requests.RequestTable`
 (bounded by ``max_requests``); an id the table does not hold is ignored and counted. Before
-the config it is a protocol violation, as a batch would be.
+the config it is a protocol violation, as a batch would be. Every request that leaves the
+table reaches the plugins' ``guard_request_ended`` (:meth:`Engine.end_requests`, off the hot
+path): with the host's reason, ``evicted`` when the table was full, ``stream_closed`` for the
+requests still open when the stream ends.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from guard.decision import (
     ActivationRows,
     Decision,
     Phase,
+    RequestEndReason,
     Segment,
     Steering,
     StepDecision,
@@ -85,9 +89,10 @@ log = structlog.get_logger(__name__)
 PROTOCOL_VERSION = "1.0"
 _MODES = {pb.MODE_MONITOR: "monitor", pb.MODE_INLINE: "inline"}
 _PHASES = {int(p): p for p in Phase}
-_END_REASONS = {pb.RequestEnded.REASON_FINISHED: "finished",
-                pb.RequestEnded.REASON_ABORTED: "aborted",
-                pb.RequestEnded.REASON_PREEMPTED: "preempted"}
+_END_REASONS: dict[int, RequestEndReason] = {
+    pb.RequestEnded.REASON_FINISHED: "finished",
+    pb.RequestEnded.REASON_ABORTED: "aborted",
+    pb.RequestEnded.REASON_PREEMPTED: "preempted"}
 #: Default of :attr:`StreamLimits.max_segments`.
 DEFAULT_MAX_SEGMENTS = 1024
 
@@ -211,8 +216,10 @@ class InspectStream:
 
     def _end_requests(self, ended: pb.RequestEnded) -> None:
         """Free the state of requests the host says are over (no reply)."""
-        reason = _END_REASONS.get(ended.reason, "unspecified")
+        reason: RequestEndReason = _END_REASONS.get(ended.reason, "unspecified")
         freed, unknown = self.requests.end(ended.request_ids)
+        if freed:
+            self._engine.end_requests(list(freed), reason)
         counters = self.counters
         counters.requests_ended += len(freed)
         counters.requests_unknown += unknown
@@ -303,26 +310,36 @@ class InspectStream:
         self.counters.rows += len(batch.positions)
         delta_out = self._delta_out(batch)
         if rows.segments:
-            for segment in rows.segments:
-                self._seen(segment.request_id, segment.stop - segment.start)
+            evicted = [gone for segment in rows.segments
+                       if (gone := self._seen(segment.request_id,
+                                              segment.stop - segment.start)) is not None]
+            if evicted:
+                self._evicted(evicted)
             if span is not None or self._instruments.metering:
                 self._answer(span, started, batch, step.decisions, True, None, None)
             return step_to_proto(step, batch, skipped,
                                  delta_datatype=batch.activations.datatype,
                                  delta_out=delta_out)
-        self._seen(rows.request_id, len(batch.positions))
+        gone = self._seen(rows.request_id, len(batch.positions))
+        if gone is not None:
+            self._evicted([gone])
         if span is not None or self._instruments.metering:
             self._answer(span, started, batch, (decision,), False, None, None)
         return decision_to_proto(decision, skipped, batch.positions,
                                  delta_datatype=batch.activations.datatype,
                                  delta_out=delta_out)
 
-    def _seen(self, request_id: str, rows: int) -> None:
-        """Count a decided batch in the request's state (evicting the oldest when full)."""
-        if self.requests.seen(request_id, rows):
-            self.counters.requests_evicted += 1
-            if self._instruments.metering:
-                self._instruments.requests_forgotten(evicted=1)
+    def _seen(self, request_id: str, rows: int) -> str | None:
+        """Count a decided batch in the request's state; the request evicted to make room
+        (the least recently seen), or None."""
+        return self.requests.seen(request_id, rows)
+
+    def _evicted(self, request_ids: list[str]) -> None:
+        """Count requests the full table forgot, and tell the plugins (one queue item)."""
+        self.counters.requests_evicted += len(request_ids)
+        if self._instruments.metering:
+            self._instruments.requests_forgotten(evicted=len(request_ids))
+        self._engine.end_requests(request_ids, "evicted")
 
     def _start_span(self, tracer: trace.Tracer, batch: pb.ActivationBatch
                     ) -> tuple[Span | None, Token[Context]]:
@@ -392,12 +409,17 @@ class InspectStream:
         return labels
 
     def close(self) -> None:
-        """Finish the telemetry of the last batch and unmap the shared-memory regions (the
-        stream ended)."""
+        """Finish the telemetry of the last batch, end the requests still open
+        (``stream_closed``) and unmap the shared-memory regions (the stream ended)."""
         try:
             self.after_reply()
         finally:
-            self.regions.close()
+            try:
+                self._engine.end_requests(self.requests.clear(), "stream_closed")
+            except Exception:  # the stream is over either way: never fail its close
+                log.exception("ending the stream's open requests failed", peer=self.peer)
+            finally:
+                self.regions.close()
 
     def _check_sequence(self, sequence: int) -> int:
         last = self._last_sequence

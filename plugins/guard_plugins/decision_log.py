@@ -1,10 +1,12 @@
-"""First-party sink: one JSON line per decision, to stdout or an appended file."""
+"""First-party sink: one JSON line per decision (and per request end), to stdout or an
+appended file."""
 
 from __future__ import annotations
 
 import datetime
 import math
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from guard import Decision, FeatureEdit, Finding, Settings, hookimpl
+from guard import Decision, FeatureEdit, Finding, RequestEndReason, Settings, hookimpl
 
 STDOUT = "-"
 
@@ -42,6 +44,12 @@ class DecisionLog:
     sae_sha256 and timings_ms; never activations or token text. Each line is flushed as it
     is written, so a record the sink accepted survives a SIGTERM. Non-finite numbers are
     written as null, so every line is valid JSON.
+
+    When a request ends (``guard_request_ended``) a line with ``"event": "request ended"``
+    closes it: request_id, reason (finished, aborted, preempted, unspecified, evicted,
+    stream_closed) and timestamp (when the log learned of it), written after every decision
+    line of the request. Decision lines have ``"event": "decision"``: a reader that wants
+    decisions only filters on ``event``.
 
     structlog's ``WriteLogger`` is used because it writes and flushes one line under a lock
     per file: on stdout, decision lines never interleave with other structlog output.
@@ -79,6 +87,10 @@ class DecisionLog:
     @hookimpl
     def guard_record(self, decision: Decision) -> None:
         self._logger().msg("decision", **self.record(decision))
+
+    @hookimpl
+    def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        self._logger().msg("request ended", **self.end_record(request_id, reason))
 
     @hookimpl
     def guard_shutdown(self) -> None:
@@ -131,6 +143,14 @@ class DecisionLog:
         timings = dict(decision.timings)
         record["timings_ms"] = {k: _number(v * 1e3, 3) for k, v in timings.items()}
         return record
+
+    @staticmethod
+    def end_record(request_id: str, reason: str, timestamp: float | None = None
+                   ) -> dict[str, Any]:
+        """The JSON-ready record of a request's end (a ``request ended`` line, less
+        ``event``): ids and a time only."""
+        return {"timestamp": _iso_utc(time.time() if timestamp is None else timestamp),
+                "request_id": request_id, "reason": reason}
 
     def _finding(self, finding: Finding) -> dict[str, Any]:
         item: dict[str, Any] = {

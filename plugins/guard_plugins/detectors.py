@@ -177,8 +177,10 @@ class _Run:
 class RunTracker:
     """Per request: how many consecutive tokens met the condition so far. Thread-safe.
 
-    Memory is bounded: a request whose run is broken holds no state; the least recently
-    updated requests are evicted beyond ``max_requests``, and any idle for ``idle_seconds``.
+    Memory is bounded: a request whose run is broken holds no state; a request that ended
+    (:meth:`forget`, from ``guard_request_ended``) neither; the least recently updated
+    requests are evicted beyond ``max_requests``, and any idle for ``idle_seconds`` (so a
+    host that never ends its requests cannot grow it).
     """
 
     def __init__(self, max_requests: int, idle_seconds: float) -> None:
@@ -219,6 +221,11 @@ class RunTracker:
             self._evict(now)
         return runs
 
+    def forget(self, request_id: str) -> bool:
+        """Drop the request's run (it ended); whether there was one."""
+        with self._lock:
+            return self._runs.pop(request_id, None) is not None
+
     def _evict(self, now: float) -> None:
         while len(self._runs) > self.max_requests:
             self._runs.popitem(last=False)
@@ -233,8 +240,9 @@ class RunTracker:
 class SustainedDetector:
     """Fires on every token at which any (or all) of the features have reached the threshold
     on ``window`` consecutive tokens (positions) of one request, counted across batches. A
-    token that misses the condition, or a gap in positions, restarts the count; so does a
-    reload (fresh instances).
+    token that misses the condition, or a gap in positions, restarts the count; so does the
+    end of the request (``guard_request_ended``: finished, aborted, preempted, evicted by its
+    stream, or its stream closed) and a reload (fresh instances).
 
     The score is the largest per-row value (max over features for ``any``, min for ``all``)
     among the rows that fired.
@@ -292,7 +300,7 @@ class Detectors:
           threshold: 1.0
           window: 8              # fires once 8 consecutive tokens of one request met it
           max_requests: 10000    # state kept for at most this many requests (LRU)
-          idle_seconds: 600      # and dropped for a request idle this long
+          idle_seconds: 600      # and dropped for a request idle this long (and at its end)
         deception:
           type: linear
           hook: blocks.15.hook_resid_post
@@ -336,6 +344,14 @@ class Detectors:
                 if finding is not None:
                     findings.append(finding)
         return findings
+
+    @hookimpl
+    def guard_request_ended(self, request_id: str) -> None:
+        """Free the request's sustained-detector runs (every reason frees them: a preempted
+        request's rows are recomputed and sent again, from a fresh count)."""
+        for detector in self._detectors:
+            if isinstance(detector, SustainedDetector):
+                detector.runs.forget(request_id)
 
 
 def _parse(name: str, block: Settings) -> Detector:
