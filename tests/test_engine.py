@@ -11,13 +11,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from guard import ConfigError, FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
-from guard.decision import Action, ActivationRows, Decision, Phase
+from guard.decision import Action, ActivationRows, Decision, Phase, Segment
 from guard.engine.core import Engine
 from guard.engine.plugins import PluginSource
 from guard.errors import GuardError
+from guard.telemetry.instruments import DECISION_ID
+from guard.telemetry.setup import add_trace_context
 from tests.conftest import D_IN, D_SAE, HOOK
 from tests.sae_fixtures import random_standard_weights
 
@@ -375,3 +379,183 @@ def test_decision_timings_are_a_snapshot(sae_dir: Path, engines: list[Engine]) -
     decision = engine.inspect(_rows(), timings, time.perf_counter())
     timings["late"] = 1.0
     assert set(decision.timings) == {"decode", "encode", "detect", "steer", "total"}
+
+
+# -- engine steps: one hand-off to the plugin worker per batch ------------------------------
+
+
+def _step(n: int, seed: int = 1) -> ActivationRows:
+    """A batch of ``n`` one-row requests ``req-0`` .. ``req-{n-1}``, as an engine step."""
+    rows = np.random.default_rng(seed).normal(size=(n, D_IN)).astype(np.float32)
+    segments = tuple(Segment(f"req-{i}", i, i + 1, Phase.GENERATION) for i in range(n))
+    return ActivationRows("", 1, HOOK, rows, np.arange(n, dtype=np.int64), None,
+                          Phase.GENERATION, segments=segments)
+
+
+def _count_submissions(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one per job handed to the engine's plugin worker."""
+    submitted: list[int] = []
+    submit = engine._executor.submit
+
+    def counting(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        submitted.append(1)
+        return submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(engine._executor, "submit", counting)
+    return submitted
+
+
+class Witness(Subscriber):
+    """Logs each request it sees and notes the decision id set while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, str] = {}
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        self.seen[batch.request_id] = DECISION_ID.get()
+        structlog.get_logger("witness").info("witness saw", request_id=batch.request_id)
+        return [Finding("witness", 1.0, 0.0, "flag")]
+
+
+class HangsOn(Subscriber):
+    """Hangs on one request until released; flags every other one."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__()
+        self.request_id = request_id
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        self.calls.append(batch.request_id)
+        if batch.request_id == self.request_id:
+            self.release.wait(10)
+        return [Finding("hangs-on", 1.0, 0.0, "flag")]
+
+
+def _without_ids(decision: Decision) -> tuple[Any, ...]:
+    return (decision.request_id, decision.action, decision.details, decision.plugin_errors,
+            [(f.detector, f.score, f.action) for f in decision.findings])
+
+
+def test_a_step_makes_one_hand_off_and_the_decisions_of_each_request_alone(
+    sae_dir: Path, engines: list[Engine], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    witness = Witness()
+    engine = _engine(sae_dir, ("flagger", Flagger()), ("witness", witness), ("sink", Sink()))
+    engines.append(engine)
+    submitted = _count_submissions(engine, monkeypatch)
+    batch = _step(8)
+    with capture_logs(processors=[add_trace_context]) as logs:
+        step = engine.inspect_step(batch, {})
+    seen_in_step = dict(witness.seen)
+    assert len(submitted) == 1
+    assert [d.request_id for d in step.decisions] == [f"req-{i}" for i in range(8)]
+    # Each request decided as its rows alone are (one hand-off each).
+    alone = [engine.inspect(batch.request(s), {}) for s in batch.segments]
+    assert len(submitted) == 1 + 8
+    assert [_without_ids(d) for d in step.decisions] == [_without_ids(d) for d in alone]
+    assert all(set(d.timings) >= {"encode", "detect", "steer", "total"}
+               for d in step.decisions)
+    # Each request's plugin calls ran with its own decision id, in its log lines too.
+    ids = {d.request_id: d.decision_id for d in step.decisions}
+    assert len(set(ids.values())) == 8
+    assert seen_in_step == ids
+    logged = {e["request_id"]: e["decision_id"] for e in logs if e["event"] == "witness saw"}
+    assert logged == ids
+
+
+def test_each_request_of_a_step_has_the_whole_budget_from_its_own_start(
+    sae_dir: Path, engines: list[Engine],
+) -> None:
+    class Slow(Subscriber):
+        @hookimpl
+        def guard_detect(self, batch: FeatureBatch) -> None:
+            time.sleep(0.15)  # three of them overrun one budget together, none alone
+
+    engine = _engine(sae_dir, ("slow", Slow()), ("flagger", Flagger()), timeout_ms=400)
+    engines.append(engine)
+    step = engine.inspect_step(_step(3), {})
+    assert [d.plugin_errors for d in step.decisions] == [(), (), ()]
+    assert engine.counters["plugin_timeouts"] == 0
+    assert all({f.detector for f in d.findings} == {"flagger"} for d in step.decisions)
+
+
+def test_a_plugin_hanging_on_one_request_of_a_step_costs_only_that_request(
+    sae_dir: Path, engines: list[Engine], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hangs = HangsOn("req-2")
+    engine = _engine(sae_dir, ("hangs", hangs), ("flagger", Flagger()), timeout_ms=200)
+    engines.append(engine)
+    submitted = _count_submissions(engine, monkeypatch)
+    try:
+        started = time.monotonic()
+        with capture_logs(processors=[add_trace_context]) as logs:
+            step = engine.inspect_step(_step(5), {})
+        assert time.monotonic() - started < 5  # not behind the hung call
+        before, (hung,), after = step.decisions[:2], step.decisions[2:3], step.decisions[3:]
+        for decision in before:  # decided normally, every plugin's findings
+            assert decision.plugin_errors == ()
+            assert {f.detector for f in decision.findings} == {"hangs-on", "flagger"}
+        assert hung.request_id == "req-2"
+        assert hung.plugin_errors == ("hangs",)
+        assert any("overran the plugin budget of 200 ms" in f.message for f in hung.findings)
+        assert engine.counters["plugin_timeouts"] == 1
+        (overran,) = [e for e in logs if e["event"] == "plugin overran its budget"]
+        assert (overran["plugin"], overran["request_id"], overran["decision_id"]) == (
+            "hangs", "req-2", hung.decision_id)
+        for decision in after:  # run on a fresh hand-off, the stuck plugin skipped
+            assert decision.plugin_errors == ("hangs",)
+            assert {f.detector for f in decision.findings} == {"flagger", "plugin-error:hangs"}
+            assert "skipped" in next(f.message for f in decision.findings
+                                     if f.detector == "plugin-error:hangs")
+        assert len(submitted) == 2
+    finally:
+        hangs.release.set()
+    deadline = time.monotonic() + 5
+    while engine._stuck and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine._stuck  # unstuck once the hung call returned
+    # The abandoned job stopped after the hung request: no request ran twice.
+    assert hangs.calls == ["req-0", "req-1", "req-2"]
+    again = engine.inspect_step(_step(2), {})
+    assert [d.plugin_errors for d in again.decisions] == [(), ()]
+
+
+def test_without_a_budget_a_step_runs_its_plugins_on_the_calling_thread(
+    sae_dir: Path, engines: list[Engine], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[str] = []
+
+    class Where(Subscriber):
+        @hookimpl
+        def guard_detect(self, batch: FeatureBatch) -> None:
+            threads.append(threading.current_thread().name)
+
+    engine = _engine(sae_dir, ("where", Where()), timeout_ms=0)
+    engines.append(engine)
+    submitted = _count_submissions(engine, monkeypatch)
+    engine.inspect_step(_step(3), {})
+    engine.inspect(_rows(), {})
+    assert submitted == []
+    assert threads == [threading.current_thread().name] * 4
+
+
+@pytest.mark.parametrize("timeout_ms", [0, 1000])
+def test_an_error_of_the_guard_in_a_step_plugin_run_is_raised(
+    sae_dir: Path, engines: list[Engine], monkeypatch: pytest.MonkeyPatch, timeout_ms: int,
+) -> None:
+    engine = _engine(sae_dir, ("flagger", Flagger()), timeout_ms=timeout_ms)
+    engines.append(engine)
+
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("engine bug")  # not a plugin's failure: the batch fails
+
+    monkeypatch.setattr(engine.plugin_set, "detect", broken)
+    with pytest.raises(RuntimeError, match="engine bug"):
+        engine.inspect_step(_step(3), {})
+    with pytest.raises(RuntimeError, match="engine bug"):
+        engine.inspect(_rows(), {})

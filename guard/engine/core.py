@@ -7,11 +7,12 @@ request goes through detect -> steer -> decide -> record on its own rows
 (:meth:`Engine.inspect_step`), so plugins see one request per call as before.
 
 The decision is ABORT if any finding asks to abort, STEER if the edits give a nonzero
-residual delta, CONTINUE otherwise. Plugins run within ``plugins.timeout_ms`` per batch; a
-plugin that raises or overruns is logged and counted, the others still run, and the batch
-gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the rest,
-``closed`` aborts naming the plugin. A plugin still running past its budget is skipped by
-later batches (as a failure) until its call returns. Records go to sinks through a bounded
+residual delta, CONTINUE otherwise. Plugins run on a worker thread within
+``plugins.timeout_ms`` per request (a batch's requests in one hand-off, each with its own
+budget); a plugin that raises or overruns is logged and counted, the others still run, and
+the request gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the
+rest, ``closed`` aborts naming the plugin. A plugin still running past its budget is skipped
+by later requests (as a failure) until its call returns. Records go to sinks through a bounded
 queue off the hot path (``guard.engine.record_queue``), and so do the ends of requests
 (:meth:`Engine.end_requests`, for ``guard_request_ended``), after the requests' decisions.
 
@@ -27,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -67,6 +68,8 @@ log = structlog.get_logger(__name__)
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 T = TypeVar("T")
 P = ParamSpec("P")
+#: What one request's plugin calls give: findings, edits, failures.
+PluginResults = tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]
 
 
 @dataclass(frozen=True)
@@ -351,8 +354,10 @@ class Engine:
                                   [], (), "", [], timings)
         traced = self.instruments.tracer is not None
         activations = self._encode(runtime, batch, timings, traced)
-        return self._decide_request(pipeline, runtime, batch, activations, timings, t0,
-                                    decision_id, deferred, traced)
+        # The caller's timings themselves, not a copy: it reads the plugin stages from them.
+        (decision,) = self._decide_requests(pipeline, runtime, [(batch, activations)],
+                                            [timings], [decision_id], t0, deferred, traced)
+        return decision
 
     def inspect_step(
         self, batch: ActivationRows, timings: dict[str, float], started: float | None = None,
@@ -381,15 +386,12 @@ class Engine:
         else:
             traced = self.instruments.tracer is not None
             activations = self._encode(runtime, batch, timings, traced)
-            for segment, request in zip(batch.segments, requests, strict=True):
-                decision_id = new_decision_id()
-                token = DECISION_ID.set(decision_id)
-                try:
-                    decisions.append(self._decide_request(
-                        pipeline, runtime, request, activations[segment.start:segment.stop],
-                        dict(timings), t0, decision_id, deferred, traced))
-                finally:
-                    DECISION_ID.reset(token)
+            decisions = self._decide_requests(
+                pipeline, runtime,
+                [(request, activations[segment.start:segment.stop])
+                 for segment, request in zip(batch.segments, requests, strict=True)],
+                [dict(timings) for _ in requests], [new_decision_id() for _ in requests],
+                t0, deferred, traced)
             timings["total"] = time.perf_counter() - t0
         return StepDecision(
             decisions=tuple(decisions),
@@ -419,12 +421,37 @@ class Engine:
         check_finite_features(activations, batch)
         return activations
 
-    def _decide_request(
-        self, pipeline: Pipeline, runtime: HookRuntime, batch: ActivationRows,
-        activations: NDArray[np.float32], timings: dict[str, float], t0: float,
-        decision_id: str, deferred: list[Callable[[], object]] | None, traced: bool,
-    ) -> Decision:
-        """Plugins, steering delta, decision and record for one request's encoded rows."""
+    def _decide_requests(
+        self, pipeline: Pipeline, runtime: HookRuntime,
+        requests: Sequence[tuple[ActivationRows, NDArray[np.float32]]],
+        timings: Sequence[dict[str, float]], decision_ids: Sequence[str], t0: float,
+        deferred: list[Callable[[], object]] | None, traced: bool,
+    ) -> list[Decision]:
+        """Plugins, steering delta, decision and record for each request's encoded rows, in
+        order, each with its own decision id, timings, findings and failures."""
+        calls = [_PluginCall(self._features(runtime, batch, activations), decision_id, own)
+                 for (batch, activations), decision_id, own
+                 in zip(requests, decision_ids, timings, strict=True)]
+        # Lazily, in order: request i is decided here while the worker runs i+1's plugins.
+        results = self._plugin_results(pipeline, calls, deferred) if pipeline.runs_plugins \
+            else None
+        decisions: list[Decision] = []
+        for call, (batch, _activations) in zip(calls, requests, strict=True):
+            token = DECISION_ID.set(call.decision_id)  # the request's log lines carry its id
+            try:
+                findings, edits, failures = next(results) if results is not None \
+                    else ([], [], [])
+                decisions.append(self._decide_request(
+                    pipeline, runtime, batch, call.features, findings, edits, failures,
+                    call.timings, t0, call.decision_id, traced))
+            finally:
+                DECISION_ID.reset(token)
+        return decisions
+
+    @staticmethod
+    def _features(runtime: HookRuntime, batch: ActivationRows,
+                  activations: NDArray[np.float32]) -> FeatureBatch:
+        """What the plugins see of one request: its encoded rows, ids, positions, phase."""
         features = FeatureBatch(
             request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
             feature_ids=runtime.feature_ids, activations=activations,
@@ -433,12 +460,15 @@ class Engine:
             attributes=batch.attributes,
         )
         object.__setattr__(features, "_index_cache", runtime.index)  # see FeatureBatch.column
-        findings: list[Finding] = []
-        edits: list[FeatureEdit] = []
-        failures: list[PluginFailure] = []
-        if pipeline.runs_plugins:
-            findings, edits, failures = self._run_plugins(pipeline, features, timings,
-                                                          deferred)
+        return features
+
+    def _decide_request(
+        self, pipeline: Pipeline, runtime: HookRuntime, batch: ActivationRows,
+        features: FeatureBatch, findings: list[Finding], edits: list[FeatureEdit],
+        failures: list[PluginFailure], timings: dict[str, float], t0: float,
+        decision_id: str, traced: bool,
+    ) -> Decision:
+        """Steering delta, decision and record for one request, given its plugins' results."""
         steering: tuple[Steering, ...] = ()
         if edits:
             try:
@@ -463,53 +493,91 @@ class Engine:
             self._records.offer(decision, otel_context.get_current() if traced else None)
         return decision
 
-    def _run_plugins(
-        self, pipeline: Pipeline, features: FeatureBatch, timings: dict[str, float],
+    def _plugin_results(
+        self, pipeline: Pipeline, calls: Sequence[_PluginCall],
         deferred: list[Callable[[], object]] | None,
-    ) -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
+    ) -> Iterator[PluginResults]:
+        """Each request's detect + steer results, in order, within ``plugins.timeout_ms``.
+
+        One hand-off to the plugin worker runs every request's calls one after another (a
+        hand-off per request cost a third of a 32-request step: ``bench/steps.py``). Each
+        request still has the whole budget for its own calls, counted from when they start
+        (the first request's from the hand-off, as a single batch's always was). When a
+        request overruns, it gets the overrun failure, and the requests after it go to a
+        fresh hand-off, without the stuck plugin, instead of waiting behind the hung call.
+        With no budget (``timeout_ms: 0``) the calls run on the calling thread.
+        """
         budget = pipeline.config.timeout_ms / 1e3
-        with self._stuck_lock:
-            progress = CallProgress(skip=frozenset(self._stuck))
-
-        stages: dict[str, float] = {}  # the worker's own: it may outlive the batch
-
-        def run() -> tuple[list[Finding], list[FeatureEdit], list[PluginFailure]]:
-            t0 = time.perf_counter()
-            found, failed = pipeline.plugins.detect(features, progress)
-            t1 = time.perf_counter()
-            stages["detect"] = t1 - t0
-            edits, failed_steer = pipeline.plugins.steer(features, found, progress)
-            stages["steer"] = time.perf_counter() - t1
-            return found, edits, failed + failed_steer
-
-        record_durations = partial(self.instruments.plugin_calls, progress.durations)
         if budget <= 0:
-            result = run()
-            timings.update(stages)
-            _defer(deferred, record_durations)
-            return result
-        # In a copy of this thread's context: plugin spans and log lines belong to the batch.
-        future = self._executor.submit(contextvars.copy_context().run, run)
-        try:
-            result = future.result(timeout=budget)
-            timings.update(stages)
-            _defer(deferred, record_durations)
-            return result
-        except futures.TimeoutError:
-            culprit = progress.current or "unknown"
-            self._count("plugin_timeouts")
-            self.instruments.plugin_overran(culprit)
-            with self._stuck_lock:
-                self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
-            future.add_done_callback(lambda _f: self._unstick(culprit))
-            future.add_done_callback(lambda _f: record_durations())  # when the calls end
-            log.error("plugin overran its budget", plugin=culprit,
-                      budget_ms=pipeline.config.timeout_ms, request_id=features.request_id,
-                      sequence=features.sequence)
-            message = f"overran the plugin budget of {pipeline.config.timeout_ms:g} ms"
-            # Keep what the plugins before the culprit found: an abort must not be lost.
-            return (list(progress.findings), list(progress.edits),
-                    [PluginFailure(culprit, "guard_detect/guard_steer", message)])
+            self._prepare(calls)
+            for call in calls:
+                result = self._plugin_pass(pipeline, call)
+                yield self._completed(call, result, deferred)
+            return
+        pending = calls
+        while pending:
+            self._prepare(pending)
+            job = _PluginJob(partial(self._plugin_pass, pipeline), pending)
+            pending[0].started = time.perf_counter()
+            # In a copy of this thread's context: plugin spans and log lines belong to the
+            # batch (the job sets each request's own decision id).
+            future = self._executor.submit(contextvars.copy_context().run, job)
+            for index, call in enumerate(pending):
+                if not job.wait(call, budget):
+                    yield self._overran(pipeline, call, future)
+                    pending = pending[index + 1:]
+                    break
+                if call.error is not None:
+                    raise call.error
+                yield self._completed(call, call.result, deferred)
+            else:
+                return
+
+    def _prepare(self, calls: Sequence[_PluginCall]) -> None:
+        """Fresh progress for these calls, skipping the plugins stuck at this moment."""
+        with self._stuck_lock:
+            skip = frozenset(self._stuck)
+        for call in calls:
+            call.progress = CallProgress(skip=skip)
+
+    @staticmethod
+    def _plugin_pass(pipeline: Pipeline, call: _PluginCall) -> PluginResults:
+        """One request's detect then steer (on the plugin worker, or inline)."""
+        t0 = time.perf_counter()
+        found, failed = pipeline.plugins.detect(call.features, call.progress)
+        t1 = time.perf_counter()
+        # The call's own stages (it may outlive the batch); copied to its timings when used.
+        call.stages["detect"] = t1 - t0
+        edits, failed_steer = pipeline.plugins.steer(call.features, found, call.progress)
+        call.stages["steer"] = time.perf_counter() - t1
+        return found, edits, failed + failed_steer
+
+    def _completed(self, call: _PluginCall, result: PluginResults,
+                   deferred: list[Callable[[], object]] | None) -> PluginResults:
+        call.timings.update(call.stages)
+        _defer(deferred, partial(self.instruments.plugin_calls, call.progress.durations))
+        return result
+
+    def _overran(self, pipeline: Pipeline, call: _PluginCall,
+                 future: futures.Future[None]) -> PluginResults:
+        """The overrun failure of ``call``: the running plugin is marked stuck until the
+        job (which stops after this call) returns."""
+        progress = call.progress
+        culprit = progress.current or "unknown"
+        self._count("plugin_timeouts")
+        self.instruments.plugin_overran(culprit)
+        with self._stuck_lock:
+            self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
+        future.add_done_callback(lambda _f: self._unstick(culprit))
+        record_durations = partial(self.instruments.plugin_calls, progress.durations)
+        future.add_done_callback(lambda _f: record_durations())  # when the calls end
+        log.error("plugin overran its budget", plugin=culprit,
+                  budget_ms=pipeline.config.timeout_ms, request_id=call.features.request_id,
+                  sequence=call.features.sequence)
+        message = f"overran the plugin budget of {pipeline.config.timeout_ms:g} ms"
+        # Keep what the plugins before the culprit found: an abort must not be lost.
+        return (list(progress.findings), list(progress.edits),
+                [PluginFailure(culprit, "guard_detect/guard_steer", message)])
 
     def _unstick(self, plugin: str) -> None:
         with self._stuck_lock:
@@ -608,6 +676,73 @@ class Engine:
         self._records.close(timeout)
         self._executor.shutdown(cancel_futures=True)
         self._pipeline.plugins.shutdown()
+
+
+@dataclass(eq=False)
+class _PluginCall:
+    """One request's detect + steer within a hand-off to the plugin worker, and the slot
+    its result comes back in (``done`` set once ``result`` or ``error`` is there)."""
+
+    features: FeatureBatch
+    decision_id: str
+    #: The request's own timings; its detect and steer stages are added once it completes.
+    timings: dict[str, float]
+    progress: CallProgress = field(default_factory=CallProgress)
+    stages: dict[str, float] = field(default_factory=dict)
+    #: When its calls started (perf_counter): its budget counts from here.
+    started: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+    result: PluginResults = field(default_factory=lambda: ([], [], []))
+    error: BaseException | None = None
+
+
+class _PluginJob:
+    """The plugin calls of a batch's requests as one job on the plugin worker: each
+    request's calls in order, with its own decision id set, each resolving its own slot.
+
+    The caller waits on each slot for the budget from that request's start. A caller that
+    gives up on a request abandons the job: the job stops once that request's calls return
+    (so a stuck plugin is skipped until then, as the job's future ends then) and never
+    starts a later request, which the caller runs on a fresh job instead. Resolving a slot
+    and abandoning the job hold one lock, so each request runs exactly once.
+    """
+
+    def __init__(self, run: Callable[[_PluginCall], PluginResults],
+                 calls: Sequence[_PluginCall]) -> None:
+        self._run = run
+        self._calls = calls
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def __call__(self) -> None:
+        for index, call in enumerate(self._calls):
+            token = DECISION_ID.set(call.decision_id)  # the plugins' log lines carry it
+            try:
+                call.result = self._run(call)
+            except BaseException as exc:  # a guard bug (plugin errors are failures): raised
+                call.error = exc          # to the caller, as from the future before
+            finally:
+                DECISION_ID.reset(token)
+            with self._lock:
+                if self._abandoned:
+                    return  # the caller stopped waiting for this call and moved on
+                if index + 1 < len(self._calls):
+                    # The next request's budget starts now, not when the caller looks.
+                    self._calls[index + 1].started = time.perf_counter()
+                call.done.set()
+            if call.error is not None:
+                return
+
+    def wait(self, call: _PluginCall, budget: float) -> bool:
+        """Whether ``call`` completed within ``budget`` seconds of its start; if not, the
+        job is abandoned (``call`` and every later call belong to the caller again)."""
+        if call.done.wait(max(0.0, call.started + budget - time.perf_counter())):
+            return True
+        with self._lock:
+            if call.done.is_set():  # it completed as the wait timed out
+                return True
+            self._abandoned = True
+            return False
 
 
 class DaemonExecutor:
