@@ -14,12 +14,23 @@ or badly; batches refer to them (``Tensor.shm``, ``ActivationBatch.steering_ref`
 offsets and lengths in and out of bounds, misaligned or huge. The oracle knows each file's
 bytes, so it predicts a region batch's answer exactly, NaN refusal included; answers that
 involved shared memory get a second label (``shm:...``).
+
+Engine steps (several requests in one batch): batches sometimes carry ``segments``, valid
+splits of their rows or each kind of bad one (row counts that do not sum, a segment of no
+rows, an empty or repeated request id, more than the fuzz guard's ``MAX_SEGMENTS``), and some
+streams are an engine's (:func:`step_streams`: every batch a step). The oracle predicts one
+verdict per segment (request ids, each segment's slice of the positions, the batch's action
+the most severe, a steering delta zero on the rows of requests not steered), or the error
+naming the field; those answers get a ``segments:...`` label. Streams also carry
+``RequestEnded`` messages: no reply (label ``ended``), or before the config the stream's end
+(``ended:status:FAILED_PRECONDITION``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import socket
 import tempfile
@@ -81,6 +92,11 @@ NONFINITE_BYTES = (8192, 8704)
 #: every 16-bit half is a finite F16 and BF16 value (and every 32-bit word a finite F32), so
 #: rows of any datatype read at any aligned offset are finite and below 8.
 NONFINITE_EVERY = 512
+#: ``server.max_segments_per_batch`` of the fuzz guard: small, so that batches with more
+#: segments (RESOURCE_EXHAUSTED) are cheap to draw.
+MAX_SEGMENTS = 4
+#: ``server.max_requests_per_stream`` of the fuzz guard: small, so that streams evict.
+MAX_REQUESTS = 6
 #: Region paths with a NUL character among the bad registrations (refused as INVALID_ARGUMENT
 #: naming the path; they once raised ValueError: gRPC UNKNOWN, doorbell INTERNAL).
 FUZZ_NUL_PATHS = True
@@ -249,6 +265,8 @@ def fuzz_config(workdir: Path) -> GuardConfig:
     return GuardConfig(
         server=ServerConfig(listen=f"unix://{workdir}/guard.sock",
                             max_message_bytes=MAX_MESSAGE_BYTES, drain_grace_seconds=1,
+                            max_segments_per_batch=MAX_SEGMENTS,
+                            max_requests_per_stream=MAX_REQUESTS,
                             shared_memory=SharedMemoryConfig(
                                 enabled=True, allowed_dirs=(str(workdir / "shm"),))),
         logging=LoggingConfig(level="error"),
@@ -318,13 +336,15 @@ Registered = Sequence[pb.SharedMemoryRegion]
 
 
 @st.composite
-def registrations(draw: st.DrawFn) -> list[pb.SharedMemoryRegion]:
+def registrations(draw: st.DrawFn, *, well: bool = False) -> list[pb.SharedMemoryRegion]:
     """``StreamConfig.shared_memory``: none, the region files registered well (read-only or
     writable, once or twice), with one bad registration among them (wrong size, a refused
-    path, an empty or repeated name), or more than the guard allows."""
+    path, an empty or repeated name), or more than the guard allows. ``well``: none, or
+    registered well."""
     regions = current_regions()
     # The common choice comes last too: hypothesis favours the ends of a list.
-    kind = draw(st.sampled_from(["good"] * 6 + ["none"] * 4 + ["many"] + ["bad"] * 3 + ["good"]))
+    kind = draw(st.sampled_from(["good", "none", "good"] if well else
+                                ["good"] * 5 + ["none"] * 3 + ["many"] + ["bad"] * 4 + ["good"]))
     if kind == "none":
         return []
     count = MAX_REGIONS + draw(st.integers(1, 2)) if kind == "many" else draw(st.integers(1, 3))
@@ -359,13 +379,14 @@ def registrations(draw: st.DrawFn) -> list[pb.SharedMemoryRegion]:
 
 @st.composite
 def shm_refs(draw: st.DrawFn, registered: Registered, length: int, itemsize: int, *,
-             steering: bool = False) -> pb.SharedMemoryRef:
+             steering: bool = False, good: bool = False) -> pb.SharedMemoryRef:
     """A byte range of a region, for rows of ``length`` bytes: usually a registered region
     (a writable one for a ``steering`` ref) at an aligned offset that fits, sometimes the
     range of NaN and Inf, the last range that fits or the first that does not, misaligned,
-    huge, random; a wrong length; an unknown region."""
+    huge, random; a wrong length; an unknown region. ``good``: a registered region, in
+    bounds and aligned (often the range of NaN and Inf)."""
     pool = [r for r in registered if r.writable] if steering else list(registered)
-    pick = draw(st.sampled_from(["pool"] * 8 + ["any", "unknown", "pool"]))
+    pick = "pool" if good else draw(st.sampled_from(["pool"] * 8 + ["any", "unknown", "pool"]))
     if pick == "any" or not pool:
         pool = list(registered)
     if pool and pick != "unknown":
@@ -375,7 +396,8 @@ def shm_refs(draw: st.DrawFn, registered: Registered, length: int, itemsize: int
         name, size = draw(st.sampled_from(["nowhere", "", "RO", "rw "])), 1 << 16
     span = max(size - length, 0)
     fits = draw(st.integers(0, span // itemsize)) * itemsize
-    where = draw(st.sampled_from(["fits"] * 6 + ["nonfinite", "end", "nonfinite", "past",
+    where = draw(st.sampled_from(["nonfinite", "fits", "end", "fits", "nonfinite"] if good else
+                                 ["fits"] * 6 + ["nonfinite", "end", "nonfinite", "past",
                                                  "misaligned", "huge", "any", "nonfinite",
                                                  "fits"]))
     offset = fits
@@ -393,7 +415,8 @@ def shm_refs(draw: st.DrawFn, registered: Registered, length: int, itemsize: int
         offset = draw(st.sampled_from([UINT64_MAX, 2**63, 2**64 - max(length, 1), size]))
     elif where == "any":
         offset = draw(uint64s)
-    how = draw(st.sampled_from(["ok"] * 10 + ["short", "long", "zero", "any", "ok"]))
+    how = "ok" if good else draw(st.sampled_from(["ok"] * 10 + ["short", "long", "zero", "any",
+                                                              "ok"]))
     ref_length = {"ok": length, "short": max(length - itemsize, 0), "long": length + itemsize,
                   "zero": 0}.get(how)
     if ref_length is None:
@@ -402,20 +425,30 @@ def shm_refs(draw: st.DrawFn, registered: Registered, length: int, itemsize: int
 
 
 @st.composite
-def tensors(draw: st.DrawFn, registered: Registered = (), *, clean: bool = False
-            ) -> tuple[pb.Tensor, int]:
+def tensors(draw: st.DrawFn, registered: Registered = (), *, clean: bool = False,
+            tidy: bool = False, good_ref: bool = False) -> tuple[pb.Tensor, int]:
     """A Tensor (valid or not) and the row count its positions should match. With regions
     registered, the rows are often in one of them (``shm``), sometimes ``raw`` and ``shm``
     are both set; without, rarely (an unknown region). ``clean``: a valid datatype, shape
-    and row count, the rows in a region (only the reference is fuzzed)."""
+    and row count, the rows in a region (only the reference is fuzzed; ``good_ref``: not
+    even that, see :func:`shm_refs`). ``tidy``: valid finite rows in ``raw`` (for a batch
+    whose segments are what is fuzzed)."""
+    if tidy:
+        datatype = draw(st.sampled_from(list(codec.DATATYPES)))
+        n_rows = draw(st.integers(1, 8))
+        values = draw(hnp.arrays(np.float32, (n_rows, D_IN),
+                                 elements=st.floats(-8.0, 8.0, width=32)))
+        return pb.Tensor(datatype=datatype, shape=[n_rows, D_IN],
+                         raw=codec.encode(values, datatype)[1]), n_rows
     datatype = draw(st.sampled_from(list(codec.DATATYPES)) if clean else datatypes)
     wire_type = datatype if datatype in codec.DATATYPES else "F32"
     itemsize = codec.DATATYPES[wire_type]
     if clean:
         n_rows = draw(st.one_of(st.integers(1, 6),
                                 st.integers(60, MAX_MESSAGE_BYTES // (D_IN * itemsize) + 1)))
-        ref = draw(shm_refs(registered, n_rows * D_IN * itemsize, itemsize))
-        raw = bytes(draw(st.sampled_from([0] * 10 + [4, n_rows * D_IN * itemsize, 0])))
+        ref = draw(shm_refs(registered, n_rows * D_IN * itemsize, itemsize, good=good_ref))
+        raw = b"" if good_ref else bytes(draw(st.sampled_from([0] * 10 + [
+            4, n_rows * D_IN * itemsize, 0])))
         return pb.Tensor(datatype=datatype, shape=[n_rows, D_IN], raw=raw, shm=ref), n_rows
     n_rows = draw(st.one_of(st.integers(1, 6), st.integers(-3, 0), st.integers(60, 130)))
     rows = max(n_rows, 0)
@@ -451,16 +484,107 @@ def tensors(draw: st.DrawFn, registered: Registered = (), *, clean: bool = False
     return pb.Tensor(datatype=datatype, shape=shape, raw=raw, shm=ref), n_rows
 
 
+#: Request ids of segments: a few short ones (so that RequestEnded messages name them), and
+#: any other non-empty id.
+segment_ids = st.one_of(st.sampled_from(["req-a", "req-b", "req-c", "req-d", "req-e"]),
+                        request_ids.filter(bool))
+segment_attributes: st.SearchStrategy[dict[str, str]] = st.one_of(
+    st.just({}), st.dictionaries(_text, _text, max_size=2),
+    st.just({"traceparent": "00-zz-not-a-trace-01"}))
+#: What a batch's segments are, when it has some: a valid split of its rows, or one of the
+#: bad kinds (row counts that do not sum, a segment of no rows, an empty or repeated request
+#: id, more than MAX_SEGMENTS segments, anything at all). Hypothesis favours the ends.
+SEGMENT_KINDS = ("many", "valid", "zero", "empty", "valid", "repeat", "many", "random", "valid",
+                 "sum")
+#: The batches of an engine's stream (:func:`step_streams`) in turn: SEGMENT_KINDS, and
+#: ``fuzzed`` batches (drawn as in any stream: with segments or not, valid or not).
+STEP_CYCLE = (*SEGMENT_KINDS[:5], "fuzzed", *SEGMENT_KINDS[5:], "fuzzed")
+
+
+def _cut(draw: st.DrawFn, rows: int, count: int) -> list[int]:
+    """Row counts of ``count`` segments (each >= 1) that sum to ``rows`` (>= count)."""
+    cuts = sorted(draw(st.lists(st.integers(1, rows - 1), min_size=count - 1,
+                                max_size=count - 1, unique=True))) if count > 1 else []
+    edges = [0, *cuts, rows]
+    return [b - a for a, b in itertools.pairwise(edges)]
+
+
 @st.composite
-def batches(draw: st.DrawFn, sequence: int, registered: Registered = ()) -> pb.ActivationBatch:
+def segment_lists(draw: st.DrawFn, rows: int, kind: str) -> list[pb.Segment]:
+    """``ActivationBatch.segments`` of the given ``kind`` (see SEGMENT_KINDS) for a tensor
+    of ``rows`` rows. The oracle checks any list by the rules, so a kind only shapes the
+    distribution."""
+    def segment(request_id: str, count: int) -> pb.Segment:
+        return pb.Segment(request_id=request_id, rows=count,
+                          phase=pb.Phase.ValueType(draw(enum_values)),
+                          attributes=draw(segment_attributes))
+
+    if kind == "random":
+        return [segment(draw(request_ids), draw(st.one_of(st.integers(0, 4),
+                                                          st.integers(0, 2**32 - 1))))
+                for _ in range(draw(st.integers(1, MAX_SEGMENTS + 2)))]
+    if kind == "many":
+        count = MAX_SEGMENTS + draw(st.integers(1, 3))
+        counts = _cut(draw, rows, count) if rows >= count else [1] * count
+    else:
+        counts = _cut(draw, max(rows, 1), draw(st.integers(1, max(min(rows, MAX_SEGMENTS), 1))))
+    ids: list[str] = []
+    for i in range(len(counts)):
+        rid = draw(segment_ids)
+        ids.append(rid if rid not in ids else f"seg-{i}")
+    out = [segment(rid, count) for rid, count in zip(ids, counts, strict=True)]
+    if kind == "sum":  # one count off (never to 0), or a segment too many
+        i = draw(st.integers(0, len(out) - 1))
+        how = draw(st.sampled_from(["more", "less", "extra", "huge"]))
+        if how == "less" and out[i].rows > 1:
+            out[i].rows -= draw(st.integers(1, out[i].rows - 1))
+        elif how == "extra" and len(out) < MAX_SEGMENTS:
+            out.append(segment(f"seg-{len(out)}", draw(st.integers(1, 3))))
+        elif how == "huge":
+            out[i].rows = 2**32 - 1
+        else:
+            out[i].rows += draw(st.integers(1, 3))
+    elif kind == "zero":
+        out.insert(draw(st.integers(0, len(out))), segment(f"seg-{len(out)}", 0))
+    elif kind == "empty":
+        out[draw(st.integers(0, len(out) - 1))].request_id = ""
+    elif kind == "repeat":
+        if len(out) < 2:  # a second segment for the first one's request
+            out.append(segment(out[0].request_id, 1))
+        else:
+            i, j = sorted(draw(st.lists(st.integers(0, len(out) - 1), min_size=2, max_size=2,
+                                        unique=True)))
+            out[j].request_id = out[i].request_id
+    return out
+
+
+@st.composite
+def batches(draw: st.DrawFn, sequence: int, registered: Registered = (), *,
+            segment_kind: str | None = None, step: bool = False, in_region: bool = False
+            ) -> pb.ActivationBatch:
     """A batch (valid or not). With regions registered, most batches are ``clean``
     except for their shared-memory fields (the rows' reference and the steering_ref), so
-    that those reach the region checks and, when good, a decision."""
-    clean = bool(registered) and draw(st.sampled_from([True, True, False, True]))
-    tensor, n_rows = draw(tensors(registered, clean=clean))
+    that those reach the region checks and, when good, a decision. Some batches carry
+    segments (several requests, see :func:`segment_lists`); most of those are otherwise
+    valid (``tidy``, or ``clean`` with regions), so that the segments decide the answer.
+    ``segment_kind``: one of SEGMENT_KINDS, or ``none``; by default drawn. ``step``: an
+    engine's batch, valid but for its segments (and, ``in_region``, its rows' reference
+    into a registered region)."""
+    if segment_kind is None:
+        stepped = draw(st.sampled_from([False] * 3 + [True] + [False]))
+        segment_kind = draw(st.sampled_from(SEGMENT_KINDS)) if stepped else "none"
+    stepped = segment_kind != "none"
+    in_region = in_region and bool(registered)
+    tidy = not in_region and (step or (stepped and draw(st.sampled_from([True] * 4
+                                                                        + [False, True]))))
+    clean = tidy or in_region or (bool(registered)
+                                  and draw(st.sampled_from([True, True, False, True])))
+    tensor, n_rows = draw(tensors(registered, clean=clean and not tidy, tidy=tidy,
+                                  good_ref=in_region))
     rows = max(n_rows, 0)
     positions: list[int] = list(range(rows))
-    kind = draw(st.sampled_from(["ok"] * (12 if clean else 4) + ["values", "short", "long"]))
+    kind = "ok" if step else draw(st.sampled_from(["ok"] * (12 if clean else 4)
+                                                  + ["values", "short", "long"]))
     if kind == "values":
         positions = draw(st.lists(int64s, min_size=rows, max_size=rows))
     elif kind == "short" and positions:
@@ -469,15 +593,23 @@ def batches(draw: st.DrawFn, sequence: int, registered: Registered = ()) -> pb.A
         positions += draw(st.lists(int64s, min_size=1, max_size=3))
     token_ids: list[int] = draw(st.one_of(
         st.just([100 + i for i in range(rows)]), st.just([]),
-        st.lists(int64s, min_size=rows, max_size=rows), st.lists(int64s, max_size=8)))
+        st.lists(int64s, min_size=rows, max_size=rows),
+        *(() if step else (st.lists(int64s, max_size=8),))))
+    request_id = "req-1" if clean else draw(request_ids)
+    if stepped and clean:  # ignored with segments; usually left empty
+        request_id = draw(st.sampled_from(["", "", "req-1"]))
     batch = pb.ActivationBatch(
-        request_id="req-1" if clean else draw(request_ids), sequence=sequence,
+        request_id=request_id, sequence=sequence,
         hook=HOOK if clean else draw(hooks), activations=tensor, positions=positions,
         token_ids=token_ids[:rows] if clean else token_ids,
         phase=pb.Phase.ValueType(draw(enum_values)), attributes={} if clean else draw(attributes),
+        segments=draw(segment_lists(rows, segment_kind)) if stepped else (),
     )
-    steering = draw(st.sampled_from(["ref", "none", "valid", "same", "none", "ref", "valid"]
-                                    if registered else ["none"] * 15 + ["ref", "none"]))
+    if step:  # no reference, or a valid one (a step's delta written into a region)
+        steering = draw(st.sampled_from(["none", "valid", "valid"] if registered else ["none"]))
+    else:
+        steering = draw(st.sampled_from(["ref", "none", "valid", "same", "none", "ref", "valid"]
+                                        if registered else ["none"] * 15 + ["ref", "none"]))
     itemsize = codec.DATATYPES.get(tensor.datatype, 4)
     length = rows * D_IN * itemsize
     writable = [r for r in registered if r.writable]
@@ -538,7 +670,10 @@ def sequences(draw: st.DrawFn, count: int) -> list[int]:
 def streams(draw: st.DrawFn) -> list[pb.InspectRequest]:
     """A whole stream: usually a good config (often registering shared-memory regions) then
     batches; sometimes a bad or missing config, a second config, or an empty message in
-    between."""
+    between. RequestEnded messages may come anywhere (rarely before the config). Some streams
+    are an engine's (:func:`step_streams`)."""
+    if draw(st.sampled_from([False, True, False, True, False])):
+        return draw(step_streams())
     messages: list[pb.InspectRequest] = []
     first = draw(st.sampled_from(["good"] * 6 + ["fuzzed", "none"]))
     config: pb.StreamConfig | None = None
@@ -560,7 +695,53 @@ def streams(draw: st.DrawFn) -> list[pb.InspectRequest]:
         message = (pb.InspectRequest(config=good_config()) if extra == "config"
                    else pb.InspectRequest())
         messages.insert(at, message)
+    _insert_ended(draw, messages, draw(st.sampled_from([1, 0, 0, 1, 2, 0, 1])))
     return messages
+
+
+@st.composite
+def step_streams(draw: st.DrawFn) -> list[pb.InspectRequest]:
+    """An engine's stream: a good config (sometimes registering regions), then batches in
+    sequence, each with segments (valid or not; the rest of the batch mostly valid), and
+    RequestEnded messages between them (rarely before the config). The batches take the
+    kinds of segments in turn from a drawn start in SEGMENT_KINDS (hypothesis clusters its
+    draws near the ends of a list: a kind drawn per batch would leave some kinds out of
+    whole runs)."""
+    config = good_config()
+    config.shared_memory.extend(draw(registrations(well=True)))
+    messages = [pb.InspectRequest(config=config)]
+    start = draw(st.integers(0, 2**20))
+    kind = draw(st.integers(0, len(STEP_CYCLE) - 1))
+    for i, sequence in enumerate(range(start, start + draw(st.integers(2, 6)))):
+        turn = STEP_CYCLE[(kind + i) % len(STEP_CYCLE)]
+        messages.append(pb.InspectRequest(batch=draw(
+            batches(sequence, list(config.shared_memory)) if turn == "fuzzed" else
+            batches(sequence, list(config.shared_memory), segment_kind=turn, step=True,
+                    in_region=bool((kind + i) % 2)))))
+    _insert_ended(draw, messages, draw(st.sampled_from([1, 0, 2, 1, 3])), first=8)
+    return messages
+
+
+def _insert_ended(draw: st.DrawFn, messages: list[pb.InspectRequest], count: int,
+                  first: int = 4) -> None:
+    """Put ``count`` RequestEnded messages into the stream: anywhere after its first message,
+    or (one time in ``first``) before it: before the config that ends the stream."""
+    for _ in range(count):
+        at = (draw(st.sampled_from([1] * (first - 2) + [0, 1]))
+              and draw(st.integers(1, len(messages))))
+        messages.insert(at, pb.InspectRequest(ended=draw(requests_ended(messages))))
+
+
+@st.composite
+def requests_ended(draw: st.DrawFn, messages: Sequence[pb.InspectRequest]
+                   ) -> pb.RequestEnded:
+    """A RequestEnded naming requests of the stream's batches, and ids the guard never saw
+    (ignored: hosts race), for any reason (an open enum)."""
+    seen = sorted({s.request_id for m in messages if m.HasField("batch")
+                   for s in m.batch.segments} | {"req-1"})
+    ids = draw(st.lists(st.one_of(st.sampled_from(seen), request_ids), max_size=4))
+    return pb.RequestEnded(request_ids=ids, reason=pb.RequestEnded.Reason.ValueType(
+        draw(st.one_of(st.sampled_from([1, 2, 3]), enum_values))))
 
 
 #: Bytes no protobuf parser accepts as an InspectRequest (field 0, a length beyond the end,
@@ -602,6 +783,8 @@ def byte_streams(draw: st.DrawFn) -> list[bytes]:
 
 #: A status name and a fragment of the message that must come with it.
 Problem = tuple[str, str]
+#: One request of a batch with segments: its id, first row and end row.
+Span = tuple[str, int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,6 +806,13 @@ class Expect:
                                                          repr=False)
     #: A valid steering_ref: (region name, file path, offset, length) of the delta.
     delta_to: tuple[str, str, int, int] | None = None
+    #: A batch with segments: the requests' (request id, first row, end row), one verdict
+    #: each (for a decision).
+    segments: tuple[Span, ...] = ()
+    #: The answer is the segments' (a segments rule broken, or a decision with verdicts).
+    step: bool = False
+    #: The message is a RequestEnded (no reply; the end of a stream not configured yet).
+    ended: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -735,7 +925,7 @@ def expect_batch(batch: pb.ActivationBatch, table: Mapping[str, Mapped],
     def error(problem: Problem, tag: str = "") -> Expect:
         return Expect("error", (problem,), skipped, tag)
 
-    if not batch.request_id:
+    if not batch.request_id and not batch.segments:
         return error(("INVALID_ARGUMENT", "batch.request_id"))
     if batch.hook != HOOK:
         return error(("NOT_FOUND", "is not served"))
@@ -783,12 +973,50 @@ def expect_batch(batch: pb.ActivationBatch, table: Mapping[str, Mapped],
         return error(("INVALID_ARGUMENT", "batch.positions"), tag)
     if batch.token_ids and len(batch.token_ids) != shape[0]:
         return error(("INVALID_ARGUMENT", "batch.token_ids"), tag)
+    spans: tuple[Span, ...] = ()
+    if batch.segments:
+        problem, spans = _segments_outcome(batch.segments, shape[0])
+        if problem is not None:
+            return Expect("error", (problem,), skipped, tag, step=True)
     nonfinite = ("INVALID_ARGUMENT", "hold NaN or Inf")
     if uncertain:
-        return Expect("decision", (nonfinite,), skipped, tag, None, delta_to)
+        return Expect("decision", (nonfinite,), skipped, tag, None, delta_to, spans,
+                      bool(spans))
     if not np.isfinite(rows).all():
         return error(nonfinite, "nonfinite" if tag else "")
-    return Expect("decision", (), skipped, tag, rows, delta_to)
+    return Expect("decision", (), skipped, tag, rows, delta_to, spans, bool(spans))
+
+
+def _segments_outcome(segments: Sequence[pb.Segment], n_rows: int
+                      ) -> tuple[Problem | None, tuple[Span, ...]]:
+    """The first segments rule a batch breaks (guard.sidecar.session's checks, in order),
+    or None and each request's (id, first row, end row)."""
+    def broken(code: str, fragment: str) -> tuple[Problem, tuple[Span, ...]]:
+        return (code, fragment), ()
+
+    if len(segments) > MAX_SEGMENTS:
+        return broken("RESOURCE_EXHAUSTED", f"batch.segments: {len(segments)} segments exceed "
+                                            f"the limit of {MAX_SEGMENTS}")
+    spans: list[Span] = []
+    first: dict[str, int] = {}
+    start = 0
+    for index, segment in enumerate(segments):
+        field = f"batch.segments[{index}]"
+        request_id = segment.request_id
+        if not request_id:
+            return broken("INVALID_ARGUMENT", f"{field}.request_id: expected a non-empty "
+                                              "request id")
+        if first.setdefault(request_id, index) != index:
+            return broken("INVALID_ARGUMENT", f"{field}.request_id: {request_id!r} is already "
+                                              f"segments[{first[request_id]}]'s")
+        if segment.rows < 1:
+            return broken("INVALID_ARGUMENT", f"{field}.rows: expected at least 1 row")
+        spans.append((request_id, start, start + segment.rows))
+        start += segment.rows
+    if start != n_rows:
+        return broken("INVALID_ARGUMENT", f"batch.segments: the segments' rows sum to {start}, "
+                                          f"expected the {n_rows} rows")
+    return None, tuple(spans)
 
 
 def simulate(messages: Sequence[pb.InspectRequest | bytes], regions: Regions | None = None
@@ -832,8 +1060,12 @@ def simulate(messages: Sequence[pb.InspectRequest | bytes], regions: Regions | N
             out.append(Expect("end", (("INVALID_ARGUMENT", "expected a config or a batch"),)))
             return out
         if not configured:
-            out.append(Expect("end", (("FAILED_PRECONDITION", "must be a StreamConfig"),)))
+            out.append(Expect("end", (("FAILED_PRECONDITION", "must be a StreamConfig"),),
+                              ended=kind == "ended"))
             return out
+        if kind == "ended":  # no reply, no sequence number
+            out.append(Expect("none", ended=True))
+            continue
         batch = message.batch
         if last is not None and batch.sequence <= last:
             out.append(Expect("error", (("ALREADY_EXISTS", "batch.sequence"),)))
@@ -891,8 +1123,12 @@ def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: E
         return f"error:{code}"
     assert expect.kind == "decision", f"expected one of {expect.errors}, got {reply}"
     assert reply.action in _ACTIONS, reply
-    assert reply.decision_id, reply
     assert list(reply.positions) == list(batch.positions)
+    if expect.segments:
+        _check_verdicts(reply, batch, expect.segments)
+    else:
+        assert reply.decision_id, reply
+        assert not reply.verdicts, f"verdicts for a batch without segments: {reply}"
     datatype = batch.activations.datatype
     n_rows = batch.activations.shape[0]
     for steering in reply.steering:
@@ -912,7 +1148,40 @@ def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: E
         values = codec.decode(datatype, delta.shape, delta.raw)
         assert values.shape == (n_rows, D_IN)
         assert np.isfinite(values).all(), f"non-finite steering delta for {datatype} rows"
+        for verdict, (_, start, stop) in zip(reply.verdicts, expect.segments, strict=False):
+            if verdict.action != pb.ACTION_STEER:  # another request's rows stay as they are
+                assert not values[start:stop].any(), (
+                    f"a delta on the rows {start}-{stop} of request {verdict.request_id!r}, "
+                    f"whose verdict is {_ACTIONS[verdict.action]}")
     return f"decision:{_ACTIONS[reply.action]}"
+
+
+def _check_verdicts(reply: pb.InspectResponse, batch: pb.ActivationBatch,
+                    segments: Sequence[Span]) -> None:
+    """A step's reply: one verdict per segment, in order, each with its request id, its own
+    decision id and its own rows' positions; the batch's action the most severe of them."""
+    verdicts = list(reply.verdicts)
+    assert [v.request_id for v in verdicts] == [rid for rid, _, _ in segments], (
+        f"verdicts {[v.request_id for v in verdicts]} for segments {segments}")
+    assert not reply.decision_id, f"a batch-level decision id for a step: {reply}"
+    positions = list(batch.positions)
+    for verdict, (_, start, stop) in zip(verdicts, segments, strict=True):
+        assert verdict.action in _ACTIONS, verdict
+        assert verdict.decision_id, verdict
+        assert list(verdict.positions) == positions[start:stop], (verdict, start, stop)
+        if verdict.action == pb.ACTION_ABORT:
+            assert verdict.details, f"an ABORT verdict without details: {verdict}"
+        for finding in verdict.findings:
+            assert set(finding.positions) <= set(verdict.positions), (finding, verdict)
+    ids = [v.decision_id for v in verdicts]
+    assert len(set(ids)) == len(ids), f"verdicts share a decision id: {ids}"
+    assert reply.action == max(v.action for v in verdicts), (
+        f"the batch's action {_ACTIONS[reply.action]} is not the most severe of "
+        f"{[_ACTIONS[v.action] for v in verdicts]}")
+    if any(v.action == pb.ACTION_STEER for v in verdicts):
+        assert reply.steering, f"a STEER verdict without a steering delta: {reply}"
+    else:
+        assert not reply.steering, f"a steering delta but no STEER verdict: {reply}"
 
 
 def _check_region_files(regions: Regions, written: Sequence[Written]) -> None:
@@ -1017,6 +1286,8 @@ def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
         if expect.kind == "none":
             if expect.tag:
                 outcomes.append(f"shm:{expect.tag}")
+            if expect.ended:
+                outcomes.append("ended")
             continue
         if expect.kind == "end":
             assert error is not None, f"expected the stream to end with {expect.errors}"
@@ -1027,6 +1298,8 @@ def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
             outcomes.append("undecodable" if DESERIALIZE_DETAILS in details else f"status:{code}")
             if expect.tag:
                 outcomes.append(f"shm:{expect.tag}:status:{code}")
+            if expect.ended:
+                outcomes.append(f"ended:status:{code}")
             break
         message = item if isinstance(item, pb.InspectRequest) else pb.InspectRequest.FromString(
             item)
@@ -1037,6 +1310,8 @@ def check_stream(target: Target, messages: Sequence[pb.InspectRequest | bytes]
         outcomes.append(outcome)
         if expect.tag:
             outcomes.append(f"shm:{expect.tag}:{outcome}")
+        if expect.step and (expect.kind == "error" or outcome.startswith("decision:")):
+            outcomes.append(f"segments:{outcome}")
         if len(written) > before:
             outcomes.append("shm:delta")
     else:

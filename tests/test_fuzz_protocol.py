@@ -8,7 +8,9 @@ the field or a stream status with details (never UNKNOWN or INTERNAL; undecodabl
 INVALID_ARGUMENT), valid batches get a decision, and a known-good stream still works after
 every example. Streams register real region files (well and badly) and refer to them
 (``Tensor.shm``, ``steering_ref``): the oracle knows the files' bytes, a delta asked for in a
-region must be there, and nothing else in a region may change.
+region must be there, and nothing else in a region may change. Batches with segments (engine
+steps) get one verdict per request or an error naming the segment field; RequestEnded
+messages get no reply.
 
 The suite runs ~150 examples per property with a fixed seed (``derandomize``); ``-s`` prints
 the counts. ``python -m bench.fuzz`` runs the same properties for longer.
@@ -134,6 +136,14 @@ def test_the_fuzzing_reached_every_kind_of_answer() -> None:
         for path in ("shm:registered", "shm:refused:status:", "shm:ref:error:",
                      "shm:steering-ref:error:", "shm:rows:decision:",
                      "shm:nonfinite:error:INVALID_ARGUMENT", "shm:delta"):
+            assert any(o.startswith(path) for o in outcomes), (transport, path, COUNTS)
+    # Engine steps, on both transports: batches with valid segments decided (one verdict per
+    # request), each kind of bad segments refused (RESOURCE_EXHAUSTED: too many), and
+    # RequestEnded messages taken without a reply, or ending a stream not configured yet.
+    for transport, outcomes in (("gRPC", seen), ("doorbell", on_the_doorbell)):
+        assert "ended" in outcomes, (transport, COUNTS)
+        for path in ("segments:decision:", "segments:error:INVALID_ARGUMENT",
+                     "segments:error:RESOURCE_EXHAUSTED", "ended:status:FAILED_PRECONDITION"):
             assert any(o.startswith(path) for o in outcomes), (transport, path, COUNTS)
 
 

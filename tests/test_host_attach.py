@@ -26,7 +26,7 @@ try:
 except models.ModelUnavailable as exc:  # pragma: no cover - make test installs it
     pytest.skip(f"SmolLM2 not installed: {exc}", allow_module_level=True)
 
-from guard.host import GuardClient  # noqa: E402
+from guard.host import GuardClient, Segment  # noqa: E402
 from guard.host.attach import GuardAbort, attach  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -308,3 +308,243 @@ def test_request_ids_label_each_generation(smollm2: tuple[Any, Any], prompt: Any
     assert ids[:2] == ["chat-1"] * 2  # prefill, then one step per token after the first
     assert len(set(ids[2:])) == 1
     assert ids[2] != "chat-1"  # a new generation outside the block gets a fresh id
+
+
+# -- batches of several sequences (padded; one step per layer, one request per sequence) ----
+
+CHATS = ("Name three colours.", "Hi", "What is the capital of France? Answer briefly.")
+
+
+class StepRecorder:
+    """Wraps a client and keeps the steps (and RequestEnded messages) it sent."""
+
+    def __init__(self, client: GuardClient) -> None:
+        self.client = client
+        self.steps: list[tuple[np.ndarray, list[Segment], list[int], list[int] | None]] = []
+        self.ended: list[tuple[list[str], str]] = []
+
+    def inspect(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.inspect(*args, **kwargs)
+
+    def inspect_step(self, hook: str, rows: Any, segments: Sequence[Segment],
+                     positions: Sequence[int], token_ids: Sequence[int] | None = None,
+                     attributes: Any = None, *, deadline_ms: float | None = None) -> Any:
+        self.steps.append((np.array(rows), list(segments), list(positions),
+                           None if token_ids is None else list(token_ids)))
+        return self.client.inspect_step(hook, rows, segments, positions, token_ids)
+
+    def end_requests(self, request_ids: Sequence[str], reason: Any = "finished") -> bool:
+        self.ended.append((list(request_ids), str(reason)))
+        return self.client.end_requests(request_ids, reason)
+
+    def describe(self, timeout: float = 5.0) -> Any:
+        return self.client.describe(timeout)
+
+
+def _padded(tokenizer: Any, side: str, chats: Sequence[str] = CHATS) -> tuple[Any, Any, list[Any]]:
+    """The chats' token ids as one batch padded on ``side``, its attention mask, and each
+    chat's own ids ``[1, T]``."""
+    alone = [models.chat_input_ids(tokenizer, [{"role": "user", "content": c}]) for c in chats]
+    width = max(ids.shape[1] for ids in alone)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(alone), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(alone), width), dtype=torch.long)
+    for b, one in enumerate(alone):
+        n = one.shape[1]
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[b, span] = one[0]
+        mask[b, span] = 1
+    return ids, mask, alone
+
+
+class SteerRequest:
+    """Nudges FEATURE by NUDGE on every row of one request."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    @hookimpl
+    def guard_steer(self, batch: FeatureBatch) -> list[FeatureEdit]:
+        return [FeatureEdit(HOOK, FEATURE, "nudge", NUDGE)] if (
+            batch.request_id == self.request_id) else []
+
+
+class AbortRequests:
+    """Aborts the requests named, at their rows of position ``at`` or later."""
+
+    def __init__(self, request_ids: Sequence[str], at: int) -> None:
+        self.request_ids, self.at = set(request_ids), at
+
+    @hookimpl
+    def guard_subscriptions(self) -> list[FeatureRequest]:
+        return [FeatureRequest(HOOK, [FEATURE])]
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        late = [p for p in batch.positions.tolist() if p >= self.at]
+        if batch.request_id in self.request_ids and late:
+            return [Finding("stop-here", 1.0, 0.5, "abort", positions=(late[0],))]
+        return []
+
+
+def _layer_output(model: Any) -> tuple[list[Any], Any]:
+    """A hook (registered after attach's, so it sees the steered output) that keeps the
+    hooked layer's outputs."""
+    seen: list[Any] = []
+
+    def keep(_module: Any, _args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        seen.append(hidden.detach().clone())
+
+    return seen, model.model.layers[LAYER].register_forward_hook(keep)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_sends_each_sequences_real_tokens_as_its_own_request(
+    smollm2: tuple[Any, Any], guard_factory: Any, side: str
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, alone = _padded(tokenizer, side)
+    with GuardClient(guard_factory(), hooks=[HOOK], deadline_ms=5000) as client:
+        recorder = StepRecorder(client)
+        with attach(model, recorder, [HOOK]) as attachment:
+            with attachment.requests(["chat-a", "chat-b", "chat-c"]), torch.no_grad():
+                model(ids, attention_mask=mask)
+            verdicts = list(attachment.verdicts)
+        assert recorder.ended == [(["chat-a", "chat-b", "chat-c"], "finished")]
+    ((rows, segments, positions, token_ids),) = recorder.steps
+    assert [s.request_id for s in segments] == ["chat-a", "chat-b", "chat-c"]
+    assert [s.rows for s in segments] == [one.shape[1] - 1 for one in alone]  # no BOS, no pads
+    assert {s.phase for s in segments} == {"prompt"}
+    assert [v.request_id for v in verdicts] == ["chat-a", "chat-b", "chat-c"]
+    assert {v.action for v in verdicts} == {Action.CONTINUE}
+    start = 0
+    for segment, one in zip(segments, alone, strict=True):
+        n = segment.rows
+        assert positions[start:start + n] == list(range(1, n + 1))
+        assert token_ids is not None and token_ids[start:start + n] == one[0, 1:].tolist()
+        with torch.no_grad():  # the same rows as the sequence computed alone, unpadded
+            hidden = model(one, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        np.testing.assert_allclose(rows[start:start + n], hidden[1:].numpy(), rtol=1e-3,
+                                   atol=1e-3)
+        start += n
+    assert start == len(rows)
+
+
+def test_generating_a_left_padded_batch_sends_one_row_per_sequence_and_step(
+    smollm2: tuple[Any, Any], guard_factory: Any
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, alone = _padded(tokenizer, "left")
+    with GuardClient(guard_factory(), hooks=[HOOK], deadline_ms=5000) as client:
+        recorder = StepRecorder(client)
+        with attach(model, recorder, [HOOK]):
+            out = _greedy(model, ids, n=3, attention_mask=mask)
+            first = [s.request_id for s in recorder.steps[0][1]]
+            _greedy(model, ids, n=1, attention_mask=mask)  # a new generation: new requests
+    assert len(set(first)) == 3
+    assert not set(first) & {s.request_id for s in recorder.steps[-1][1]}
+    assert (first, "finished") in [(list(r), why) for r, why in recorder.ended]
+    width = ids.shape[1]
+    for step, (rows, segments, positions, token_ids) in enumerate(recorder.steps[1:3]):
+        assert [s.request_id for s in segments] == first
+        assert [(s.rows, s.phase) for s in segments] == [(1, "generation")] * 3
+        assert positions == [one.shape[1] + step for one in alone]
+        assert token_ids == out[:, width + step].tolist()
+        assert rows.shape == (3, D_IN)
+
+
+def test_steering_one_request_of_a_batch_changes_only_its_rows(
+    smollm2: tuple[Any, Any], guard_factory: Any
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, alone = _padded(tokenizer, "left")
+    direction = torch.from_numpy(random_standard_weights(D_IN, D_SAE, seed=0)["W_dec"][FEATURE])
+    with GuardClient(guard_factory(("steer-b", SteerRequest("chat-b"))), hooks=[HOOK],
+                     deadline_ms=5000) as client, attach(model, client, [HOOK]) as attachment:
+        seen, handle = _layer_output(model)
+        try:
+            with attachment.requests(["chat-a", "chat-b", "chat-c"]), torch.no_grad():
+                model(ids, attention_mask=mask)
+            with attachment.paused(), torch.no_grad():
+                model(ids, attention_mask=mask)
+        finally:
+            handle.remove()
+        actions = {v.request_id: v.action for v in attachment.verdicts}
+    assert actions == {"chat-a": Action.CONTINUE, "chat-b": Action.STEER,
+                       "chat-c": Action.CONTINUE}
+    steered, plain = seen
+    change = steered - plain
+    width = ids.shape[1]
+    real_b = slice(width - alone[1].shape[1] + 1, width)  # chat-b's rows but its first
+    torch.testing.assert_close(change[1, real_b], (NUDGE * direction).expand_as(change[1, real_b]),
+                               rtol=1e-4, atol=1e-4)
+    change[1, real_b] = 0
+    assert not change.any()  # other requests' rows, chat-b's first row and the padding
+
+
+@pytest.mark.parametrize("on_abort", ["raise", "stop"])
+def test_an_abort_stops_only_its_own_sequence(
+    smollm2: tuple[Any, Any], guard_factory: Any, on_abort: str
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, alone = _padded(tokenizer, "left")
+    at = alone[1].shape[1] + 1  # chat-b's second generated token
+    with GuardClient(guard_factory(("abort-b", AbortRequests(["chat-b"], at))), hooks=[HOOK],
+                     deadline_ms=5000) as client:
+        recorder = StepRecorder(client)
+        with attach(model, recorder, [HOOK], on_abort=on_abort) as attachment:  # type: ignore[arg-type]
+            with attachment.requests(["chat-a", "chat-b", "chat-c"]):
+                out = _greedy(model, ids, n=6, attention_mask=mask,
+                              stopping_criteria=attachment.stopping_criteria())
+            assert set(attachment.aborted_requests) == {"chat-b"}
+            abort = attachment.aborted_requests["chat-b"]
+            assert abort.action == Action.ABORT and abort.decision_id
+            assert abort.positions == (at,)
+            assert attachment.aborted is None  # the batch as a whole was not stopped
+        assert (["chat-b"], "aborted") in recorder.ended
+        assert (["chat-a", "chat-c"], "finished") in recorder.ended
+    width = ids.shape[1]
+    assert out.shape[1] == width + 6  # the others generated every token
+    # The step that read chat-b's row at `at` still produced its next token; then the
+    # stopping criterion finished chat-b alone (padding after), and its rows were not sent.
+    produced = at - alone[1].shape[1] + 2
+    assert (out[1, width + produced:] == tokenizer.pad_token_id).all()
+    assert (out[1, width:width + produced] != tokenizer.pad_token_id).all()
+    sent_b: list[int] = []
+    for _rows, segments, positions, _tokens in recorder.steps:
+        starts = np.cumsum([0] + [s.rows for s in segments]).tolist()
+        for segment, start in zip(segments, starts, strict=False):
+            if segment.request_id == "chat-b":
+                sent_b += positions[start:start + segment.rows]
+    assert sent_b == list(range(1, at + 1))
+    assert [s.request_id for s in recorder.steps[-1][1]] == ["chat-a", "chat-c"]
+
+
+def test_a_batch_raises_once_every_sequence_is_aborted(
+    smollm2: tuple[Any, Any], guard_factory: Any
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, _ = _padded(tokenizer, "left", CHATS[:2])
+    everyone = AbortRequests(["chat-a", "chat-b"], 0)
+    with GuardClient(guard_factory(("abort", everyone)), hooks=[HOOK],
+                     deadline_ms=5000) as client, attach(model, client, [HOOK]) as attachment:
+        with attachment.requests(["chat-a", "chat-b"]), pytest.raises(GuardAbort) as caught:
+            _greedy(model, ids, n=4, attention_mask=mask)
+        assert caught.value.decision_id
+        assert set(attachment.aborted_requests) == {"chat-a", "chat-b"}
+        assert attachment.aborted is caught.value.verdict
+
+
+def test_a_single_request_id_labels_each_row_of_a_batch(
+    smollm2: tuple[Any, Any], guard_factory: Any
+) -> None:
+    model, tokenizer = smollm2
+    ids, mask, _ = _padded(tokenizer, "right", CHATS[:2])
+    with GuardClient(guard_factory(), hooks=[HOOK], deadline_ms=5000) as client, attach(
+        model, client, [HOOK]
+    ) as attachment:
+        with attachment.request("chat") as rid, torch.no_grad():
+            model(ids, attention_mask=mask)
+        assert rid == "chat"
+        assert [v.request_id for v in attachment.verdicts] == ["chat/0", "chat/1"]

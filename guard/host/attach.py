@@ -14,8 +14,21 @@ documented ways (``on_abort``):
   :meth:`Attachment.stopping_criteria` ends generation after the current step.
 
 Position 0 (BOS) is not sent by default: its residual norm is about 100x the others' in
-SmolLM2 and it carries no content of the request (``skip_positions``). One sequence per
-forward pass (batch size 1) is supported; ``detach()`` restores the model exactly.
+SmolLM2 and it carries no content of the request (``skip_positions``). ``detach()`` restores
+the model exactly.
+
+Batches of several sequences (``[batch, seq, hidden]``, padded left or right, with the
+attention mask that ``generate`` and the tokenizer give) go to the guard as one step per
+layer (``inspect_step``): only the real tokens' rows, one segment per sequence with its own
+request id (:meth:`Attachment.requests` names them per batch row; by default each new
+generation gets fresh ids), with positions counted from each sequence's first real token.
+Each request's verdict applies to its own sequence: a STEER delta goes onto that sequence's
+rows, and an ABORT stops only that sequence. Its verdict is kept in
+:attr:`Attachment.aborted_requests`, its rows are no longer sent, the guard is told the
+request ended (``end_requests``, when the client has it), and the stopping criterion from
+:meth:`Attachment.stopping_criteria` finishes that sequence after the current step while the
+others go on. ``GuardAbort`` is raised (``on_abort="raise"``) only once every sequence of the
+batch is aborted. A batch of one sequence is sent exactly as before (``inspect``).
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import structlog
 from opentelemetry.trace import Status, StatusCode
 
 from guard.decision import Action
-from guard.host import Verdict
+from guard.host import Segment, StepVerdict, Verdict
 from guard.host.tracing import generation_span
 
 if TYPE_CHECKING:
@@ -46,7 +59,8 @@ _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
 class InspectClient(Protocol):
-    """What :func:`attach` needs of a client (``guard.host.GuardClient`` has it)."""
+    """What :func:`attach` needs of a client (``guard.host.GuardClient`` has it). Batches of
+    several sequences need :class:`StepClient`'s ``inspect_step`` too."""
 
     def inspect(
         self, request_id: str, hook: str, rows: NDArray[np.floating], positions: Sequence[int],
@@ -55,6 +69,17 @@ class InspectClient(Protocol):
     ) -> Verdict: ...
 
     def describe(self, timeout: float = 5.0) -> Any: ...
+
+
+class StepClient(InspectClient, Protocol):
+    """A client that also sends engine steps (batches of several sequences). ``end_requests``
+    (``GuardClient`` has it) is used when the client has it."""
+
+    def inspect_step(
+        self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],
+        positions: Sequence[int], token_ids: Sequence[int] | None = None,
+        attributes: Any = None, *, deadline_ms: float | None = None,
+    ) -> StepVerdict: ...
 
 
 class GuardAbort(RuntimeError):
@@ -96,7 +121,16 @@ def decoder_layers(model: Any) -> Sequence[Any]:
 class _RequestState:
     request_id: str
     explicit: bool
-    input_ids: Any = None  # the current forward pass's input ids, [1, T]
+    input_ids: Any = None  # the current forward pass's input ids, [B, T]
+    attention_mask: Any = None  # the current forward pass's 2-D attention mask, [B, past + T]
+    #: A batch of several sequences: the request id of each batch row (given by
+    #: :meth:`Attachment.requests`, or derived), and those the guard was not yet told ended.
+    request_ids: tuple[str, ...] = ()
+    open_ids: list[str] = field(default_factory=list)
+    #: Forward passes of the model so far, and the one whose (fresh) start set the ids: a
+    #: pass reaches every hooked layer, and only its first may start new requests.
+    passes: int = 0
+    started_at: int = -1
 
 
 @dataclass
@@ -109,8 +143,12 @@ class Attachment:
     on_abort: Literal["raise", "stop"]
     skip_positions: int
     verdicts: list[Verdict] = field(default_factory=list)
-    #: The ABORT verdict that stopped the current request, if any.
+    #: The ABORT verdict that stopped the current request, if any (for a batch of several
+    #: sequences: set once every sequence of the batch is aborted).
     aborted: Verdict | None = None
+    #: The ABORT verdict of each request of the current generation that the guard (or the
+    #: failure policy) stopped, by request id: for a batch, each sequence's own.
+    aborted_requests: dict[str, Verdict] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
     _state: _RequestState = field(default_factory=lambda: _RequestState("", False))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,16 +168,42 @@ class Attachment:
     def request(self, request_id: str | None = None) -> Iterator[str]:
         """Label the forward passes inside the block with one request id, inside one
         ``guard.host.generation`` span (a child of the current span; each inspected batch's
-        ``guard.host.inspect`` span is its child; see :mod:`guard.host.tracing`)."""
+        ``guard.host.inspect`` span is its child; see :mod:`guard.host.tracing`). The rows of
+        a batch of several sequences are then requests ``<id>/0``, ``<id>/1``... (see
+        :meth:`requests`)."""
         rid = request_id or uuid.uuid4().hex
+        with self._labelled(_RequestState(rid, explicit=True), rid):
+            yield rid
+
+    @contextmanager
+    def requests(self, request_ids: Sequence[str]) -> Iterator[tuple[str, ...]]:
+        """Label the forward passes of a batch inside the block: row ``b`` of the batch is
+        request ``request_ids[b]`` (one ``guard.host.generation`` span with the ids in
+        ``guard.request_ids``). On leaving the block the guard is told that the requests
+        not aborted finished (``end_requests``). A batch of another size inside the block
+        raises ValueError."""
+        if isinstance(request_ids, str) or not isinstance(request_ids, Sequence):
+            raise TypeError(f"request_ids: expected a sequence of request ids, one per batch "
+                            f"row, found {request_ids!r}")
+        ids = tuple(request_ids)
+        if not ids or not all(isinstance(r, str) and r for r in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"request_ids: expected distinct non-empty strings, one per batch "
+                             f"row, found {ids!r}")
+        state = _RequestState(ids[0] if len(ids) == 1 else "", explicit=True, request_ids=ids)
+        with self._labelled(state, ids):
+            yield ids
+
+    @contextmanager
+    def _labelled(self, state: _RequestState, label: str | tuple[str, ...]) -> Iterator[None]:
         previous = self._state
-        self._state = _RequestState(rid, explicit=True)
+        self._state = state
         self.aborted = None
+        self.aborted_requests = {}
         try:
-            with generation_span(rid, model=getattr(getattr(self.model, "config", None),
-                                                    "name_or_path", None)) as span:
+            with generation_span(label, model=getattr(getattr(self.model, "config", None),
+                                                      "name_or_path", None)) as span:
                 try:
-                    yield rid
+                    yield
                 except GuardAbort:  # a decision, not a fault: the span status stays unset
                     raise
                 except BaseException as exc:
@@ -149,6 +213,7 @@ class Attachment:
                 finally:
                     self._record_abort(span)
         finally:
+            self._end_open(state, "finished")
             self._state = previous
 
     def _record_abort(self, span: Any) -> None:
@@ -160,7 +225,9 @@ class Attachment:
                                  "guard.verdict.source": aborted.source})
 
     def stopping_criteria(self) -> Any:
-        """A transformers StoppingCriteriaList that stops when the guard aborted."""
+        """A transformers StoppingCriteriaList that stops when the guard aborted: for a batch
+        of several sequences, each sequence whose own request was aborted (the others go
+        on)."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         attachment = self
@@ -169,6 +236,11 @@ class Attachment:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 import torch
 
+                ids = attachment._state.request_ids
+                if input_ids.shape[0] > 1 and len(ids) == input_ids.shape[0]:
+                    aborted = attachment.aborted_requests
+                    return torch.tensor([rid in aborted for rid in ids], dtype=torch.bool,
+                                        device=input_ids.device)
                 stop = attachment.aborted is not None
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
                                   device=input_ids.device)
@@ -180,6 +252,7 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._end_open(self._state, "finished")
 
     def __enter__(self) -> Attachment:
         return self
@@ -196,7 +269,13 @@ class Attachment:
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args:
             input_ids = args[0]
-        self._state.input_ids = input_ids
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        state = self._state
+        state.input_ids = input_ids
+        state.attention_mask = mask
+        state.passes += 1
 
     def _layer_hook(self, hook: str) -> Callable[..., Any]:
         def on_output(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -206,10 +285,8 @@ class Attachment:
             hidden = output[0] if isinstance(output, tuple) else output
             position_ids = kwargs.get("position_ids")
             if hidden.shape[0] != 1:
-                raise ValueError(
-                    f"{hook}: guard.host.attach supports one sequence per forward pass, "
-                    f"found a batch of {hidden.shape[0]}"
-                )
+                self._on_batch(hook, hidden, position_ids)
+                return output
             length = hidden.shape[1]
             if position_ids is None:
                 raise ValueError(f"{hook}: the layer got no position_ids; cannot label rows")
@@ -236,6 +313,7 @@ class Attachment:
                 del self.verdicts[:-self.keep_verdicts]
             if verdict.action == Action.ABORT:
                 self.aborted = verdict
+                self.aborted_requests[verdict.request_id] = verdict
                 log.info("generation aborted", hook=hook, request_id=state.request_id,
                          decision_id=verdict.decision_id, source=verdict.source)
                 if self.on_abort == "raise":
@@ -247,6 +325,142 @@ class Attachment:
             return output
 
         return on_output
+
+    # -- batches of several sequences ------------------------------------------------------
+
+    def _on_batch(self, hook: str, hidden: torch.Tensor, position_ids: Any) -> None:
+        """One forward pass of a batch at ``hook``: its real, new rows as one step, each
+        request's verdict applied to its own sequence (in place)."""
+        import torch
+
+        inspect_step = getattr(self.client, "inspect_step", None)
+        if inspect_step is None:
+            raise TypeError(f"{hook}: a batch of {hidden.shape[0]} sequences needs a client "
+                            "with inspect_step (guard.host.GuardClient has it)")
+        rows_of, length = int(hidden.shape[0]), int(hidden.shape[1])
+        state = self._state
+        real, positions, fresh = _batch_layout(state.attention_mask, position_ids, rows_of,
+                                               length, hidden.device)
+        ids = self._batch_ids(state, rows_of, fresh, hook)
+        aborted = self.aborted_requests
+        keep = real & (positions >= self.skip_positions)
+        if aborted:
+            live = torch.tensor([rid not in aborted for rid in ids], device=hidden.device)
+            keep &= live[:, None]
+        batch_index, step_index = keep.nonzero(as_tuple=True)
+        if batch_index.numel() == 0:
+            return
+        counts = keep.sum(dim=1).tolist()
+        first = torch.where(real, positions, positions.new_full((), 2**62)).min(dim=1).values
+        segments = [Segment(ids[b], int(n),
+                            "prompt" if length > 1 or int(first[b]) == 0 else "generation")
+                    for b, n in enumerate(counts) if n]
+        # Select the rows on the device first, then copy only those to the host.
+        rows = hidden[batch_index, step_index].detach().float().cpu().numpy()
+        token_ids = None
+        input_ids = state.input_ids
+        if input_ids is not None and tuple(input_ids.shape) == (rows_of, length):
+            token_ids = input_ids[batch_index, step_index].tolist()
+        step: StepVerdict = inspect_step(hook, rows, segments,
+                                         positions[batch_index, step_index].tolist(), token_ids)
+        with self._lock:
+            self.verdicts.extend(step.verdicts)
+            del self.verdicts[:-self.keep_verdicts]
+        steered = np.zeros(len(rows), dtype=bool)
+        start = 0
+        newly: list[str] = []
+        for segment, verdict in zip(segments, step.verdicts, strict=True):
+            if verdict.action == Action.STEER:
+                steered[start:start + segment.rows] = True
+            elif verdict.action == Action.ABORT and segment.request_id not in aborted:
+                aborted[segment.request_id] = verdict
+                newly.append(segment.request_id)
+                log.info("generation aborted", hook=hook, request_id=segment.request_id,
+                         decision_id=verdict.decision_id, source=verdict.source)
+            start += segment.rows
+        delta = step.steering.get(hook)
+        if delta is not None and steered.any():
+            where = torch.from_numpy(steered).to(hidden.device)
+            update = torch.tensor(delta[steered], dtype=hidden.dtype, device=hidden.device)
+            with torch.no_grad():
+                hidden[batch_index[where], step_index[where]] += update
+        if newly:
+            self._end_requests(state, newly, "aborted")
+        if newly and all(rid in aborted for rid in ids):  # nothing of the batch is left
+            self.aborted = aborted[newly[-1]]
+            if self.on_abort == "raise":
+                raise GuardAbort(self.aborted, hook)
+
+    def _batch_ids(self, state: _RequestState, rows_of: int, fresh: bool,
+                   hook: str) -> tuple[str, ...]:
+        """The request id of each batch row: the caller's (:meth:`requests`), derived from
+        :meth:`request`'s id, or fresh ids for each new generation."""
+        starts = fresh and state.started_at != state.passes  # once per forward pass
+        if state.explicit:
+            if not state.request_ids:
+                state.request_ids = tuple(f"{state.request_id}/{b}" for b in range(rows_of))
+            if len(state.request_ids) != rows_of:
+                raise ValueError(f"{hook}: a batch of {rows_of} sequences, but "
+                                 f"{len(state.request_ids)} request ids were given to "
+                                 "Attachment.requests")
+            if starts:
+                self._start_batch(state)
+            return state.request_ids
+        if starts or len(state.request_ids) != rows_of:  # a new generation: new requests
+            self._end_open(state, "finished")
+            state.request_ids = tuple(uuid.uuid4().hex for _ in range(rows_of))
+            self._start_batch(state)
+        return state.request_ids
+
+    def _start_batch(self, state: _RequestState) -> None:
+        """A new generation of the batch's requests: nothing aborted yet."""
+        state.started_at = state.passes
+        self.aborted = None
+        self.aborted_requests = {}
+        state.open_ids = list(state.request_ids)
+
+    def _end_open(self, state: _RequestState, reason: str) -> None:
+        """Tell the guard the batch's requests it was not told about yet are over."""
+        if state.open_ids:
+            self._end_requests(state, list(state.open_ids), reason)
+
+    def _end_requests(self, state: _RequestState, request_ids: list[str], reason: str) -> None:
+        for rid in request_ids:
+            if rid in state.open_ids:
+                state.open_ids.remove(rid)
+        end = getattr(self.client, "end_requests", None)
+        if end is None or not request_ids:
+            return
+        try:
+            end(request_ids, reason)
+        except Exception as exc:  # the guard frees them anyway when the stream ends
+            log.warning("end_requests failed", reason=str(exc), requests=len(request_ids))
+
+
+def _batch_layout(mask: Any, position_ids: Any, rows_of: int, length: int, device: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Which of a batch pass's ``[rows_of, length]`` tokens are real (not padding), their
+    positions in their own sequences, and whether the pass starts new sequences (no cache).
+
+    With a 2-D attention mask ``[rows_of, past + length]`` (what ``generate`` and the
+    tokenizer give, padded left or right), a token is real where the mask is 1 and its
+    position counts the real tokens before it. Without one every token is real and the
+    layer's ``position_ids`` give the positions.
+    """
+    import torch
+
+    if (mask is not None and getattr(mask, "ndim", 0) == 2
+            and tuple(mask.shape[:1]) == (rows_of,) and mask.shape[1] >= length):
+        mask = mask.to(device=device)
+        real = mask[:, -length:] != 0
+        positions = (mask.long().cumsum(dim=1) - 1)[:, -length:]
+        return real, positions, int(mask.shape[1]) == length
+    if position_ids is None:
+        raise ValueError("the layer got no position_ids and the model no attention mask; "
+                         "cannot label rows")
+    positions = position_ids.to(device=device).long().expand(rows_of, length)
+    real = torch.ones((rows_of, length), dtype=torch.bool, device=device)
+    return real, positions, int(positions.min()) == 0
 
 
 def _add_delta(hidden: torch.Tensor, index: Any, delta: NDArray[np.float32]) -> None:

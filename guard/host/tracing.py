@@ -187,11 +187,13 @@ def verdict_cause(verdict: Verdict | StepVerdict) -> str:
 
 
 @contextmanager
-def generation_span(request_id: str, *,
+def generation_span(request_id: str | Sequence[str], *,
                     operation: Literal["chat", "text_completion"] = "text_completion",
                     model: str | None = None) -> Iterator[Span]:
     """``guard.host.generation``: one generation, a child of the current span (if any). The
-    caller records exceptions (an abort by the guard is a decision, not an error).
+    caller records exceptions (an abort by the guard is a decision, not an error). A batch
+    of generations (one per sequence, ``request_id`` a sequence of ids) is one span with
+    their ids in ``guard.request_ids``.
 
     ``operation`` and ``model`` (the model's name, when known) become the GenAI semantic
     conventions' ``gen_ai.operation.name`` and ``gen_ai.request.model``.
@@ -200,8 +202,9 @@ def generation_span(request_id: str, *,
                                         record_exception=False,
                                         set_status_on_exception=False) as span:
         if span.is_recording():
-            span.set_attributes({"guard.request_id": request_id,
-                                 "gen_ai.operation.name": operation})
+            span.set_attributes({"guard.request_id": request_id} if isinstance(request_id, str)
+                                else {"guard.request_ids": list(request_id)})
+            span.set_attribute("gen_ai.operation.name", operation)
             if model:
                 span.set_attribute("gen_ai.request.model", model)
         yield span
