@@ -136,6 +136,15 @@ def test_the_end_of_a_request_is_a_line_of_ids_reason_and_time(log_path: Path) -
     plugins.shutdown()
 
 
+def test_a_closed_stream_writes_no_end_lines(log_path: Path) -> None:
+    """A host that never sends RequestEnded keeps the log it had: one line per decision."""
+    plugins = sink({"path": str(log_path)})
+    plugins.record(decision("d-1"))
+    assert plugins.request_ended("req-1", "stream_closed") == []
+    assert [line["event"] for line in strict_lines(log_path.read_text())] == ["decision"]
+    plugins.shutdown()
+
+
 def test_the_end_record_is_json_ready_and_holds_nothing_of_the_request() -> None:
     assert DecisionLog.end_record("req-9", "stream_closed", 1_700_000_000.25) == {
         "timestamp": "2023-11-14T22:13:20.250000Z", "request_id": "req-9",

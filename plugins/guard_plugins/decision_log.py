@@ -46,10 +46,12 @@ class DecisionLog:
     written as null, so every line is valid JSON.
 
     When a request ends (``guard_request_ended``) a line with ``"event": "request ended"``
-    closes it: request_id, reason (finished, aborted, preempted, unspecified, evicted,
-    stream_closed) and timestamp (when the log learned of it), written after every decision
-    line of the request. Decision lines have ``"event": "decision"``: a reader that wants
-    decisions only filters on ``event``.
+    closes it: request_id, reason (finished, aborted, preempted, unspecified, evicted) and
+    timestamp (when the log learned of it), written after every decision line of the request.
+    A stream that closes with requests open writes no such line: for a host that predates
+    RequestEnded every request would otherwise gain one, and its log must read as before.
+    Decision lines have ``"event": "decision"``: a reader that wants decisions only filters
+    on ``event``.
 
     structlog's ``WriteLogger`` is used because it writes and flushes one line under a lock
     per file: on stdout, decision lines never interleave with other structlog output.
@@ -90,6 +92,8 @@ class DecisionLog:
 
     @hookimpl
     def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        if reason == "stream_closed":  # not an end the host reported (see the class docstring)
+            return
         self._logger().msg("request ended", **self.end_record(request_id, reason))
 
     @hookimpl
