@@ -23,7 +23,7 @@ from guard.config import (
     load_config,
     load_default_config,
 )
-from guard.errors import GuardError
+from guard.errors import GuardError, bounded_repr
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +51,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from guard.telemetry.setup import configure_logging, start_telemetry
 
     env = serve_environment(args)
-    config = _load(args.config, env)
+    try:
+        config = _load(args.config, env)
+    except Exception as exc:  # a start-up error is a message, not a traceback
+        message = str(exc) if isinstance(exc, GuardError) else bounded_repr(exc)
+        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+        return 1
     configure_logging(config.logging)
     stop = threading.Event()
     reload_requested = threading.Event()

@@ -28,6 +28,11 @@ SaeDtype = Literal["auto", "fp32", "fp16", "int8"]
 #: Default fits a [512, 8192] F32 batch (16 MiB of tensor bytes) with room for labels.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_LISTEN: Final = "unix:///tmp/activation-guard/guard.sock"
+#: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
+#: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
+TRANSPORT_HEADROOM: Final = 2
+#: gRPC's message length options are signed 32-bit integers.
+GRPC_MAX_MESSAGE_LENGTH: Final = 2**31 - 1
 
 #: Environment variable -> (section, key). Applied after the file is read, then validated.
 ENV_OVERRIDES: Final[dict[str, tuple[str, str]]] = {
@@ -103,7 +108,8 @@ class ServerConfig:
     tcp_listen: str = ""
     #: Optional TCP listener serving only the health service (Kubernetes probes).
     health_listen: str = ""
-    #: Largest accepted message; a larger batch gets RESOURCE_EXHAUSTED naming this key.
+    #: Largest accepted message; a larger batch gets RESOURCE_EXHAUSTED naming this key. At
+    #: most 1073741823 (gRPC's 2^31 - 1 over the transport headroom of 2).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: On SIGTERM, in-flight streams get this long to finish before they are cancelled.
     drain_grace_seconds: float = 10.0
@@ -261,6 +267,11 @@ def _server_section(section: Settings, base_dir: Path | None) -> ServerConfig:
         shared_memory=_shared_memory_section(section.section("shared_memory")),
     )
     section.finish()
+    if server.max_message_bytes * TRANSPORT_HEADROOM > GRPC_MAX_MESSAGE_LENGTH:
+        raise section.error("max_message_bytes", "at most "
+                            f"{GRPC_MAX_MESSAGE_LENGTH // TRANSPORT_HEADROOM} (gRPC's limit, "
+                            f"2^31 - 1, over the transport headroom of {TRANSPORT_HEADROOM})",
+                            server.max_message_bytes)
     if not server.listen:
         raise section.error("listen", "an address (unix:///path or host:port)", server.listen)
     if server.tls.enabled and server.listen.startswith("unix:") and not server.tcp_listen:
@@ -467,22 +478,118 @@ def _apply_env(data: object, env: Mapping[str, str]) -> object:
     return merged
 
 
+#: Largest configuration file read (bytes); a bigger one is refused before parsing.
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+#: Deepest nesting of mappings and lists in the YAML.
+MAX_CONFIG_DEPTH: Final = 32
+#: Most alias uses (``*name``) in one file, and most nodes the file may hold with every
+#: alias expanded (a "billion laughs" file stays small on disk but not in use).
+MAX_CONFIG_ALIASES: Final = 100
+MAX_CONFIG_NODES: Final = 100_000
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """The safe loader (pure Python: the C composer would bypass these checks), with caps on
+    nesting depth, alias uses and nodes after alias expansion, and construction errors
+    (an integer past Python's digit limit, a bad date) reported at the value's position."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._nodes = 0
+        self._anchor_sizes: dict[str, int] = {}
+
+    def _peek(self) -> yaml.Event:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        return event
+
+    def _too_much(self, what: str) -> yaml.composer.ComposerError:
+        mark = cast("yaml.Mark | None", self._peek().start_mark)
+        return yaml.composer.ComposerError(None, None, what, mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = cast(yaml.AliasEvent, self._peek())
+            self._aliases += 1
+            if self._aliases > MAX_CONFIG_ALIASES:
+                raise self._too_much(f"more than {MAX_CONFIG_ALIASES} aliases")
+            self._nodes += self._anchor_sizes.get(str(event.anchor), 1)
+            if self._nodes > MAX_CONFIG_NODES:
+                raise self._too_much(f"more than {MAX_CONFIG_NODES} values with its aliases "
+                                     "expanded")
+            return super().compose_node(parent, index)
+        anchor = getattr(self._peek(), "anchor", None)
+        start = self._nodes
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise self._too_much(f"more than {MAX_CONFIG_NODES} values")
+        self._depth += 1
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise self._too_much(f"nesting deeper than {MAX_CONFIG_DEPTH} levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if anchor is not None:
+            self._anchor_sizes[str(anchor)] = self._nodes - start
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({reason[:160]})", node.start_mark,
+            ) from exc
+
+
+def _yaml_error(exc: BaseException, source: str) -> ConfigError:
+    """A parse failure as a ConfigError naming the line and column where known."""
+    if isinstance(exc, RecursionError):
+        return ConfigError("<file>", f"YAML nested at most {MAX_CONFIG_DEPTH} levels deep",
+                           "deeper nesting", source=source)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) if isinstance(exc, yaml.MarkedYAMLError) else None
+    text = problem or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return ConfigError("<file>", f"valid YAML{where}", text, source=source)
+
+
+def _read_yaml(text: str, source: str) -> object:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError("<file>", f"at most {MAX_CONFIG_BYTES} bytes of YAML",
+                          f"{len(text)} characters", source=source)
+    loader = _LimitedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as exc:
+        raise _yaml_error(exc, source) from None
+    finally:
+        loader.dispose()
+
+
 def parse_config(
     text: str,
     *,
     source: str = "<string>",
     base_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
+    allow_empty: bool = True,
 ) -> GuardConfig:
-    """Parse and validate YAML text; ``env`` overrides apply (pass ``{}`` for none)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("<file>", f"valid YAML{where}", str(exc).splitlines()[0],
-                          source=source) from exc
+    """Parse and validate YAML text; ``env`` overrides apply (pass ``{}`` for none).
+
+    Empty text (or only comments) means every default unless ``allow_empty`` is false (a
+    reload: an emptied file is more likely a botched edit than a wish to drop every plugin
+    setting). The YAML is capped in size, depth and aliases (``MAX_CONFIG_*``); every failure
+    is a :class:`ConfigError`.
+    """
+    data = _read_yaml(text, source)
     if data is None:
+        if not allow_empty:
+            raise ConfigError("<file>", "a configuration (an empty file is refused on reload; "
+                              "write {} for every default)", "an empty file", source=source)
         data = {}
     data = _apply_env(data, os.environ if env is None else env)
     try:
@@ -492,18 +599,31 @@ def parse_config(
             raise
         named = ConfigError(exc.key, exc.expected, exc.found, source=source)
         raise named.with_traceback(exc.__traceback__) from None
+    except RecursionError:
+        raise ConfigError("<file>", "a configuration nested less deeply", "deeper nesting",
+                          source=source) from None
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
-                ) -> GuardConfig:
-    """Read and validate a configuration file."""
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
+                allow_empty: bool = True) -> GuardConfig:
+    """Read and validate a configuration file (at most ``MAX_CONFIG_BYTES``)."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError("<file>", "a readable configuration file", f"{exc.strerror}",
                           source=str(file)) from exc
-    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), env=env)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("<file>", f"a configuration file of at most {MAX_CONFIG_BYTES} bytes",
+                          "a larger file", source=str(file))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", "UTF-8 text", f"an invalid byte at offset {exc.start}",
+                          source=str(file)) from None
+    return parse_config(text, source=str(file), base_dir=file.parent.resolve(), env=env,
+                        allow_empty=allow_empty)
 
 
 def default_config_text() -> str:

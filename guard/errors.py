@@ -8,6 +8,8 @@ message and the details go to the log only.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class GuardError(Exception):
     """Base class of every error the guard raises on purpose.
@@ -65,7 +67,36 @@ class ConfigError(GuardError):
         self.found = found
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: expected {expected}, found {found!r}")
+        super().__init__(f"{where}{key}: expected {expected}, found {bounded_repr(found)}")
+
+
+#: Longest ``found`` value a ConfigError message quotes; longer ones are cut with ``...``.
+MAX_FOUND_CHARS = 200
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib with room for a config value: whole short strings, a few items per level."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = limit
+        self.maxlist = self.maxtuple = self.maxset = self.maxdict = 16
+        self.maxlevel = 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr may raise past Python's digit limit, and is slow
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+def bounded_repr(value: object, limit: int = MAX_FOUND_CHARS) -> str:
+    """``repr(value)`` with bounded work and length: long strings and containers are cut
+    (``...``), a huge integer is described by its size, a repr that fails by its type."""
+    try:
+        text = _BoundedRepr(limit).repr(value)
+    except Exception:  # a value whose repr fails still gets a message
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ListenError(GuardError):

@@ -46,6 +46,7 @@ from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
 from guard.config import (
+    TRANSPORT_HEADROOM,
     GuardConfig,
     LoggingConfig,
     PluginsConfig,
@@ -55,7 +56,7 @@ from guard.config import (
 )
 from guard.engine.core import Engine
 from guard.errors import InvalidInput
-from guard.sidecar.server import TRANSPORT_HEADROOM, GuardServer
+from guard.sidecar.server import GuardServer
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from guard.wire import codec

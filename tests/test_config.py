@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from guard.cli import build_parser, main, override_flag, serve_environment
 from guard.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ENV_OVERRIDES,
+    MAX_CONFIG_BYTES,
+    TRANSPORT_HEADROOM,
+    GuardConfig,
     load_config,
     load_default_config,
     parse_config,
@@ -140,9 +144,10 @@ def test_serve_help_documents_a_flag_for_every_environment_override(
 
 
 def test_a_bad_flag_value_names_its_key(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--log-level", "loud"]) == 2
-    assert "logging.level: expected one of debug, info, warning, error, found 'loud'" in (
-        capsys.readouterr().err)
+    assert main(["serve", "--log-level", "loud"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "logging.level: expected one of debug, info, warning, error, found 'loud'" in err
 
 
 def test_the_continuous_batching_limits_are_read() -> None:
@@ -150,3 +155,136 @@ def test_the_continuous_batching_limits_are_read() -> None:
         "server: {max_segments_per_batch: 64, max_requests_per_stream: 100}", env={})
     assert (config.server.max_segments_per_batch, config.server.max_requests_per_stream) == (
         64, 100)
+
+
+_ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n"
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 600, "nesting deeper than 32 levels"),
+        ("server:\n  max_message_bytes: " + "9" * 5000,
+         "line 2, column 22, found 'cannot read this value (Exceeds the limit"),
+        (_ALIAS_BOMB, "values with its aliases expanded"),
+        ("a: " + "x" * (MAX_CONFIG_BYTES + 1), f"at most {MAX_CONFIG_BYTES} bytes"),
+        ("server: {max_message_bytes: 1099511627776}",
+         "server.max_message_bytes: expected at most 1073741823"),
+    ],
+    ids=["600-nested-lists", "5000-digit-int", "alias-bomb", "over-size-cap", "1-TiB-message"],
+)
+def test_hostile_yaml_is_a_bounded_config_error(text: str, message: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="bad.yaml", env={})
+    assert time.monotonic() - start < 2
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("bad.yaml: ")
+    assert len(str(caught.value)) < 500
+    assert "\n" not in str(caught.value)
+
+
+def test_a_file_over_the_size_cap_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(big))}: <file>: expected a "
+                       f"configuration file of at most {MAX_CONFIG_BYTES} bytes"):
+        load_config(big, env={})
+
+
+def test_the_largest_message_grpc_takes_passes() -> None:
+    limit = (2**31 - 1) // TRANSPORT_HEADROOM
+    assert parse_config(f"server: {{max_message_bytes: {limit}}}",
+                        env={}).server.max_message_bytes == limit
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        parse_config(f"server: {{max_message_bytes: {limit + 1}}}", env={})
+
+
+def test_ordinary_anchors_and_nesting_still_load() -> None:
+    text = ("plugins:\n  config:\n    p: &shared {a: {b: {c: [1, [2, [3]]]}}}\n"
+            "    q: *shared\n")
+    config = parse_config(text, env={})
+    assert config.plugins.config["q"] == config.plugins.config["p"]
+
+
+def test_an_empty_file_means_defaults_at_start_but_is_refused_on_reload(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    assert load_config(empty, env={}).saes == ()
+    with pytest.raises(ConfigError, match="an empty file is refused on reload"):
+        load_config(empty, env={}, allow_empty=False)
+    empty.write_text("{}\n")
+    assert load_config(empty, env={}, allow_empty=False).saes == ()
+
+
+def test_found_values_are_cut_in_error_messages() -> None:
+    long = ConfigError("k", "a short string", "x" * 100_000)
+    assert len(str(long)) < 300
+    huge = ConfigError("k", "a small integer", 10**5000)
+    assert "an integer of about 5001 digits" in str(huge)
+    nested = ConfigError("k", "a number", [[list(range(1000))] * 1000])
+    assert len(str(nested)) < 300
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 600, "server:\n  max_message_bytes: " + "9" * 5000,
+     "server: {max_message_bytes: 1099511627776}"],
+    ids=["nested", "digits", "1-TiB"],
+)
+def test_serve_with_a_bad_config_prints_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["serve", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ")
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_config_check_refuses_a_1_tib_message(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {max_message_bytes: 1099511627776}\n")
+    assert main(["config", "check", str(bad)]) == 2
+    assert "server.max_message_bytes: expected at most" in capsys.readouterr().err
+
+
+def test_a_rejected_reload_keeps_the_old_config(tmp_path: Path) -> None:
+    from guard.sidecar.reload import ConfigReloader
+
+    class Engine:
+        def __init__(self) -> None:
+            self.configs: list[GuardConfig] = []
+
+        def reload(self, config: GuardConfig) -> None:
+            self.configs.append(config)
+
+    file = tmp_path / "guard.yaml"
+    file.write_text("plugins: {config: {p: {v: 1}}}\n")
+    engine = Engine()
+    reloader = ConfigReloader(engine, file, load_config(file, env={}), env={})  # type: ignore[arg-type]
+    for bad in ("[" * 600, "plugins: {trace: " + "9" * 5000 + "}", _ALIAS_BOMB, ""):
+        file.write_text(bad)
+        assert reloader.reload("test") is False
+    assert engine.configs == []
+    file.write_text("plugins: {config: {p: {v: 2}}}\n")
+    assert reloader.reload("test") is True
+    assert engine.configs[-1].plugins.config["p"] == {"v": 2}
+
+
+def test_a_reload_that_raises_anything_is_rejected(tmp_path: Path) -> None:
+    from guard.sidecar.reload import ConfigReloader
+
+    class Engine:
+        def reload(self, config: GuardConfig) -> None:
+            raise RuntimeError("boom")
+
+    file = tmp_path / "guard.yaml"
+    file.write_text("{}\n")
+    reloader = ConfigReloader(Engine(), file, load_config(file, env={}), env={})  # type: ignore[arg-type]
+    assert reloader.reload("test") is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -224,3 +225,89 @@ def test_a_listen_flag_overrides_the_file_and_is_no_change_to_a_reload(
         log = guard.log_text()
         assert '"config reloaded"' in log
         assert "need a restart" not in log  # the flag is read again with the file
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace the file in one step, so that the file watch never reads half of it."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+@pytest.mark.parametrize("stream_open", [True, False], ids=["stream-open", "no-stream"])
+def test_a_hostile_config_on_reload_is_rejected_and_the_watch_lives_on(
+    tmp_path: Path, sae_dir: Path, stream_open: bool
+) -> None:
+    socket = Path(f"/tmp/guard-test-{os.getpid()}-{time.monotonic_ns()}.sock")
+    config = tmp_path / "guard.yaml"
+    config.write_text(_detector_config(socket, sae_dir, -1.0, 0.2))
+    guard = GuardProcess(config, f"unix://{socket}")
+
+    def wait_for(reason: str) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for line in guard.log_text().splitlines():
+                if line.startswith("{") and "reload rejected" in line and (
+                        reason in json.loads(line)["reason"]):
+                    return
+            assert guard.running, guard.log_tail()
+            time.sleep(0.05)
+        raise AssertionError(f"no rejected reload for {reason!r}:\n{guard.log_tail()}")
+
+    try:
+        guard.start()
+        with contextlib.ExitStack() as stack:
+            client = None
+            if stream_open:
+                client = StreamClient(stack.enter_context(grpc.insecure_channel(guard.address)))
+                client.configure()
+                assert _flag_threshold(client, 1) == -1.0
+            hostile = [("[" * 600, "nesting deeper than"),
+                       (_detector_config(socket, sae_dir, "9" * 5000, 0.2),
+                        "cannot read this value"),
+                       ("", "an empty file is refused on reload")]
+            for text, reason in hostile:
+                _write_atomically(config, text)
+                guard.signal(signal.SIGHUP)
+                wait_for(reason)
+                assert guard.health() == health_pb2.HealthCheckResponse.SERVING
+                with grpc.insecure_channel(guard.address) as channel:
+                    fresh = StreamClient(channel)
+                    fresh.configure()
+                    assert _flag_threshold(fresh, 1) == -1.0  # the old configuration stays
+                    assert fresh.rest() == []
+                if client is not None:
+                    assert _flag_threshold(client, 2 + hostile.index((text, reason))) == -1.0
+            # A valid change, through the file watch only (no SIGHUP): the watch still runs.
+            _write_atomically(config, _detector_config(socket, sae_dir, -2.0, 0.2))
+            deadline = time.monotonic() + 15
+            while '"config reloaded"' not in guard.log_text():
+                assert time.monotonic() < deadline, guard.log_tail()
+                time.sleep(0.05)
+            if client is not None:
+                assert _flag_threshold(client, 10) == -2.0
+                assert client.rest() == []
+            with grpc.insecure_channel(guard.address) as channel:
+                fresh = StreamClient(channel)
+                fresh.configure()
+                assert _flag_threshold(fresh, 1) == -2.0
+                assert fresh.rest() == []
+        guard.terminate()
+        assert guard.wait(timeout=15) == 0
+        assert not guard.socket.exists()
+    finally:
+        guard.stop()
+        Path(f"{socket}.decisions.jsonl").unlink(missing_ok=True)
+
+
+def test_serve_with_a_hostile_config_exits_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("[" * 600)
+    result = subprocess.run(
+        [sys.executable, "-m", "guard", "serve", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith(f"error: {bad}: <file>: expected valid YAML at line 1")
+    assert result.stderr.count("\n") == 1

@@ -2,8 +2,9 @@
 
 Only the ``plugins`` section reloads (detectors, steering, sinks and their settings);
 changes elsewhere (server, SAEs, logging) are reported as needing a restart and ignored. A
-configuration that fails validation or plugin start-up is rejected with a logged reason and
-the old one stays in force; streams are never dropped.
+configuration that fails to parse or validate (an empty file included), or whose plugins fail
+to start, is rejected with one logged line naming the reason, and the old one stays in force;
+streams are never dropped and the file watch keeps watching.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import structlog
 
 from guard.config import GuardConfig, load_config
 from guard.engine.core import Engine
-from guard.errors import GuardError
+from guard.errors import GuardError, bounded_repr
 
 log = structlog.get_logger(__name__)
+
+#: Longest reason a rejected reload logs.
+MAX_REASON_CHARS = 1000
 
 
 class ConfigReloader:
@@ -40,23 +44,29 @@ class ConfigReloader:
         self._thread: threading.Thread | None = None
 
     def _read_digest(self) -> str:
+        digest = hashlib.sha256()
         try:
-            return hashlib.sha256(self._path.read_bytes()).hexdigest()
+            with self._path.open("rb") as file:  # in chunks: a huge file is hashed, not held
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
         except OSError:
             return ""
+        return digest.hexdigest()
 
     def reload(self, reason: str) -> bool:
         """Reload now; True when a new configuration is in force."""
         with self._lock:
             self._digest = self._read_digest()
             try:
-                config = load_config(self._path, env=self._env)
+                config = load_config(self._path, env=self._env, allow_empty=False)
                 ignored = [name for name in ("server", "logging", "saes")
                            if getattr(config, name) != getattr(self._current, name)]
                 self._engine.reload(config)
-            except GuardError as exc:
+            except Exception as exc:  # any failure is a rejected reload
+                message = str(exc) if isinstance(exc, GuardError) else bounded_repr(exc)
                 log.error("config reload rejected; the previous configuration stays in force",
-                          reason=str(exc), trigger=reason, path=str(self._path))
+                          reason=message[:MAX_REASON_CHARS], trigger=reason,
+                          path=str(self._path))
                 return False
             if ignored:
                 log.warning("config changes that need a restart were ignored", sections=ignored,
@@ -72,8 +82,12 @@ class ConfigReloader:
 
         def watch() -> None:
             while not self._stop.wait(interval):
-                if self._read_digest() not in ("", self._digest):
-                    self.reload("file changed")
+                try:
+                    if self._read_digest() not in ("", self._digest):
+                        self.reload("file changed")
+                except Exception:  # the watch outlives any one bad check
+                    log.exception("config watch check failed; watching on",
+                                  path=str(self._path))
 
         self._thread = threading.Thread(target=watch, name="guard-config-watch", daemon=True)
         self._thread.start()

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guard import __version__
-from guard.config import GuardConfig, ServerConfig
+from guard.config import TRANSPORT_HEADROOM, GuardConfig, ServerConfig
 from guard.engine.core import Engine
 from guard.errors import InvalidInput, ListenError, NotReady
 from guard.sidecar.doorbell import DoorbellServer
@@ -49,9 +49,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Guard"].full_name
 #: Seconds past the drain grace that stop() waits for gRPC to finish its shutdown.
 STOP_MARGIN_S = 10.0
 T = TypeVar("T")
-#: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
-#: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
-TRANSPORT_HEADROOM = 2
 
 
 def socket_path(address: str) -> Path | None:
