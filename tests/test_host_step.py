@@ -29,7 +29,6 @@ from guard.engine.core import Engine
 from guard.host import AsyncGuardClient, GuardClient, Segment, StepVerdict, Verdict
 from guard.host.shm import SharedMemory
 from guard.sidecar.server import GuardServer
-from guard.sidecar.session import StreamLimits
 from guard.telemetry.instruments import Instruments
 from tests.conftest import HOOK
 from tests.sae_fixtures import write_saelens
@@ -66,7 +65,8 @@ def guard(tmp_path_factory: pytest.TempPathFactory,
     sae_dir = write_saelens(tmp / "sae", D_IN, D_SAE, hook_name=HOOK, weights=WEIGHTS)
     config = GuardConfig(
         server=ServerConfig(listen=f"unix://{short_socket('hstep')}", drain_grace_seconds=0,
-                            shared_memory=shm_config(folder)),
+                            shared_memory=shm_config(folder),
+                            max_segments_per_batch=MAX_SEGMENTS),
         logging=LoggingConfig(level="warning"),
         saes=(SaeConfig(path=sae_dir),),
         plugins=PluginsConfig(enabled=("detectors", "steering"), timeout_ms=30_000,
@@ -74,7 +74,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory,
     )
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    server = GuardServer(config, limits=StreamLimits(max_segments=MAX_SEGMENTS))
+    server = GuardServer(config)
     server.start()
     try:
         server.set_ready(Engine.load(config, instruments=Instruments(tracer_provider, meters)))

@@ -17,10 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
-
-#: Default of :attr:`guard.sidecar.session.StreamLimits.max_requests`.
-DEFAULT_MAX_REQUESTS: Final = 4096
+from typing import NamedTuple
 
 
 @dataclass
@@ -42,7 +39,7 @@ class RequestTable:
     """Per-request state of one stream, at most ``capacity`` requests, least recently seen
     evicted first. Not thread-safe: one stream's messages are handled in order."""
 
-    def __init__(self, capacity: int = DEFAULT_MAX_REQUESTS) -> None:
+    def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: expected at least 1, found {capacity}")
         self.capacity = capacity

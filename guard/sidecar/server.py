@@ -153,12 +153,10 @@ def _not_a(message: str, number: int, undecodable: Undecodable) -> str:
 class GuardServicer(pb_grpc.GuardServicer):
     """Serves guard.v1.Guard; answers UNAVAILABLE until an engine is set."""
 
-    def __init__(self, config: GuardConfig, limits: StreamLimits | None = None) -> None:
+    def __init__(self, config: GuardConfig) -> None:
         self._config = config
         #: Continuous-batching limits of every stream (the doorbell's too).
-        self.limits = limits if limits is not None else StreamLimits(
-            max_segments=config.server.max_segments_per_batch,
-            max_requests=config.server.max_requests_per_stream)
+        self.limits = StreamLimits.of(config.server)
         self.engine: Engine | None = None
         #: The doorbell socket's path, once it listens (Describe names it).
         self.doorbell_path = ""
@@ -252,14 +250,9 @@ class GuardServicer(pb_grpc.GuardServicer):
 
 
 class GuardServer:
-    """The guard's gRPC server(s): start, mark ready, drain and stop.
+    """The guard's gRPC server(s): start, mark ready, drain and stop."""
 
-    ``limits``: the continuous-batching limits of every stream (segments per batch, requests
-    kept per stream); when None, ``server.max_segments_per_batch`` and
-    ``server.max_requests_per_stream`` of the configuration.
-    """
-
-    def __init__(self, config: GuardConfig, *, limits: StreamLimits | None = None) -> None:
+    def __init__(self, config: GuardConfig) -> None:
         self.config = config
         server_config = config.server
         transport_limit = server_config.max_message_bytes * TRANSPORT_HEADROOM
@@ -274,7 +267,7 @@ class GuardServer:
             options=options,
             maximum_concurrent_rpcs=workers,
         )
-        self.servicer = GuardServicer(config, limits)
+        self.servicer = GuardServicer(config)
         self.health = health.HealthServicer()
         add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -50,7 +50,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from guard.config import SharedMemoryConfig
+from guard.config import ServerConfig, SharedMemoryConfig
 from guard.decision import (
     Action,
     ActivationRows,
@@ -71,7 +71,7 @@ from guard.errors import (
     public_message,
 )
 from guard.sidecar.regions import RegionTable
-from guard.sidecar.requests import DEFAULT_MAX_REQUESTS, RequestTable
+from guard.sidecar.requests import RequestTable
 from guard.sidecar.status import status_code
 from guard.telemetry.conventions import DOORBELL_ATTRIBUTES, RPC_ATTRIBUTES
 from guard.telemetry.instruments import (
@@ -93,18 +93,22 @@ _END_REASONS: dict[int, RequestEndReason] = {
     pb.RequestEnded.REASON_FINISHED: "finished",
     pb.RequestEnded.REASON_ABORTED: "aborted",
     pb.RequestEnded.REASON_PREEMPTED: "preempted"}
-#: Default of :attr:`StreamLimits.max_segments`.
-DEFAULT_MAX_SEGMENTS = 1024
-
-
 @dataclass(frozen=True)
 class StreamLimits:
-    """Per-stream limits of continuous batching (DescribeResponse reports them)."""
+    """Per-stream limits of continuous batching (DescribeResponse reports them); the
+    defaults are the configuration's (``server.max_segments_per_batch`` and
+    ``server.max_requests_per_stream``)."""
 
     #: The most segments (requests) one batch may carry; more: RESOURCE_EXHAUSTED.
-    max_segments: int = DEFAULT_MAX_SEGMENTS
+    max_segments: int = ServerConfig.max_segments_per_batch
     #: Requests a stream keeps state for; past it the least recently seen is forgotten.
-    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_requests: int = ServerConfig.max_requests_per_stream
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> StreamLimits:
+        """The limits the ``server`` section sets."""
+        return cls(max_segments=server.max_segments_per_batch,
+                   max_requests=server.max_requests_per_stream)
 
 
 class StreamEnded(Exception):
@@ -311,8 +315,8 @@ class InspectStream:
         delta_out = self._delta_out(batch)
         if rows.segments:
             evicted = [gone for segment in rows.segments
-                       if (gone := self._seen(segment.request_id,
-                                              segment.stop - segment.start)) is not None]
+                       if (gone := self.requests.seen(
+                           segment.request_id, segment.stop - segment.start)) is not None]
             if evicted:
                 self._evicted(evicted)
             if span is not None or self._instruments.metering:
@@ -320,7 +324,7 @@ class InspectStream:
             return step_to_proto(step, batch, skipped,
                                  delta_datatype=batch.activations.datatype,
                                  delta_out=delta_out)
-        gone = self._seen(rows.request_id, len(batch.positions))
+        gone = self.requests.seen(rows.request_id, len(batch.positions))
         if gone is not None:
             self._evicted([gone])
         if span is not None or self._instruments.metering:
@@ -328,11 +332,6 @@ class InspectStream:
         return decision_to_proto(decision, skipped, batch.positions,
                                  delta_datatype=batch.activations.datatype,
                                  delta_out=delta_out)
-
-    def _seen(self, request_id: str, rows: int) -> str | None:
-        """Count a decided batch in the request's state; the request evicted to make room
-        (the least recently seen), or None."""
-        return self.requests.seen(request_id, rows)
 
     def _evicted(self, request_ids: list[str]) -> None:
         """Count requests the full table forgot, and tell the plugins (one queue item)."""
