@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import structlog
@@ -24,6 +25,13 @@ from guard.config import (
     load_default_config,
 )
 from guard.errors import GuardError, bounded_repr
+
+if TYPE_CHECKING:
+    from guard.engine.core import Engine
+    from guard.sidecar.reload import ConfigReloader
+    from guard.sidecar.server import GuardServer
+    from guard.sidecar.watchdog import Watchdog
+    from guard.telemetry.setup import Telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except GuardError as exc:
         log.error("cannot start", reason=str(exc))
         return 1
-    server = GuardServer(config)
-    server.start()
+    try:
+        server = GuardServer(config)  # starts every gRPC worker thread: may hit a pids limit
+        server.start()
+    except GuardError as exc:
+        log.error("cannot start", reason=str(exc))
+        telemetry.shutdown()
+        return 1
     try:
         engine = Engine.load(config, instruments=telemetry.instruments)
     except GuardError as exc:
@@ -94,6 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
         reloader = ConfigReloader(engine, Path(args.config), config, env=env)
         reloader.start(config.plugins.watch_interval_seconds)
+    died: list[tuple[str, str]] = []
+
+    def on_failure(part: str, reason: str) -> None:
+        died.append((part, reason))
+        stop.set()
+
+    watchdog = _watchdog(server, reloader, config, on_failure)
+    _log_thread_budget(server, engine)
     if not stop.is_set():
         server.set_ready(engine)
     while not stop.wait(0.2):  # short waits so signal handlers run promptly
@@ -103,12 +124,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 reloader.reload("SIGHUP")
             else:
                 log.warning("SIGHUP ignored: the embedded default config cannot change")
+    if died:
+        _die(server, telemetry, *died[0])
+    watchdog.stop()
     log.info("signal received", signal=signal.Signals(signals_seen[0]).name)
     if reloader is not None:
         reloader.stop()
     server.stop()
     telemetry.shutdown()  # after the drain: the last batches' spans are exported too
     return 0
+
+
+#: The exit status of a guard that stopped because a part of it died (EX_SOFTWARE).
+DIED_EXIT_CODE = 70
+
+
+def _watchdog(server: GuardServer, reloader: ConfigReloader | None, config: GuardConfig,
+              on_failure: Callable[[str, str], None]) -> Watchdog:
+    """A started watchdog over the parts of this ``guard serve``: the gRPC loops, the
+    doorbell's acceptor, the config watch, and the main listener's health probe."""
+    from guard.sidecar.watchdog import HealthProbe, Watchdog
+
+    probe = None
+    timeout = config.server.liveness_timeout_seconds
+    main_address = server.addresses[0] if server.addresses else ""
+    if timeout > 0 and (main_address.startswith("unix://") or not config.server.tls.enabled):
+        probe = HealthProbe(main_address)
+    elif timeout > 0:
+        log.info("no liveness probe: the main listener needs TLS client credentials; the "
+                 "watchdog still watches the guard's threads")
+    watchdog = Watchdog(on_failure, probe=probe, liveness_timeout=timeout)
+    for part, threads in server.serving_threads.items():
+        for thread in threads:
+            watchdog.watch_thread(part, thread)
+    for part, thread in server.critical_threads().items():
+        watchdog.watch_thread(part, thread)
+    if reloader is not None and reloader.thread is not None:
+        watchdog.watch_thread("config watch", reloader.thread)
+    watchdog.start()
+    return watchdog
+
+
+def _log_thread_budget(server: GuardServer, engine: Engine) -> None:
+    """One log line with the tasks the guard runs and the most it may start, for sizing a
+    pod's pids limit (docs/operations.md, "Threads")."""
+    from guard.sidecar.threads import ThreadBudget, tasks_now
+
+    budget = ThreadBudget(
+        now=tasks_now(),
+        doorbell_streams=server.config.server.max_concurrent_rpcs if server.doorbell else 0,
+        plugin_threads=engine.plugin_threads_max)
+    log.info("thread budget", tasks_now=budget.now, on_demand=budget.on_demand,
+             most=budget.most, doorbell_streams=budget.doorbell_streams,
+             plugin_threads=budget.plugin_threads)
+
+
+def _die(server: GuardServer, telemetry: Telemetry, part: str, reason: str) -> NoReturn:
+    """A part of the guard died: NOT_SERVING everywhere, one log line saying what and why,
+    every accepted record to its sink (as on SIGTERM), then exit with DIED_EXIT_CODE without
+    waiting for gRPC's own shutdown (its loop may be the part that died)."""
+    server.fail()
+    log.critical("a part of the guard died; exiting so that it is restarted", part=part,
+                 reason=reason, exit_code=DIED_EXIT_CODE)
+    try:
+        server.close_engine()
+        telemetry.shutdown()
+    finally:
+        server.remove_sockets()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(DIED_EXIT_CODE)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@ SaeDtype = Literal["auto", "fp32", "fp16", "int8"]
 
 #: Default fits a [512, 8192] F32 batch (16 MiB of tensor bytes) with room for labels.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+#: Default encode budget: fits the Helm chart's 2 GiB memory limit (docs/operations.md, Memory).
+DEFAULT_MAX_INFLIGHT_ENCODE_BYTES: Final = 512 * 1024 * 1024
 DEFAULT_LISTEN: Final = "unix:///tmp/activation-guard/guard.sock"
 #: Messages up to this multiple of server.max_message_bytes reach the guard, which answers
 #: with a per-batch RESOURCE_EXHAUSTED naming the option; beyond it gRPC itself refuses them.
@@ -113,17 +115,46 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: On SIGTERM, in-flight streams get this long to finish before they are cancelled.
     drain_grace_seconds: float = 10.0
-    #: Concurrent RPCs (streams and unary calls); more get RESOURCE_EXHAUSTED.
+    #: Memory that batches being encoded and decided may hold at once, over every stream
+    #: (each counts its float32 features, rows x features, plus one encode chunk's
+    #: intermediates, see ``saes[].max_rows_per_encode``). A batch needing more than this
+    #: alone gets RESOURCE_EXHAUSTED at once; one that does not fit beside the batches in
+    #: progress waits up to ``encode_queue_seconds``.
+    max_inflight_encode_bytes: int = DEFAULT_MAX_INFLIGHT_ENCODE_BYTES
+    #: How long a batch waits (first come, first served) for ``max_inflight_encode_bytes`` to
+    #: have room before it gets RESOURCE_EXHAUSTED naming that key; 0: never waits.
+    encode_queue_seconds: float = 5.0
+    #: Concurrent RPCs (streams and unary calls, the health service's Check aside); more get
+    #: RESOURCE_EXHAUSTED. The gRPC worker threads, all started at start-up, are this many
+    #: plus 4 kept for Check, so health answers when every stream slot is taken.
     max_concurrent_rpcs: int = 64
+    #: The watchdog's limit: when the main listener's health service (asked over the socket
+    #: once a second) has not answered for this long, the guard reports NOT_SERVING, flushes
+    #: its records and exits with status 70 so it is restarted; 0: no probe (a dead gRPC
+    #: loop or doorbell acceptor still ends the process).
+    liveness_timeout_seconds: float = 10.0
     #: Segments (requests) one batch may carry (an engine step); more get RESOURCE_EXHAUSTED.
     max_segments_per_batch: int = 1024
     #: Requests a stream keeps state for; past it the least recently seen is forgotten
     #: (counted in ``guard.requests.evicted``). Hosts free requests with RequestEnded.
     max_requests_per_stream: int = 4096
+    #: Streams (gRPC calls or doorbell connections) one peer may hold at once; more get
+    #: RESOURCE_EXHAUSTED naming the peer; 0: no cap. The peer is the uid on the doorbell and
+    #: the address on TCP; on gRPC's Unix socket every peer counts as one (grpcio gives no
+    #: credentials there).
+    max_streams_per_peer: int = 32
+    #: An Inspect stream with no message for this long (while the guard waits for one) is
+    #: ended with UNAVAILABLE saying so; 0: never.
+    stream_idle_seconds: float = 300.0
     #: Serve gRPC server reflection (``grpcurl list``).
     reflection: bool = True
-    #: Permissions of the Unix socket file (in YAML an octal string such as ``'0660'``).
+    #: Permissions of the Unix socket file (in YAML an octal string such as ``'0660'``). A
+    #: mode that lets other users in (any of the last digit's bits) is refused unless
+    #: ``allow_world_socket`` is set.
     socket_mode: int = DEFAULT_SOCKET_MODE
+    #: Accept a ``socket_mode`` open to every user of the machine (``'0666'``, ``'0777'``):
+    #: any process could then send rows and read verdicts. Off: such a mode is an error.
+    allow_world_socket: bool = False
     #: Group given the Unix socket (a name or a number); empty: the guard's own group.
     socket_group: str = ""
     #: TLS (and mutual TLS) on the TCP listeners; off unless ``cert_file`` is set.
@@ -157,6 +188,10 @@ class SaeConfig:
     dtype: SaeDtype = "auto"
     #: Features encoded for every batch on top of the plugins' subscriptions (``all`` or ids).
     features: tuple[int, ...] | Literal["all"] = ()
+    #: The most rows one ONNX Runtime run encodes (a batch takes several runs), which bounds
+    #: the encoder's intermediates to this many rows x d_sae; 0: automatic (rows of 16 MiB of
+    #: float32 features: 910 for a 4608-feature SAE). Results are the same either way.
+    max_rows_per_encode: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,7 +228,12 @@ class PluginsConfig:
     #: What a batch gets when a plugin fails: ``open`` (CONTINUE with an error finding) or
     #: ``closed`` (ABORT naming the plugin).
     failure_mode: FailureMode = "open"
-    #: Decisions waiting for sinks; when full, new records are dropped and counted.
+    #: Calls of one plugin that may run past their budget at once: while that many are
+    #: stuck, the plugin is skipped (a failure, counted in ``guard.plugin.skipped``) until one
+    #: returns, and holds no further plugin worker.
+    max_stuck_calls: int = 1
+    #: Decisions waiting for each sink (every sink has its own queue and thread); when a
+    #: sink's queue is full, new records are dropped for that sink and counted.
     record_queue_size: int = 10_000
     #: Check the config file for changes this often (seconds; 0: only on SIGHUP).
     watch_interval_seconds: float = 2.0
@@ -254,14 +294,25 @@ def _server_section(section: Settings, base_dir: Path | None) -> ServerConfig:
         max_message_bytes=section.positive_int("max_message_bytes", defaults.max_message_bytes),
         drain_grace_seconds=section.number("drain_grace_seconds", defaults.drain_grace_seconds,
                                            min=0),
+        max_inflight_encode_bytes=section.positive_int("max_inflight_encode_bytes",
+                                                       defaults.max_inflight_encode_bytes),
+        encode_queue_seconds=section.number("encode_queue_seconds",
+                                            defaults.encode_queue_seconds, min=0),
         max_concurrent_rpcs=section.positive_int("max_concurrent_rpcs",
                                                  defaults.max_concurrent_rpcs),
+        liveness_timeout_seconds=section.number("liveness_timeout_seconds",
+                                                defaults.liveness_timeout_seconds, min=0),
         max_segments_per_batch=section.positive_int("max_segments_per_batch",
                                                     defaults.max_segments_per_batch),
         max_requests_per_stream=section.positive_int("max_requests_per_stream",
                                                      defaults.max_requests_per_stream),
+        max_streams_per_peer=section.get("max_streams_per_peer", _stream_cap,
+                                         defaults.max_streams_per_peer),
+        stream_idle_seconds=section.number("stream_idle_seconds",
+                                           defaults.stream_idle_seconds, min=0),
         reflection=section.boolean("reflection", defaults.reflection),
         socket_mode=section.get("socket_mode", _socket_mode, defaults.socket_mode),
+        allow_world_socket=section.boolean("allow_world_socket", defaults.allow_world_socket),
         socket_group=section.get("socket_group", _socket_group, defaults.socket_group),
         tls=_tls_section(section.section("tls"), base_dir),
         shared_memory=_shared_memory_section(section.section("shared_memory")),
@@ -274,6 +325,11 @@ def _server_section(section: Settings, base_dir: Path | None) -> ServerConfig:
                             server.max_message_bytes)
     if not server.listen:
         raise section.error("listen", "an address (unix:///path or host:port)", server.listen)
+    if server.socket_mode & 0o007 and not server.allow_world_socket:
+        raise section.error("socket_mode", "a mode closed to other users, such as '0660' "
+                            "(owner and group) or '0600' (owner only); to open the socket to "
+                            "every user of the machine set server.allow_world_socket: true",
+                            f"{server.socket_mode:04o}")
     if server.tls.enabled and server.listen.startswith("unix:") and not server.tcp_listen:
         raise section.error("tcp_listen", "a TCP listener (host:port) for server.tls to secure "
                             "(the Unix socket never uses TLS)", server.tcp_listen)
@@ -292,6 +348,7 @@ def _sae_entry(section: Settings, base_dir: Path | None) -> SaeConfig:
         dtype=cast(SaeDtype, section.choice("dtype", ("auto", "fp32", "fp16", "int8"), "auto",
                                             fold_case=True)),
         features=features if features == "all" else tuple(sorted(set(features))),
+        max_rows_per_encode=section.get("max_rows_per_encode", _rows_per_encode, 0),
     )
     section.finish()
     return entry
@@ -318,6 +375,18 @@ def _tcp_address(key: str, value: object) -> str:
     if text.startswith("unix:"):
         raise ConfigError(key, "host:port (an HTTP endpoint for Prometheus)", value)
     return text
+
+
+def _stream_cap(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, "a whole number of streams >= 0 (0: no cap)", value)
+    return value
+
+
+def _rows_per_encode(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, "a whole number of rows >= 1 (0: automatic)", value)
+    return value
 
 
 def _sha256(key: str, value: object) -> str:
@@ -455,6 +524,7 @@ def _plugins_section(section: Settings) -> PluginsConfig:
         timeout_ms=section.number("timeout_ms", defaults.timeout_ms, min=0),
         failure_mode=cast(FailureMode, section.choice("failure_mode", ("open", "closed"),
                                                       defaults.failure_mode)),
+        max_stuck_calls=section.positive_int("max_stuck_calls", defaults.max_stuck_calls),
         record_queue_size=section.positive_int("record_queue_size",
                                                defaults.record_queue_size),
         watch_interval_seconds=section.number("watch_interval_seconds",

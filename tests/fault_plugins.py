@@ -8,9 +8,14 @@ ids, since the test and the sidecar are different processes:
 - ``hanging``: ``guard_detect`` blocks on batches whose request id starts with ``trigger``
   (default ``hang-``) until the file ``release`` exists;
 - ``crashing``: ``guard_detect`` and ``guard_record`` raise on batches whose request id
-  starts with ``trigger`` (default ``crash-``);
+  starts with ``trigger`` (default ``crash-``), with a message quoting the batch's token ids
+  (as a careless plugin's would: the guard must not pass it on by default);
+- ``exiting``: ``guard_detect`` raises ``exception`` (``SystemExit``, the default, or
+  ``KeyboardInterrupt``) on batches whose request id starts with ``trigger`` (default
+  ``exit-``);
 - ``slow_sink``: ``guard_record`` touches ``entered`` on its first record, then blocks every
-  record until the file ``release`` exists (a sink that cannot keep up).
+  record until the file ``release`` exists, or sleeps ``delay_ms`` over each (a sink that
+  cannot keep up).
 
 This module imports only guard's public plugin API, as a user's plugin would.
 """
@@ -83,7 +88,8 @@ class Crashing:
     @hookimpl
     def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
         if batch.request_id.startswith(self.trigger):
-            raise RuntimeError(f"injected crash on {batch.request_id}")
+            tokens = [] if batch.token_ids is None else [int(t) for t in batch.token_ids]
+            raise RuntimeError(f"injected crash on {batch.request_id} (token ids {tokens})")
         return []
 
     @hookimpl
@@ -92,28 +98,63 @@ class Crashing:
             raise OSError(f"injected sink failure on {decision.request_id}")
 
 
+#: The exceptions ``exiting`` may raise (BaseExceptions that are not Exceptions).
+EXIT_EXCEPTIONS: dict[str, type[BaseException]] = {"SystemExit": SystemExit,
+                                                   "KeyboardInterrupt": KeyboardInterrupt}
+
+
+class Exiting:
+    """A detector that raises ``SystemExit`` or ``KeyboardInterrupt`` on ``trigger`` batches."""
+
+    def __init__(self) -> None:
+        self.trigger = "exit-"
+        self.exception: type[BaseException] = SystemExit
+
+    @hookimpl
+    def guard_configure(self, settings: Mapping[str, Any]) -> None:
+        self.trigger = _trigger(settings, "exit-")
+        name = settings.get("exception", "SystemExit")
+        if name not in EXIT_EXCEPTIONS:
+            raise ConfigError("exception", " or ".join(EXIT_EXCEPTIONS), name)
+        self.exception = EXIT_EXCEPTIONS[name]
+
+    @hookimpl
+    def guard_detect(self, batch: FeatureBatch) -> list[Finding]:
+        if batch.request_id.startswith(self.trigger):
+            raise self.exception(f"injected {self.exception.__name__} on {batch.request_id}")
+        return []
+
+
 class SlowSink:
-    """A sink that blocks on every record until ``release`` exists."""
+    """A sink that blocks on every record until ``release`` exists, or (``delay_ms``) takes
+    that long over each record."""
 
     def __init__(self) -> None:
         self.entered: Path | None = None
         self.release: Path | None = None
+        self.delay_s = 0.0
 
     @hookimpl
     def guard_configure(self, settings: Mapping[str, Any]) -> None:
         self.entered = _path(settings, "entered")
         self.release = _path(settings, "release")
+        delay = settings.get("delay_ms", 0)
+        if not isinstance(delay, (int, float)) or delay < 0:
+            raise ConfigError("delay_ms", "milliseconds per record (>= 0)", delay)
+        self.delay_s = delay / 1000
 
     @hookimpl
     def guard_record(self, decision: Decision) -> None:
         if self.entered is not None and not self.entered.exists():
             self.entered.write_text(decision.decision_id, encoding="utf-8")
         _wait_for(self.release)
+        time.sleep(self.delay_s)
 
 
 #: Entry-point name -> ``module:attribute``, as the generated ``entry_points.txt`` lists them.
 ENTRY_POINTS = {
     "hanging": f"{__name__}:Hanging",
     "crashing": f"{__name__}:Crashing",
+    "exiting": f"{__name__}:Exiting",
     "slow_sink": f"{__name__}:SlowSink",
 }

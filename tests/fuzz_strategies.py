@@ -75,6 +75,9 @@ METHOD = "/guard.v1.Guard/Inspect"
 DESERIALIZE_DETAILS = "is not a guard.v1.InspectRequest"
 #: The guard's refusal of rows whose features overflow (guard.engine.core.check_finite_features).
 NONFINITE_FEATURES = "encode to NaN or Inf feature activations"
+#: The guard's refusal of rows beyond its SAE's range (guard.engine.core.check_input_range),
+#: checked before the encode: the same huge rows, refused sooner.
+OUT_OF_RANGE = "out of the range its SAE can encode"
 INT64 = (-(2**63), 2**63 - 1)
 UINT64_MAX = 2**64 - 1
 #: ``server.shared_memory.max_regions_per_stream`` (the default, which the fuzz guard keeps).
@@ -926,6 +929,15 @@ def expect_batch(batch: pb.ActivationBatch, table: Mapping[str, Mapped],
     def error(problem: Problem, tag: str = "") -> Expect:
         return Expect("error", (problem,), skipped, tag)
 
+    # Ids and the hook over their caps come first (guard.sidecar.session._oversized_identifier).
+    for field, value, limit in [
+            ("batch.request_id", batch.request_id, codec.MAX_REQUEST_ID_BYTES),
+            ("batch.hook", batch.hook, codec.MAX_HOOK_BYTES),
+            *((f"batch.segments[{index}].request_id", segment.request_id,
+               codec.MAX_REQUEST_ID_BYTES)
+              for index, segment in enumerate(batch.segments[:MAX_SEGMENTS]))]:
+        if codec.oversized(value, limit):
+            return error(("INVALID_ARGUMENT", f"{field}: expected at most {limit} bytes"))
     if not batch.request_id and not batch.segments:
         return error(("INVALID_ARGUMENT", "batch.request_id"))
     if batch.hook != HOOK:
@@ -1103,14 +1115,18 @@ class Written:
 
 def _check_reply(reply: pb.InspectResponse, batch: pb.ActivationBatch, expect: Expect,
                  written: list[Written]) -> str:
-    assert (reply.request_id, reply.sequence) == (batch.request_id, batch.sequence), reply
+    # An id over its cap is not echoed (guard.sidecar.session._echoed).
+    echoed = "" if codec.oversized(batch.request_id, codec.MAX_REQUEST_ID_BYTES) \
+        else batch.request_id
+    assert (reply.request_id, reply.sequence) == (echoed, batch.sequence), reply
     assert reply.skipped_sequences == expect.skipped, (reply, expect)
     if reply.HasField("error"):
         code = _code_name(reply.error.code)
         message = reply.error.message
         assert message, reply
         assert reply.action == pb.ACTION_UNSPECIFIED and not reply.decision_id, reply
-        if expect.kind == "decision" and NONFINITE_FEATURES in message:
+        if expect.kind == "decision" and (NONFINITE_FEATURES in message
+                                          or OUT_OF_RANGE in message):
             # Finite rows so large that the SAE overflows float32: refused rather than scored
             # NaN (the rows of a region's file, for a region batch).
             assert code == "INVALID_ARGUMENT", reply

@@ -555,7 +555,10 @@ def test_metrics_count_batches_decisions_findings_and_plugin_faults(
     assert value(data, "guard.plugin.timeouts", guard__plugin__name="blocker") == 1
     assert value(data, "guard.records.dropped") == 0
     assert value(data, "guard.records.delivered") == 4
-    assert [a for a, _ in points(data, "guard.records.queue_depth")] == [{}]
+    # One series per sink (its own queue and thread).
+    assert [a for a, _ in points(data, "guard.records.queue_depth")] == [
+        {"guard.plugin.name": "sink"}]
+    assert value(data, "guard.records.delivered", guard__plugin__name="sink") == 4
     ((info, point),) = points(data, "guard.sae.info")
     assert point.value == 1
     assert info["guard.sae.execution_provider"] == "CPUExecutionProvider"

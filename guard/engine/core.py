@@ -11,10 +11,15 @@ residual delta, CONTINUE otherwise. Plugins run on a worker thread within
 ``plugins.timeout_ms`` per request (a batch's requests in one hand-off, each with its own
 budget); a plugin that raises or overruns is logged and counted, the others still run, and
 the request gets ``plugins.failure_mode``: ``open`` adds an error finding and decides on the
-rest, ``closed`` aborts naming the plugin. A plugin still running past its budget is skipped
-by later requests (as a failure) until its call returns. Records go to sinks through a bounded
-queue off the hot path (``guard.engine.record_queue``), and so do the ends of requests
-(:meth:`Engine.end_requests`, for ``guard_request_ended``), after the requests' decisions.
+rest, ``closed`` aborts naming the plugin. A plugin with ``plugins.max_stuck_calls`` calls
+still running past their budget is skipped by later requests (as a failure, counted) until one
+returns, and a worker stuck in a plugin is replaced, so that one plugin that blocks can
+neither hold the plugin workers nor turn detection off (:class:`DaemonExecutor`). A call that
+overran never applies late: its request was answered, and no further plugin is called for it.
+Records go to sinks off the hot path through bounded
+queues, one per sink with its own thread (``guard.engine.record_queue``), and so do the ends
+of requests (:meth:`Engine.end_requests`, for ``guard_request_ended``), after the requests'
+decisions.
 
 The plugin part of the configuration reloads without dropping streams: a new set of plugin
 instances is configured and started aside, then swapped in; a rejected configuration
@@ -23,6 +28,7 @@ leaves the old one in force.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import queue
@@ -56,15 +62,26 @@ from guard.decision import (
     StepDecision,
     new_decision_id,
 )
+from guard.engine.budget import EncodeBudget
 from guard.engine.deltas import build_delta
-from guard.engine.plugins import CallProgress, PluginFailure, PluginSet, PluginSource, discover
-from guard.engine.record_queue import RecordQueue, RequestsEnded
+from guard.engine.plugins import (
+    SKIP_BUDGET,
+    CallProgress,
+    PluginFailure,
+    PluginGate,
+    PluginSet,
+    PluginSource,
+    discover,
+)
+from guard.engine.record_queue import Outcome, RecordQueue, RecordSinks, RequestsEnded
 from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
 from guard.telemetry.instruments import DECISION_ID, Instruments
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a reload waits for record threads to finish their call on the old plugins.
+RELOAD_SINK_WAIT_S = 10.0
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -135,6 +152,15 @@ class Pipeline:
     plugin_runs: tuple[PluginRun, ...]
     #: Whether a plugin implements ``guard_request_ended`` (else ends are not queued).
     request_ends: bool = False
+    #: The record queues of the plugins implementing ``guard_record`` (one per sink), and the
+    #: queues the ends of requests go to: the sinks' that implement ``guard_request_ended``,
+    #: and the one shared by the other plugins implementing it, ``shared_end_plugins`` (set by
+    #: :meth:`Engine._route`).
+    record_sinks: tuple[RecordQueue, ...] = ()
+    end_sinks: tuple[RecordQueue, ...] = ()
+    shared_end_plugins: tuple[str, ...] = ()
+    #: Record threads in a call on these plugins right now (a reload waits for them).
+    users: int = 0
 
 
 class Engine:
@@ -147,22 +173,33 @@ class Engine:
         *,
         extra_plugins: Sequence[PluginSource] = (),
         instruments: Instruments | None = None,
+        encode_budget: EncodeBudget | None = None,
     ) -> None:
         self._saes = dict(saes)
+        #: Bounds the memory of the batches being encoded and decided, over every stream
+        #: (``server.max_inflight_encode_bytes``; default: the configuration's default).
+        self.encode_budget = encode_budget if encode_budget is not None else EncodeBudget()
         self._extra_plugins = tuple(extra_plugins)
         #: Spans and metrics (``guard.telemetry.setup`` builds them; the default records nothing).
         self.instruments = instruments if instruments is not None else Instruments()
         self._swap_lock = threading.Lock()
-        self._stuck: dict[str, int] = {}
-        self._stuck_lock = threading.Lock()
         self._counter_lock = threading.Lock()
         self.counters: dict[str, int] = {"plugin_failures": 0, "plugin_timeouts": 0,
-                                         "steering_conflicts": 0, "reloads": 0,
-                                         "reloads_rejected": 0}
+                                         "plugin_not_run": 0, "steering_conflicts": 0,
+                                         "reloads": 0, "reloads_rejected": 0}
         self._pipeline = self._start(plugins_config)
         self._executor = DaemonExecutor("guard-plugins")
-        self._records = RecordQueue(self._deliver, plugins_config.record_queue_size,
-                                    deliver_end=self._deliver_end)
+        #: Hot-path admission: a plugin never holds more than the pool's size in calls.
+        self._gate = PluginGate(max_running=self._executor.max_workers)
+        #: Signalled when a pipeline's last record thread leaves it (see :meth:`_using`).
+        self._pipeline_idle = threading.Condition(self._swap_lock)
+        self._records = RecordSinks(self._deliver, self._deliver_end,
+                                    plugins_config.record_queue_size)
+        try:
+            self._route(self._pipeline)
+        except BaseException:
+            self._pipeline.plugins.shutdown()
+            raise
         self.instruments.watch(self)
 
     @classmethod
@@ -173,13 +210,18 @@ class Engine:
         """Open every SAE, load and configure the plugins, build the encoders, start."""
         saes: dict[str, tuple[Sae, SaeConfig]] = {}
         for index, entry in enumerate(config.saes):
-            sae = open_sae(entry.path, hook=entry.hook, sha256=entry.sha256, dtype=entry.dtype)
+            sae = open_sae(entry.path, hook=entry.hook, sha256=entry.sha256, dtype=entry.dtype,
+                           rows_per_run=entry.max_rows_per_encode)
             hook = sae.info.hook_name
             if hook in saes:
                 raise ConfigError(f"saes[{index}].hook", "a hook not served by an earlier entry",
                                   hook, source=config.source)
             saes[hook] = (sae, entry)
-        engine = cls(saes, config.plugins, extra_plugins=extra_plugins, instruments=instruments)
+        engine = cls(saes, config.plugins, extra_plugins=extra_plugins, instruments=instruments,
+                     encode_budget=EncodeBudget.of(config.server))
+        engine.encode_budget.warn_unless_fits(
+            {name: runtime.encoder for name, runtime in engine.hooks.items()},
+            config.server.max_message_bytes)
         for name, runtime in sorted(engine.hooks.items()):
             info = runtime.info
             sub = runtime.subscription
@@ -187,12 +229,15 @@ class Engine:
                      architecture=info.architecture, sha256=info.sha256,
                      execution_provider=runtime.execution_provider,
                      features="all" if sub.all_features else len(sub.feature_ids))
-        log.info("plugins loaded", plugins=engine.plugins)
+        log.info("plugins loaded", plugins=engine.plugins,
+                 plugin_workers=engine.plugin_workers,
+                 plugin_threads_max=engine.plugin_threads_max)
         return engine
 
-    def _count(self, name: str, amount: int = 1) -> None:
+    def _count(self, name: str, amount: int = 1) -> int:
         with self._counter_lock:
             self.counters[name] += amount
+            return self.counters[name]
 
     # -- configuration --------------------------------------------------------------------
 
@@ -273,6 +318,18 @@ class Engine:
         return HookRuntime(sae=sae, encoder=encoder, subscription=sub, feature_ids=ids,
                            index={int(f): j for j, f in enumerate(ids)})
 
+    def _route(self, pipeline: Pipeline) -> None:
+        """Give the pipeline's sinks their record queues (each sink's thread starts the first
+        time its name is seen: at start-up or reload, never on the hot path)."""
+        plugins = pipeline.plugins
+        sinks = plugins.sinks("guard_record") if pipeline.records else []
+        ends = plugins.sinks("guard_request_ended") if pipeline.request_ends else []
+        pipeline.record_sinks = self._records.route(sinks)
+        shared = tuple(name for name in ends if name not in sinks)
+        pipeline.shared_end_plugins = shared
+        pipeline.end_sinks = self._records.route(name for name in ends if name in sinks) + (
+            (self._records.shared_ends(),) if shared else ())
+
     def reload(self, config: GuardConfig) -> None:
         """Swap in the plugin part of ``config``; on any error the old pipeline stays."""
         try:
@@ -280,8 +337,20 @@ class Engine:
         except GuardError:
             self._count("reloads_rejected")
             raise
+        try:
+            self._route(new)
+        except BaseException:
+            new.plugins.shutdown()
+            self._count("reloads_rejected")
+            raise
         with self._swap_lock:
             old, self._pipeline = self._pipeline, new
+            # Never shut down plugins that a record thread is still calling; a sink that
+            # hangs is given up on after a while, so that a reload cannot wedge.
+            idle = self._pipeline_idle.wait_for(lambda: old.users == 0, RELOAD_SINK_WAIT_S)
+        if not idle:
+            log.warning("a sink is still in a call on the old plugins; shutting them down "
+                        "anyway", waited_s=RELOAD_SINK_WAIT_S)
         self._count("reloads")
         old.plugins.shutdown()
         log.info("plugins reloaded", plugins=new.plugins.plugins, source=config.source)
@@ -301,7 +370,29 @@ class Engine:
         return self._pipeline.plugins
 
     @property
-    def records(self) -> RecordQueue:
+    def plugin_workers(self) -> int:
+        """Plugin workers serving the hot path (``min(32, cpus + 4)``)."""
+        return self._executor.max_workers
+
+    @property
+    def plugin_threads_max(self) -> int:
+        """The most threads the plugin pool ever holds: its workers plus the workers stuck in
+        a plugin call that were replaced (as many again at most)."""
+        return self._executor.max_workers + self._executor.max_detached
+
+    @property
+    def plugin_threads(self) -> int:
+        """The plugin pool's threads now (at most :attr:`plugin_threads_max`)."""
+        return self._executor.threads
+
+    def plugin_calls_stuck(self) -> dict[str, int]:
+        """Plugin name -> its calls running past their budget now (while a plugin has
+        ``plugins.max_stuck_calls`` of them, it is skipped)."""
+        return self._gate.stuck()
+
+    @property
+    def records(self) -> RecordSinks:
+        """The sinks' record queues (``records.sinks``: by name; totals as attributes)."""
         return self._records
 
     def hook(self, name: str) -> HookRuntime:
@@ -353,10 +444,11 @@ class Engine:
             return self._decision(decision_id, batch, runtime, pipeline, Action.CONTINUE, [],
                                   [], (), "", [], timings)
         traced = self.instruments.tracer is not None
-        activations = self._encode(runtime, batch, timings, traced)
-        # The caller's timings themselves, not a copy: it reads the plugin stages from them.
-        (decision,) = self._decide_requests(pipeline, runtime, [(batch, activations)],
-                                            [timings], [decision_id], t0, deferred, traced)
+        with self._encode_budget(runtime, batch):  # features live until the decision
+            activations = self._encode(runtime, batch, timings, traced)
+            # The caller's timings themselves, not a copy: it reads the plugin stages from them.
+            (decision,) = self._decide_requests(pipeline, runtime, [(batch, activations)],
+                                                [timings], [decision_id], t0, deferred, traced)
         return decision
 
     def inspect_step(
@@ -385,13 +477,14 @@ class Engine:
                          for request in requests]
         else:
             traced = self.instruments.tracer is not None
-            activations = self._encode(runtime, batch, timings, traced)
-            decisions = self._decide_requests(
-                pipeline, runtime,
-                [(request, activations[segment.start:segment.stop])
-                 for segment, request in zip(batch.segments, requests, strict=True)],
-                [dict(timings) for _ in requests], [new_decision_id() for _ in requests],
-                t0, deferred, traced)
+            with self._encode_budget(runtime, batch):
+                activations = self._encode(runtime, batch, timings, traced)
+                decisions = self._decide_requests(
+                    pipeline, runtime,
+                    [(request, activations[segment.start:segment.stop])
+                     for segment, request in zip(batch.segments, requests, strict=True)],
+                    [dict(timings) for _ in requests], [new_decision_id() for _ in requests],
+                    t0, deferred, traced)
             timings["total"] = time.perf_counter() - t0
         return StepDecision(
             decisions=tuple(decisions),
@@ -400,11 +493,24 @@ class Engine:
             steering=_combined_steering(batch, decisions), timings=dict(timings),
         )
 
+    def _encode_budget(self, runtime: HookRuntime, batch: ActivationRows
+                       ) -> contextlib.AbstractContextManager[None]:
+        """Hold the batch's share of ``server.max_inflight_encode_bytes`` (its features and
+        one encode chunk's intermediates) while it is encoded and decided
+        (:mod:`guard.engine.budget`); nothing to hold without an encoder."""
+        if runtime.encoder is None:
+            return contextlib.nullcontext()
+        rows = int(batch.rows.shape[0])
+        return self.encode_budget.hold(runtime.encoder.peak_bytes(rows),
+                                       f"batch of {rows} rows for hook {batch.hook!r}")
+
     def _encode(self, runtime: HookRuntime, batch: ActivationRows, timings: dict[str, float],
                 traced: bool) -> NDArray[np.float32]:
-        """The subscribed features of every row of the batch (one encoder call)."""
+        """The subscribed features of every row of the batch (one encoder call), once every
+        row is known to be within the SAE's range (:func:`check_input_range`)."""
         if runtime.encoder is None:
             return np.zeros((batch.rows.shape[0], 0), dtype=np.float32)
+        check_input_range(batch, runtime.sae.input_limit)
         tracer = self.instruments.tracer if traced else None
         if tracer is not None and not trace.get_current_span().is_recording():
             tracer = None  # the batch is not sampled: no child spans
@@ -457,7 +563,7 @@ class Engine:
             feature_ids=runtime.feature_ids, activations=activations,
             positions=batch.positions, token_ids=batch.token_ids, phase=batch.phase,
             feature_labels=runtime.info.feature_labels, sae_sha256=runtime.info.sha256,
-            attributes=batch.attributes,
+            attributes=batch.attributes, roles=batch.roles,
         )
         object.__setattr__(features, "_index_cache", runtime.index)  # see FeatureBatch.column
         return features
@@ -490,7 +596,8 @@ class Engine:
                      hook=batch.hook, details=decision.details)
         if pipeline.records:
             # The batch's trace context goes along: the sinks' spans become its children.
-            self._records.offer(decision, otel_context.get_current() if traced else None)
+            self._records.offer(pipeline.record_sinks, decision,
+                                otel_context.get_current() if traced else None)
         return decision
 
     def _plugin_results(
@@ -505,18 +612,20 @@ class Engine:
         (the first request's from the hand-off, as a single batch's always was). When a
         request overruns, it gets the overrun failure, and the requests after it go to a
         fresh hand-off, without the stuck plugin, instead of waiting behind the hung call.
+        The worker stuck in that plugin is replaced (:meth:`DaemonExecutor.detach`); the
+        overrun request calls no further plugin and what the stuck call returns is dropped.
         With no budget (``timeout_ms: 0``) the calls run on the calling thread.
         """
         budget = pipeline.config.timeout_ms / 1e3
         if budget <= 0:
-            self._prepare(calls)
+            self._prepare(pipeline, calls, pooled=False)
             for call in calls:
                 result = self._plugin_pass(pipeline, call)
                 yield self._completed(call, result, deferred)
             return
         pending = calls
         while pending:
-            self._prepare(pending)
+            self._prepare(pipeline, pending, pooled=True)
             job = _PluginJob(partial(self._plugin_pass, pipeline), pending)
             pending[0].started = time.perf_counter()
             # In a copy of this thread's context: plugin spans and log lines belong to the
@@ -533,12 +642,13 @@ class Engine:
             else:
                 return
 
-    def _prepare(self, calls: Sequence[_PluginCall]) -> None:
-        """Fresh progress for these calls, skipping the plugins stuck at this moment."""
-        with self._stuck_lock:
-            skip = frozenset(self._stuck)
+    def _prepare(self, pipeline: Pipeline, calls: Sequence[_PluginCall], *,
+                 pooled: bool) -> None:
+        """Fresh progress for these calls, admitted call by call by the gate."""
         for call in calls:
-            call.progress = CallProgress(skip=skip)
+            call.progress = CallProgress(gate=self._gate,
+                                         max_stuck=pipeline.config.max_stuck_calls,
+                                         pooled=pooled)
 
     @staticmethod
     def _plugin_pass(pipeline: Pipeline, call: _PluginCall) -> PluginResults:
@@ -548,6 +658,8 @@ class Engine:
         t1 = time.perf_counter()
         # The call's own stages (it may outlive the batch); copied to its timings when used.
         call.stages["detect"] = t1 - t0
+        if call.progress.abandoned:  # answered without it: no steering call after the fact
+            return found, [], failed
         edits, failed_steer = pipeline.plugins.steer(call.features, found, call.progress)
         call.stages["steer"] = time.perf_counter() - t1
         return found, edits, failed + failed_steer
@@ -560,32 +672,41 @@ class Engine:
 
     def _overran(self, pipeline: Pipeline, call: _PluginCall,
                  future: futures.Future[None]) -> PluginResults:
-        """The overrun failure of ``call``: the running plugin is marked stuck until the
-        job (which stops after this call) returns."""
+        """The failure of ``call``, whose budget ran out (the job was abandoned by
+        :meth:`_PluginJob.wait`): the plugin running then overran, is counted stuck until its
+        call returns, and its worker is replaced; with no plugin running (the job waited for
+        a worker, or was between calls), the plugins not yet called were not run."""
         progress = call.progress
-        culprit = progress.current or "unknown"
-        self._count("plugin_timeouts")
-        self.instruments.plugin_overran(culprit)
-        with self._stuck_lock:
-            self._stuck[culprit] = self._stuck.get(culprit, 0) + 1
-        future.add_done_callback(lambda _f: self._unstick(culprit))
+        culprit, hook = call.culprit
         record_durations = partial(self.instruments.plugin_calls, progress.durations)
         future.add_done_callback(lambda _f: record_durations())  # when the calls end
-        log.error("plugin overran its budget", plugin=culprit,
-                  budget_ms=pipeline.config.timeout_ms, request_id=call.features.request_id,
-                  sequence=call.features.sequence)
-        message = f"overran the plugin budget of {pipeline.config.timeout_ms:g} ms"
+        budget_ms = pipeline.config.timeout_ms
         # Keep what the plugins before the culprit found: an abort must not be lost.
-        return (list(progress.findings), list(progress.edits),
-                [PluginFailure(culprit, "guard_detect/guard_steer", message)])
-
-    def _unstick(self, plugin: str) -> None:
-        with self._stuck_lock:
-            left = self._stuck.get(plugin, 0) - 1
-            if left > 0:
-                self._stuck[plugin] = left
-            else:
-                self._stuck.pop(plugin, None)
+        findings, edits = list(progress.findings), list(progress.edits)
+        if not culprit:
+            future.cancel()  # still queued: it never runs (it would run late)
+            not_run = [name for name in pipeline.plugins.hot_plugins()
+                       if name not in progress.called]
+            for name in not_run:
+                self.instruments.plugin_skipped(name, SKIP_BUDGET)
+            times = self._count("plugin_not_run")
+            if times % 1000 == 1:  # the first and every 1000th
+                log.warning("plugins not run within the budget", plugins=not_run,
+                            budget_ms=budget_ms, plugin_workers=self._executor.max_workers,
+                            stuck=self._gate.stuck(), request_id=call.features.request_id,
+                            sequence=call.features.sequence, times=times)
+            message = f"not run: the plugin budget of {budget_ms:g} ms ran out before its turn"
+            return findings, edits, [PluginFailure(name, "guard_detect/guard_steer", message)
+                                     for name in not_run]
+        self._count("plugin_timeouts")
+        self.instruments.plugin_overran(culprit)
+        # The worker stays in the plugin call: another takes its place (within a bound).
+        replaced = self._executor.detach(future)
+        log.error("plugin overran its budget", plugin=culprit, hook=hook, budget_ms=budget_ms,
+                  request_id=call.features.request_id, sequence=call.features.sequence,
+                  worker_replaced=replaced)
+        return findings, edits, [PluginFailure(
+            culprit, hook, f"overran the plugin budget of {budget_ms:g} ms")]
 
     def _decide(
         self, decision_id: str, pipeline: Pipeline, batch: ActivationRows, runtime: HookRuntime,
@@ -602,13 +723,13 @@ class Engine:
         if failures:
             self._count("plugin_failures", len(failures))
             if pipeline.config.failure_mode == "closed":
-                details = "; ".join(f"plugin {f.plugin} failed in {f.hook}: {f.error}"
+                details = "; ".join(f"plugin {f.plugin} failed in {f.hook}: {f.reported}"
                                     for f in failures) + " (plugins.failure_mode: closed)"
                 return self._decision(decision_id, batch, runtime, pipeline, Action.ABORT,
                                       findings, [], (), details, failures, timings)
             findings += [
                 Finding(detector=f"plugin-error:{f.plugin}", score=float("nan"), threshold=0.0,
-                        action="flag", message=f"{f.hook}: {f.error}", plugin=f.plugin)
+                        action="flag", message=f"{f.hook}: {f.reported}", plugin=f.plugin)
                 for f in failures
             ]
         aborts = [f for f in findings if f.action == "abort"]
@@ -641,31 +762,59 @@ class Engine:
     def end_requests(self, request_ids: Sequence[str], reason: RequestEndReason) -> bool:
         """Tell the plugins (``guard_request_ended``) that these requests are over.
 
-        Never blocks and calls no plugin here: the ends go through the record queue, so the
-        plugins hear of them on the sink thread, after every decision of these requests that
-        the queue accepted (the decision log writes a request's end after its decisions).
-        False when nothing was queued: no plugin implements the hook, no ids, or the queue
-        was full (``records.ends_dropped``) or closed.
+        Never blocks and calls no plugin here: the ends go through each plugin's record
+        queue, so every plugin hears of them on its own record thread, after every decision of
+        these requests that its queue accepted (the decision log writes a request's end after
+        its decisions). False when nothing was queued: no plugin implements the hook, no ids,
+        or the queues were full (``records.ends_dropped``) or closed.
         """
-        if not request_ids or not self._pipeline.request_ends:
+        pipeline = self._pipeline
+        if not request_ids or not pipeline.request_ends:
             return False
-        return self._records.offer_end(RequestsEnded(tuple(request_ids), reason))
+        return self._records.offer_end(pipeline.end_sinks,
+                                       RequestsEnded(tuple(request_ids), reason))
 
-    def _deliver_end(self, ended: RequestsEnded) -> None:
-        """Tell every plugin that these requests are over (on the sink thread)."""
-        with self._swap_lock:  # never into plugins that a reload is shutting down
-            plugins = self._pipeline.plugins
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Pipeline]:
+        """The current pipeline, marked in use by this record thread until the block ends:
+        a reload does not shut its plugins down meanwhile (and other sinks are not held up,
+        as one lock around every call would)."""
+        with self._swap_lock:
+            pipeline = self._pipeline
+            pipeline.users += 1
+        try:
+            yield pipeline
+        finally:
+            with self._swap_lock:
+                pipeline.users -= 1
+                if pipeline.users == 0:
+                    self._pipeline_idle.notify_all()
+
+    def _deliver_end(self, sink: str | None, ended: RequestsEnded) -> None:
+        """Tell the plugin ``sink`` (None: the plugins that are no sinks, in plugin order)
+        that these requests are over, on its record thread (None: the shared one)."""
+        with self._using() as pipeline:
+            if sink is None:
+                names = pipeline.shared_end_plugins
+            elif any(queue.name == sink for queue in pipeline.record_sinks):
+                names = (sink,)
+            else:
+                return  # a reload removed it
             for request_id in ended.request_ids:
-                plugins.request_ended(request_id, ended.reason)
+                for name in names:
+                    pipeline.plugins.request_ended(request_id, ended.reason, name)
 
-    def _deliver(self, decision: Decision, trace_context: Context | None) -> None:
-        """Hand a decision to the sinks in its batch's context (trace and decision id)."""
+    def _deliver(self, sink: str, decision: Decision, trace_context: Context | None
+                 ) -> Outcome:
+        """Hand a decision to the sink ``sink`` in its batch's context (trace and decision
+        id), on that sink's record thread; what came of it."""
         token = otel_context.attach(trace_context) if trace_context is not None else None
         decision_token = DECISION_ID.set(decision.decision_id)
         try:
-            with self._swap_lock:  # never into plugins that a reload is shutting down
-                plugins = self._pipeline.plugins
-                plugins.record(decision)
+            with self._using() as pipeline:
+                if not any(queue.name == sink for queue in pipeline.record_sinks):
+                    return "gone"  # a reload removed this sink
+                return "failed" if pipeline.plugins.record(decision, sink) else "written"
         finally:
             DECISION_ID.reset(decision_token)
             if token is not None:
@@ -694,6 +843,8 @@ class _PluginCall:
     done: threading.Event = field(default_factory=threading.Event)
     result: PluginResults = field(default_factory=lambda: ([], [], []))
     error: BaseException | None = None
+    #: (plugin, hook) running when its budget ran out; ("", "") when none was.
+    culprit: tuple[str, str] = ("", "")
 
 
 class _PluginJob:
@@ -701,10 +852,10 @@ class _PluginJob:
     request's calls in order, with its own decision id set, each resolving its own slot.
 
     The caller waits on each slot for the budget from that request's start. A caller that
-    gives up on a request abandons the job: the job stops once that request's calls return
-    (so a stuck plugin is skipped until then, as the job's future ends then) and never
-    starts a later request, which the caller runs on a fresh job instead. Resolving a slot
-    and abandoning the job hold one lock, so each request runs exactly once.
+    gives up on a request abandons the job: that request calls no further plugin (the
+    running call's result is dropped when it returns), and the job never starts a later
+    request, which the caller runs on a fresh job instead. Resolving a slot and abandoning
+    the job hold one lock, so each request runs at most once, and never after its answer.
     """
 
     def __init__(self, run: Callable[[_PluginCall], PluginResults],
@@ -716,6 +867,8 @@ class _PluginJob:
 
     def __call__(self) -> None:
         for index, call in enumerate(self._calls):
+            if self._given_up():
+                return  # the caller answered without it (it waited for a worker)
             token = DECISION_ID.set(call.decision_id)  # the plugins' log lines carry it
             try:
                 call.result = self._run(call)
@@ -733,34 +886,68 @@ class _PluginJob:
             if call.error is not None:
                 return
 
+    def _given_up(self) -> bool:
+        with self._lock:
+            return self._abandoned
+
     def wait(self, call: _PluginCall, budget: float) -> bool:
         """Whether ``call`` completed within ``budget`` seconds of its start; if not, the
-        job is abandoned (``call`` and every later call belong to the caller again)."""
+        job is abandoned (``call`` and every later call belong to the caller again) and
+        ``call.culprit`` names the plugin call running then, now counted stuck."""
         if call.done.wait(max(0.0, call.started + budget - time.perf_counter())):
             return True
         with self._lock:
             if call.done.is_set():  # it completed as the wait timed out
                 return True
             self._abandoned = True
+            gate = call.progress.gate
+            if gate is not None:
+                call.culprit = gate.abandon(call.progress)
             return False
 
 
+@dataclass(eq=False)
+class _Worker:
+    """One thread of a :class:`DaemonExecutor`; ``detached`` once it was replaced."""
+
+    detached: bool = False
+
+
 class DaemonExecutor:
-    """The thread pool of the plugin runs: like ``ThreadPoolExecutor``, but on daemon threads.
+    """The thread pool of the plugin runs: like ``ThreadPoolExecutor``, but on daemon
+    threads, and a worker stuck in a call can be replaced.
 
     ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so one plugin call
     that never returns (a deadlock, a network call without a timeout) would keep the guard
     from exiting after its drain, however long it waits; such a call is left behind here.
+
+    At most ``max_workers`` threads (W, ``min(32, cpus + 4)`` by default) take work from the
+    queue, started on demand. :meth:`detach` takes a worker whose call overran its budget out
+    of them and starts another in its place, while fewer than ``max_detached`` (default W)
+    are detached; a detached worker ends when its call returns. So the pool never holds more
+    than ``max_workers + max_detached`` threads, and calls stuck in one plugin (which the
+    :class:`~guard.engine.plugins.PluginGate` keeps to W) cannot take the workers from the
+    others. The counts are exact: a submit takes an idle worker, starts one, or waits for the
+    next to free up.
     """
 
-    def __init__(self, name: str, max_workers: int | None = None) -> None:
+    def __init__(self, name: str, max_workers: int | None = None,
+                 max_detached: int | None = None) -> None:
         self._name = name
-        self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self.max_detached = self.max_workers if max_detached is None else max_detached
         self._work: queue.SimpleQueue[tuple[futures.Future[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue())
-        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        #: Workers serving the queue (detached ones not counted), and among them the ones
+        #: waiting for work that no submit has claimed yet.
+        self._active = 0
+        self._idle = 0
+        #: Queued work that no worker was free for: the next worker to free up takes it.
+        self._unclaimed = 0
+        self._detached = 0
+        self._running: dict[futures.Future[Any], _Worker] = {}
+        self._started = 0
         self._shutdown = False
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -770,28 +957,81 @@ class DaemonExecutor:
             if self._shutdown:
                 raise RuntimeError("cannot run plugins after the engine was closed")
             self._work.put((future, partial(fn, *args, **kwargs)))
-            # An idle worker takes it; otherwise a new one, up to the limit (as
-            # ThreadPoolExecutor does).
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
-                thread = threading.Thread(target=self._worker, daemon=True,
-                                          name=f"{self._name}_{len(self._threads)}")
-                self._threads.append(thread)
-                thread.start()
+            if self._idle:
+                self._idle -= 1
+            elif not (self._active < self.max_workers and self._start_worker()):
+                self._unclaimed += 1
         return future
 
-    def _worker(self) -> None:
+    def _start_worker(self) -> bool:
+        """Start a worker (holding the lock); False when no thread could start (a pids
+        limit: the work waits for a running worker instead)."""
+        thread = threading.Thread(target=self._worker, args=(_Worker(),), daemon=True,
+                                  name=f"{self._name}_{self._started}")
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            log.warning("cannot start a plugin worker", reason=str(exc), active=self._active,
+                        detached=self._detached)
+            return False
+        self._started += 1
+        self._active += 1
+        return True
+
+    def _worker(self, me: _Worker) -> None:
         while (item := self._work.get()) is not None:
             future, fn = item
             del item
             if future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._running[future] = me
                 try:
                     result = fn()
                 except BaseException as exc:
                     future.set_exception(exc)
                 else:
                     future.set_result(result)
+                with self._lock:
+                    del self._running[future]
+                    if me.detached:  # replaced while in the call: leave
+                        self._detached -= 1
+                        return
             del future, fn  # no reference kept while idle
-            self._idle.release()
+            with self._lock:
+                if self._unclaimed:
+                    self._unclaimed -= 1  # takes the oldest waiting work
+                else:
+                    self._idle += 1
+        with self._lock:
+            self._active -= 1
+
+    def detach(self, future: futures.Future[Any]) -> bool:
+        """Replace the worker running ``future`` (stuck in a call past its budget) with a new
+        one; it ends when the call returns. False when ``future`` is not running, or
+        ``max_detached`` workers are detached already (then it keeps its place)."""
+        with self._lock:
+            worker = self._running.get(future)
+            if (worker is None or worker.detached or self._shutdown
+                    or self._detached >= self.max_detached):
+                return False
+            self._active -= 1
+            if not self._start_worker():
+                self._active += 1
+                return False
+            worker.detached = True
+            self._detached += 1
+            # The new worker is free: it takes waiting work, or waits for the next.
+            if self._unclaimed:
+                self._unclaimed -= 1
+            else:
+                self._idle += 1
+            return True
+
+    @property
+    def threads(self) -> int:
+        """The pool's threads now: its workers and the detached ones still in a call."""
+        with self._lock:
+            return self._active + self._detached
 
     def shutdown(self, *, cancel_futures: bool = False) -> None:
         """Stop the workers once they are idle (never waits for them)."""
@@ -805,7 +1045,7 @@ class DaemonExecutor:
                         break
                     if item is not None:
                         item[0].cancel()
-            for _ in self._threads:
+            for _ in range(self._active):
                 self._work.put(None)
 
 
@@ -851,19 +1091,42 @@ def _describe_finding(finding: Finding) -> str:
     return f"{text}: {finding.message}" if finding.message else text
 
 
+def check_input_range(batch: ActivationRows, limit: float) -> None:
+    """Refuse a batch with a row the SAE cannot encode: a NaN, an infinity, or a value
+    beyond ``limit`` (:attr:`guard.sae.Sae.input_limit`: within it no feature's encode can
+    overflow float32, whether that feature is subscribed or not). Checked before every
+    encode, full or subset; two reductions over the rows (no copy) when all is well. The
+    error names the hook and how many rows, never a value."""
+    rows = batch.rows
+    if rows.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        largest, smallest = rows.max(), rows.min()  # NaN propagates: not <= limit
+    if largest <= limit and -smallest <= limit:
+        return
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~(np.abs(rows).max(axis=1) <= limit))
+    positions = batch.positions
+    shown = ", ".join(str(int(positions[i])) for i in bad[:8])
+    more = f" and {bad.size - 8} more" if bad.size > 8 else ""
+    raise InvalidInput(
+        f"batch.activations: {bad.size} of {rows.shape[0]} rows of {batch.hook} are out of "
+        f"the range its SAE can encode (rows at positions {shown}{more}); expected finite "
+        f"values of magnitude at most {limit:.3g}, beyond which the SAE's float32 encode "
+        "could overflow")
+
+
 def check_finite_features(activations: NDArray[np.float32], batch: ActivationRows) -> None:
-    """Refuse a batch whose rows encode to NaN or Inf features (finite rows so large that the
-    SAE's arithmetic overflows float32): a detector would silently not fire on a NaN score,
-    so the batch gets an error reply and the host's failure policy decides instead. One
-    summation when all is well."""
+    """Refuse a batch whose rows encode to NaN or Inf features (a last line behind
+    :func:`check_input_range`): a detector would silently not fire on a NaN score, so the
+    batch gets an error reply and the host's failure policy decides instead. One summation
+    when all is well. The error names the hook and how many rows, never a value."""
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(activations.sum())
     if np.isfinite(total) or np.isfinite(activations).all():
         return
-    with np.errstate(over="ignore", invalid="ignore"):
-        largest = float(np.max(np.abs(batch.rows)))
+    bad = int(np.count_nonzero(~np.isfinite(activations).all(axis=1)))
     raise InvalidInput(
-        f"batch.activations: the rows of {batch.hook} encode to NaN or Inf feature activations "
-        f"(largest |value| in the rows: {largest:.3g}); expected residual-stream values the "
-        "SAE can encode in float32")
-
+        f"batch.activations: {bad} of {activations.shape[0]} rows of {batch.hook} encode to "
+        "NaN or Inf feature activations; expected residual-stream values the SAE can encode "
+        "in float32")

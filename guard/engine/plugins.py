@@ -5,6 +5,13 @@ entry point may name a class (instantiated once per configuration, so a reload s
 fresh instance) or a module or object with ``@hookimpl`` functions. The engine never touches
 ``pm.hook``: it calls the typed methods of :class:`PluginSet`, which call each plugin on its
 own so that one failing plugin is logged and counted while the others still run.
+
+On the hot path (``guard_detect``, ``guard_steer``) every call goes through a
+:class:`PluginGate`: a plugin with ``plugins.max_stuck_calls`` calls still running past their
+budget is skipped (a failure, counted) instead of taking another worker, and a request that
+the engine stopped waiting for calls no further plugin. A plugin's exception message (which
+can quote the token ids or text it was given) reaches replies, logs and records only with
+``telemetry.record_sensitive``; otherwise they carry its type.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import inspect
 import os
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +47,11 @@ from guard.telemetry.instruments import Instruments
 
 log = structlog.get_logger(__name__)
 
+#: A plugin's failures on one hook that are all logged; after them, every
+#: LOG_FAILURES_EVERY-th is (each one is counted in ``guard.plugin.errors``).
+LOG_FIRST_FAILURES = 10
+LOG_FAILURES_EVERY = 1000
+
 ENTRY_POINT_GROUP: Final = "guard"
 #: Hooks called per batch: each call gets a span (when the batch is traced) and a latency.
 OBSERVED_HOOKS: Final = frozenset({"guard_detect", "guard_steer", "guard_record"})
@@ -59,12 +72,40 @@ class PluginSource:
     target: Any
 
 
+#: Why a hot-path call of a plugin was not made (``guard.plugin.skip_reason``): the plugin
+#: had ``plugins.max_stuck_calls`` calls stuck past their budget, or the request's budget ran
+#: out before its turn (no plugin worker free, or the plugins before it took the budget).
+SKIP_STUCK: Final = "stuck"
+SKIP_BUDGET: Final = "budget"
+#: What a stuck plugin's skipped calls report (tests and dashboards match on it).
+STUCK_MESSAGE: Final = "skipped: still running a call that overran its budget"
+_WITHHELD: Final = "message withheld: telemetry.record_sensitive is off"
+
+
 @dataclass
 class CallProgress:
-    """Which plugin a batch's plugin run is in (read when the run overruns its budget)."""
+    """Where one request's plugin pass is (the engine reads it when the pass overruns its
+    budget), and the results it collected so far.
 
-    skip: frozenset[str] = frozenset()
+    ``current`` and ``hook``, ``abandoned`` and ``stuck`` change under the gate's lock only.
+    """
+
+    #: Admits each hot-path call (None: every call is made, as for a harness).
+    gate: PluginGate | None = None
+    #: ``plugins.max_stuck_calls`` of the pipeline the pass runs in.
+    max_stuck: int = 1
+    #: Whether the pass runs on a plugin worker (counted against the gate's ``max_running``).
+    pooled: bool = False
+    #: The plugin being called now, and in which hook ("" between calls).
     current: str = ""
+    hook: str = ""
+    #: The plugins called so far (the others were not run when the budget ran out).
+    called: set[str] = field(default_factory=set)
+    #: The engine stopped waiting: no further plugin is called, the running call's result
+    #: is discarded.
+    abandoned: bool = False
+    #: The running call is counted as stuck in the gate (it overran its budget).
+    stuck: bool = False
     #: Results collected so far, kept when the run overruns (an abort found before a hang
     #: must not be lost).
     findings: list[Finding] = field(default_factory=list)
@@ -76,13 +117,110 @@ class CallProgress:
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that raised (or overran its budget) on a hook call."""
+    """A plugin that raised (or overran its budget) on a hook call.
+
+    ``error`` is the whole message, the exception's text included: what replies, logs and
+    decision records show is :attr:`reported`.
+    """
 
     plugin: str
     hook: str
     error: str
     #: The exception raised, when there was one (None for an overrun or a skip).
     exception: BaseException | None = field(default=None, compare=False, repr=False)
+    #: What goes out when the exception's text must not (without
+    #: ``telemetry.record_sensitive``): its type; empty when ``error`` may go out as it is.
+    redacted: str = field(default="", compare=False, repr=False)
+
+    @property
+    def reported(self) -> str:
+        """The failure as replies, logs and decision records show it."""
+        return self.redacted or self.error
+
+
+class MalformedResult(TypeError):
+    """A hook returned something other than what it promises (a guard-made message that
+    names types only, so it is shown whatever ``telemetry.record_sensitive`` says)."""
+
+
+class PluginGate:
+    """Which hot-path plugin calls are made, guard-wide (across reloads, by plugin name).
+
+    Counts each plugin's calls in progress on the plugin workers (``running``) and those of
+    them that the engine stopped waiting for (``stuck``: past their budget). A call is skipped
+    when its plugin has ``max_stuck_calls`` calls stuck, or ``max_running`` calls running on
+    the workers (the pool's size: only calls that are already stuck can bring a plugin
+    there), so a plugin that blocks holds a bounded number of threads and never the pool.
+    Thread-safe: one lock, held for the counts only.
+    """
+
+    def __init__(self, max_running: int) -> None:
+        self.max_running = max_running
+        self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()
+        self._stuck: Counter[str] = Counter()
+        #: Calls skipped since the plugin last had no call stuck (for the log lines).
+        self._skipped: Counter[str] = Counter()
+
+    def stuck(self) -> dict[str, int]:
+        """Plugin name -> its calls running past their budget now."""
+        with self._lock:
+            return {name: count for name, count in self._stuck.items() if count}
+
+    def enter(self, progress: CallProgress, plugin: str, hook: str) -> str | None:
+        """Admit a call of ``plugin`` in ``hook`` for the pass ``progress``: None when made,
+        else why not (:data:`SKIP_STUCK`; ``""`` when the pass was abandoned: stop)."""
+        with self._lock:
+            if progress.abandoned:
+                return ""
+            if self._stuck[plugin] >= progress.max_stuck or (
+                    progress.pooled and self._running[plugin] >= self.max_running):
+                self._skipped[plugin] += 1
+                first = self._skipped[plugin] == 1
+                stuck = self._stuck[plugin]
+            else:
+                if progress.pooled:
+                    self._running[plugin] += 1
+                progress.current, progress.hook = plugin, hook
+                progress.called.add(plugin)
+                return None
+        if first:  # once per episode: a stuck plugin is skipped by every batch
+            log.warning("plugin skipped while stuck", plugin=plugin, stuck_calls=stuck,
+                        max_stuck_calls=progress.max_stuck)
+        return SKIP_STUCK
+
+    def leave(self, progress: CallProgress) -> bool:
+        """The call admitted by :meth:`enter` returned: whether its result is still wanted
+        (False once the pass was abandoned: the engine answered without it)."""
+        with self._lock:
+            plugin = progress.current
+            if progress.pooled:
+                self._running[plugin] -= 1
+                if self._running[plugin] <= 0:
+                    del self._running[plugin]
+            back = skipped = 0
+            if progress.stuck:
+                progress.stuck = False
+                self._stuck[plugin] -= 1
+                if self._stuck[plugin] <= 0:
+                    del self._stuck[plugin]
+                    back, skipped = 1, self._skipped.pop(plugin, 0)
+            progress.current = progress.hook = ""
+            wanted = not progress.abandoned
+        if back:
+            log.info("stuck plugin returned", plugin=plugin, skipped_calls=skipped)
+        return wanted
+
+    def abandon(self, progress: CallProgress) -> tuple[str, str]:
+        """The engine stops waiting for the pass ``progress``: (plugin, hook) of the call
+        running now, counted as stuck until it returns; ("", "") between calls."""
+        with self._lock:
+            progress.abandoned = True
+            plugin, hook = progress.current, progress.hook
+            if plugin and not progress.stuck:
+                progress.stuck = True
+                self._stuck[plugin] += 1
+            return plugin, hook
 
 
 def discover(
@@ -190,6 +328,12 @@ class PluginSet:
         """Plugin name -> version, in registration order."""
         return dict(self._versions)
 
+    def hot_plugins(self) -> list[str]:
+        """The plugins called on the hot path (``guard_detect`` or ``guard_steer``), in order."""
+        names = [impl.plugin_name for hook in ("guard_detect", "guard_steer")
+                 for impl in self._impls(hook)]
+        return list(dict.fromkeys(names))
+
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         caller: pluggy.HookCaller = getattr(self._pm.hook, hook)
         # tryfirst plugins first and trylast ones last (as pluggy does); otherwise in
@@ -205,18 +349,22 @@ class PluginSet:
     def _call(
         self, hook: str, kwargs: Mapping[str, Any],
         on_result: Callable[[str, Any], None] | None = None,
-        progress: CallProgress | None = None,
+        progress: CallProgress | None = None, only: str | None = None,
     ) -> list[PluginFailure]:
         failures = []
         instruments = self._instruments if hook in OBSERVED_HOOKS else None
+        gate = progress.gate if progress is not None else None
         for impl in self._impls(hook):
-            if progress is not None:
-                if impl.plugin_name in progress.skip:
-                    failures.append(PluginFailure(
-                        impl.plugin_name, hook,
-                        "skipped: still running a call that overran its budget"))
+            if only is not None and impl.plugin_name != only:
+                continue  # one sink's call, on that sink's record thread
+            if gate is not None and progress is not None:
+                refused = gate.enter(progress, impl.plugin_name, hook)
+                if refused == "":
+                    break  # the engine answered without this request's remaining calls
+                if refused is not None:
+                    failures.append(PluginFailure(impl.plugin_name, hook, STUCK_MESSAGE))
+                    self._instruments.plugin_skipped(impl.plugin_name, refused)
                     continue
-                progress.current = impl.plugin_name
             args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
             span = token = None
             if instruments is not None:
@@ -225,9 +373,16 @@ class PluginSet:
                 if span is not None:  # current, so that the plugin's own spans nest in it
                     token = otel_context.attach(trace.set_span_in_context(span))
             started = time.perf_counter()
+            raised = left = False
+            wanted = True
             try:
                 result = impl.function(**args)
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: the plugin failed, the guard goes on
+                if isinstance(exc, KeyboardInterrupt) and (
+                        threading.current_thread() is threading.main_thread()):
+                    if gate is not None and progress is not None:
+                        gate.leave(progress)
+                    raise  # Ctrl-C in an in-process caller's main thread: not the plugin's
                 if span is not None:
                     if instruments is not None and instruments.record_sensitive:
                         span.record_exception(exc)
@@ -236,8 +391,11 @@ class PluginSet:
                             "exception.type": type(exc).__qualname__,
                             "exception.message": "withheld (telemetry.record_sensitive)"})
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                failures.append(self._failed(impl.plugin_name, hook, exc))
-                continue
+                raised = left = True
+                if gate is not None and progress is not None:
+                    wanted = gate.leave(progress)
+                if wanted:  # logged in the plugin's span
+                    failures.append(self._failed(impl.plugin_name, hook, exc))
             finally:
                 if instruments is not None:
                     if instruments.metering:
@@ -251,6 +409,12 @@ class PluginSet:
                     if span is not None:
                         span.end()
                 self._traced(hook, impl.plugin_name, started)
+            if not left and gate is not None and progress is not None:
+                wanted = gate.leave(progress)
+            if not wanted:
+                break  # a late return: the request was answered without it, nothing applies
+            if raised:
+                continue
             if on_result is not None and result is not None:
                 on_result(impl.plugin_name, result)
         return failures
@@ -258,10 +422,27 @@ class PluginSet:
     def _failed(self, plugin: str, hook: str, exc: BaseException) -> PluginFailure:
         with self._lock:
             self.failures[(plugin, hook)] += 1
+            count = self.failures[(plugin, hook)]
         self._instruments.plugin_failed(plugin, hook)
-        log.error("plugin failed", plugin=plugin, hook=hook, error=type(exc).__name__,
-                  reason=str(exc), exc_info=exc)
-        return PluginFailure(plugin, hook, f"{type(exc).__name__}: {exc}", exc)
+        # A plugin that fails on every call (a sink on a full disk) must not flood the log:
+        # its first failures are logged, then every LOG_FAILURES_EVERY-th, with the count
+        # (the metric guard.plugin.errors counts each one).
+        logged = count <= LOG_FIRST_FAILURES or count % LOG_FAILURES_EVERY == 0
+        # A malformed result reads as the TypeError it is (its message names types only).
+        kind = "TypeError" if isinstance(exc, MalformedResult) else type(exc).__name__
+        error = f"{kind}: {exc}"
+        if self._instruments.record_sensitive or isinstance(exc, MalformedResult):
+            if logged:
+                log.error("plugin failed", plugin=plugin, hook=hook, error=kind,
+                          reason=str(exc), failures=count, exc_info=exc)
+            return PluginFailure(plugin, hook, error, exc)
+        # The message could quote what the plugin was given (token ids, prompt text): the
+        # type and where it was raised go out, not the text.
+        redacted = f"{type(exc).__name__} ({_WITHHELD})"
+        if logged:
+            log.error("plugin failed", plugin=plugin, hook=hook, error=type(exc).__name__,
+                      reason=_WITHHELD, failures=count, traceback=redacted_traceback(exc))
+        return PluginFailure(plugin, hook, error, exc, redacted)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -278,7 +459,7 @@ class PluginSet:
                     f"plugins.config.{name}.{exc.key}" if exc.key else f"plugins.config.{name}",
                     exc.expected, exc.found, source=exc.source,
                 ) from exc
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise PluginError(
                     f"plugin {name!r} rejected its settings (plugins.config.{name}): "
                     f"{type(exc).__name__}: {exc}"
@@ -305,7 +486,7 @@ class PluginSet:
                 )
             except GuardError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise PluginError(
                     f"plugin {name!r}: guard_subscriptions raised {type(exc).__name__}: {exc}"
                 ) from exc
@@ -325,7 +506,7 @@ class PluginSet:
             started = time.perf_counter()
             try:
                 impl.function()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise PluginError(
                     f"plugin {impl.plugin_name!r}: guard_startup raised "
                     f"{type(exc).__name__}: {exc}"
@@ -347,7 +528,7 @@ class PluginSet:
         def collect(plugin: str, result: Any) -> None:
             for finding in result:
                 if not isinstance(finding, Finding):
-                    raise TypeError(f"guard_detect returned {type(finding).__name__}, "
+                    raise MalformedResult(f"guard_detect returned {type(finding).__name__}, "
                                     "expected Finding")
                 findings.append(replace(finding, plugin=plugin))
                 if progress is not None:
@@ -365,7 +546,7 @@ class PluginSet:
         def collect(plugin: str, result: Any) -> None:
             for edit in result:
                 if not isinstance(edit, FeatureEdit):
-                    raise TypeError(f"guard_steer returned {type(edit).__name__}, "
+                    raise MalformedResult(f"guard_steer returned {type(edit).__name__}, "
                                     "expected FeatureEdit")
                 edits.append(replace(edit, plugin=plugin))
                 if progress is not None:
@@ -391,14 +572,32 @@ class PluginSet:
         failures.extend(self._call(hook, kwargs, checked, progress))
         return failures
 
-    def record(self, decision: Decision) -> list[PluginFailure]:
-        """Hand a decision to every sink (called from the sink thread only)."""
-        return self._call("guard_record", {"decision": decision})
+    def sinks(self, hook: str) -> list[str]:
+        """The plugins implementing ``hook`` (``guard_record``, ``guard_request_ended``), in
+        call order: each gets its own record queue and thread."""
+        return [impl.plugin_name for impl in self._impls(hook)]
 
-    def request_ended(self, request_id: str, reason: RequestEndReason) -> list[PluginFailure]:
-        """Tell every plugin that a request is over (called from the sink thread only); a
-        plugin that raises is logged and counted, the others still hear of it."""
-        return self._call("guard_request_ended", {"request_id": request_id, "reason": reason})
+    def record(self, decision: Decision, plugin: str | None = None) -> list[PluginFailure]:
+        """Hand a decision to every sink, or only to ``plugin`` (called from the record
+        threads only: one per sink)."""
+        return self._call("guard_record", {"decision": decision}, only=plugin)
+
+    def request_ended(self, request_id: str, reason: RequestEndReason,
+                      plugin: str | None = None) -> list[PluginFailure]:
+        """Tell every plugin, or only ``plugin``, that a request is over (called from the
+        record threads only); a plugin that raises is logged and counted, the others still
+        hear of it."""
+        return self._call("guard_request_ended", {"request_id": request_id, "reason": reason},
+                          only=plugin)
 
     def has_hook(self, hook: str) -> bool:
         return bool(self._impls(hook))
+
+
+def redacted_traceback(exc: BaseException) -> str:
+    """Where ``exc`` was raised (the frames of its traceback: files, lines, code) and its
+    type, without its message or the exceptions chained to it (their text could quote
+    data)."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return (f"Traceback (most recent call last):\n{frames}"
+            f"{type(exc).__module__}.{type(exc).__qualname__} ({_WITHHELD})")

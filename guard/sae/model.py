@@ -30,6 +30,8 @@ SourceFormat = Literal["saelens", "sparsify", "gemmascope", "artifact"]
 
 # SAELens's layer_norm adds this to the standard deviation before dividing.
 LAYER_NORM_EPS = 1e-5
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,26 @@ class SaeModel:
             std = centered.std(axis=-1, ddof=1, keepdims=True)
             return np.asarray(centered / (std + LAYER_NORM_EPS), dtype=np.float32)
         return x
+
+    def input_limit(self, weight_dtype: str = "fp32") -> float:
+        """The largest magnitude a value of an input row may have for the encode of every
+        feature to stay finite: what :attr:`guard.sae.Sae.input_limit` documents. Sound for
+        the float32 graphs (and int8 ones, whose rows are scaled before the product) with a
+        margin of ``4 * d_in`` for rounding; ``fp16`` also keeps the graph's input (the
+        normalised rows) within float16's range."""
+        budget = FLOAT32_MAX / (4.0 * self.d_in)
+        z_limit = self.architecture.input_limit(budget)
+        if weight_dtype == "fp16":
+            z_limit = min(z_limit, FLOAT16_MAX)
+        if self.normalization == "none":
+            return z_limit
+        # The row's sum of squares (ReduceL2, ReduceSumSquare) must stay finite in float32:
+        # d_in * max|x|^2 (layer_norm: of x - mean, up to twice max|x|) within float32 / 4.
+        norm_limit = math.sqrt(FLOAT32_MAX / (4.0 * self.d_in))
+        if self.normalization == "layer_norm":
+            norm_limit /= 2.0
+        # Normalised rows have |z_i| <= sqrt(d_in): the weights must take that.
+        return norm_limit if math.sqrt(self.d_in) <= z_limit else 0.0
 
     def encode(self, x: FloatArray) -> FloatArray:
         """Reference encode in NumPy float32 (the ONNX graph computes the same)."""

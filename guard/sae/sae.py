@@ -17,10 +17,16 @@ from numpy.typing import NDArray
 
 from guard.errors import InvalidInput, NotFound, SaeFileError
 from guard.sae.encoder import CPU, CUDA, Encoder, create_session, resolve_providers
-from guard.sae.formats import Artifact, load_any
-from guard.sae.formats.artifact import ENCODER_FILE, MANIFEST_FILE, verify_file
+from guard.sae.formats import Artifact, identity_file, load_any
+from guard.sae.formats.artifact import (
+    ENCODER_FILE,
+    MANIFEST_FILE,
+    recorded_source_sha256,
+    verify_file,
+)
 from guard.sae.model import SaeModel
 from guard.sae.quantize import quantize_int8
+from guard.sae.safetensors import sha256_of_files
 
 log = structlog.get_logger(__name__)
 
@@ -66,10 +72,13 @@ class Sae:
         prebuilt_encoder: Path | None = None,
         prebuilt_encoder_sha256: str | None = None,
         sha256: str | None = None,
+        rows_per_run: int = 0,
     ) -> None:
         """``sha256``: the identity of what is served (None: ``model.sha256``, the source
         weights'); ``prebuilt_encoder_sha256``: the hash ``prebuilt_encoder`` was verified
-        against at load, checked again when the encoder is built from it."""
+        against at load, checked again when the encoder is built from it; ``rows_per_run``:
+        the most rows each encoder hands ONNX Runtime at once (0: automatic, see
+        :class:`guard.sae.encoder.Encoder`)."""
         self.model = model
         self.info = SaeInfo(
             hook_name=model.hook_name,
@@ -84,10 +93,33 @@ class Sae:
         )
         self.providers = list(providers)
         self._threads = threads
+        self._rows_per_run = rows_per_run
         self._prebuilt_encoder = prebuilt_encoder
         self._prebuilt_encoder_sha256 = prebuilt_encoder_sha256
         self._encoders: dict[tuple[tuple[int, ...] | None, bool], Encoder] = {}
         self._lock = threading.Lock()
+        self._input_limit: float | None = None
+
+    @property
+    def input_limit(self) -> float:
+        """The largest magnitude any value of an input row may have: within it, no
+        intermediate of the full encoder (every feature, subscribed or not) can overflow
+        float32, so the engine refuses rows beyond it before any encode, full or subset.
+
+        Derived once from the weights (computed on first use; :func:`open_sae` does it at
+        load): for each feature ``j``, ``max|z| * L1_j * max(1, gain_j) + |b_j|`` must stay
+        within float32's largest value over ``4 * d_in`` (room for rounding and int8
+        scaling), where ``L1_j`` is the L1 norm of column ``j`` of ``W_enc`` and ``z`` the
+        normalised row; SAEs that normalise rows also need the row's sum of squares finite;
+        fp16 graphs also need ``z`` within float16's range (65504). See docs/saes.md.
+        """
+        limit = self._input_limit
+        if limit is None:
+            with self._lock:
+                if self._input_limit is None:
+                    self._input_limit = self.model.input_limit(self.info.weight_dtype)
+                limit = self._input_limit
+        return limit
 
     def encoder(
         self, feature_ids: Sequence[int] | None = None, *, approximate_topk: bool = False
@@ -147,15 +179,15 @@ class Sae:
     def _build(self, columns: NDArray[np.int64] | None, approximate: bool) -> Encoder:
         dtype = self.info.weight_dtype
         graph: onnx.ModelProto | Path
+        full_matmul = columns is None or not (
+            self.model.architecture.exact_subsets or approximate
+        )
         if columns is None and self._prebuilt_encoder is not None:
             # Read at first use, possibly long after load: check it is still what was verified.
             if self._prebuilt_encoder_sha256 is not None:
                 verify_file(self._prebuilt_encoder, self._prebuilt_encoder_sha256)
             graph = self._prebuilt_encoder
         else:
-            full_matmul = columns is None or not (
-                self.model.architecture.exact_subsets or approximate
-            )
             # int8 pays off only on the full matmul; a few columns stay exact in float32.
             if dtype == "int8" and not full_matmul:
                 dtype = "fp32"
@@ -167,7 +199,9 @@ class Sae:
                 )
         session = create_session(graph, self.providers, self._threads)
         ids = np.arange(self.info.d_sae) if columns is None else columns
-        encoder = Encoder(session, ids, self.info.d_in)
+        # A full matmul computes every feature of each row, a subset graph only its columns.
+        encoder = Encoder(session, ids, self.info.d_in, rows_per_run=self._rows_per_run,
+                          width=self.info.d_sae if full_matmul else len(ids))
         log.info(
             "sae.encoder_ready",
             hook=self.info.hook_name,
@@ -195,6 +229,7 @@ def open_sae(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     require_hook: bool = True,
+    rows_per_run: int = 0,
 ) -> Sae:
     """Open an SAE: an exported artifact folder, a SAELens folder, a sparsify layer folder or
     a Gemma Scope ``params.npz`` (or a folder holding one).
@@ -213,14 +248,24 @@ def open_sae(
     :param providers: ONNX Runtime execution providers; None means CUDA when onnxruntime-gpu
         sees a GPU, else CPU.
     :param threads: ONNX Runtime intra-op threads per session (None: its default).
+    :param rows_per_run: the most rows an encoder hands ONNX Runtime in one run, which bounds
+        the graph's intermediates (``saes[].max_rows_per_encode``; 0: automatic).
     """
     if dtype not in _DTYPES:
         raise InvalidInput(f"dtype: expected one of {list(_DTYPES)}, found {dtype!r}")
-    loaded = load_any(path, hook, require_hook=require_hook)
+    weights_sha256: str | None = None
+    if sha256 is not None:
+        # The pin is checked on the raw bytes first: a file that is not the pinned one is
+        # never parsed (a compressed archive can expand far beyond its size).
+        pinned_file, artifact = identity_file(path)
+        found = sha256_of_files([pinned_file])
+        _check_pin(pinned_file, found, sha256, artifact=artifact)
+        weights_sha256 = None if artifact else found
+    loaded = load_any(path, hook, require_hook=require_hook, weights_sha256=weights_sha256)
     model = loaded.model if isinstance(loaded, Artifact) else loaded
     identity = loaded.sha256 if isinstance(loaded, Artifact) else model.sha256
-    if sha256 is not None:
-        _check_pin(model, identity, sha256, artifact=isinstance(loaded, Artifact))
+    if sha256 is not None:  # an artifact's loader reads and hashes its manifest once more
+        _check_pin(model.weights_file, identity, sha256, artifact=isinstance(loaded, Artifact))
     chosen = resolve_providers(providers)
     prebuilt: Path | None = None
     prebuilt_sha256: str | None = None
@@ -248,6 +293,7 @@ def open_sae(
         prebuilt_encoder=prebuilt,
         prebuilt_encoder_sha256=prebuilt_sha256,
         sha256=identity,
+        rows_per_run=rows_per_run,
     )
     log.info(
         "sae.opened",
@@ -261,6 +307,8 @@ def open_sae(
         providers=chosen,
         sha256=sae.info.sha256,
         source_sha256=sae.info.source_sha256,
+        # Computed here, at load; None when unbounded (no weights).
+        input_limit=float(f"{sae.input_limit:.3g}") if np.isfinite(sae.input_limit) else None,
     )
     if chosen[0] == CPU and resolved == "fp16":
         log.warning("sae.fp16_on_cpu", hook=sae.info.hook_name, note="fp16 gains nothing on CPU")
@@ -275,13 +323,14 @@ def _artifact_dtype(value: str) -> Literal["fp32", "fp16", "int8"]:
     return "fp32"
 
 
-def _check_pin(model: SaeModel, identity: str, pinned: str, *, artifact: bool) -> None:
-    """Refuse unless ``pinned`` is ``identity`` (see :attr:`SaeInfo.sha256`)."""
+def _check_pin(pinned_file: Path, identity: str, pinned: str, *, artifact: bool) -> None:
+    """Refuse unless ``pinned`` is ``identity`` (see :attr:`SaeInfo.sha256`), the sha256 of
+    ``pinned_file`` (an artifact's manifest, a source format's weights file)."""
     expected = pinned.strip().lower().removeprefix("sha256:")
     if expected == identity:
         return
     problem = f"sha256 expected {expected} (pinned), found {identity}: refusing to load"
-    if artifact and expected == model.sha256:
+    if artifact and expected == recorded_source_sha256(pinned_file):
         problem += (
             f"; the pin is the sha256 of the weights this artifact records it was exported "
             f"from, which {MANIFEST_FILE} only claims: pin the artifact itself, {identity} "
@@ -289,4 +338,4 @@ def _check_pin(model: SaeModel, identity: str, pinned: str, *, artifact: bool) -
         )
     elif artifact:
         problem += f" (an artifact's sha256 is that of its {MANIFEST_FILE})"
-    raise SaeFileError(model.weights_file, problem)
+    raise SaeFileError(pinned_file, problem)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -42,13 +42,18 @@ class GuardProcess:
 
     def __init__(self, config: Path, address: str, *, args: Sequence[str] = (),
                  log: Path | None = None, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, program: Sequence[str] | None = None,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
+        """``program``: what runs ``serve`` (default ``python -m guard``); ``preexec_fn``: run
+        in the child before it starts the program (e.g. to join a cgroup)."""
         self.config = config
         self.address = address
         self.args = tuple(args)
         self.log = log if log is not None else config.parent / "guard.log"
         self.env = env
         self.cwd = cwd
+        self.program = tuple(program) if program is not None else (sys.executable, "-m", "guard")
+        self.preexec_fn = preexec_fn
         self.process: subprocess.Popen[bytes] | None = None
         #: Exit codes of the processes that ended, oldest first.
         self.exit_codes: list[int] = []
@@ -75,9 +80,8 @@ class GuardProcess:
             raise RuntimeError(f"guard serve at {self.address} is already running")
         with self.log.open("ab") as out:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "guard", "serve", "--config", str(self.config),
-                 *self.args],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd,
+                [*self.program, "serve", "--config", str(self.config), *self.args],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd, preexec_fn=self.preexec_fn,
                 env=dict(os.environ if self.env is None else self.env, GUARD_LOG_FORMAT="json"))
         self._terminated = False
         try:

@@ -75,6 +75,11 @@ class ConfigReloader:
             log.info("config reloaded", trigger=reason, path=str(self._path))
             return True
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The file watch's thread, once started (None when only SIGHUP reloads)."""
+        return self._thread
+
     def start(self, interval: float) -> None:
         """Poll the file every ``interval`` seconds (0: never; SIGHUP still works)."""
         if interval <= 0:

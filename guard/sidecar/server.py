@@ -6,7 +6,9 @@ plugins) is loaded, and again as soon as a drain begins.
 
 Security: the Unix socket is created with ``server.socket_mode`` (0660) under a process umask
 set around the bind, so it is never connectable by others, not even for an instant; a folder
-the guard creates for it is 0750. TCP listeners serve TLS, or mutual TLS, when
+the guard creates for it is 0750. An existing socket file is replaced only when stale (a
+connection to it is refused): a live one, a guard already serving there, stops the start
+(:func:`clear_stale_socket`). TCP listeners serve TLS, or mutual TLS, when
 ``server.tls`` is set (plaintext TCP stays allowed, with a warning off loopback); the
 health-only listener stays plaintext for the kubelet's gRPC probes.
 """
@@ -14,6 +16,7 @@ health-only listener stays plaintext for the kubelet's gRPC probes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import ipaddress
 import os
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import structlog
@@ -35,9 +38,17 @@ from guard import __version__
 from guard.config import TRANSPORT_HEADROOM, GuardConfig, ServerConfig
 from guard.engine.core import Engine
 from guard.errors import InvalidInput, ListenError, NotReady
+from guard.sidecar.admission import (
+    HEALTH_RESERVE,
+    AdmissionInterceptor,
+    IdleReaper,
+    StreamSlots,
+    end_call,
+)
 from guard.sidecar.doorbell import DoorbellServer
 from guard.sidecar.session import PROTOCOL_VERSION, InspectStream, StreamEnded, StreamLimits
 from guard.sidecar.status import status_code
+from guard.sidecar.threads import StartedPool, start_thread
 from guard.telemetry.instruments import extract_context
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -46,8 +57,13 @@ from guard.wire import codec
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Guard"].full_name
+#: Threads of the health-only listener (``server.health_listen``): probes are few and quick.
+HEALTH_WORKERS = 2
 #: Seconds past the drain grace that stop() waits for gRPC to finish its shutdown.
 STOP_MARGIN_S = 10.0
+#: Seconds a start-up probe of an existing socket file waits to be accepted (a live but busy
+#: listener makes it wait; a stale file refuses at once).
+LIVE_PROBE_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
@@ -83,6 +99,40 @@ def server_credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
         raise ListenError(f"server.tls: cannot read {exc.filename}: {exc.strerror}") from exc
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def clear_stale_socket(path: Path, what: str) -> None:
+    """Remove the socket file at ``path`` when nobody listens on it (left by a killed guard);
+    refuse (:class:`ListenError`, ``what`` first) when it is live, rather than unlink it and
+    silently take the address over from the process serving it.
+
+    Live: a connection to it is accepted, or waits (its backlog is full: it is busy). Stale:
+    the connection is refused. Anything else (no permission to connect) cannot be told apart
+    and is refused too. A path that is not a socket is left for the bind to fail on."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(LIVE_PROBE_TIMEOUT_S)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: nobody accepts connections on it
+        return
+    except OSError as exc:  # a timeout (a full backlog: live and busy), no permission
+        reason = exc.strerror or "timed out"
+        raise ListenError(f"{what}: cannot tell whether the socket {path} is in use "
+                          f"({reason}); refusing to replace it: stop the process serving it, "
+                          "or remove the file if it is stale") from exc
+    finally:
+        probe.close()
+    raise ListenError(f"{what}: the socket {path} is live (a process accepts connections on "
+                      "it: another guard?); refusing to take it over: stop that process, or "
+                      "give this guard another path")
 
 
 @contextlib.contextmanager
@@ -160,6 +210,8 @@ class GuardServicer(pb_grpc.GuardServicer):
         self.engine: Engine | None = None
         #: The doorbell socket's path, once it listens (Describe names it).
         self.doorbell_path = ""
+        #: Ends idle Inspect streams (``server.stream_idle_seconds``); None: never.
+        self.idle: IdleReaper | None = None
 
     def _ready_engine(self) -> Engine:
         if self.engine is None:
@@ -181,8 +233,12 @@ class GuardServicer(pb_grpc.GuardServicer):
         stream = InspectStream(engine, self._config.server.max_message_bytes, context.peer(),
                                parent, shared_memory=self._config.server.shared_memory,
                                alive=context.is_active, limits=self.limits)
+        idle = self.idle
+        watch = None if idle is None else idle.watch(
+            functools.partial(end_call, context, grpc.StatusCode.UNAVAILABLE))
+        requests = request_iterator if watch is None else watch.requests(request_iterator)
         try:
-            for number, request in enumerate(request_iterator, 1):
+            for number, request in enumerate(requests, 1):
                 if isinstance(request, Undecodable):
                     raise StreamEnded(InvalidInput(_not_a("guard.v1.InspectRequest", number,
                                                           request)))
@@ -195,6 +251,11 @@ class GuardServicer(pb_grpc.GuardServicer):
                      reason=ended.details)
             context.abort(ended.code, ended.details)
         finally:
+            if idle is not None and watch is not None:
+                idle.forget(watch)
+                if watch.expired:
+                    log.info("stream ended by the guard", peer=stream.peer, code="UNAVAILABLE",
+                             reason=idle.message)
             stream.close()
             counters = stream.counters
             log.info("stream closed", peer=stream.peer, mode=stream.mode,
@@ -249,6 +310,19 @@ class GuardServicer(pb_grpc.GuardServicer):
         return response
 
 
+def _executor(pool: StartedPool) -> futures.ThreadPoolExecutor:
+    """``pool`` as grpcio's stubs type its executor argument (any Executor works)."""
+    return cast("futures.ThreadPoolExecutor", pool)
+
+
+def _started_threads(start: Callable[[], None]) -> list[threading.Thread]:
+    """Call ``start`` and return the threads it started (grpcio's serving loop: it keeps no
+    public handle on it)."""
+    before = set(threading.enumerate())
+    start()
+    return [thread for thread in threading.enumerate() if thread not in before]
+
+
 class GuardServer:
     """The guard's gRPC server(s): start, mark ready, drain and stop."""
 
@@ -261,11 +335,16 @@ class GuardServer:
             ("grpc.max_send_message_length", transport_limit),
             ("grpc.so_reuseport", 0),
         ]
-        workers = server_config.max_concurrent_rpcs
+        # Every RPC but the health service's Check counts against max_concurrent_rpcs (the
+        # interceptor); grpcio's limit and the pool keep HEALTH_RESERVE more for Check.
+        workers = server_config.max_concurrent_rpcs + HEALTH_RESERVE
+        self.slots = StreamSlots(server_config.max_concurrent_rpcs,
+                                 server_config.max_streams_per_peer)
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guard-rpc"),
+            _executor(StartedPool(workers, "guard-rpc", "server.max_concurrent_rpcs")),
             options=options,
             maximum_concurrent_rpcs=workers,
+            interceptors=[AdmissionInterceptor(self.slots)],
         )
         self.servicer = GuardServicer(config)
         self.health = health.HealthServicer()
@@ -277,8 +356,13 @@ class GuardServer:
             )
         self._health_server: grpc.Server | None = None
         if server_config.health_listen:
+            # A Watch holds a worker for as long as its peer likes: at most all but one.
+            watches = StreamSlots(HEALTH_WORKERS - 1, 0, "health Watch calls",
+                                  f"the health listener's {HEALTH_WORKERS} threads")
             self._health_server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="guard-health")
+                _executor(StartedPool(HEALTH_WORKERS, "guard-health", "server.health_listen")),
+                maximum_concurrent_rpcs=4 * HEALTH_WORKERS,
+                interceptors=[AdmissionInterceptor(watches)],
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -288,6 +372,8 @@ class GuardServer:
         self._stopped = threading.Event()
         self._credentials: grpc.ServerCredentials | None = None
         self.doorbell: DoorbellServer | None = None
+        #: The threads that run each server's loop (grpcio's), for the watchdog.
+        self.serving_threads: dict[str, list[threading.Thread]] = {}
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         self.health.set("", status)
@@ -298,9 +384,7 @@ class GuardServer:
         path = socket_path(address)
         if path is not None:
             self._prepare_socket_folder(path.parent)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()  # a stale socket left by a killed guard
+            clear_stale_socket(path, f"cannot listen on {address!r}")
             self._sockets.append(path)
         credentials = self._credentials if secure and path is None else None
         mode = self.config.server.socket_mode
@@ -359,12 +443,17 @@ class GuardServer:
             self.addresses.append(self._bind(self._server, server_config.tcp_listen,
                                              secure=True))
         self._bind_doorbell()  # before gRPC's threads run: the bind changes the process umask
-        self._server.start()
+        self.serving_threads["grpc server"] = _started_threads(self._server.start)
         if self.doorbell is not None:
             self.doorbell.start()
+        if server_config.stream_idle_seconds > 0:
+            reaper = IdleReaper(server_config.stream_idle_seconds)
+            start_thread(reaper.thread, "server.stream_idle_seconds (the idle stream check)")
+            self.servicer.idle = reaper
         if self._health_server is not None:
             self.health_address = self._bind(self._health_server, server_config.health_listen)
-            self._health_server.start()
+            self.serving_threads["health listener"] = _started_threads(
+                self._health_server.start)
         tls = server_config.tls
         log.info("listening", addresses=self.addresses, health=self.health_address or None,
                  doorbell=self.servicer.doorbell_path or None,
@@ -396,9 +485,8 @@ class GuardServer:
                          "batches go over gRPC")
             return
         self._prepare_socket_folder(path.parent)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a stale socket left by a killed guard
+        clear_stale_socket(path, f"cannot listen on the doorbell socket {path} "
+                                 "(server.shared_memory.doorbell_socket)")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with _umask(0o777 & ~self.config.server.socket_mode):
@@ -424,6 +512,26 @@ class GuardServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", hooks=sorted(engine.hooks), addresses=self.addresses)
 
+    def critical_threads(self) -> dict[str, threading.Thread]:
+        """Threads besides gRPC's loops whose end leaves the guard deaf: the doorbell's
+        acceptor (the watchdog watches these and :attr:`serving_threads`)."""
+        return {} if self.doorbell is None else {"doorbell acceptor": self.doorbell.acceptor}
+
+    def fail(self) -> None:
+        """A part of the guard died: NOT_SERVING on every health listener at once."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.enter_graceful_shutdown()
+
+    def close_engine(self) -> None:
+        """Deliver every accepted record to its sinks and shut the plugins down."""
+        if self.servicer.engine is not None:
+            self.servicer.engine.close()
+
+    def remove_sockets(self) -> None:
+        for path in self._sockets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then let in-flight streams finish within ``grace`` seconds."""
         if self._stopped.is_set():
@@ -438,13 +546,12 @@ class GuardServer:
             # gRPC's shutdown is stuck on a call it never finished: drain the records anyway.
             log.error("gRPC server did not finish shutting down; going on with the drain",
                       waited_s=grace + STOP_MARGIN_S)
-        if self.servicer.engine is not None:
-            self.servicer.engine.close()  # every accepted record reaches its sinks
+        if self.servicer.idle is not None:
+            self.servicer.idle.stop()
+        self.close_engine()  # every accepted record reaches its sinks
         if self._health_server is not None:
             self._health_server.stop(0).wait()
-        for path in self._sockets:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self.remove_sockets()
         self._stopped.set()
         log.info("stopped")
 

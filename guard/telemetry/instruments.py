@@ -68,6 +68,8 @@ class EngineView(Protocol):
     @property
     def records(self) -> Any: ...
 
+    def plugin_calls_stuck(self) -> dict[str, int]: ...
+
 
 def extract_context(carrier: Mapping[str, str] | Iterable[tuple[str, str | bytes]]
                     ) -> Context | None:
@@ -137,6 +139,11 @@ class Instruments:
             "guard.plugin.timeouts", unit="{timeout}",
             description="Batches whose plugins overran plugins.timeout_ms, by the plugin "
                         "running at the time")
+        self.plugin_skips = meter.create_counter(
+            "guard.plugin.skipped", unit="{call}",
+            description="Hot-path plugin calls not made, by plugin and reason: 'stuck' (the "
+                        "plugin had plugins.max_stuck_calls calls running past their budget) "
+                        "or 'budget' (the request's budget ran out before its turn)")
         if self.metering:
             meter.create_observable_counter(
                 "guard.batches", [self.batches.observe], unit="{batch}",
@@ -166,13 +173,18 @@ class Instruments:
                             "hold (never seen, or already forgotten): ignored")
             meter.create_observable_counter(
                 "guard.records.dropped", [self._dropped], unit="{record}",
-                description="Decision records dropped because the record queue was full")
+                description="Decision records a sink never got, by sink (guard.plugin.name): "
+                            "its record queue was full or closed, or a reload removed it")
             meter.create_observable_counter(
                 "guard.records.delivered", [self._delivered], unit="{record}",
-                description="Decision records handed to the sinks")
+                description="Decision records a sink took, by sink (guard.plugin.name)")
+            meter.create_observable_counter(
+                "guard.records.failed", [self._failed], unit="{record}",
+                description="Decision records lost because the sink raised on them (a full "
+                            "disk, say), by sink (guard.plugin.name)")
             meter.create_observable_gauge(
                 "guard.records.queue_depth", [self._queue_depth], unit="{record}",
-                description="Decision records waiting for the sinks")
+                description="Decision records waiting for a sink, by sink (guard.plugin.name)")
             meter.create_observable_gauge(
                 "guard.sae.info", [self._sae_info],
                 description="1 per served SAE, labelled with its hook, execution provider, "
@@ -180,6 +192,10 @@ class Instruments:
             meter.create_observable_gauge(
                 "guard.plugin.info", [self._plugin_info],
                 description="1 per loaded plugin, labelled with its name and version")
+            meter.create_observable_gauge(
+                "guard.plugin.stuck_calls", [self._plugin_stuck], unit="{call}",
+                description="Plugin calls running past their budget now (each holds a "
+                            "thread until it returns), by plugin")
 
     # -- wiring -----------------------------------------------------------------------
 
@@ -187,17 +203,25 @@ class Instruments:
         """Read queue depth, drops, SAEs and plugins from this engine when metrics are collected."""
         self._engine = engine
 
-    def _dropped(self, _options: CallbackOptions) -> Iterable[Observation]:
+    def _per_sink(self, counter: str) -> list[Observation]:
+        """One observation of ``counter`` per sink's record queue, labelled with the sink."""
         engine = self._engine
-        return [] if engine is None else [Observation(engine.records.dropped)]
+        if engine is None:
+            return []
+        return [Observation(getattr(sink, counter), {"guard.plugin.name": name})
+                for name, sink in sorted(engine.records.sinks.items())]
+
+    def _dropped(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return self._per_sink("dropped")
 
     def _delivered(self, _options: CallbackOptions) -> Iterable[Observation]:
-        engine = self._engine
-        return [] if engine is None else [Observation(engine.records.delivered)]
+        return self._per_sink("delivered")
+
+    def _failed(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return self._per_sink("failed")
 
     def _queue_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
-        engine = self._engine
-        return [] if engine is None else [Observation(engine.records.depth)]
+        return self._per_sink("depth")
 
     def _sae_info(self, _options: CallbackOptions) -> Iterable[Observation]:
         engine = self._engine
@@ -218,6 +242,14 @@ class Instruments:
             return []
         return [Observation(1, {"guard.plugin.name": name, "guard.plugin.version": version})
                 for name, version in engine.plugins.items()]
+
+    def _plugin_stuck(self, _options: CallbackOptions) -> Iterable[Observation]:
+        engine = self._engine
+        if engine is None:
+            return []
+        stuck = engine.plugin_calls_stuck()
+        return [Observation(stuck.get(name, 0), {"guard.plugin.name": name})
+                for name in sorted(set(engine.plugins) | set(stuck))]
 
     def unsampled_parent(self, parent: Context | None) -> bool:
         """True when the sampler would drop a span under ``parent``: start none (cheaper)."""
@@ -260,6 +292,12 @@ class Instruments:
     def plugin_overran(self, plugin: str) -> None:
         if self.metering:
             self.plugin_timeouts.add(1, {"guard.plugin.name": plugin})
+
+    def plugin_skipped(self, plugin: str, reason: str) -> None:
+        """A hot-path call of ``plugin`` not made; ``reason``: ``stuck`` or ``budget``."""
+        if self.metering:
+            self.plugin_skips.add(1, {"guard.plugin.name": plugin,
+                                      "guard.plugin.skip_reason": reason})
 
     def _plugin_labels(self, plugin: str, hook: str) -> dict[str, str]:
         labels = self._plugin_attributes.get((plugin, hook))

@@ -335,28 +335,28 @@ def start_telemetry(
 
 
 def _prometheus(address: str, telemetry: Telemetry) -> MetricReader:
-    """A Prometheus reader with its own registry, served on ``address`` at ``/metrics``."""
+    """A Prometheus reader with its own registry, served on ``address`` at ``/metrics`` by a
+    bounded server of one thread (:mod:`guard.telemetry.metrics_http`)."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
+    from guard.telemetry.metrics_http import MetricsServer
 
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry)
     host, port = split_host_port(address)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server = MetricsServer(registry, host, port)
     except OSError as exc:
         raise ListenError(f"telemetry.metrics_listen: cannot listen on {address!r}: "
                           f"{exc.strerror or exc}") from exc
-    bound_host, bound_port = server.server_address[:2]
-    telemetry.metrics_address = f"{bound_host!s}:{bound_port}"
+    try:
+        server.start()
+    except RuntimeError as exc:  # can't start new thread
+        server.stop()
+        raise ListenError(f"telemetry.metrics_listen: cannot start the endpoint's thread: "
+                          f"{exc}") from exc
+    telemetry.metrics_address = server.address
     telemetry.metrics_to += (f"prometheus http://{telemetry.metrics_address}/metrics",)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    telemetry._closers.append(stop)
+    telemetry._closers.append(server.stop)
     return reader
-

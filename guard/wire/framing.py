@@ -17,6 +17,8 @@ _LENGTH: Final = struct.Struct("<I")
 HEADER_BYTES: Final = _LENGTH.size
 #: Bytes asked of the kernel per read: a small frame's header and body come in one call.
 _READ_CHUNK: Final = 64 * 1024
+#: A reader's buffer above this size is given back once the large frame in it is read.
+_KEEP_BYTES: Final = 1024 * 1024
 #: The tag of ``DoorbellFrame.reply`` (field 1, length-delimited) in protobuf's encoding.
 _REPLY_TAG: Final = b"\x0a"
 
@@ -80,32 +82,39 @@ class FrameReader:
         begin = self._start + HEADER_BYTES
         payload = bytes(self._buffer[begin:begin + length])
         self._start = begin + length
+        if len(self._buffer) > _KEEP_BYTES and self._end - self._start <= _READ_CHUNK:
+            # A large frame is done: give its memory back (a connection keeps a read chunk).
+            rest = self._buffer[self._start:self._end]
+            self._buffer = bytearray(_READ_CHUNK)
+            self._buffer[:len(rest)] = rest
+            self._start, self._end = 0, len(rest)
         return payload
 
     def _fill(self, need: int, deadline: float | None) -> bool:
-        """Buffer at least ``need`` unread bytes; False at the end of the stream."""
+        """Buffer at least ``need`` unread bytes; False at the end of the stream.
+
+        The buffer grows with what arrives (at most doubling), never with what a header
+        announces: a peer that announces a frame at the limit and sends nothing more costs
+        one read chunk, not the frame."""
         if self._end - self._start >= need:
             return True
-        buffer = self._buffer
         if self._start:  # move the unread bytes to the front
             unread = self._end - self._start
-            buffer[:unread] = buffer[self._start:self._end]
+            self._buffer[:unread] = self._buffer[self._start:self._end]
             self._start, self._end = 0, unread
-        if len(buffer) < need:
-            buffer.extend(bytes(need - len(buffer)))
-        view = memoryview(buffer)
-        try:
-            while self._end < need:
-                if deadline is not None:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0 or not _wait(self._sock, select.POLLIN, timeout):
-                        raise TimeoutError("no whole frame from the peer in time")
+        while self._end < need:
+            buffer = self._buffer
+            if self._end == len(buffer):  # full: room for what comes next, up to the frame
+                buffer.extend(bytes(min(need, 2 * len(buffer)) - len(buffer)))
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0 or not _wait(self._sock, select.POLLIN, timeout):
+                    raise TimeoutError("no whole frame from the peer in time")
+            with memoryview(buffer) as view:
                 count = self._sock.recv_into(view[self._end:])
-                if count == 0:
-                    return False
-                self._end += count
-        finally:
-            view.release()
+            if count == 0:
+                return False
+            self._end += count
         return True
 
 

@@ -98,6 +98,31 @@ class Architecture(ABC, Generic[ConfigT]):
         params["W_enc"] = (self.w_enc.astype(np.float64) * factor).astype(np.float32)
         return type(self)(self.config, params)
 
+    def input_limit(self, budget: float) -> float:
+        """The largest ``max|z|`` (over a row's values) for which every pre-activation of
+        every feature, and every partial sum of ``z @ W_enc`` on the way to it, stays within
+        ``budget`` in magnitude: ``|gain_j * (z @ W_enc)_j + b_j| <= max|z| * L1_j *
+        max(1, gain_j) + |b_j|``, with ``L1_j`` the L1 norm of column ``j`` of ``W_enc``
+        (float64, in slices of rows: no copy of the whole matrix). Infinite when no column
+        has weight; 0 when even ``z = 0`` would not fit (weights beyond any use)."""
+        w_enc = self.w_enc
+        d_in, d_sae = w_enc.shape
+        l1 = np.zeros(d_sae, dtype=np.float64)
+        step = max(1, (1 << 22) // max(1, d_sae))  # about 32 MiB of float64 per slice
+        for start in range(0, d_in, step):
+            l1 += np.abs(np.asarray(w_enc[start:start + step], dtype=np.float64)).sum(axis=0)
+        limit = float("inf")
+        for bias in self.pre_activation_biases:
+            gain = np.maximum(1.0, np.abs(np.asarray(self.bias_gain(bias), dtype=np.float64)))
+            slope = l1 * gain
+            room = budget - np.abs(self.params[bias].astype(np.float64))
+            if (room < 0).any():
+                return 0.0
+            weighted = slope > 0
+            if weighted.any():
+                limit = min(limit, float(np.min(room[weighted] / slope[weighted])))
+        return limit
+
     @abstractmethod
     def encode(self, z: FloatArray) -> FloatArray:
         """Feature activations ``[rows, d_sae]`` of normalised rows ``z`` (NumPy, float32)."""

@@ -199,6 +199,23 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], str]:
     return value, hashlib.sha256(data).hexdigest()
 
 
+#: Largest manifest read only to explain a wrong pin (manifests with labels are megabytes).
+_HINT_MAX_BYTES = 64 << 20
+
+
+def recorded_source_sha256(manifest_path: Path) -> str | None:
+    """The ``sha256`` field of a manifest (the weights it records it was exported from), to
+    explain a wrong pin; None when unreadable, not a manifest, or too large to bother."""
+    try:
+        if manifest_path.stat().st_size > _HINT_MAX_BYTES:
+            return None
+        value = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    recorded = value.get("sha256") if isinstance(value, dict) else None
+    return recorded if isinstance(recorded, str) else None
+
+
 def _verify_files(folder: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     """Hash every file ``manifest["files"]`` lists (once, 1 MiB reads: about as long as reading
     them) and check it against the recorded sha256; returns the verified hashes."""

@@ -39,8 +39,10 @@ def is_gemmascope_path(path: Path) -> bool:
     return (path.suffix == ".npz" and path.is_file()) or (path / PARAMS_FILE).is_file()
 
 
-def load_gemmascope(path: Path, hook: str | None = None, *, require_hook: bool = True
-                    ) -> SaeModel:
+def load_gemmascope(path: Path, hook: str | None = None, *, require_hook: bool = True,
+                    sha256: str | None = None) -> SaeModel:
+    """Load a Gemma Scope ``params.npz`` (``sha256``: the file's, when the caller has just
+    hashed it)."""
     npz_path = path if path.suffix == ".npz" else path / PARAMS_FILE
     arrays = _read_npz(npz_path)
     for name in _REQUIRED:
@@ -77,7 +79,7 @@ def load_gemmascope(path: Path, hook: str | None = None, *, require_hook: bool =
         decoder=Decoder(w_dec, b_dec),
         hook_name=hook_name,
         source_format="gemmascope",
-        sha256=sha256_of_files([npz_path]),
+        sha256=sha256 or sha256_of_files([npz_path]),
         weights_file=npz_path,
     )
 

@@ -63,10 +63,11 @@ def is_saelens_folder(path: Path) -> bool:
     return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = True
-                 ) -> SaeModel:
+def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = True,
+                 sha256: str | None = None) -> SaeModel:
     """Load a SAELens SAE folder into the canonical form (``require_hook=False``: a config
-    that names no hook loads with an empty one)."""
+    that names no hook loads with an empty one; ``sha256``: the weights file's, when the
+    caller has just hashed it)."""
     cfg_path = folder / CFG_FILE
     weights_path = folder / WEIGHTS_FILE
     cfg = read_json_object(cfg_path)
@@ -87,7 +88,7 @@ def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = 
     hook_name = hook or _hook_name(cfg_path, cfg, require_hook)
 
     file = SafetensorsFile(weights_path)
-    sha256 = sha256_of_files([weights_path])
+    sha256 = sha256 or sha256_of_files([weights_path])
     encoder_names = set(arch_cls.param_shapes(config))
     required = encoder_names | {"W_dec", "b_dec"}
     optional = set(_FINETUNING_SCALE_TENSORS)

@@ -49,7 +49,10 @@ def is_sparsify_folder(path: Path) -> bool:
     return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_sparsify(folder: Path, hook: str | None = None) -> SaeModel:
+def load_sparsify(folder: Path, hook: str | None = None, *, sha256: str | None = None
+                  ) -> SaeModel:
+    """Load a sparsify layer folder (``sha256``: the weights file's, when the caller has
+    just hashed it)."""
     cfg_path = folder / CFG_FILE
     weights_path = folder / WEIGHTS_FILE
     cfg = read_json_object(cfg_path)
@@ -74,7 +77,7 @@ def load_sparsify(folder: Path, hook: str | None = None) -> SaeModel:
     skip_connection = boolean(cfg_path, cfg, "skip_connection", False)
 
     file = SafetensorsFile(weights_path)
-    sha256 = sha256_of_files([weights_path])
+    sha256 = sha256 or sha256_of_files([weights_path])
     required = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
     if skip_connection:
         required.add("W_skip")
