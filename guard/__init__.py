@@ -20,6 +20,7 @@ from guard.decision import (
     Phase,
     PluginRun,
     RequestEndReason,
+    RowRole,
     Steering,
 )
 from guard.errors import ConfigError
@@ -41,6 +42,7 @@ __all__ = [
     "Phase",
     "PluginRun",
     "RequestEndReason",
+    "RowRole",
     "Settings",
     "Steering",
     "__version__",

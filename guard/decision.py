@@ -33,6 +33,49 @@ class Phase(enum.IntEnum):
     GENERATION = 2
 
 
+class RowRole(enum.IntEnum):
+    """What a row's token is in the rendered conversation; values match
+    ``guard.v1.RowRole``. :data:`ROLE_NAMES` gives the names that configs use."""
+
+    #: The host did not say: every plugin reads such a row, whatever roles it chose.
+    UNSPECIFIED = 0
+    #: Content of a system message.
+    SYSTEM = 1
+    #: Content of a user message.
+    USER = 2
+    #: Content of an earlier assistant message (part of the prompt).
+    ASSISTANT = 3
+    #: Content of a tool (function, ipython) message.
+    TOOL = 4
+    #: Chat-template markup: role headers, separators, the assistant-turn opener, and text
+    #: the template adds on its own (a default system prompt).
+    TEMPLATE = 5
+    #: A token generated in this request.
+    GENERATED = 6
+
+
+#: Role name (as configs and the host SDK spell it) -> role.
+ROLE_NAMES: Mapping[str, RowRole] = {role.name.lower(): role for role in RowRole}
+#: The rows a detector reads when its config does not say: content and generated tokens,
+#: never the template's markup nor the system prompt (the same on every request).
+CONTENT_ROLES: frozenset[RowRole] = frozenset(
+    {RowRole.USER, RowRole.ASSISTANT, RowRole.TOOL, RowRole.GENERATED})
+
+
+def role_mask(roles: NDArray[np.int8] | None, chosen: frozenset[RowRole] | None
+              ) -> NDArray[np.bool_] | None:
+    """Which rows a reader of ``chosen`` roles reads (None for ``chosen``: every role): the
+    rows of those roles and the rows of unspecified role (the host did not say, so they are
+    read). None when that is every row (``roles`` None: nothing is labelled)."""
+    if chosen is None or roles is None:
+        return None
+    wanted = np.zeros(len(RowRole), dtype=np.bool_)
+    wanted[[int(r) for r in chosen]] = True
+    wanted[RowRole.UNSPECIFIED] = True
+    mask: NDArray[np.bool_] = wanted[roles]
+    return None if bool(mask.all()) else mask
+
+
 #: What a finding asks for: ``log`` (decision log only), ``flag`` (also in the reply to the
 #: host, decision stays CONTINUE), ``abort`` (the decision becomes ABORT).
 FindingAction = Literal["log", "flag", "abort"]
@@ -78,6 +121,8 @@ class ActivationRows:
     phase: Phase
     attributes: Mapping[str, str] = field(default_factory=dict)
     segments: tuple[Segment, ...] = ()
+    #: Each row's :class:`RowRole` value (int8), or None when the host sent none.
+    roles: NDArray[np.int8] | None = None
 
     def request(self, segment: Segment) -> ActivationRows:
         """The rows of one segment as a single-request batch (views, no copy)."""
@@ -87,6 +132,7 @@ class ActivationRows:
             rows=self.rows[rows], positions=self.positions[rows],
             token_ids=None if self.token_ids is None else self.token_ids[rows],
             phase=segment.phase, attributes=segment.attributes,
+            roles=None if self.roles is None else self.roles[rows],
         )
 
 
@@ -124,6 +170,31 @@ class FeatureBatch:
     #: sha256 of the SAE weights that produced the features (the SAE revision).
     sae_sha256: str
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: Each row's :class:`RowRole` value (int8 ``[rows]``), or None when the host labelled
+    #: none (then every row counts as ``UNSPECIFIED``).
+    roles: NDArray[np.int8] | None = None
+
+    def rows_of(self, roles: frozenset[RowRole] | None) -> NDArray[np.bool_] | None:
+        """Which rows have one of ``roles`` (None: every role), rows of unspecified role
+        included: the host did not say, so they are read. None when every row is (no copy
+        needed); else a boolean mask over the rows (it may select none)."""
+        return role_mask(self.roles, roles)
+
+    def select(self, mask: NDArray[np.bool_]) -> FeatureBatch:
+        """This batch with only the rows ``mask`` keeps (copies of those rows)."""
+        selected = FeatureBatch(
+            request_id=self.request_id, sequence=self.sequence, hook=self.hook,
+            feature_ids=self.feature_ids, activations=self.activations[mask],
+            positions=self.positions[mask],
+            token_ids=None if self.token_ids is None else self.token_ids[mask],
+            phase=self.phase, feature_labels=self.feature_labels,
+            sae_sha256=self.sae_sha256, attributes=self.attributes,
+            roles=None if self.roles is None else self.roles[mask],
+        )
+        cached = self.__dict__.get("_index_cache")
+        if cached is not None:  # the same feature ids: the same index
+            object.__setattr__(selected, "_index_cache", cached)
+        return selected
 
     def column(self, feature_id: int) -> NDArray[np.float32]:
         """Activations of one feature across the rows; KeyError if it was not encoded."""

@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.decision import FeatureBatch, FeatureRequest, Phase
+from guard.decision import FeatureBatch, FeatureRequest, Phase, RowRole
 from guard.hookspecs import hookimpl
 from guard.settings import Settings
 
@@ -38,10 +38,14 @@ def frozen_batch(
     feature_labels: Mapping[int, str],
     sae_sha256: str,
     attributes: Mapping[str, str],
+    roles: NDArray[Any] | None = None,
 ) -> FeatureBatch:
     """A batch whose arrays are read-only copies of the given ones, with rows checked."""
     n_rows = activations.shape[0]
-    for name, array in (("positions", positions), ("token_ids", token_ids)):
+    if roles is not None and roles.size and (roles.min() < 0 or roles.max() > max(RowRole)):
+        raise ValueError(f"roles: expected RowRole values (0 to {int(max(RowRole))}), found "
+                         f"{int(roles.min())} to {int(roles.max())}")
+    for name, array in (("positions", positions), ("token_ids", token_ids), ("roles", roles)):
         if array is not None and array.shape != (n_rows,):
             raise ValueError(
                 f"{name}: expected {n_rows} values (one per row), found shape {array.shape}"
@@ -58,6 +62,7 @@ def frozen_batch(
         feature_labels=feature_labels,
         sae_sha256=sae_sha256,
         attributes=attributes,
+        roles=None if roles is None else _read_only(roles, np.int8),
     )
 
 
@@ -73,10 +78,10 @@ def _read_only(array: NDArray[Any], dtype: type[_Scalar]) -> NDArray[_Scalar]:
 def save_batches(path: str | os.PathLike[str], batches: Sequence[FeatureBatch]) -> None:
     """Write feature batches to ``path`` (a compressed ``.npz``, exactly that name).
 
-    Every field is kept: ids, activations, positions, token ids, phase, labels, SAE revision
-    and attributes. The file holds plain arrays and JSON text, so :func:`load_batches` reads
-    it with ``allow_pickle=False``. Token ids can reveal the text: treat such files as data
-    of the requests they came from.
+    Every field is kept: ids, activations, positions, token ids, row roles, phase, labels,
+    SAE revision and attributes. The file holds plain arrays and JSON text, so
+    :func:`load_batches` reads it with ``allow_pickle=False``. Token ids can reveal the
+    text: treat such files as data of the requests they came from.
 
     >>> import tempfile, pathlib
     >>> from guard.testing import make_feature_batch
@@ -105,6 +110,8 @@ def save_batches(path: str | os.PathLike[str], batches: Sequence[FeatureBatch]) 
         arrays[f"{i}.positions"] = np.asarray(batch.positions, dtype=np.int64)
         if batch.token_ids is not None:
             arrays[f"{i}.token_ids"] = np.asarray(batch.token_ids, dtype=np.int64)
+        if batch.roles is not None:
+            arrays[f"{i}.roles"] = np.asarray(batch.roles, dtype=np.int8)
     with open(path, "wb") as file:  # a file object: numpy would append .npz to a name
         np.savez_compressed(file, allow_pickle=False, **arrays)
 
@@ -132,7 +139,7 @@ def load_batches(path: str | os.PathLike[str]) -> list[FeatureBatch]:
 
 def _load_batch(data: np.lib.npyio.NpzFile, i: int) -> FeatureBatch:
     meta = json.loads(str(data[f"{i}.meta"]))
-    token_key = f"{i}.token_ids"
+    token_key, role_key = f"{i}.token_ids", f"{i}.roles"
     return frozen_batch(
         request_id=meta["request_id"],
         sequence=meta["sequence"],
@@ -145,6 +152,7 @@ def _load_batch(data: np.lib.npyio.NpzFile, i: int) -> FeatureBatch:
         feature_labels={int(k): v for k, v in meta["feature_labels"].items()},
         sae_sha256=meta["sae_sha256"],
         attributes=meta["attributes"],
+        roles=data[role_key] if role_key in data.files else None,
     )
 
 
@@ -209,6 +217,7 @@ class BatchRecorder:
             positions=batch.positions, token_ids=batch.token_ids if self.token_ids else None,
             phase=batch.phase, feature_labels=dict(batch.feature_labels),
             sae_sha256=batch.sae_sha256, attributes=dict(batch.attributes),
+            roles=batch.roles,
         ))
 
     @hookimpl

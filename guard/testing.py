@@ -43,6 +43,7 @@ import pytest
 from numpy.typing import ArrayLike, NDArray
 
 from guard.decision import (
+    ROLE_NAMES,
     Action,
     Decision,
     FeatureBatch,
@@ -52,6 +53,7 @@ from guard.decision import (
     Phase,
     PluginRun,
     RequestEndReason,
+    RowRole,
     Steering,
     new_decision_id,
 )
@@ -98,6 +100,7 @@ def make_feature_batch(
     labels: Mapping[int, str] | None = None,
     sae_sha256: str = SAE_SHA256,
     attributes: Mapping[str, str] | None = None,
+    roles: Sequence[RowRole | int | str] | None = None,
 ) -> FeatureBatch:
     """A :class:`~guard.FeatureBatch` as the engine hands it to ``guard_detect``.
 
@@ -108,8 +111,10 @@ def make_feature_batch(
     - a list of values, one per row, when ``feature_ids`` names exactly one feature;
     - a mapping of feature id to its column (then ``feature_ids`` is its keys).
 
-    ``positions`` default to ``0 .. rows-1``. The arrays are copies marked read-only, as
-    plugins must treat them: a batch is shared by every plugin of the guard.
+    ``positions`` default to ``0 .. rows-1``. ``roles``: each row's :class:`~guard.RowRole`
+    (a member, its value or its name such as ``"user"``); default none, as from a host that
+    labels no roles. The arrays are copies marked read-only, as plugins must treat them: a
+    batch is shared by every plugin of the guard.
 
     >>> batch = make_feature_batch(activations={7: [0.25, 0.75], 3: [0.0, 0.5]})
     >>> batch.feature_ids.tolist(), batch.column(7).tolist(), batch.positions.tolist()
@@ -156,6 +161,8 @@ def make_feature_batch(
         feature_labels={int(k): str(v) for k, v in (labels or {}).items()},
         sae_sha256=sae_sha256,
         attributes=dict(attributes or {}),
+        roles=None if roles is None else np.array(
+            [ROLE_NAMES[r] if isinstance(r, str) else int(r) for r in roles], dtype=np.int8),
     )
 
 

@@ -222,10 +222,12 @@ def smollm2_tokenizer() -> Any:
 
 def test_collect_matches_the_hook_rows_and_the_guards_encoder(tmp_path: Path) -> None:
     """A tiny random Llama: rows of blocks.1.hook_resid_post (hidden_states[2]) without
-    position 0, batched with padding, give the same features as one prompt at a time."""
+    position 0, batched with padding, give the same features as one prompt at a time; the
+    reductions read the user's rows only (the default ``rows``), as a detector does."""
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from guard import RowRole
     from guard.models.smollm2 import chat_input_ids
     from guard.sae import open_sae
     from tests.sae_fixtures import write_saelens
@@ -252,10 +254,17 @@ def test_collect_matches_the_hook_rows_and_the_guards_encoder(tmp_path: Path) ->
         rows = np.ascontiguousarray(hidden[0, 1:].numpy())
         expected = encoder.encode(rows)
         assert len(acts.tokens[i]) == rows.shape[0]
-        np.testing.assert_allclose(acts.max_acts[i], expected.max(axis=0), atol=2e-4)
-        np.testing.assert_allclose(acts.mean_acts[i], expected.mean(axis=0), atol=2e-4)
+        roles = acts.roles_of(i)
+        assert roles is not None
+        user = roles == RowRole.USER
+        content = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert int(user.sum()) == len(content)  # the message's tokens, nothing else
+        assert set(roles[~user].tolist()) == {RowRole.TEMPLATE}
+        np.testing.assert_array_equal(acts.token_ids_of(i), ids[0, 1:].numpy())
+        np.testing.assert_allclose(acts.max_acts[i], expected[user].max(axis=0), atol=2e-4)
+        np.testing.assert_allclose(acts.mean_acts[i], expected[user].mean(axis=0), atol=2e-4)
         np.testing.assert_allclose(acts.rows_of(i), expected, atol=2e-4)
-        np.testing.assert_allclose(acts.resid_mean[i], rows.mean(axis=0), atol=2e-4)
+        np.testing.assert_allclose(acts.resid_mean[i], rows[user].mean(axis=0), atol=2e-4)
     assert acts.hook == "blocks.1.hook_resid_post"
 
 

@@ -322,8 +322,7 @@ def test_run_tracker_memory_is_bounded() -> None:
     assert len(tracker) == 0
 
 
-@pytest.mark.parametrize("reason", ["finished", "aborted", "preempted", "evicted",
-                                    "stream_closed"])
+@pytest.mark.parametrize("reason", ["finished", "aborted", "evicted", "stream_closed"])
 def test_the_end_of_a_request_frees_its_run(
     guard_plugin_harness: PluginHarnessFactory, reason: RequestEndReason,
 ) -> None:
@@ -343,6 +342,25 @@ def test_the_end_of_a_request_frees_its_run(
     assert harness.detect(feature_batch({5: [2.0]}, positions=[2], request_id="a")) == []
     [finding] = harness.detect(feature_batch({5: [2.0]}, positions=[2], request_id="b"))
     assert finding.detector == "drift"
+
+
+def test_a_preempted_request_is_counted_once_when_its_rows_are_resent(
+    guard_plugin_harness: PluginHarnessFactory,
+) -> None:
+    # vLLM preempts a request, tells the guard, recomputes it and sends its rows again from
+    # the start. The guard hears of the preemption on its sink thread, so the resent rows can
+    # be counted before it does: the end must not wipe them (it did), and the resent rows
+    # must restart the count rather than add to it.
+    harness = guard_plugin_harness("detectors", settings={"drift": sustained(3)})
+    met = [2.0, 2.0]
+    assert harness.detect(feature_batch({5: met}, positions=[1, 2], request_id="a")) == []
+    # Resent: positions 1..3 again. Counted afresh, the run reaches 3 at position 3 only.
+    [resent] = harness.detect(feature_batch({5: [*met, 2.0]}, positions=[1, 2, 3],
+                                            request_id="a"))
+    assert resent.positions == (3,)
+    harness.request_ended("a", "preempted")  # arrives late, behind the resent rows
+    [going_on] = harness.detect(feature_batch({5: [2.0]}, positions=[4], request_id="a"))
+    assert going_on.positions == (4,) and "for 4 consecutive tokens" in going_on.message
 
 
 def test_a_request_ends_without_state_in_threshold_only_detectors(

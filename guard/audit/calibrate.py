@@ -2,7 +2,9 @@
 rates.
 
 Two detectors are fitted on the training split, each scoring a prompt exactly as the
-detectors plugin scores the prompt's batch (all rows but position 0, one batch):
+detectors plugin scores the prompt's batch (one batch of every row but position 0, each with
+its role; the detector reads the rows of the roles chosen, by default the user's words and not
+the chat template's markup, and the written block says which in its ``rows`` setting):
 
 - **threshold**: the per-prompt ``max`` (or ``mean``) of each chosen feature, combined with
   ``any`` (largest) or ``all`` (smallest); fires when that reaches the threshold. With
@@ -32,7 +34,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.audit.data import bucket_names, length_buckets
-from guard.audit.rank import PromptActivations, auroc, rank_features
+from guard.audit.rank import PromptActivations, auroc, rank_features, role_names
+from guard.decision import RowRole
 from guard.errors import InvalidInput
 
 Combine = Literal["any", "all"]
@@ -402,6 +405,9 @@ class Calibration:
     test_labels: NDArray[np.int64]
     train_size: int
     test_size: int
+    rows: frozenset[RowRole] | None = None
+    """The roles of the rows the detectors were fitted on (None: every row), which the
+    written blocks' ``rows`` setting names."""
 
 
 def calibrate(
@@ -479,7 +485,8 @@ def calibrate(
                                        metrics_at(s[test], y_test, t), s[test], by_bucket,
                                        by_source)
     return Calibration(name, acts.hook, acts.sae_sha256, target_fpr, threshold_fit,
-                       linear_fit, results, y_test, len(train), len(test))
+                       linear_fit, results, y_test, len(train), len(test),
+                       rows=acts.rows if acts.roles is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,13 +508,15 @@ def detector_blocks(cal: Calibration, *, action: str = "log") -> dict[str, dict[
     :func:`threshold_entries`) and ``<name>-linear``.
 
     Thresholds are written at full precision so that the plugin reproduces the measured
-    operating point exactly. ``phases: [prompt]``: they were calibrated on prompts.
+    operating point exactly. ``phases: [prompt]``: they were calibrated on prompts; ``rows``:
+    the roles of the rows they were fitted on (``all`` for rows without roles).
     """
     t, lin = cal.threshold_fit, cal.linear_fit
+    rows = role_names(cal.rows)
     blocks: dict[str, dict[str, Any]] = {
         name: {"type": "threshold", "hook": cal.hook, "features": features,
                "threshold": threshold, "combine": t.combine, "reduce": t.reduce,
-               "action": action, "phases": ["prompt"]}
+               "action": action, "phases": ["prompt"], "rows": rows}
         for name, (features, threshold) in threshold_entries(cal).items()
     }
     return {
@@ -516,7 +525,8 @@ def detector_blocks(cal: Calibration, *, action: str = "log") -> dict[str, dict[
                                "weights": {int(f): float(w) for f, w in
                                            zip(lin.features, lin.weights, strict=True)},
                                "bias": float(lin.bias), "threshold": float(lin.threshold),
-                               "reduce": "mean", "action": action, "phases": ["prompt"]},
+                               "reduce": "mean", "action": action, "phases": ["prompt"],
+                               "rows": rows},
     }
 
 
@@ -571,6 +581,7 @@ def metrics_record(cal: Calibration) -> dict[str, Any]:
         "name": cal.name,
         "hook": cal.hook,
         "sae_sha256": cal.sae_sha256,
+        "rows": role_names(cal.rows),
         "target_fpr": cal.target_fpr,
         "operating_point": "chosen on the training split: the lowest threshold with "
                            "training FPR <= target_fpr",
@@ -624,7 +635,8 @@ def shadow_plugins(blocks: Mapping[str, Any]) -> Any:
 
 
 def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations) -> ShadowResult:
-    """Each prompt as one prompt-phase batch of its rows (positions 1...), through the plugin."""
+    """Each prompt as one prompt-phase batch of its rows (positions 1..., with their roles
+    and token ids), through the plugin."""
     from guard import FeatureBatch, Phase
 
     plugins = shadow_plugins(blocks)
@@ -641,8 +653,9 @@ def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations) -> Shadow
             request_id=f"prompt-{i}", sequence=1, hook=acts.hook,
             feature_ids=np.array(features, dtype=np.int64),
             activations=np.ascontiguousarray(rows, dtype=np.float32),
-            positions=np.arange(1, rows.shape[0] + 1, dtype=np.int64), token_ids=None,
-            phase=Phase.PROMPT, feature_labels={}, sae_sha256=acts.sae_sha256)
+            positions=np.arange(1, rows.shape[0] + 1, dtype=np.int64),
+            token_ids=acts.token_ids_of(i), phase=Phase.PROMPT, feature_labels={},
+            sae_sha256=acts.sae_sha256, roles=acts.roles_of(i))
         findings, errors = plugins.detect(batch)
         failures += [f"prompt {i}: {e.error}" for e in errors]
         for finding in findings:

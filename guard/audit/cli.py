@@ -34,8 +34,10 @@ from guard.audit.data import (
     split,
     write_prompts,
 )
-from guard.decision import EditKind
+from guard.decision import CONTENT_ROLES, EditKind
 from guard.errors import GuardError, InvalidInput
+
+_DEFAULT_ROWS = [role.name.lower() for role in sorted(CONTENT_ROLES)]
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -170,7 +172,8 @@ def register_detectors(commands: Subparsers) -> None:
     shadow.add_argument("--sae", type=Path, help="the SAE (with --prompts)")
     shadow.add_argument("--hook", help="hook name, overriding the SAE's")
     shadow.add_argument("--max-tokens", type=int, default=256,
-                        help="cut each prompt to this many tokens (default: 256)")
+                        help="cut each prompt to this many tokens (default: 256; 0: no cut, "
+                        "the rows a host sends)")
     shadow.add_argument("--show", type=int, default=5,
                         help="highest-scoring prompts shown per detector (default: 5)")
     shadow.add_argument("--cache", type=Path, help="activation cache folder (default: "
@@ -201,7 +204,13 @@ def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feature labels: {\"12\": \"label\"} or a Neuronpedia-style JSON "
                         "export (list of {index, description})")
     parser.add_argument("--max-tokens", type=int, default=256,
-                        help="cut each user message to this many tokens (default: 256)")
+                        help="cut each user message to this many tokens (default: 256; 0: "
+                        "no cut, the rows a host sends)")
+    parser.add_argument("--rows", default=",".join(_DEFAULT_ROWS), metavar="ROLES",
+                        help="the roles of the rows a prompt's score reads, as the detectors' "
+                        "`rows` setting (comma-separated: system, user, assistant, tool, "
+                        "template, generated; or all); written into the detector block "
+                        "(default: %(default)s: the chat template's markup is not read)")
     parser.add_argument("--match-lengths", action=argparse.BooleanOptionalAction, default=True,
                         help="keep as many benign as positive prompts in every length bucket "
                         "(default: on)")
@@ -231,6 +240,14 @@ class _Prepared:
         self.sae = sae
 
 
+def _max_tokens(args: argparse.Namespace) -> int | None:
+    """``--max-tokens``: None for 0 (no cut)."""
+    if args.max_tokens < 0:
+        raise InvalidInput(f"--max-tokens: expected a number of tokens >= 0 (0: no cut), "
+                           f"found {args.max_tokens}")
+    return int(args.max_tokens) or None
+
+
 def _edges(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())
@@ -248,11 +265,12 @@ def _cache(path: Path | None) -> Path | None:
 
 
 def _prepare(args: argparse.Namespace) -> _Prepared:
-    from guard.audit.rank import cached_activations, prompt_token_ids
+    from guard.audit.rank import cached_activations, parse_rows, prompt_token_ids
     from guard.models.smollm2 import load_smollm2
     from guard.sae import open_sae
 
     edges = _edges(args.bucket_edges)
+    rows = parse_rows(args.rows)
     positives = read_prompts(args.positive, 1)
     prompts = positives + read_prompts(args.benign, 0)
     texts = {p.text for p in positives}
@@ -262,7 +280,7 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
                            f"{args.positive}, first {overlap[0].text[:60]!r}")
     sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
     model, tokenizer = load_smollm2()
-    lengths = np.array([prompt_token_ids(tokenizer, p.text, args.max_tokens)[1]
+    lengths = np.array([prompt_token_ids(tokenizer, p.text, _max_tokens(args))[1]
                         for p in prompts], dtype=np.int64)
     labels = np.array([p.label for p in prompts], dtype=np.int64)
     buckets = length_buckets(lengths, edges)
@@ -289,7 +307,7 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
           + (" (lengths matched per bucket)" if args.match_lengths else ""), file=sys.stderr)
     acts = cached_activations(_cache(args.cache), [p.text for p in prompts],
                               [p.label for p in prompts], sae, model, tokenizer,
-                              hook=args.hook, max_tokens=args.max_tokens)
+                              hook=args.hook, max_tokens=_max_tokens(args), rows=rows)
     return _Prepared(prompts, acts, edges, counts, sae)
 
 
@@ -352,7 +370,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(f"report: {args.report}", file=sys.stderr)
     if args.json is not None:
         write_text(args.json, json.dumps({"hook": acts.hook, "sae_sha256": acts.sae_sha256,
-                                          "prompts": prepared.counts,
+                                          "rows": args.rows, "prompts": prepared.counts,
                                           "features": [vars(r) for r in ranks]}, indent=2))
     if args.labels_out is not None:
         write_labels(args.labels_out, labels)
@@ -395,6 +413,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "command": shlex.join(["guard", *sys.argv[1:]]),
         "seconds": round(time.monotonic() - started, 1),
         "max_tokens": args.max_tokens,
+        "rows": args.rows,
         "seed": args.seed,
         "machine": f"{platform.machine()}, {_cpus()} CPUs, {platform.python_version()}",
     }
@@ -488,7 +507,8 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
             model, tokenizer = load_smollm2()
             acts = cached_activations(_cache(args.cache), texts, [0] * len(texts), sae, model,
-                                      tokenizer, hook=args.hook, max_tokens=args.max_tokens)
+                                      tokenizer, hook=args.hook,
+                                      max_tokens=_max_tokens(args))
             result = shadow_prompts(blocks, acts)
     except GuardError as e:
         return _fail("detectors shadow", e)

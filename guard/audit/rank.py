@@ -1,9 +1,11 @@
 """``guard features rank``: which SAE features tell a behaviour's prompts from benign ones.
 
-Each prompt runs through the host model as the host SDK sends it (the chat template with a
-generation prompt; every position but 0, whose residual is an attention sink) and through the
+Each prompt runs through the host model as the host SDK sends it (rendered by
+:func:`guard.host.chat.render`, the chat template with a generation prompt, which also gives
+each token's role; every position but 0, whose residual is an attention sink) and through the
 guard's own encoder (:func:`guard.sae.open_sae`, ONNX Runtime), so the scores are the ones the
-sidecar computes. Per prompt and feature the activations are reduced over the prompt's rows
+sidecar computes. Per prompt and feature the activations are reduced over the rows a detector
+reads (the roles chosen, ``rows``: by default the user's words, not the template's markup)
 twice, by ``max`` and by ``mean`` (the two reductions of the detectors plugin), and features
 are ranked by how well the per-prompt max separates the classes: AUROC (rank-based, ties
 counted half), then the difference of the class means. The firing rate is the share of a
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
+from guard.decision import CONTENT_ROLES, RowRole, role_mask
 from guard.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
 FloatArray = NDArray[np.float32]
 #: Bump when the cache layout or what is computed changes.
-_CACHE_FORMAT = "guard-audit/1"
+_CACHE_FORMAT = "guard-audit/2"
 #: Tokens per forward batch (padding included): bounds memory on long prompts.
 _BATCH_TOKENS = 4096
 
@@ -46,11 +49,11 @@ class PromptActivations:
     labels: NDArray[np.int64]
     """1 positive, 0 benign, per prompt."""
     max_acts: FloatArray
-    """``[prompts, d_sae]``: each feature's maximum over the prompt's rows."""
+    """``[prompts, d_sae]``: each feature's maximum over the prompt's chosen rows."""
     mean_acts: FloatArray
-    """``[prompts, d_sae]``: each feature's mean over the prompt's rows."""
+    """``[prompts, d_sae]``: each feature's mean over the prompt's chosen rows."""
     resid_mean: FloatArray
-    """``[prompts, d_in]``: the mean residual row (for the linear-probe ceiling)."""
+    """``[prompts, d_in]``: the mean chosen residual row (for the linear-probe ceiling)."""
     prompt_tokens: NDArray[np.int64]
     """Tokens of the user's message (after truncation): the length used for buckets."""
     tokens: list[list[str]]
@@ -60,6 +63,35 @@ class PromptActivations:
     nz_row: NDArray[np.int32]
     nz_feature: NDArray[np.int32]
     nz_value: FloatArray
+    roles: NDArray[np.int8] | None = None
+    """Every row's :class:`RowRole` value, prompt after prompt (prompt ``i``'s rows are
+    ``row_offsets[i]:row_offsets[i+1]``); None: unlabelled (every row is read)."""
+    token_ids: NDArray[np.int64] | None = None
+    """Every row's token id, aligned with ``roles`` (None: unknown)."""
+    rows: frozenset[RowRole] | None = CONTENT_ROLES
+    """The roles whose rows ``max_acts``, ``mean_acts`` and ``resid_mean`` reduce (None:
+    every row), as the detectors plugin's ``rows`` setting chooses them."""
+
+    @property
+    def row_offsets(self) -> NDArray[np.int64]:
+        """``[prompts + 1]``: prompt ``i``'s rows are ``row_offsets[i]:row_offsets[i+1]``."""
+        offsets: NDArray[np.int64] = np.r_[0, np.cumsum([len(t) for t in self.tokens])
+                                           ].astype(np.int64)
+        return offsets
+
+    def roles_of(self, prompt: int) -> NDArray[np.int8] | None:
+        """The role of each row of one prompt (None: unlabelled)."""
+        if self.roles is None:
+            return None
+        offsets = self.row_offsets
+        return self.roles[int(offsets[prompt]):int(offsets[prompt + 1])]
+
+    def token_ids_of(self, prompt: int) -> NDArray[np.int64] | None:
+        """The token id of each row of one prompt (None: unknown)."""
+        if self.token_ids is None:
+            return None
+        offsets = self.row_offsets
+        return self.token_ids[int(offsets[prompt]):int(offsets[prompt + 1])]
 
     @property
     def d_sae(self) -> int:
@@ -87,11 +119,13 @@ class PromptActivations:
         arrays: dict[str, NDArray[Any]] = {
             "format": np.array(_CACHE_FORMAT),
             "meta": np.array(json.dumps({"hook": self.hook, "sae_sha256": self.sae_sha256,
-                                         "tokens": self.tokens})),
+                                         "tokens": self.tokens,
+                                         "rows": role_names(self.rows)})),
         }
         for field in ("labels", "max_acts", "mean_acts", "resid_mean", "prompt_tokens",
-                      "offsets", "nz_row", "nz_feature", "nz_value"):
-            arrays[field] = getattr(self, field)
+                      "offsets", "nz_row", "nz_feature", "nz_value", "roles", "token_ids"):
+            if getattr(self, field) is not None:
+                arrays[field] = getattr(self, field)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         with partial.open("wb") as file:
@@ -110,7 +144,10 @@ class PromptActivations:
                        mean_acts=data["mean_acts"], resid_mean=data["resid_mean"],
                        prompt_tokens=data["prompt_tokens"], offsets=data["offsets"],
                        nz_row=data["nz_row"], nz_feature=data["nz_feature"],
-                       nz_value=data["nz_value"])
+                       nz_value=data["nz_value"],
+                       roles=data["roles"] if "roles" in data.files else None,
+                       token_ids=data["token_ids"] if "token_ids" in data.files else None,
+                       rows=_roles_named(meta["rows"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,19 +158,31 @@ class _Stop(Exception):
     """Raised by the hook once the layer ran: the rest of the model is not needed."""
 
 
-def prompt_token_ids(
+def prompt_rows(
     tokenizer: Any, text: str, max_tokens: int | None
-) -> tuple[list[int], int]:
-    """(chat token ids as the host sends them, tokens of the user's message): the message is
-    cut to ``max_tokens`` tokens first."""
-    from guard.models.smollm2 import chat_input_ids
+) -> tuple[list[int], NDArray[np.int8], int]:
+    """(chat token ids as the host sends them, each token's role, tokens of the user's
+    message): the prompt as a one-message conversation through
+    :func:`guard.host.chat.render`, the path the host SDK and the demo take. The message is
+    cut to ``max_tokens`` tokens first (then its rows are a prefix of what a host serving
+    the whole message sends)."""
+    from guard.host.chat import render
 
     content: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None and len(content) > max_tokens:
         content = content[:max_tokens]
         text = tokenizer.decode(content)
-    ids = chat_input_ids(tokenizer, [{"role": "user", "content": text}])
-    return [int(i) for i in ids[0].tolist()], len(content)
+    ids, roles = render(tokenizer, [{"role": "user", "content": text}])
+    return ids, roles, len(content)
+
+
+def prompt_token_ids(
+    tokenizer: Any, text: str, max_tokens: int | None
+) -> tuple[list[int], int]:
+    """(chat token ids as the host sends them, tokens of the user's message): see
+    :func:`prompt_rows`."""
+    ids, _roles, length = prompt_rows(tokenizer, text, max_tokens)
+    return ids, length
 
 
 @dataclasses.dataclass
@@ -147,6 +196,10 @@ class ResidualRows:
     """``[prompts + 1]``: prompt ``i``'s rows are ``rows[offsets[i]:offsets[i+1]]``."""
     prompt_tokens: NDArray[np.int64]
     tokens: list[list[str]]
+    roles: NDArray[np.int8]
+    """``[total rows]``: each row's :class:`RowRole` value."""
+    token_ids: NDArray[np.int64]
+    """``[total rows]``: each row's token id."""
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +207,8 @@ class ResidualRows:
         with partial.open("wb") as file:
             np.savez(file, allow_pickle=False, format=np.array(_CACHE_FORMAT),
                      meta=np.array(json.dumps({"layer": self.layer, "tokens": self.tokens})),
-                     rows=self.rows, offsets=self.offsets, prompt_tokens=self.prompt_tokens)
+                     rows=self.rows, offsets=self.offsets, prompt_tokens=self.prompt_tokens,
+                     roles=self.roles, token_ids=self.token_ids)
         partial.replace(path)
 
     @classmethod
@@ -165,7 +219,8 @@ class ResidualRows:
                                    f"found {str(data['format'])!r}")
             meta = json.loads(str(data["meta"]))
             return cls(layer=meta["layer"], rows=data["rows"], offsets=data["offsets"],
-                       prompt_tokens=data["prompt_tokens"], tokens=meta["tokens"])
+                       prompt_tokens=data["prompt_tokens"], tokens=meta["tokens"],
+                       roles=data["roles"], token_ids=data["token_ids"])
 
 
 def residual_rows(
@@ -177,16 +232,18 @@ def residual_rows(
     max_tokens: int | None = 256,
     progress: TextIO | None = None,
 ) -> ResidualRows:
-    """Run every prompt (chat template, message cut to ``max_tokens``) through ``model`` up
-    to decoder layer ``layer`` and keep that layer's output at every position but 0: the
-    rows the host SDK sends for ``blocks.{layer}.hook_resid_post``. Prompts of similar
-    lengths share a right-padded batch (padding does not change a causal model's rows)."""
+    """Run every prompt (:func:`prompt_rows`: the chat template, message cut to
+    ``max_tokens``) through ``model`` up to decoder layer ``layer`` and keep that layer's
+    output at every position but 0, with each row's role and token id: the rows the host
+    SDK sends for ``blocks.{layer}.hook_resid_post``. Prompts of similar lengths share a
+    right-padded batch (padding does not change a causal model's rows)."""
     import torch
 
     from guard.host.attach import decoder_layers
 
     target = decoder_layers(model)[layer]
-    encoded = [prompt_token_ids(tokenizer, t, max_tokens) for t in texts]
+    rendered = [prompt_rows(tokenizer, t, max_tokens) for t in texts]
+    encoded = [(ids, length) for ids, _roles, length in rendered]
     n = len(texts)
     per_prompt: list[FloatArray] = [np.zeros((0, 0), np.float32)] * n
     tokens: list[list[str]] = [[] for _ in range(n)]
@@ -234,15 +291,20 @@ def residual_rows(
         offsets=np.r_[0, np.cumsum(counts)].astype(np.int64),
         prompt_tokens=np.array([e[1] for e in encoded], dtype=np.int64),
         tokens=tokens,
+        roles=np.concatenate([r[1][1:] for r in rendered]).astype(np.int8) if n
+        else np.zeros(0, np.int8),
+        token_ids=np.array([t for ids, _length in encoded for t in ids[1:]], dtype=np.int64),
     )
 
 
 def encode_prompts(
     resid: ResidualRows, labels: Sequence[int], sae: Sae, *, hook: str | None = None,
-    chunk_rows: int = 8192,
+    chunk_rows: int = 8192, rows: frozenset[RowRole] | None = CONTENT_ROLES,
 ) -> PromptActivations:
     """Encode every prompt's rows with the SAE's full encoder (ONNX Runtime, the sidecar's)
-    and reduce them per prompt."""
+    and reduce them per prompt over the rows of the ``rows`` roles (None: every row), the
+    rows a detector with that ``rows`` setting reads. A prompt with none of them reduces to
+    zeros."""
     from guard.host.attach import layer_index
 
     hook_name = hook or sae.info.hook_name
@@ -263,13 +325,17 @@ def encode_prompts(
         acts = encoder.encode(np.ascontiguousarray(resid.rows[lo : int(resid.offsets[j])]))
         for k in range(i, j):
             a, b = int(resid.offsets[k]) - lo, int(resid.offsets[k + 1]) - lo
-            rows = acts[a:b]
-            max_acts[k], mean_acts[k] = rows.max(axis=0), rows.mean(axis=0)
-            resid_mean[k] = resid.rows[lo + a : lo + b].mean(axis=0)
-            r, f = np.nonzero(rows)
+            prompt = acts[a:b]
+            mask = role_mask(resid.roles[lo + a : lo + b], rows)
+            read = prompt if mask is None else prompt[mask]
+            raw = resid.rows[lo + a : lo + b]
+            if len(read):
+                max_acts[k], mean_acts[k] = read.max(axis=0), read.mean(axis=0)
+                resid_mean[k] = (raw if mask is None else raw[mask]).mean(axis=0)
+            r, f = np.nonzero(prompt)
             nz_row.append(r.astype(np.int32))
             nz_feature.append(f.astype(np.int32))
-            nz_value.append(rows[r, f])
+            nz_value.append(prompt[r, f])
             counts.append(len(r))
         i = j
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -281,6 +347,7 @@ def encode_prompts(
         nz_row=np.concatenate(nz_row) if nz_row else empty_i,
         nz_feature=np.concatenate(nz_feature) if nz_feature else empty_i,
         nz_value=np.concatenate(nz_value) if nz_value else empty_f,
+        roles=resid.roles, token_ids=resid.token_ids, rows=rows,
     )
 
 
@@ -294,6 +361,7 @@ def collect_activations(
     hook: str | None = None,
     max_tokens: int | None = 256,
     progress: TextIO | None = None,
+    rows: frozenset[RowRole] | None = CONTENT_ROLES,
 ) -> PromptActivations:
     """:func:`residual_rows` at the SAE's layer, then :func:`encode_prompts`."""
     from guard.host.attach import layer_index
@@ -301,7 +369,7 @@ def collect_activations(
     layer = layer_index(hook or sae.info.hook_name)
     resid = residual_rows(texts, model, tokenizer, layer, max_tokens=max_tokens,
                           progress=progress)
-    return encode_prompts(resid, labels, sae, hook=hook)
+    return encode_prompts(resid, labels, sae, hook=hook, rows=rows)
 
 
 def _length_batches(order: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
@@ -327,6 +395,7 @@ def cached_activations(
     hook: str | None,
     max_tokens: int | None,
     progress: TextIO | None = sys.stderr,
+    rows: frozenset[RowRole] | None = CONTENT_ROLES,
 ) -> PromptActivations:
     """:func:`collect_activations`, with the residual rows (the slow part: the model) cached
     in ``cache`` under a key of the prompts, the model, the layer and the token budget, so
@@ -352,11 +421,34 @@ def cached_activations(
         if path is not None:
             resid.save(path)
     started = time.monotonic()
-    acts = encode_prompts(resid, labels, sae, hook=hook)
+    acts = encode_prompts(resid, labels, sae, hook=hook, rows=rows)
     if progress is not None:
         print(f"  encoded {len(resid.rows)} rows with the SAE in "
               f"{time.monotonic() - started:.0f} s", file=progress)
     return acts
+
+
+def parse_rows(text: str, option: str = "--rows") -> frozenset[RowRole] | None:
+    """``all`` (None) or comma-separated role names (``user,generated``), as the detectors
+    plugin's ``rows`` setting takes them; InvalidInput names ``option``."""
+    if text.strip() == "all":
+        return None
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    known = {r.name.lower(): r for r in RowRole if r is not RowRole.UNSPECIFIED}
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise InvalidInput(f"{option}: expected 'all' or comma-separated row roles "
+                           f"({', '.join(known)}), found {text!r}")
+    return frozenset(known[n] for n in names)
+
+
+def role_names(rows: frozenset[RowRole] | None) -> list[str] | str:
+    """A ``rows`` choice as the detectors plugin's config writes it."""
+    return "all" if rows is None else [r.name.lower() for r in sorted(rows)]
+
+
+def _roles_named(value: list[str] | str) -> frozenset[RowRole] | None:
+    return None if value == "all" else frozenset(RowRole[n.upper()] for n in value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ residual stream, an ABORT ends the generation and the HTTP client gets a refusal
 decision id (``finish_reason: "content_filter"`` and a ``guard`` object). Streaming
 (``"stream": true``) sends server-sent events in OpenAI's chunk format.
 
+The prompt is rendered by :func:`guard.host.chat.render` (the path calibration takes too), so
+every row the guard gets carries its role: the user's words, the template's markup (role
+headers, the default system prompt, the assistant-turn opener) or generated tokens; the
+detectors read the roles they chose.
+
 It is a demo: one generation at a time (a lock; the model is not thread-safe for parallel
 generate calls), stdlib ``http.server``, batch size 1. Malformed requests get 4xx with an
 OpenAI-style JSON error body.
@@ -155,10 +160,14 @@ class ChatService:
         self.attachment = attachment
         self._lock = threading.Lock()
 
-    def _inputs(self, request: ChatRequest) -> Any:
-        from guard.models.smollm2 import chat_input_ids
+    def _inputs(self, request: ChatRequest) -> tuple[Any, Any]:
+        """The prompt's token ids ``[1, T]`` and each position's role."""
+        import torch
 
-        return chat_input_ids(self.tokenizer, request.messages)
+        from guard.host.chat import render
+
+        ids, roles = render(self.tokenizer, request.messages)
+        return torch.tensor([ids], dtype=torch.long), roles
 
     def generate(self, request: ChatRequest) -> Iterator[tuple[str, Generation]]:
         """Yield text pieces as they are generated; the last yield has the final state."""
@@ -169,7 +178,7 @@ class ChatService:
             span_context = trace.get_current_span().get_span_context()
             if span_context.is_valid:
                 generation.trace_id = format(span_context.trace_id, "032x")
-            input_ids = self._inputs(request)
+            input_ids, roles = self._inputs(request)
             generation.prompt_tokens = int(input_ids.shape[1])
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                             skip_special_tokens=True)
@@ -188,7 +197,7 @@ class ChatService:
                 try:
                     with torch.no_grad():
                         if self.attachment is not None:
-                            with self.attachment.request(generation.request_id):
+                            with self.attachment.request(generation.request_id, roles=roles):
                                 outcome["ids"] = self.model.generate(input_ids, **kwargs)
                         else:
                             outcome["ids"] = self.model.generate(input_ids, **kwargs)

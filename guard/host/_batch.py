@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.decision import Phase
+from guard.decision import ROLE_NAMES, Phase, RowRole
 from guard.errors import TooLarge
 from guard.host._options import ClientOptions
 from guard.host.shm import Lease
@@ -22,6 +22,9 @@ PhaseName = Literal["prompt", "generation"]
 #: Writes rows (in a datatype, so many bytes) into shared memory; None: send them as bytes.
 Placer = Callable[[NDArray[np.floating], str, int], Lease | None]
 Positions = Sequence[int] | NDArray[np.integer]
+#: Per-row roles: :class:`guard.RowRole` members, their values, or their names ("user",
+#: "template", ...), one per row; an integer array works too.
+Roles = Sequence[RowRole | int | str] | NDArray[np.integer]
 
 _PHASES: Final[dict[object, Phase]] = {
     "prompt": Phase.PROMPT, "generation": Phase.GENERATION,
@@ -78,6 +81,8 @@ class BatchItem:
     token_ids: list[int]
     phase: Phase
     attributes: dict[str, str] = field(default_factory=dict)
+    #: One :class:`RowRole` value per row, or empty (the host does not say).
+    roles: list[int] = field(default_factory=list)
     #: Set when the batch is given its place on a stream.
     sequence: int = 0
     #: MONITOR mode: batches dropped just before this one; its sequence number skips them,
@@ -110,6 +115,7 @@ class BatchItem:
             token_ids=self.token_ids,
             phase=pb.Phase.ValueType(int(self.phase)),
             attributes=self.attributes,
+            roles=cast("list[pb.RowRole.ValueType]", self.roles),  # checked values
         ))
 
 
@@ -156,6 +162,7 @@ def prepare_batch(
     attributes: Mapping[str, str] | None,
     *,
     place: Placer | None = None,
+    roles: Roles | None = None,
 ) -> BatchItem:
     """Validate the arguments of ``inspect`` and encode the rows; errors name the argument.
 
@@ -167,7 +174,7 @@ def prepare_batch(
     if resolved_phase is None:
         raise ValueError(f"phase: expected 'prompt' or 'generation', found {phase!r}")
     return _encode(options, request_id, hook, rows, positions, token_ids, resolved_phase,
-                   attributes, (), place)
+                   attributes, (), place, roles)
 
 
 def prepare_step(
@@ -180,6 +187,7 @@ def prepare_step(
     attributes: Mapping[str, str] | None,
     *,
     place: Placer | None = None,
+    roles: Roles | None = None,
 ) -> BatchItem:
     """Validate the arguments of ``inspect_step`` (the segments cover the rows in order, ids
     non-empty and distinct, phases known) and encode the rows; errors name the argument."""
@@ -217,7 +225,7 @@ def prepare_step(
         raise ValueError(f"segments: the segments' rows sum to {start}, expected the "
                          f"{rows.shape[0]} rows of `rows`")
     return _encode(options, "", hook, rows, positions, token_ids, Phase.UNSPECIFIED,
-                   attributes, tuple(resolved), place)
+                   attributes, tuple(resolved), place, roles)
 
 
 def _check_attributes(name: str, attributes: Mapping[Any, Any]) -> None:
@@ -229,7 +237,7 @@ def _check_attributes(name: str, attributes: Mapping[Any, Any]) -> None:
 def _encode(options: ClientOptions, request_id: str, hook: str, rows: object,
             positions: Positions, token_ids: Positions | None, phase: Phase,
             attributes: Mapping[str, str] | None, segments: tuple[StepSegment, ...],
-            place: Placer | None) -> BatchItem:
+            place: Placer | None, roles: Roles | None = None) -> BatchItem:
     """What ``inspect`` and ``inspect_step`` check alike, then the rows encoded."""
     if not isinstance(hook, str) or not hook:
         raise ValueError(f"hook: expected a hook name such as 'blocks.12.hook_resid_post', "
@@ -251,6 +259,7 @@ def _encode(options: ClientOptions, request_id: str, hook: str, rows: object,
     n_rows = int(rows.shape[0])
     position_list = _integers("positions", positions, n_rows)
     token_list = [] if token_ids is None else _integers("token_ids", token_ids, n_rows)
+    role_list = [] if roles is None else role_values("roles", roles, n_rows)
     merged: dict[str, str] = {}
     if attributes:
         merged.update(attributes)
@@ -272,7 +281,7 @@ def _encode(options: ClientOptions, request_id: str, hook: str, rows: object,
         shape, raw = [int(d) for d in rows.shape], b""
     return BatchItem(request_id=request_id, hook=hook, datatype=datatype, shape=shape, raw=raw,
                      positions=position_list, token_ids=token_list, phase=phase,
-                     attributes=merged, shm=lease, segments=segments)
+                     attributes=merged, shm=lease, segments=segments, roles=role_list)
 
 
 def _integers(name: str, values: Positions, n_rows: int) -> list[int]:
@@ -284,6 +293,47 @@ def _integers(name: str, values: Positions, n_rows: int) -> list[int]:
         raise TypeError(f"{name}: expected integers, found dtype {array.dtype}")
     result: list[int] = array.tolist()
     return result
+
+
+_ROLE_LIMIT: Final = int(max(RowRole))
+
+
+def role_values(name: str, roles: Roles, n_rows: int) -> list[int]:
+    """One :class:`RowRole` value per row, from members, values or names; errors name the
+    argument, the row and what was expected."""
+    if isinstance(roles, str | bytes) or not isinstance(roles, Sequence | np.ndarray):
+        raise TypeError(f"{name}: expected one role per row (guard.RowRole, its value or "
+                        f"its name), found {type(roles).__qualname__}")
+    if isinstance(roles, np.ndarray):
+        if roles.ndim != 1 or len(roles) != n_rows:
+            raise ValueError(f"{name}: expected one role per row ({n_rows}), found shape "
+                             f"{list(roles.shape)}")
+        if not np.issubdtype(roles.dtype, np.integer):
+            raise TypeError(f"{name}: expected integer RowRole values, found dtype "
+                            f"{roles.dtype}")
+        bad = np.flatnonzero((roles < 0) | (roles > _ROLE_LIMIT))
+        if bad.size:
+            raise ValueError(f"{name}[{int(bad[0])}]: expected a RowRole value (0 to "
+                             f"{_ROLE_LIMIT}), found {int(roles[bad[0]])}")
+        values: list[int] = roles.tolist()
+        return values
+    if len(roles) != n_rows:
+        raise ValueError(f"{name}: expected one role per row ({n_rows}), found {len(roles)}")
+    out: list[int] = []
+    for index, role in enumerate(roles):
+        if isinstance(role, str):
+            known = ROLE_NAMES.get(role)
+            if known is None:
+                raise ValueError(f"{name}[{index}]: expected a role name "
+                                 f"({', '.join(ROLE_NAMES)}), found {role!r}")
+            out.append(int(known))
+        elif isinstance(role, int | np.integer) and not isinstance(role, bool) and (
+                0 <= role <= _ROLE_LIMIT):
+            out.append(int(role))
+        else:
+            raise ValueError(f"{name}[{index}]: expected a guard.RowRole, its value (0 to "
+                             f"{_ROLE_LIMIT}) or its name, found {role!r}")
+    return out
 
 
 #: Protocol version this client speaks (StreamConfig.protocol_version).

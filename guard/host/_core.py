@@ -33,6 +33,7 @@ from guard.host._batch import (
     EndItem,
     PhaseName,
     Positions,
+    Roles,
     Segment,
     prepare_batch,
     prepare_end,
@@ -380,10 +381,11 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
 
     def _prepare(self, request_id: str, hook: str, rows: NDArray[np.floating],
                  positions: Positions, token_ids: Positions | None, phase: PhaseName | Phase,
-                 attributes: Mapping[str, str] | None) -> BatchItem:
+                 attributes: Mapping[str, str] | None, roles: Roles | None = None
+                 ) -> BatchItem:
         """Validate and encode ``inspect``'s arguments (into the region when there is one)."""
         return prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
-                             phase, attributes, place=self._place)
+                             phase, attributes, place=self._place, roles=roles)
 
     @staticmethod
     def _single(answer: Answer) -> Verdict:
@@ -399,11 +401,12 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
 
     def _prepare_step(self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],
                       positions: Positions, token_ids: Positions | None,
-                      attributes: Mapping[str, str] | None) -> BatchItem:
+                      attributes: Mapping[str, str] | None, roles: Roles | None = None
+                      ) -> BatchItem:
         """Validate and encode ``inspect_step``'s arguments (into the region when there is
         one)."""
         return prepare_step(self._options, hook, rows, segments, positions, token_ids,
-                            attributes, place=self._place)
+                            attributes, place=self._place, roles=roles)
 
     def _end(self, request_ids: Sequence[str], reason: str) -> bool:
         """``end_requests``: a RequestEnded on the open stream (never one of its own: the

@@ -27,6 +27,7 @@ from guard.host._batch import (
     Outgoing,
     PhaseName,
     Positions,
+    Roles,
     Segment,
     stream_config,
 )
@@ -279,24 +280,28 @@ class AsyncGuardClient(BaseClient[_AioStream, asyncio.Task[None]]):
                       positions: Positions, token_ids: Positions | None = None,
                       phase: PhaseName | Phase = "prompt",
                       attributes: Mapping[str, str] | None = None,
-                      *, deadline_ms: float | None = None) -> Verdict:
+                      *, deadline_ms: float | None = None,
+                      roles: Roles | None = None) -> Verdict:
         """See :meth:`guard.host.GuardClient.inspect`."""
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             await self._check_shm()  # before the first batch is placed in the region
-        item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes)
+        item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes,
+                             roles)
         return self._single(await self._run(item, timeout))
 
     async def inspect_step(self, hook: str, rows: NDArray[np.floating],
                            segments: Sequence[Segment], positions: Positions,
                            token_ids: Positions | None = None,
                            attributes: Mapping[str, str] | None = None,
-                           *, deadline_ms: float | None = None) -> StepVerdict:
+                           *, deadline_ms: float | None = None,
+                           roles: Roles | None = None) -> StepVerdict:
         """See :meth:`guard.host.GuardClient.inspect_step`."""
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             await self._check_shm()
-        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes)
+        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes,
+                                  roles)
         return self._step(await self._run(item, timeout))
 
     async def end_requests(self, request_ids: Sequence[str],

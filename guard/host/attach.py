@@ -29,6 +29,13 @@ request ended (``end_requests``, when the client has it), and the stopping crite
 :meth:`Attachment.stopping_criteria` finishes that sequence after the current step while the
 others go on. ``GuardAbort`` is raised (``on_abort="raise"``) only once every sequence of the
 batch is aborted. A batch of one sequence is sent exactly as before (``inspect``).
+
+Row roles: when the caller says what the prompt's tokens are (``request(..., roles=...)``,
+``requests(..., roles=[...])``, one role per token position as :func:`guard.host.chat.render`
+gives them with the token ids), each batch carries each row's role: the prompt's rows the
+given roles, the generated tokens' rows :attr:`RowRole.GENERATED`, and prompt rows past the
+given roles :attr:`RowRole.UNSPECIFIED`. Without roles, batches carry none (detectors then
+read every row), as before.
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ import numpy as np
 import structlog
 from opentelemetry.trace import Status, StatusCode
 
-from guard.decision import Action
+from guard.decision import Action, RowRole
 from guard.host import Segment, StepVerdict, Verdict
+from guard.host._batch import Roles, role_values
 from guard.host.tracing import generation_span
 
 if TYPE_CHECKING:
@@ -131,6 +139,9 @@ class _RequestState:
     #: pass reaches every hooked layer, and only its first may start new requests.
     passes: int = 0
     started_at: int = -1
+    #: Per batch row (one for a single sequence): the role of each token position of its
+    #: prompt, when the caller gave them.
+    roles: tuple[NDArray[np.int8] | None, ...] = ()
 
 
 @dataclass
@@ -165,23 +176,32 @@ class Attachment:
             self._paused = False
 
     @contextmanager
-    def request(self, request_id: str | None = None) -> Iterator[str]:
+    def request(self, request_id: str | None = None, *,
+                roles: Roles | None = None) -> Iterator[str]:
         """Label the forward passes inside the block with one request id, inside one
         ``guard.host.generation`` span (a child of the current span; each inspected batch's
         ``guard.host.inspect`` span is its child; see :mod:`guard.host.tracing`). The rows of
         a batch of several sequences are then requests ``<id>/0``, ``<id>/1``... (see
-        :meth:`requests`)."""
+        :meth:`requests`).
+
+        ``roles``: the role of each token position of the prompt the block runs (position 0
+        first), e.g. ``guard.host.chat.render(tokenizer, messages).roles``; the client must
+        then take ``roles=`` (``GuardClient`` does)."""
         rid = request_id or uuid.uuid4().hex
-        with self._labelled(_RequestState(rid, explicit=True), rid):
+        known = () if roles is None else (_prompt_roles("roles", roles),)
+        with self._labelled(_RequestState(rid, explicit=True, roles=known), rid):
             yield rid
 
     @contextmanager
-    def requests(self, request_ids: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    def requests(self, request_ids: Sequence[str], *,
+                 roles: Sequence[Roles | None] | None = None) -> Iterator[tuple[str, ...]]:
         """Label the forward passes of a batch inside the block: row ``b`` of the batch is
         request ``request_ids[b]`` (one ``guard.host.generation`` span with the ids in
         ``guard.request_ids``). On leaving the block the guard is told that the requests
         not aborted finished (``end_requests``). A batch of another size inside the block
-        raises ValueError."""
+        raises ValueError. ``roles``: per batch row, the roles of its prompt's token
+        positions (counted from its first real token, as :meth:`request` takes them), or
+        None for a row whose roles are unknown."""
         if isinstance(request_ids, str) or not isinstance(request_ids, Sequence):
             raise TypeError(f"request_ids: expected a sequence of request ids, one per batch "
                             f"row, found {request_ids!r}")
@@ -189,7 +209,15 @@ class Attachment:
         if not ids or not all(isinstance(r, str) and r for r in ids) or len(set(ids)) != len(ids):
             raise ValueError(f"request_ids: expected distinct non-empty strings, one per batch "
                              f"row, found {ids!r}")
-        state = _RequestState(ids[0] if len(ids) == 1 else "", explicit=True, request_ids=ids)
+        known: tuple[NDArray[np.int8] | None, ...] = ()
+        if roles is not None:
+            if isinstance(roles, str) or not isinstance(roles, Sequence) or len(roles) != len(ids):
+                raise ValueError(f"roles: expected one entry per batch row ({len(ids)}): the "
+                                 "roles of its prompt's positions, or None")
+            known = tuple(None if r is None else _prompt_roles(f"roles[{b}]", r)
+                          for b, r in enumerate(roles))
+        state = _RequestState(ids[0] if len(ids) == 1 else "", explicit=True, request_ids=ids,
+                              roles=known)
         with self._labelled(state, ids):
             yield ids
 
@@ -305,8 +333,12 @@ class Attachment:
             token_ids = None
             if state.input_ids is not None and state.input_ids.shape[-1] == length:
                 token_ids = state.input_ids[0, index].tolist()
+            sent = [positions[i] for i in keep]
+            extra: dict[str, Any] = {}
+            if state.roles and state.roles[0] is not None:
+                extra["roles"] = _row_roles(state.roles[0], sent, phase == "generation")
             verdict = self.client.inspect(
-                state.request_id, hook, rows, [positions[i] for i in keep], token_ids, phase
+                state.request_id, hook, rows, sent, token_ids, phase, **extra
             )
             with self._lock:
                 self.verdicts.append(verdict)
@@ -361,8 +393,12 @@ class Attachment:
         input_ids = state.input_ids
         if input_ids is not None and tuple(input_ids.shape) == (rows_of, length):
             token_ids = input_ids[batch_index, step_index].tolist()
-        step: StepVerdict = inspect_step(hook, rows, segments,
-                                         positions[batch_index, step_index].tolist(), token_ids)
+        sent = positions[batch_index, step_index].tolist()
+        extra: dict[str, Any] = {}
+        if any(r is not None for r in state.roles):
+            extra["roles"] = self._step_roles(state, segments, [b for b, n in enumerate(counts)
+                                                                 if n], sent)
+        step: StepVerdict = inspect_step(hook, rows, segments, sent, token_ids, **extra)
         with self._lock:
             self.verdicts.extend(step.verdicts)
             del self.verdicts[:-self.keep_verdicts]
@@ -390,6 +426,20 @@ class Attachment:
             self.aborted = aborted[newly[-1]]
             if self.on_abort == "raise":
                 raise GuardAbort(self.aborted, hook)
+
+    @staticmethod
+    def _step_roles(state: _RequestState, segments: Sequence[Segment], rows_of: Sequence[int],
+                    positions: Sequence[int]) -> NDArray[np.int8]:
+        """The role of every row of a step: each segment's (batch row ``rows_of[i]``'s) rows
+        from its prompt's roles, or unspecified when they are unknown."""
+        parts = []
+        start = 0
+        for segment, b in zip(segments, rows_of, strict=True):
+            known = state.roles[b] if b < len(state.roles) else None
+            own = positions[start:start + segment.rows]
+            parts.append(_row_roles(known, own, segment.phase == "generation"))
+            start += segment.rows
+        return np.concatenate(parts)
 
     def _batch_ids(self, state: _RequestState, rows_of: int, fresh: bool,
                    hook: str) -> tuple[str, ...]:
@@ -435,6 +485,24 @@ class Attachment:
             end(request_ids, reason)
         except Exception as exc:  # the guard frees them anyway when the stream ends
             log.warning("end_requests failed", reason=str(exc), requests=len(request_ids))
+
+
+def _prompt_roles(name: str, roles: Roles) -> NDArray[np.int8]:
+    """A prompt's roles (one per token position) as int8; errors name the argument."""
+    return np.array(role_values(name, roles, len(roles)), dtype=np.int8)
+
+
+def _row_roles(known: NDArray[np.int8] | None, positions: Sequence[int],
+               generation: bool) -> NDArray[np.int8]:
+    """The role of the rows at ``positions``: the prompt's role at each position it has one
+    for; past the prompt, GENERATED for generated tokens, else UNSPECIFIED."""
+    at = np.asarray(positions, dtype=np.int64)
+    out = np.full(len(at), RowRole.GENERATED if generation else RowRole.UNSPECIFIED,
+                  dtype=np.int8)
+    if known is not None:
+        inside = (at >= 0) & (at < len(known))
+        out[inside] = known[at[inside]]
+    return out
 
 
 def _batch_layout(mask: Any, position_ids: Any, rows_of: int, length: int, device: Any

@@ -39,6 +39,7 @@ from guard.host._batch import (
     EndReason,
     PhaseName,
     Positions,
+    Roles,
     Segment,
     stream_config,
 )
@@ -179,25 +180,29 @@ class GuardClient(BaseClient[HostStream, threading.Thread]):
     def inspect(self, request_id: str, hook: str, rows: NDArray[np.floating],
                 positions: Positions, token_ids: Positions | None = None,
                 phase: PhaseName | Phase = "prompt", attributes: Mapping[str, str] | None = None,
-                *, deadline_ms: float | None = None) -> Verdict:
+                *, deadline_ms: float | None = None, roles: Roles | None = None) -> Verdict:
         """Send one batch ``rows [n, d_in]`` of one hook of one request; returns its verdict.
 
         INLINE: waits for the guard's verdict up to the deadline (``deadline_ms`` overrides
         the client's for this call); on a fault the failure policy decides. MONITOR: returns
-        CONTINUE with source ``monitor`` at once. Raises ValueError or TypeError for bad
-        arguments, :class:`guard.errors.TooLarge` for a batch above ``max_message_bytes``,
-        :class:`ClientClosedError` after :meth:`close`.
+        CONTINUE with source ``monitor`` at once. ``roles`` (optional): what each row's token
+        is, one :class:`guard.RowRole` (or its name, e.g. ``"user"``) per row, as
+        :func:`guard.host.chat.render` gives them; detectors read the roles they chose.
+        Raises ValueError or TypeError for bad arguments, :class:`guard.errors.TooLarge` for
+        a batch above ``max_message_bytes``, :class:`ClientClosedError` after :meth:`close`.
         """
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             self._check_shm()  # before the first batch is placed in the region
-        item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes)
+        item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes,
+                             roles)
         return self._single(self._run(item, timeout))
 
     def inspect_step(self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],
                      positions: Positions, token_ids: Positions | None = None,
                      attributes: Mapping[str, str] | None = None,
-                     *, deadline_ms: float | None = None) -> StepVerdict:
+                     *, deadline_ms: float | None = None,
+                     roles: Roles | None = None) -> StepVerdict:
         """Send one engine step of one hook: ``rows [n, d_in]`` of several requests, the
         ``segments`` (a :class:`guard.host.Segment` per request, in row order, their ``rows``
         summing to ``n``); ``positions`` (and ``token_ids``) one per row. Returns a
@@ -205,13 +210,16 @@ class GuardClient(BaseClient[HostStream, threading.Thread]):
         severe ``action``, and ``steering`` over every row of the step (zero on the rows of
         requests that are not steered). INLINE, MONITOR and the failure policy as for
         :meth:`inspect`: when the guard is down, late or rejects the step, every request gets
-        the policy's verdict. Raises ValueError or TypeError for bad arguments (segments
-        that do not cover the rows, empty or repeated request ids, unknown phases).
+        the policy's verdict. ``roles`` as for :meth:`inspect`: one per row of the step (each
+        request's rows take their slice). Raises ValueError or TypeError for bad arguments
+        (segments that do not cover the rows, empty or repeated request ids, unknown phases
+        or roles).
         """
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             self._check_shm()
-        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes)
+        item = self._prepare_step(hook, rows, segments, positions, token_ids, attributes,
+                                  roles)
         return self._step(self._run(item, timeout))
 
     def end_requests(self, request_ids: Sequence[str],

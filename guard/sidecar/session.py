@@ -16,9 +16,15 @@ Rules for bad input, as docs/protocol.md documents them:
   (ALREADY_EXISTS) and not processed twice; a gap is accepted and reported in
   ``skipped_sequences`` (a MONITOR-mode host may drop batches);
 - a tensor above ``server.max_message_bytes``: RESOURCE_EXHAUSTED naming that option;
+- a request id (batch or segment) or a hook longer than 256 UTF-8 bytes
+  (``guard.wire.codec.MAX_REQUEST_ID_BYTES``, ``MAX_HOOK_BYTES``): INVALID_ARGUMENT naming
+  the field and the length, and the id is neither echoed in the reply nor logged; in a
+  StreamConfig (a hook, or a host name over ``MAX_HOST_BYTES``) the stream ends;
 - shared memory (:mod:`guard.sidecar.regions`): a refused region in the config ends the
   stream; a bad reference in a batch (unknown region: NOT_FOUND; out of bounds, wrong length,
   misaligned, ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply;
+- row roles (``batch.roles``): not none or one per row, or a value that is not a known
+  ``RowRole``: INVALID_ARGUMENT naming ``batch.roles`` (``batch.roles[i]``);
 - segments (several requests in one batch): more than ``max_segments``: RESOURCE_EXHAUSTED;
   an empty or repeated request id, a segment of no rows, row counts that do not sum to the
   tensor's rows: INVALID_ARGUMENT naming ``batch.segments[i]...``. The reply then holds one
@@ -209,7 +215,7 @@ class InspectStream:
                 found = f"a RequestEnded for {len(request.ended.request_ids)} request(s)"
             else:
                 batch = request.batch
-                found = (f"a batch (request_id={batch.request_id!r}, "
+                found = (f"a batch (request_id={codec.shown(batch.request_id)}, "
                          f"sequence={batch.sequence})")
             raise StreamEnded(ProtocolViolation(
                 f"the first message on an Inspect stream must be a StreamConfig; found {found}"))
@@ -252,11 +258,13 @@ class InspectStream:
             raise StreamEnded(
                 InvalidInput(f"config.mode: expected MODE_MONITOR or MODE_INLINE, found {found}")
             )
-        for hook in config.hooks:
-            try:
+        try:
+            codec.check_identifier("config.host", config.host, codec.MAX_HOST_BYTES)
+            for index, hook in enumerate(config.hooks):
+                codec.check_identifier(f"config.hooks[{index}]", hook, codec.MAX_HOOK_BYTES)
                 self._engine.hook(hook)
-            except GuardError as exc:
-                raise StreamEnded(exc) from exc
+        except GuardError as exc:
+            raise StreamEnded(exc) from exc
         try:
             self.regions.register([(r.name, r.path, r.size, r.writable)
                                    for r in config.shared_memory])
@@ -282,13 +290,17 @@ class InspectStream:
         skipped = 0
         span: Span | None = None
         token: Token[Context] | None = None
-        tracer = self._instruments.tracer
+        # Before anything logs, traces or echoes them: ids and hook within their caps.
+        too_long = _oversized_identifier(batch, self.limits.max_segments)
+        tracer = self._instruments.tracer if too_long is None else None
         if tracer is not None:
             span, token = self._start_span(tracer, batch)
             if span is None:
                 tracer = None  # not sampled: no child spans, nothing to end
         try:
             skipped = self._check_sequence(batch.sequence)
+            if too_long is not None:
+                raise too_long
             if tracer is None:
                 rows = self._decode(batch)
             else:
@@ -303,7 +315,7 @@ class InspectStream:
                 decision = self._engine.inspect(rows, timings, started, deferred=deferred)
         except Exception as exc:
             if not isinstance(exc, GuardError):  # a bug: the peer gets a generic message
-                log.exception("batch failed", request_id=batch.request_id,
+                log.exception("batch failed", request_id=_echoed(batch.request_id),
                               sequence=batch.sequence)
             reply = self._reject(batch, exc, skipped)
             self._answer(span, started, batch, (), False, exc, reply.error)
@@ -494,6 +506,7 @@ class InspectStream:
                 f"batch.token_ids: expected none or one per row ({n_rows}), "
                 f"found {len(token_field)}"
             )
+        roles = codec.row_roles("batch.roles", batch.roles, n_rows)
         attributes = batch.attributes
         batch_attributes = dict(attributes) if attributes else {}
         segments = (self._segments(segment_field, n_rows, batch_attributes)
@@ -517,6 +530,7 @@ class InspectStream:
             phase=_PHASES.get(batch.phase, Phase.UNSPECIFIED),
             attributes=batch_attributes,
             segments=segments,
+            roles=roles,
         )
 
     def _segments(self, field: Iterable[pb.Segment], n_rows: int,
@@ -594,15 +608,38 @@ class InspectStream:
         self.counters.rejected += 1
         self.counters.counts_by_code[code.name] = self.counters.counts_by_code.get(code.name, 0) + 1
         message = public_message(error)
+        request_id = _echoed(batch.request_id)  # an id over its cap is neither logged nor echoed
         if code is not grpc.StatusCode.INTERNAL:
-            log.info("batch rejected", peer=self.peer, request_id=batch.request_id,
+            log.info("batch rejected", peer=self.peer, request_id=request_id,
                      sequence=batch.sequence, code=code.name, reason=message)
         return pb.InspectResponse(
-            request_id=batch.request_id,
+            request_id=request_id,
             sequence=batch.sequence,
             error=pb.BatchError(code=code.value[0], message=message),
             skipped_sequences=skipped,
         )
+
+
+def _oversized_identifier(batch: pb.ActivationBatch, max_segments: int
+                          ) -> InvalidInput | None:
+    """The error for a batch whose request id, hook or a segment's request id is longer than
+    its cap (:data:`guard.wire.codec.MAX_REQUEST_ID_BYTES`, ``MAX_HOOK_BYTES``); None when
+    all fit. Only the segments a batch may carry are looked at (more are refused anyway)."""
+    try:
+        codec.check_identifier("batch.request_id", batch.request_id,
+                               codec.MAX_REQUEST_ID_BYTES)
+        codec.check_identifier("batch.hook", batch.hook, codec.MAX_HOOK_BYTES)
+        for index, segment in enumerate(batch.segments[:max_segments]):
+            codec.check_identifier(f"batch.segments[{index}].request_id", segment.request_id,
+                                   codec.MAX_REQUEST_ID_BYTES)
+    except InvalidInput as exc:
+        return exc
+    return None
+
+
+def _echoed(request_id: str) -> str:
+    """The request id a reply or a log line may carry: empty when over its cap."""
+    return "" if codec.oversized(request_id, codec.MAX_REQUEST_ID_BYTES) else request_id
 
 
 def _enum_name(enum: Any, value: int) -> str:

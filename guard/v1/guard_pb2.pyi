@@ -124,6 +124,56 @@ PHASE_GENERATION: Phase.ValueType  # 2
 """Rows of generated tokens (decode)."""
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
+class _RowRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RowRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RowRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _RowRole.ValueType  # 0
+    """The host did not say; plugins read such a row whatever roles they choose."""
+    ROLE_SYSTEM: _RowRole.ValueType  # 1
+    """Content of a system message."""
+    ROLE_USER: _RowRole.ValueType  # 2
+    """Content of a user message."""
+    ROLE_ASSISTANT: _RowRole.ValueType  # 3
+    """Content of an earlier assistant message, part of the prompt."""
+    ROLE_TOOL: _RowRole.ValueType  # 4
+    """Content of a tool (function, ipython) message."""
+    ROLE_TEMPLATE: _RowRole.ValueType  # 5
+    """Chat-template markup: role headers, separators, the assistant-turn opener,
+    and any text the template adds on its own (e.g. a default system prompt).
+    """
+    ROLE_GENERATED: _RowRole.ValueType  # 6
+    """A token generated in this request (decode rows)."""
+
+class RowRole(_RowRole, metaclass=_RowRoleEnumTypeWrapper):
+    """What a row's token is in the conversation the prompt renders (one per row:
+    ActivationBatch.roles). The host knows it from the chat template: the SDK's
+    guard.host.chat.render marks each message's content tokens with the
+    message's role and every other token of the rendered prompt as template.
+    Detectors read the rows of the roles they choose (by default content and
+    generated tokens, never template markup unless asked for).
+    """
+
+ROLE_UNSPECIFIED: RowRole.ValueType  # 0
+"""The host did not say; plugins read such a row whatever roles they choose."""
+ROLE_SYSTEM: RowRole.ValueType  # 1
+"""Content of a system message."""
+ROLE_USER: RowRole.ValueType  # 2
+"""Content of a user message."""
+ROLE_ASSISTANT: RowRole.ValueType  # 3
+"""Content of an earlier assistant message, part of the prompt."""
+ROLE_TOOL: RowRole.ValueType  # 4
+"""Content of a tool (function, ipython) message."""
+ROLE_TEMPLATE: RowRole.ValueType  # 5
+"""Chat-template markup: role headers, separators, the assistant-turn opener,
+and any text the template adds on its own (e.g. a default system prompt).
+"""
+ROLE_GENERATED: RowRole.ValueType  # 6
+"""A token generated in this request (decode rows)."""
+Global___RowRole: _TypeAlias = RowRole  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: datatype "F32", "F16" or "BF16"; shape; row-major
@@ -424,6 +474,7 @@ class ActivationBatch(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     STEERING_REF_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request of every row, for a batch without segments; left empty (and
     ignored) when `segments` is set.
@@ -472,6 +523,16 @@ class ActivationBatch(_message.Message):
         reply then carries one RequestVerdict per segment.
         """
 
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[Global___RowRole.ValueType]:
+        """Optional, one per row (parallel to `positions`; with segments each request
+        takes its rows' slice, as with positions): what each row's token is. Empty:
+        the host does not say (every row is ROLE_UNSPECIFIED, as for a host that
+        predates roles). Otherwise the count must equal the rows and every value
+        must be a RowRole, else the batch gets an INVALID_ARGUMENT error reply
+        naming `batch.roles`.
+        """
+
     def __init__(
         self,
         *,
@@ -485,10 +546,11 @@ class ActivationBatch(_message.Message):
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         steering_ref: Global___SharedMemoryRef | None = ...,
         segments: _abc.Iterable[Global___Segment] | None = ...,
+        roles: _abc.Iterable[Global___RowRole.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "steering_ref", b"steering_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "segments", b"segments", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "roles", b"roles", "segments", b"segments", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
+from guard.decision import RowRole
 from guard.errors import InvalidInput
 
 #: Datatypes the guard accepts on the wire, with their item size in bytes.
@@ -28,6 +29,64 @@ _NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"),
 }
+
+
+#: Longest request id, in UTF-8 bytes, that a batch, a segment or a RequestEnded may carry:
+#: ids go into logs, replies, spans and decision records, so a longer one is refused
+#: (INVALID_ARGUMENT), never quoted.
+MAX_REQUEST_ID_BYTES: Final = 256
+#: Longest hook name, in UTF-8 bytes (a batch's ``hook``, a StreamConfig's ``hooks``).
+MAX_HOOK_BYTES: Final = 256
+#: Longest host name, in UTF-8 bytes (a StreamConfig's ``host``, which the guard logs).
+MAX_HOST_BYTES: Final = 256
+
+
+def oversized(value: str, limit: int) -> int:
+    """The UTF-8 length of ``value`` when it exceeds ``limit`` bytes, else 0 (cheap for
+    short strings: no encoding below ``limit // 4`` characters)."""
+    if len(value) <= limit // 4:
+        return 0
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return size if size > limit else 0
+
+
+def check_identifier(field: str, value: str, limit: int) -> None:
+    """Refuse an id or name longer than ``limit`` UTF-8 bytes (:class:`InvalidInput` naming
+    the field and both lengths, never quoting the value)."""
+    size = oversized(value, limit)
+    if size:
+        raise InvalidInput(f"{field}: expected at most {limit} bytes (UTF-8), found {size} "
+                           "bytes")
+
+
+def shown(value: str, limit: int = MAX_REQUEST_ID_BYTES) -> str:
+    """``value`` as an error message or a log line may quote it: its repr, or only its
+    length when it is longer than ``limit`` bytes."""
+    size = oversized(value, limit)
+    return f"<{size} bytes>" if size else repr(value)
+
+
+#: The largest ``RowRole`` value this guard knows; a larger one is refused.
+_MAX_ROLE: Final = max(RowRole)
+
+
+def row_roles(field: str, values: Sequence[int], n_rows: int) -> NDArray[np.int8] | None:
+    """A batch's per-row roles as int8 (None when it sent none); :class:`InvalidInput`
+    naming ``field`` when they are not one per row or not all known ``RowRole`` values."""
+    if not values:
+        return None
+    if len(values) != n_rows:
+        raise InvalidInput(f"{field}: expected none or one per row ({n_rows}), "
+                           f"found {len(values)}")
+    wide = np.array(values, dtype=np.int64)
+    bad = np.flatnonzero((wide < 0) | (wide > _MAX_ROLE))
+    if bad.size:
+        first = int(bad[0])
+        raise InvalidInput(
+            f"{field}[{first}]: expected a RowRole (0 to {int(_MAX_ROLE)}: "
+            f"{', '.join(f'ROLE_{r.name}' for r in RowRole)}), found {int(wide[first])}"
+            + (f" ({bad.size} rows hold unknown values)" if bad.size > 1 else ""))
+    return wide.astype(np.int8)
 
 
 def expected_nbytes(datatype: str, shape: Sequence[int]) -> int:

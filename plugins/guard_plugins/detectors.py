@@ -1,4 +1,11 @@
-"""First-party detectors: threshold, sustained and linear rules over SAE features."""
+"""First-party detectors: threshold, sustained and linear rules over SAE features.
+
+Each detector reads the rows of the roles it chooses (``rows``: by default the content of
+user, assistant and tool messages and the generated tokens; never the chat template's markup
+nor the system prompt unless asked for), and pools over those rows only. Rows the host did not
+label (``RowRole.UNSPECIFIED``, or a batch without roles from a host that predates them) are
+read by every detector, whatever it chose: a guard errs on the side of looking.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
 
 from guard import (
+    ConfigError,
     FeatureBatch,
     FeatureRequest,
     Finding,
     FindingAction,
     Phase,
+    RequestEndReason,
+    RowRole,
     Settings,
     hookimpl,
 )
+
+log = structlog.get_logger("guard_plugins.detectors")
 
 Combine = Literal["any", "all"]
 Reduce = Literal["max", "mean"]
@@ -29,12 +42,57 @@ _PHASES: Mapping[str, Phase] = {"prompt": Phase.PROMPT, "generation": Phase.GENE
 _ALL_PHASES = frozenset(_PHASES.values())
 
 #: Keys every detector reads, then the keys of each type (a key of another type is an error).
-_COMMON_KEYS = ("type", "hook", "threshold", "action", "phases")
+_COMMON_KEYS = ("type", "hook", "threshold", "action", "phases", "rows")
 _TYPE_KEYS: Mapping[str, tuple[str, ...]] = {
     "threshold": ("features", "combine", "reduce"),
     "sustained": ("features", "combine", "window", "max_requests", "idle_seconds"),
     "linear": ("weights", "bias", "reduce"),
 }
+
+#: The role names a ``rows`` list may hold (``unspecified`` rows are always read).
+ROW_ROLES: Mapping[str, RowRole] = {
+    role.name.lower(): role for role in RowRole if role is not RowRole.UNSPECIFIED}
+#: What a detector (or a steering rule) reads when its config does not say: the content of
+#: user, assistant and tool messages and the generated tokens; not the template's markup nor
+#: the system prompt, which are the same on every request and would outweigh short content.
+DEFAULT_ROWS: frozenset[RowRole] = frozenset(
+    {RowRole.USER, RowRole.ASSISTANT, RowRole.TOOL, RowRole.GENERATED})
+_ROWS_EXPECTED = f"'all' or a non-empty list of row roles ({', '.join(ROW_ROLES)})"
+
+
+def parse_rows(block: Settings, name: str = "rows",
+               default: frozenset[RowRole] | None = DEFAULT_ROWS) -> frozenset[RowRole] | None:
+    """A ``rows`` setting: ``all`` (None: every row) or a list of role names (a single name
+    reads as a list of one). Errors name the key, or the item (``rows[1]``)."""
+    def check(key: str, value: object) -> frozenset[RowRole] | None:
+        if value == "all":
+            return None
+        if isinstance(value, str):  # one role
+            if value not in ROW_ROLES:
+                raise ConfigError(key, _ROWS_EXPECTED, value)
+            return frozenset({ROW_ROLES[value]})
+        items = value
+        if not isinstance(items, list) or not items:
+            raise ConfigError(key, _ROWS_EXPECTED, value)
+        roles: set[RowRole] = set()
+        for index, item in enumerate(items):
+            role = ROW_ROLES.get(item) if isinstance(item, str) else None
+            if role is None:
+                raise ConfigError(f"{key}[{index}]", f"a row role ({', '.join(ROW_ROLES)})",
+                                  item)
+            if role in roles:
+                raise ConfigError(f"{key}[{index}]", "each role once", item)
+            roles.add(role)
+        return frozenset(roles)
+
+    return block.get(name, check, default)
+
+
+def rows_name(roles: frozenset[RowRole] | None) -> str:
+    """How a ``rows`` setting reads in a message: ``all`` or ``user+generated``."""
+    if roles is None:
+        return "all"
+    return "+".join(role.name.lower() for role in sorted(roles))
 
 
 @dataclass(frozen=True)
@@ -47,6 +105,8 @@ class Rule:
     threshold: float
     action: FindingAction
     phases: frozenset[Phase]
+    #: The roles of the rows it reads (None: every row); unlabelled rows are always read.
+    roles: frozenset[RowRole] | None = DEFAULT_ROWS
 
     def runs_on(self, phase: Phase) -> bool:
         # A host that does not label phases gets every detector: a guard errs on the side
@@ -241,8 +301,13 @@ class SustainedDetector:
     """Fires on every token at which any (or all) of the features have reached the threshold
     on ``window`` consecutive tokens (positions) of one request, counted across batches. A
     token that misses the condition, or a gap in positions, restarts the count; so does the
-    end of the request (``guard_request_ended``: finished, aborted, preempted, evicted by its
-    stream, or its stream closed) and a reload (fresh instances).
+    end of the request (``guard_request_ended``: finished, aborted, evicted by its stream, or
+    its stream closed) and a reload (fresh instances). A preempted request keeps its count:
+    when its rows are sent again from an earlier position the count restarts there (a
+    backwards step is a gap), and a host that resumes it at the next position goes on.
+    Only the rows of its ``rows`` roles count: a row it does not read (template markup
+    between the user's words and the generated tokens) leaves a gap in positions, which
+    restarts the count.
 
     The score is the largest per-row value (max over features for ``any``, min for ``all``)
     among the rows that fired.
@@ -293,6 +358,8 @@ class Detectors:
           reduce: max            # max (default) | mean over the batch's rows: threshold, linear
           action: flag           # log | flag (default) | abort
           phases: [prompt, generation]   # default: both (unlabelled batches always run)
+          rows: [user, generated]  # roles of the rows read; default: user, assistant, tool,
+                                   # generated (never template markup); `all`: every row
         evasive:
           type: sustained
           hook: blocks.15.hook_resid_post
@@ -313,6 +380,8 @@ class Detectors:
     def __init__(self) -> None:
         self._detectors: tuple[Detector, ...] = ()
         self._by_hook: Mapping[str, tuple[Detector, ...]] = {}
+        #: Whether a batch without roles was met once (logged once per configuration).
+        self._unlabelled_seen = False
 
     @property
     def detectors(self) -> tuple[Detector, ...]:
@@ -326,6 +395,7 @@ class Detectors:
         for detector in detectors:
             by_hook[detector.rule.hook] = (*by_hook.get(detector.rule.hook, ()), detector)
         self._detectors, self._by_hook = detectors, by_hook
+        self._unlabelled_seen = False
 
     @hookimpl
     def guard_subscriptions(self) -> Sequence[FeatureRequest]:
@@ -338,17 +408,46 @@ class Detectors:
         if not group or batch.activations.shape[0] == 0:
             return None
         findings = []
+        chosen: dict[frozenset[RowRole] | None, FeatureBatch | None] = {}
         for detector in group:
-            if detector.rule.runs_on(batch.phase):
-                finding = detector.evaluate(batch)
-                if finding is not None:
-                    findings.append(finding)
+            rule = detector.rule
+            if not rule.runs_on(batch.phase):
+                continue
+            if rule.roles not in chosen:
+                chosen[rule.roles] = self._rows(batch, rule.roles)
+            rows = chosen[rule.roles]
+            if rows is None:  # none of the rows it reads
+                continue
+            finding = detector.evaluate(rows)
+            if finding is not None:
+                findings.append(finding)
         return findings
 
+    def _rows(self, batch: FeatureBatch, roles: frozenset[RowRole] | None
+              ) -> FeatureBatch | None:
+        """The batch's rows of ``roles`` (the batch itself when they are all of them), or
+        None when it has none of them."""
+        if batch.roles is None and roles is not None and not self._unlabelled_seen:
+            self._unlabelled_seen = True
+            log.info("batch without row roles: detectors read every row of it, template "
+                     "markup included (the host labels no roles)", hook=batch.hook)
+        mask = batch.rows_of(roles)
+        if mask is None:
+            return batch
+        return batch.select(mask) if mask.any() else None
+
     @hookimpl
-    def guard_request_ended(self, request_id: str) -> None:
-        """Free the request's sustained-detector runs (every reason frees them: a preempted
-        request's rows are recomputed and sent again, from a fresh count)."""
+    def guard_request_ended(self, request_id: str, reason: RequestEndReason) -> None:
+        """Free the request's sustained-detector runs, unless it was only preempted.
+
+        A preempted request's rows are sent again (vLLM recomputes them from position 0), and
+        the count restarts by itself on the first resent row, which is not the next position.
+        Forgetting it here would be wrong: this hook runs on the sink thread, behind the
+        decisions queued before it, so it can come after the first resent rows were counted
+        and wipe their count (the request's run would then start late, or never reach its
+        window)."""
+        if reason == "preempted":
+            return
         for detector in self._detectors:
             if isinstance(detector, SustainedDetector):
                 detector.runs.forget(request_id)
@@ -361,6 +460,7 @@ def _parse(name: str, block: Settings) -> Detector:
     threshold = block.number("threshold")
     action = cast(FindingAction, block.choice("action", ("log", "flag", "abort"), "flag"))
     phase_set = _phases(block) if "phases" in block else _ALL_PHASES
+    roles = parse_rows(block)
     combine = cast(Combine, block.choice("combine", ("any", "all"), "any"))
     reduce = cast(Reduce, block.choice("reduce", ("max", "mean"), "max"))
 
@@ -368,11 +468,11 @@ def _parse(name: str, block: Settings) -> Detector:
     if kind == "linear":
         weights = _weights(block)
         bias = block.number("bias", 0.0)
-        rule = Rule(name, hook, tuple(weights), threshold, action, phase_set)
+        rule = Rule(name, hook, tuple(weights), threshold, action, phase_set, roles)
         detector = LinearDetector(rule, np.array(list(weights.values()), dtype=np.float64),
                                   bias, reduce)
     else:
-        rule = Rule(name, hook, _feature_ids(block), threshold, action, phase_set)
+        rule = Rule(name, hook, _feature_ids(block), threshold, action, phase_set, roles)
         if kind == "threshold":
             detector = ThresholdDetector(rule, combine, reduce)
         else:

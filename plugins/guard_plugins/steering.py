@@ -12,11 +12,15 @@ from guard import (
     FeatureEdit,
     FeatureRequest,
     Finding,
+    RowRole,
     Settings,
     hookimpl,
 )
+from guard_plugins.detectors import DEFAULT_ROWS, ROW_ROLES, parse_rows
 
-Rows = Literal["fired", "all"]
+#: ``fired``: the triggering findings' rows; a set of roles: the rows of those roles (rows
+#: the host did not label included); None (``all``): every row.
+Rows = Literal["fired"] | frozenset[RowRole] | None
 _KINDS: tuple[EditKind, ...] = ("pin", "nudge", "scale")
 
 
@@ -38,8 +42,9 @@ class SteeringRule:
     edits: tuple[Edit, ...]
     #: Detector names; empty: steer every batch of the hook.
     when: tuple[str, ...] = ()
-    #: ``fired``: only the positions the triggering findings name; ``all``: every row.
-    rows: Rows = "all"
+    #: ``fired``: only the positions the triggering findings name; a set of roles: the rows
+    #: of those roles (and unlabelled rows); None: every row, template markup included.
+    rows: Rows = DEFAULT_ROWS
 
     @property
     def needs_activations(self) -> tuple[int, ...]:
@@ -50,12 +55,20 @@ class SteeringRule:
         """The findings of this rule's ``when`` detectors."""
         return [f for f in findings if f.detector in self.when]
 
-    def positions(self, triggers: Sequence[Finding]) -> tuple[int, ...] | None:
-        """The rows to edit, given the triggering findings (None: every row)."""
-        # A finding with no positions speaks for the whole batch.
-        if self.rows == "all" or any(not f.positions for f in triggers):
+    def positions(self, batch: FeatureBatch, triggers: Sequence[Finding]
+                  ) -> tuple[int, ...] | Literal[False] | None:
+        """The rows to edit, given the triggering findings (None: every row; False: none)."""
+        if self.rows == "fired":
+            # A finding with no positions speaks for the whole batch.
+            if any(not f.positions for f in triggers):
+                return None
+            return tuple(sorted({int(p) for f in triggers for p in f.positions}))
+        mask = batch.rows_of(self.rows)
+        if mask is None:
             return None
-        return tuple(sorted({int(p) for f in triggers for p in f.positions}))
+        if not mask.any():
+            return False
+        return tuple(int(p) for p in batch.positions[mask])
 
 
 class SteeringPlugin:
@@ -66,7 +79,9 @@ class SteeringPlugin:
         calm:
           hook: blocks.15.hook_resid_post
           when: jailbreak      # optional: a detector name (any plugin's) or a list of them
-          rows: fired          # with `when`: fired (default, the findings' positions) | all
+          rows: fired          # with `when`: fired (default, the findings' positions); or the
+                               # roles of the rows edited, as the detectors' `rows` (default
+                               # without `when`: user, assistant, tool, generated) | all
           edits:
             - {feature: 12, pin: 0.0}     # set the activation to 0
             - {feature: 40, nudge: -2.0}  # add -2 times the decoder direction
@@ -112,12 +127,14 @@ class SteeringPlugin:
             return None
         edits: list[FeatureEdit] = []
         for rule in rules:
-            positions = None
+            triggers: list[Finding] = []
             if rule.when:
                 triggers = rule.triggers(findings)
                 if not triggers:
                     continue
-                positions = rule.positions(triggers)
+            positions = rule.positions(batch, triggers)
+            if positions is False:  # none of the rows it edits
+                continue
             edits.extend(FeatureEdit(rule.hook, e.feature, e.kind, e.value, positions)
                          for e in rule.edits)
         return edits
@@ -127,10 +144,16 @@ def _parse(name: str, block: Settings) -> SteeringRule:
     block.only(("hook", "when", "rows", "edits"), "of a steering rule")
     hook = block.string("hook")
     when = _detector_names(block)
-    chosen = block.choice("rows", ("fired", "all"), "fired" if when else "all")
-    rows: Rows = "fired" if chosen == "fired" else "all"
-    if rows == "fired" and not when:
-        raise block.error("rows", "all (fired needs `when`)", rows)
+    rows: Rows
+    if "rows" not in block:
+        rows = "fired" if when else DEFAULT_ROWS
+    elif block.data["rows"] == "fired":
+        if not when:
+            raise block.error("rows", f"all or a list of row roles ({', '.join(ROW_ROLES)}); "
+                              "fired needs `when`", "fired")
+        rows = "fired"
+    else:
+        rows = parse_rows(block)
     return SteeringRule(name, hook, _edits(block), when, rows)
 
 
