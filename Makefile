@@ -72,7 +72,7 @@ demo: $(STAMP)
 ## make bench: every benchmark in bench/, each against its in-run reference, writing its
 ## section of bench/RESULTS.md and its headline ratios; then the summary page and plot.
 ## Long (tens of minutes): run it on an idle machine.
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m bench.transport --write-results
 	$(PY) -m bench.shm --write-results
 	$(PY) -m bench.sae_encode --write-results
@@ -85,6 +85,7 @@ bench: $(STAMP)
 	$(PY) -m bench.faults --write-results
 	$(PY) -m bench.faults --shared-memory --write-results
 	$(PY) -m bench.fuzz --write-results
+	$(PY) -m bench.vllm_throughput --write-results
 	$(PY) -m bench.summary
 
 clean:

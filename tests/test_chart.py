@@ -26,6 +26,8 @@ import pytest
 import yaml
 
 from guard.config import parse_config
+from guard.vllm.settings import VllmGuardSettings
+from tests.vllm_support import SERVE_FLAGS, flags
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "activation-guard"
@@ -35,6 +37,7 @@ FULLNAME = f"{RELEASE}-activation-guard"
 GUARD = "activation-guard"
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 SOCKET = "unix:///var/run/guard/socket/guard.sock"
+VLLM_EXAMPLE = CHART / "examples" / "vllm-values.yaml"
 #: Volume types the restricted Pod Security Standard allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                       "persistentVolumeClaim", "projected", "secret"}
@@ -90,6 +93,7 @@ VALUE_SETS: dict[str, tuple[dict[str, Any], str]] = {
     "tcp-plaintext": ({"guard": {"server": {"tcp": {"enabled": True, "port": 50052},
                                             "socketMode": "0600"}}}, "1.33.0"),
     "example-off": ({"example": {"enabled": False}}, "1.33.0"),
+    "vllm": (yaml.safe_load(VLLM_EXAMPLE.read_text()), "1.33.0"),
 }
 
 
@@ -454,11 +458,69 @@ def check_shared_socket(pod: Manifest, *, host: str, docs: list[Manifest]) -> No
     assert mounts[host]["guard-socket"] == mounts[GUARD]["guard-socket"] == "/var/run/guard"
     listen = parsed_config(docs).server.listen
     assert listen == f"unix://{mounts[GUARD]['guard-socket']}/socket/guard.sock"
-    assert listen in container(pod, host)["args"]
+    host_container = container(pod, host)
+    assert listen in host_container["args"] or listen in env_of(host_container).values()
     config_volume = volumes["guard-config"]["configMap"]["name"]
     assert config_volume == one(docs, "ConfigMap")["metadata"]["name"]
     assert mounts[GUARD]["guard-config"] == "/etc/guard"
     assert container(pod, GUARD)["args"] == ["--config", "/etc/guard/guard.yaml"]
+
+
+def test_vllm_example_runs_vllm_serve_with_the_guard_as_its_sidecar(helm: Helm) -> None:
+    """examples/vllm-values.yaml: vLLM's OpenAI server as the host, with the flags and
+    GUARD_VLLM_* settings tests/test_vllm_serve.py serves with, reaching the guard's socket."""
+    values, kube_version = VALUE_SETS["vllm"]
+    docs = helm.render(values, kube_version)
+    pod = example_pod(docs)
+    # The guard is a native sidecar: up (and past its startup probe) before vLLM loads the
+    # model, which is when the guard's worker connects to it.
+    assert [c["name"] for c in pod["initContainers"]] == [GUARD]
+    assert [c["name"] for c in pod["containers"]] == ["host"]
+    vllm = container(pod, "host")
+    assert vllm["image"] == "activation-guard-vllm:0.1.0"
+    assert vllm["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    given = flags(vllm["args"])
+    assert flags(SERVE_FLAGS).items() <= given.items(), given
+    assert given["--port"] == str(vllm["ports"][0]["containerPort"]) == "8000"
+    # One emptyDir, mounted at one path in both; GUARD_VLLM_ADDRESS is the guard's listen.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes["guard-socket"]) == {"name", "emptyDir"}
+    mounts = {name: {m["name"]: m["mountPath"] for m in container(pod, name)["volumeMounts"]}
+              for name in ("host", GUARD)}
+    assert mounts["host"]["guard-socket"] == mounts[GUARD]["guard-socket"] == "/var/run/guard"
+    env = env_of(vllm)
+    config = parsed_config(docs)
+    assert env["GUARD_VLLM_ADDRESS"] == config.server.listen == SOCKET
+    # The worker accepts the settings, and reads a hook the guard serves.
+    settings = VllmGuardSettings.from_env(env)
+    assert (settings.mode, settings.failure_policy) == ("inline", "closed")
+    assert settings.request_overrides == frozenset()
+    assert set(settings.hooks) <= {sae.hook for sae in config.saes}
+    assert config.plugins.failure_mode == "closed"
+    # On CPUs vLLM keeps the `uni` executor the guard needs only with this.
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # vLLM's caches go to the writable emptyDir; its /health answers the probes.
+    assert env["HOME"] == mounts["host"]["host-cache"] == "/var/cache/vllm"
+    assert volumes["host-cache"]["emptyDir"] == {"sizeLimit": "4Gi"}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert restricted_violations(pod) == []
+
+
+def test_the_demo_host_keeps_its_arguments_and_tcp_probes(helm: Helm) -> None:
+    host = container(example_pod(helm.render({})), "host")
+    assert host["args"] == ["--guard", SOCKET, "--port", "8000"]
+    assert "command" not in host
+    assert host["readinessProbe"]["tcpSocket"] == {"port": "http"}
+    assert "GUARD_VLLM_ADDRESS" not in env_of(host)
+
+
+def test_the_guard_address_variable_cannot_also_be_set_by_hand(helm: Helm) -> None:
+    error = helm.template_error({"example": {"host": {
+        "guardAddressEnv": "GUARD_VLLM_ADDRESS",
+        "env": {"GUARD_VLLM_ADDRESS": "unix:///elsewhere.sock"}}}})
+    assert "example.host.env sets GUARD_VLLM_ADDRESS, which example.host.guardAddressEnv " \
+           "names" in error
 
 
 def test_grpc_probes_on_the_health_port(helm: Helm) -> None:
@@ -725,6 +787,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
      "/guard/server/socketMode"),
     ("TLS secret not a name", {"guard": {"server": {"tls": {"secretName": "Not_A_Name"}}}},
      "/guard/server/tls/secretName"),
+    ("host args not strings", {"example": {"host": {"args": ["--max-model-len", 512]}}},
+     "/example/host/args/1"),
+    ("guard address variable not a name",
+     {"example": {"host": {"guardAddressEnv": "GUARD-VLLM"}}}, "/example/host/guardAddressEnv"),
+    ("host cache without a size", {"example": {"host": {"cache": {"sizeLimit": None}}}},
+     "/example/host/cache"),
     ("unknown TLS key", {"guard": {"server": {"tls": {"certFile": "/x"}}}},
      "additional properties 'certFile'"),
 ]

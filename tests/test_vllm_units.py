@@ -5,13 +5,29 @@ refusals, and the SmolLM2 copy vLLM loads. The real engine is in tests/test_vllm
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from guard.vllm.manifest import AbortBoard, GuardAbort, build_manifest, client_request_id
-from guard.vllm.settings import VllmGuardSettings, VllmSetupError, layer_of
+from guard.decision import Action
+from guard.host import StepVerdict, Verdict
+from guard.vllm.manifest import (
+    ABORTS,
+    AbortBoard,
+    GuardAbort,
+    build_manifest,
+    client_request_id,
+)
+from guard.vllm.settings import (
+    RequestArgsError,
+    RequestSettings,
+    VllmGuardSettings,
+    VllmSetupError,
+    layer_of,
+)
 
 
 def test_the_client_sees_its_own_request_id() -> None:
@@ -51,6 +67,26 @@ def test_two_requests_named_alike_for_the_guard_are_refused() -> None:
     with pytest.raises(ValueError, match="guard_request_id"):
         build_manifest(["x-00000000", "x-11111111"], ["x", "x"], [1, 1], [5, 5],
                        np.ones(2, dtype=np.int64), np.ones(2, dtype=np.int64))
+
+
+def test_a_recomputed_request_sends_its_generated_rows_in_a_second_batch_of_the_step() -> None:
+    # After a preemption vLLM recomputes request A from its start: positions 0..11, of which
+    # 0..7 are its prompt and 8..11 the tokens it had generated. B decodes at 20. A batch
+    # holds a request once with one phase: A's generated rows go in the step's second batch.
+    positions = np.array([*range(12), 20], dtype=np.int64)
+    manifest = build_manifest(["a-00000000", "b-11111111"], ["A", "B"], [12, 1], [8, 15],
+                              positions, np.arange(13, dtype=np.int64))
+    assert [(s.request_id, s.rows, s.phase) for s in manifest.segments] == [
+        ("A", 7, "prompt"), ("B", 1, "generation")]
+    assert manifest.keep.tolist() == [*range(1, 8), 12] and manifest.part == 0
+    then = manifest.then
+    assert then is not None and then.then is None and then.part == 1
+    assert [(s.request_id, s.rows, s.phase) for s in then.segments] == [("A", 4, "generation")]
+    assert then.keep.tolist() == then.positions.tolist() == [8, 9, 10, 11]
+    assert then.internal_ids == ("a-00000000",) and then.step_rows == manifest.step_rows == 13
+    # A step without such a request is one batch.
+    one = build_manifest(["b-11111111"], ["B"], [1], [15], positions[12:], positions[12:])
+    assert one.then is None
 
 
 def test_the_abort_board_hands_each_abort_over_once() -> None:
@@ -145,3 +181,258 @@ def test_the_smollm2_copy_for_vllm_has_its_embeddings_and_names_its_architecture
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert len(names) == 272
     assert (folder / "tokenizer.json").is_file()
+
+
+# -- per-request arguments (vllm_xargs) ---------------------------------------------------------
+
+
+def settings_with(**env: str) -> VllmGuardSettings:
+    return VllmGuardSettings.from_env({"GUARD_VLLM_ADDRESS": "unix:///tmp/g.sock",
+                                       **{f"GUARD_VLLM_{k.upper()}": v for k, v in env.items()}})
+
+
+def test_a_request_may_name_itself_and_ask_for_what_the_server_does_anyway() -> None:
+    server = settings_with()
+    assert server.request_overrides == frozenset()
+    assert server.request_settings(None) == RequestSettings(None, "inline", "open")
+    assert server.request_settings({"guard_request_id": "mine", "guard_mode": "INLINE",
+                                    "other_plugin_arg": 3}) == RequestSettings(
+        "mine", "inline", "open")
+    # A stricter failure policy needs no permission.
+    assert server.request_settings({"guard_failure_policy": "closed"}).failure_policy == "closed"
+
+
+def test_a_request_weakens_the_guard_only_where_the_operator_allows_it() -> None:
+    strict = settings_with(failure_policy="closed")
+    with pytest.raises(RequestArgsError, match="GUARD_VLLM_REQUEST_OVERRIDES does not name mode"):
+        strict.request_settings({"guard_mode": "monitor"})
+    with pytest.raises(RequestArgsError, match="does not name failure_policy"):
+        strict.request_settings({"guard_failure_policy": "open"})
+    allowed = settings_with(failure_policy="closed", request_overrides="mode, failure_policy")
+    assert allowed.request_overrides == {"mode", "failure_policy"}
+    assert allowed.request_settings({"guard_mode": "monitor"}).mode == "monitor"
+    assert allowed.request_settings({"guard_failure_policy": "open"}).failure_policy == "open"
+    only_mode = settings_with(failure_policy="closed", request_overrides="mode")
+    assert only_mode.request_settings({"guard_mode": "monitor"}).mode == "monitor"
+    with pytest.raises(RequestArgsError, match="does not name failure_policy"):
+        only_mode.request_settings({"guard_failure_policy": "open"})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"guard_mdoe": "monitor"}, "unknown guard argument 'guard_mdoe'"),
+    ({"guard_mode": "off"}, "guard_mode: expected inline or monitor, found 'off'"),
+    ({"guard_mode": 1}, "expected inline or monitor, found int 1"),
+    ({"guard_failure_policy": ["open"]}, "expected open or closed, found a list"),
+    ({"guard_request_id": 7}, "guard_request_id must be a non-empty string"),
+    ({"guard_request_id": ""}, "guard_request_id must be a non-empty string"),
+    ({"guard_request_id": "x" * 300}, "a string of 300 characters"),
+    ({"guard_request_id": "a\nb"}, "printable"),
+    ({"guard_mode": "monitor", "guard_failure_policy": "closed"}, "never aborted"),
+])
+def test_malformed_request_arguments_are_refused_with_what_was_expected(
+        args: dict[str, object], message: str) -> None:
+    server = settings_with(request_overrides="mode")
+    with pytest.raises(RequestArgsError, match=re.escape(message)):
+        server.request_settings(args)
+
+
+def test_no_request_is_inline_on_a_monitor_server() -> None:
+    server = settings_with(mode="monitor", request_overrides="mode")
+    assert server.request_settings({"guard_mode": "monitor"}).mode == "monitor"
+    with pytest.raises(RequestArgsError, match="MONITOR mode"):
+        server.request_settings({"guard_mode": "inline"})
+
+
+def test_unknown_overrides_fail_at_start_up() -> None:
+    with pytest.raises(VllmSetupError, match="expected none or a comma-separated list of mode, "
+                                             "failure_policy, found 'hooks'"):
+        settings_with(request_overrides="mode,hooks")
+    assert settings_with(request_overrides="none").request_overrides == frozenset()
+
+
+# -- the worker's per-request handling (guard.vllm.attach, with stand-ins for vLLM and the
+# -- client: the real engine and guard are in tests/test_vllm.py and tests/test_vllm_serve.py)
+
+
+class StepClient:
+    """Answers every step with the verdicts it is given (by request name) and a steering
+    delta of ones over every row; records what the worker told it."""
+
+    def __init__(self, actions: dict[str, Action], source: str = "guard") -> None:
+        self.actions = actions
+        self.source = source
+        self.segments: list[tuple[str, int]] = []
+        self.ended: list[tuple[tuple[str, ...], str]] = []
+
+    def inspect_step(self, hook: str, rows: np.ndarray, segments: Any, positions: Any,
+                     token_ids: Any) -> StepVerdict:
+        self.segments = [(s.request_id, s.rows) for s in segments]
+        verdicts = tuple(Verdict(self.actions.get(s.request_id, Action.CONTINUE),
+                                 self.source, s.request_id,  # type: ignore[arg-type]
+                                 decision_id=f"d-{s.request_id}", details="stand-in",
+                                 reason="timeout" if self.source != "guard" else "")
+                         for s in segments)
+        steering = {hook: np.ones(rows.shape, dtype=np.float32)}
+        return StepVerdict(verdicts, self.source, steering=steering)  # type: ignore[arg-type]
+
+    def end_requests(self, names: Any, reason: str) -> None:
+        self.ended.append((tuple(names), reason))
+
+
+class Engine:
+    """The few vLLM objects the worker reads, for one hooked layer of width 4."""
+
+    def __init__(self, settings: VllmGuardSettings, client: StepClient) -> None:
+        import torch
+
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList([torch.nn.Identity() for _ in range(16)])
+        self.runner = SimpleNamespace(requests={}, input_batch=SimpleNamespace(
+            req_ids=[], num_reqs=0, num_prompt_tokens=[]))
+        from guard.vllm.attach import Attachment
+
+        self.guard = Attachment(settings, self.runner, model, client,  # type: ignore[arg-type]
+                                {15: "blocks.15.hook_resid_post"})
+
+    def add(self, internal: str, prompt: int, **extra_args: object) -> None:
+        self.runner.requests[internal] = SimpleNamespace(
+            sampling_params=SimpleNamespace(extra_args=extra_args or None))
+        batch = self.runner.input_batch
+        batch.req_ids.append(internal)
+        batch.num_prompt_tokens.append(prompt)
+        batch.num_reqs += 1
+
+    def step(self, scheduled: dict[str, int], finished: tuple[str, ...] = ()) -> np.ndarray:
+        """One step of ``scheduled`` prompt rows per request (from position 1); the delta
+        the worker adds to layer 15's output."""
+        import torch
+
+        self.guard.begin_step(SimpleNamespace(num_scheduled_tokens=scheduled,
+                                              finished_req_ids=set(finished)))
+        total = sum(scheduled.values())
+        positions = torch.cat([torch.arange(1, n + 1) for n in scheduled.values()])
+        self.guard._before_forward(None, (), {"positions": positions,
+                                              "input_ids": torch.zeros(total, dtype=torch.long)})
+        delta = self.guard.on_layer(15, torch.zeros(total, 4), torch.zeros(total, 4))
+        self.guard.end_step()
+        return delta.numpy()
+
+
+def test_a_monitor_request_is_sent_but_neither_steered_nor_aborted() -> None:
+    client = StepClient({"watched": Action.ABORT, "steered": Action.STEER,
+                         "blocked": Action.ABORT})
+    engine = Engine(settings_with(request_overrides="mode"), client)
+    engine.add("a-00000000", 10, guard_request_id="watched", guard_mode="monitor")
+    engine.add("b-00000000", 10, guard_request_id="steered")
+    engine.add("c-00000000", 10, guard_request_id="blocked")
+    delta = engine.step({"a-00000000": 2, "b-00000000": 3, "c-00000000": 1})
+    assert client.segments == [("watched", 2), ("steered", 3), ("blocked", 1)]
+    assert delta[:2].sum() == 0  # the monitor request's rows
+    assert (delta[2:] == 1).all()
+    assert not ABORTS.pending("a-00000000")
+    assert ABORTS.take("c-00000000") == GuardAbort("d-blocked", "stand-in", "guard")
+    assert engine.guard.counters["aborts"] == 1
+
+
+@pytest.mark.parametrize(("server", "asked", "aborted"), [
+    ("open", "closed", True), ("closed", "open", False), ("open", None, False),
+    ("closed", None, True),
+])
+def test_under_the_failure_policy_each_inline_request_gets_its_own(
+        server: str, asked: str | None, aborted: bool) -> None:
+    source = "fail_open" if server == "open" else "fail_closed"
+    client = StepClient({"r": Action.ABORT if server == "closed" else Action.CONTINUE}, source)
+    engine = Engine(settings_with(failure_policy=server, request_overrides="failure_policy"),
+                    client)
+    args = {"guard_failure_policy": asked} if asked else {}
+    engine.add("r-00000000", 10, guard_request_id="r", **args)
+    engine.step({"r-00000000": 2})
+    taken = ABORTS.take("r-00000000")
+    assert (taken is not None) is aborted
+    if taken is not None:
+        assert taken.stop_reason.startswith("guard:")
+
+
+def test_refused_arguments_end_that_request_with_the_reason_as_its_stop_reason() -> None:
+    client = StepClient({})
+    engine = Engine(settings_with(), client)  # no overrides allowed
+    engine.add("x-00000000", 10, guard_request_id="x", guard_mode="monitor")
+    engine.add("y-00000000", 10, guard_request_id="y")
+    engine.step({"x-00000000": 2, "y-00000000": 2})
+    refused = ABORTS.take("x-00000000")
+    assert refused is not None and refused.source == "refused"
+    assert refused.stop_reason.startswith("guard:refused: vllm_xargs: guard_mode=monitor")
+    assert "GUARD_VLLM_REQUEST_OVERRIDES" in refused.stop_reason
+    assert ABORTS.take("y-00000000") is None
+    assert engine.guard.counters["refused"] == 1
+    # The refused request was still inspected under the server's settings, as "x".
+    assert client.segments == [("x", 2), ("y", 2)]
+
+
+def test_requests_sharing_a_guard_request_id_get_their_own_names_and_never_crash_a_step(
+) -> None:
+    # A request with n=2 hands both its samples the same extra_args: vLLM ran them in one
+    # step, where two segments of one name failed the step (and vLLM's engine with it).
+    client = StepClient({})
+    engine = Engine(settings_with(), client)
+    engine.add("0_chat-1-00000000", 10, guard_request_id="same")
+    engine.add("1_chat-1-00000000", 10, guard_request_id="same")
+    engine.add("chat-2-11111111", 10)
+    engine.step({"0_chat-1-00000000": 2, "1_chat-1-00000000": 2, "chat-2-11111111": 1})
+    assert client.segments == [("same", 2), ("same#2", 2), ("chat-2", 1)]
+    assert engine.guard.counters["renamed"] == 1
+    # The names hold until vLLM finishes the requests; then a new request may take them.
+    engine.runner.input_batch = SimpleNamespace(req_ids=[], num_reqs=0, num_prompt_tokens=[])
+    engine.add("chat-3-22222222", 10, guard_request_id="same")
+    engine.step({"chat-3-22222222": 1},
+                finished=("0_chat-1-00000000", "1_chat-1-00000000", "chat-2-11111111"))
+    assert client.segments == [("same", 1)]
+    assert [(set(names), reason) for names, reason in client.ended] == [
+        ({"same", "same#2", "chat-2"}, "finished")]
+
+
+def test_a_recomputed_request_goes_to_the_guard_in_two_batches_each_steered() -> None:
+    sent: list[tuple[list[tuple[str, int, str]], list[int]]] = []
+
+    class Recording(StepClient):
+        def inspect_step(self, hook: str, rows: np.ndarray, segments: Any, positions: Any,
+                         token_ids: Any) -> StepVerdict:
+            sent.append(([(s.request_id, s.rows, str(s.phase)) for s in segments],
+                         positions.tolist()))
+            return super().inspect_step(hook, rows, segments, positions, token_ids)
+
+    engine = Engine(settings_with(), Recording({"A": Action.STEER}))
+    engine.add("a-00000000", 4, guard_request_id="A")  # a 4-token prompt, recomputed
+    delta = engine.step({"a-00000000": 6})  # with the 3 tokens it had generated
+    assert sent == [([("A", 3, "prompt")], [1, 2, 3]), ([("A", 3, "generation")], [4, 5, 6])]
+    assert (delta == 1).all()  # both batches' steering, each on its own rows
+    assert engine.guard.counters["batches"] == 2 and engine.guard.counters["steps"] == 1
+
+
+def test_reconnecting_reaches_the_guard_with_the_new_settings_from_the_next_step() -> None:
+    closed: list[bool] = []
+
+    class Closable(StepClient):
+        def close(self) -> None:
+            closed.append(True)
+
+    client = Closable({})
+    engine = Engine(settings_with(), client)
+    engine.add("a-00000000", 10)
+    engine.step({"a-00000000": 2})
+    assert client.segments == [("a", 2)]
+    # A real client, for a guard that is not there, with the closed policy: a request that
+    # joins the next step is aborted by the policy ("a" keeps the policy it was seen with).
+    engine.guard.reconnect(settings_with(address="unix:///nonexistent/guard.sock",
+                                         failure_policy="closed", deadline_ms="200"))
+    try:
+        assert closed == [True] and engine.guard.settings.failure_policy == "closed"
+        engine.add("b-11111111", 10)
+        engine.step({"a-00000000": 1, "b-11111111": 2})
+        abort = ABORTS.take("b-11111111")
+        assert abort is not None and abort.stop_reason == "guard:fail_closed"
+        assert ABORTS.take("a-00000000") is None
+        assert engine.guard.counters["policy_verdicts"] == 1
+    finally:
+        engine.guard.close()

@@ -1,5 +1,6 @@
 """The guard inside a vLLM worker: hooks on the model's decoder layers, the step's manifest,
-one ``inspect_step`` per hooked layer per step, steering and ABORTs.
+one ``inspect_step`` per hooked layer per step (two when a request recomputed after a
+preemption has prompt and generated rows in the step), steering and ABORTs.
 
 How the hooks survive vLLM's compiled mode: they are registered in the worker's
 ``load_model``, before vLLM compiles the model, and the layer hook calls one custom op
@@ -15,19 +16,27 @@ Imports torch and the host SDK; vLLM only through what the worker hands it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import structlog
 import torch
 
 from guard.decision import Action
-from guard.host import GuardClient, StepVerdict
+from guard.host import GuardClient, StepVerdict, Verdict
 from guard.vllm.manifest import ABORTS, GuardAbort, StepManifest, build_manifest, client_request_id
-from guard.vllm.settings import REQUEST_ID_ARG, VllmGuardSettings, VllmSetupError, layer_of
+from guard.vllm.settings import (
+    REQUEST_ID_ARG,
+    RequestArgsError,
+    RequestSettings,
+    VllmGuardSettings,
+    VllmSetupError,
+    layer_of,
+)
 
 log = structlog.get_logger("guard.vllm")
 
@@ -78,9 +87,22 @@ class Attachment:
         #: internal id -> the id the guard knows, for the requests the guard has seen.
         self._known: dict[str, str] = {}
         self._aborted: set[str] = set()
+        #: internal id -> its name and settings, fixed when the worker first sees it (until
+        #: vLLM finishes it); the names in use, each held by one live request.
+        self._requests: dict[str, _Request] = {}
+        self._names: set[str] = set()
+        self._logged_refusal = False
+        self._logged_rename = False
         self.counters: dict[str, float] = {
             "steps": 0, "batches": 0, "rows": 0, "op_calls": 0, "aborts": 0, "steered_rows": 0,
-            "policy_verdicts": 0, "inspect_seconds": 0.0,
+            "policy_verdicts": 0, "inspect_seconds": 0.0, "refused": 0, "renamed": 0,
+            # Where a step's time goes (bench/vllm_throughput.py): the manifest (outer pre-hook)
+            # and the rows' copy out; the client's CPU on this thread in ``inspect_step``
+            # (encode, queue, reply) and the rest of that call (off CPU: waiting for the
+            # verdicts, or for the GIL or a core); applying the verdicts (aborts, steering);
+            # telling the guard of ended requests.
+            "manifest_seconds": 0.0, "copy_seconds": 0.0, "send_seconds": 0.0,
+            "wait_seconds": 0.0, "apply_seconds": 0.0, "end_seconds": 0.0,
         }
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
         layers = model.model.layers
@@ -93,6 +115,7 @@ class Attachment:
         """Before vLLM's forward: tell the guard which requests ended or were preempted."""
         self._in_step = True
         self._scheduled = scheduler_output.num_scheduled_tokens
+        started = time.perf_counter()
         finished = [r for r in scheduler_output.finished_req_ids if r in self._known]
         preempted = [r for r in (getattr(scheduler_output, "preempted_req_ids", None) or ())
                      if r in self._known]
@@ -100,15 +123,28 @@ class Attachment:
             aborted = [r for r in finished if r in self._aborted]
             done = [r for r in finished if r not in self._aborted]
             if done:
-                self.client.end_requests([self._known[r] for r in done], "finished")
+                self._end([self._known[r] for r in done], "finished")
             if aborted:
-                self.client.end_requests([self._known[r] for r in aborted], "aborted")
+                self._end([self._known[r] for r in aborted], "aborted")
             for r in finished:
                 self._known.pop(r, None)
                 self._aborted.discard(r)
             ABORTS.forget(finished)
         if preempted:
-            self.client.end_requests([self._known[r] for r in preempted], "preempted")
+            self._end([self._known[r] for r in preempted], "preempted")
+        if self._requests:
+            self._forget_requests(scheduler_output.finished_req_ids)
+        self.counters["end_seconds"] += time.perf_counter() - started
+
+    def _end(self, names: list[str], reason: Literal["finished", "aborted", "preempted"]
+             ) -> None:
+        self.client.end_requests(names, reason)
+        if self.settings.tap:  # before the rows of step number self._step + 1
+            folder = Path(self.settings.tap)
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / "ended.jsonl").open("a", encoding="utf-8") as out:
+                out.write(json.dumps({"before_step": self._step + 1, "reason": reason,
+                                      "request_ids": names}) + "\n")
 
     def end_step(self) -> None:
         """After vLLM's forward. A step with rows whose hooks did not all run means the model
@@ -130,6 +166,7 @@ class Attachment:
         self._manifest = None
         if not self._in_step or self.paused:
             return  # a warm-up or profiling forward, or paused
+        started = time.perf_counter()
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if positions is None:
@@ -141,12 +178,7 @@ class Attachment:
         scheduled_by_id = self._scheduled
         scheduled = [int(scheduled_by_id.get(r, 0)) for r in internal]
         prompt_lengths = [int(n) for n in batch.num_prompt_tokens[:len(internal)]]
-        client_ids = []
-        for r in internal:
-            state = self.runner.requests.get(r)
-            params = getattr(state, "sampling_params", None)
-            extra = getattr(params, "extra_args", None)
-            client_ids.append(client_request_id(r, extra, REQUEST_ID_ARG))
+        client_ids = [self._request(r).name for r in internal]
         total = sum(scheduled)
         pos = positions[:total].detach().to("cpu", torch.int64).numpy()
         ids = (input_ids[:total].detach().to("cpu", torch.int64).numpy()
@@ -159,6 +191,7 @@ class Attachment:
         self._manifest = manifest
         self._step += 1
         self.counters["steps"] += 1
+        self.counters["manifest_seconds"] += time.perf_counter() - started
 
     def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The custom op's body: send the rows of this layer, return the delta to add."""
@@ -168,48 +201,152 @@ class Attachment:
         if manifest is None:
             return delta
         self._calls += 1
+        part: StepManifest | None = manifest
+        while part is not None:  # a second batch holds recomputed generated rows (phase)
+            delta = self._send(layer, hidden, residual, part, delta)
+            part = part.then
+        return delta
+
+    def _send(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+              manifest: StepManifest, delta: torch.Tensor) -> torch.Tensor:
+        """Send one batch of the step's rows at this layer; add its steering to ``delta``."""
         if manifest.rows == 0:
             return delta
         hook = self.hooks[layer]
         n = manifest.rows
+        copying = time.perf_counter()
         keep = torch.from_numpy(manifest.keep).to(hidden.device)
         rows = (hidden.detach().index_select(0, keep) + residual.detach().index_select(0, keep)
                 ).to("cpu", torch.float32).numpy()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         step = self.client.inspect_step(hook, rows, manifest.segments, manifest.positions,
                                         manifest.token_ids)
-        self.counters["inspect_seconds"] += time.perf_counter() - started
+        answered, cpu = time.perf_counter(), time.thread_time() - cpu
+        call = answered - started
+        self.counters["copy_seconds"] += started - copying
+        self.counters["inspect_seconds"] += call
+        self.counters["send_seconds"] += min(cpu, call)
+        self.counters["wait_seconds"] += max(0.0, call - cpu)
         self.counters["batches"] += 1
         self.counters["rows"] += n
         if self.settings.tap:
             self._tap(hook, rows, manifest, step)
         if self.settings.mode == "monitor":
             return delta
+        applying = time.perf_counter()
         self._act(manifest, step)
         steer = step.steering.get(hook)
         if steer is not None and step.action is not Action.CONTINUE:
+            steer = self._inline_only(manifest, steer)
             delta.index_add_(0, keep, torch.tensor(steer, dtype=delta.dtype,
                                                     device=delta.device))
             self.counters["steered_rows"] += int(np.count_nonzero(np.abs(steer).sum(axis=1)))
+        self.counters["apply_seconds"] += time.perf_counter() - applying
         return delta
 
     def _act(self, manifest: StepManifest, step: StepVerdict) -> None:
         if step.decided_by_policy:
             self.counters["policy_verdicts"] += 1
         for internal, verdict in zip(manifest.internal_ids, step.verdicts, strict=True):
-            if verdict.action is Action.ABORT and internal not in self._aborted:
+            abort = self._aborts(internal, verdict, step)
+            if abort is not None and internal not in self._aborted:
                 self._aborted.add(internal)
                 self.counters["aborts"] += 1
-                ABORTS.post(internal, GuardAbort(verdict.decision_id, verdict.details,
-                                                 verdict.source))
+                ABORTS.post(internal, abort)
                 log.info("guard aborted a request", request_id=verdict.request_id,
-                         decision_id=verdict.decision_id, source=verdict.source,
-                         details=verdict.details)
+                         decision_id=abort.decision_id, source=abort.source,
+                         details=abort.details)
+
+    def _aborts(self, internal: str, verdict: Verdict, step: StepVerdict) -> GuardAbort | None:
+        """The ABORT this verdict means for this request under its own settings: none for a
+        MONITOR request; under the failure policy, the request's own policy."""
+        request = self._requests.get(internal)
+        settings = request.settings if request is not None else None
+        if settings is not None and settings.mode == "monitor":
+            return None
+        if (step.decided_by_policy and settings is not None
+                and settings.failure_policy != self.settings.failure_policy):
+            if settings.failure_policy == "open":
+                return None
+            return GuardAbort("", verdict.reason or "the guard did not answer (fail closed)",
+                              "fail_closed")
+        if verdict.action is Action.ABORT:
+            return GuardAbort(verdict.decision_id, verdict.details, verdict.source)
+        return None
+
+    def _inline_only(self, manifest: StepManifest, steer: Any) -> Any:
+        """The step's steering without the rows of its MONITOR requests (never steered)."""
+        monitored = [i for i, internal in enumerate(manifest.internal_ids)
+                     if (r := self._requests.get(internal)) is not None
+                     and r.settings.mode == "monitor"]
+        if not monitored:
+            return steer
+        steer = np.array(steer, dtype=np.float32, copy=True)
+        starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.segments])])
+        for i in monitored:
+            steer[starts[i]:starts[i + 1]] = 0.0
+        return steer
+
+    # -- the requests -------------------------------------------------------------------------
+
+    def _request(self, internal: str) -> _Request:
+        """A request's name for the guard and its settings, fixed at first sight. A request
+        whose ``guard_*`` arguments the server refuses is ended with the reason as its stop
+        reason (vLLM's admission check, guard.vllm.admission, refuses it before it runs);
+        a name already held by another live request gets ``#2``, ``#3``... (two requests
+        ``n=2`` share their arguments; a client must not reach another request's state)."""
+        found = self._requests.get(internal)
+        if found is not None:
+            return found
+        state = self.runner.requests.get(internal)
+        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None)
+        refused = ""
+        try:
+            settings = self.settings.request_settings(extra)
+        except RequestArgsError as exc:
+            refused = str(exc)
+            settings = RequestSettings(None, self.settings.mode, self.settings.failure_policy)
+        wanted = settings.name or client_request_id(internal, None, REQUEST_ID_ARG)
+        name, copy = wanted, 1
+        while name in self._names:
+            copy += 1
+            name = f"{wanted}#{copy}"
+        if copy > 1:
+            self.counters["renamed"] += 1
+            if not self._logged_rename:
+                self._logged_rename = True
+                log.warning("two live requests share a guard request id: the later ones are "
+                            "renamed (logged once; counted as renamed)", request_id=wanted,
+                            renamed=name)
+        request = _Request(name, settings)
+        self._requests[internal] = request
+        self._names.add(name)
+        if refused:
+            self.counters["refused"] += 1
+            self._aborted.add(internal)
+            ABORTS.post(internal, GuardAbort("", refused, "refused"))
+            if not self._logged_refusal:
+                self._logged_refusal = True
+                log.warning("guard refused a request's arguments and ends it (logged once; "
+                            "counted as refused)", request_id=name, error=refused)
+        return request
+
+    def _forget_requests(self, finished: Any) -> None:
+        gone = []
+        for internal in finished:
+            request = self._requests.pop(internal, None)
+            if request is not None:
+                self._names.discard(request.name)
+                self._aborted.discard(internal)
+                gone.append(internal)
+        if gone:
+            ABORTS.forget(gone)  # a refused request the client ended before its first step
 
     def _tap(self, hook: str, rows: Any, manifest: StepManifest, step: StepVerdict) -> None:
         folder = Path(self.settings.tap)
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / f"step{self._step:05d}-{hook}.npz", rows=rows,
+        part = f".{manifest.part}" if manifest.part else ""
+        np.savez(folder / f"step{self._step:05d}{part}-{hook}.npz", rows=rows,
                  positions=manifest.positions, token_ids=manifest.token_ids,
                  request_ids=np.array([s.request_id for s in manifest.segments]),
                  counts=np.array([s.rows for s in manifest.segments]),
@@ -227,6 +364,14 @@ class Attachment:
                 found[f"client_{name}"] = value
         return found
 
+    def reconnect(self, settings: VllmGuardSettings) -> None:
+        """From the next step on, reach the guard with these settings (address, mode,
+        failure policy, deadline, queue): a new client replaces the current one, closed.
+        Requests already seen keep the mode and failure policy they were given then."""
+        old, self.client = self.client, connect(settings, tuple(self.hooks.values()))
+        self.settings = settings
+        old.close()
+
     def close(self) -> None:
         global _CURRENT
         for handle in self._handles:
@@ -234,6 +379,12 @@ class Attachment:
         self.client.close()
         if _CURRENT is self:
             _CURRENT = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    name: str
+    settings: RequestSettings
 
 
 def _layer_hook(layer: int) -> Any:
@@ -275,10 +426,7 @@ def attach(vllm_config: Any, model_runner: Any, version: str,
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise VllmSetupError(f"guard.vllm: {type(model).__name__} has no model.layers")
-    client = GuardClient(settings.address, mode=settings.mode, hooks=settings.hooks,
-                         failure_policy=settings.failure_policy,
-                         deadline_ms=settings.deadline_ms, queue_size=settings.queue_size,
-                         host_name="vllm")
+    client = connect(settings, settings.hooks)
     hooks = _hooks(settings, client, len(layers), model_runner)
     attachment = Attachment(settings, model_runner, model, client, hooks)
     _CURRENT = attachment
@@ -306,6 +454,14 @@ def _hooks(settings: VllmGuardSettings, client: GuardClient, num_layers: int,
     return hooks
 
 
+def connect(settings: VllmGuardSettings, hooks: Sequence[str]) -> GuardClient:
+    """The worker's client of the guard (it connects on its first step)."""
+    return GuardClient(settings.address, mode=settings.mode, hooks=hooks,
+                       failure_policy=settings.failure_policy,
+                       deadline_ms=settings.deadline_ms, queue_size=settings.queue_size,
+                       host_name="vllm")
+
+
 def layer_of_or_none(hook: str) -> int | None:
     try:
         return layer_of(hook)
@@ -317,4 +473,4 @@ def attached() -> Attachment | None:
     return _CURRENT
 
 
-__all__ = ["Attachment", "attach", "attached", "check_vllm_version", "inspect_op"]
+__all__ = ["Attachment", "attach", "attached", "check_vllm_version", "connect", "inspect_op"]

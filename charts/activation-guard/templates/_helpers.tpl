@@ -194,3 +194,16 @@ telemetry:
 - name: {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/* activation-guard.example.hostCheck is how the probes check the example host (given
+example.host): GET healthPath when set (vLLM's /health), else a TCP connect to its port. */}}
+{{- define "activation-guard.example.hostCheck" -}}
+{{- if .healthPath -}}
+httpGet:
+  path: {{ .healthPath }}
+  port: http
+{{- else -}}
+tcpSocket:
+  port: http
+{{- end }}
+{{- end }}
