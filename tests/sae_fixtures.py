@@ -172,3 +172,151 @@ def write_gemmascope(
     with path.open("wb") as f:
         np.savez(f, **arrays)
     return path
+
+
+# --- transcoders, Gemma Scope 2, Llama Scope (issue 17) ------------------------------------
+
+
+def random_transcoder_weights(
+    d_in: int, d_sae: int, d_out: int, *, jumprelu: bool = False, skip: bool = False,
+    seed: int = 0,
+) -> dict[str, NDArray[np.float32]]:
+    """W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec [d_out] (an independent
+    decoder: it writes another hook), thresholds when ``jumprelu``, W_skip [d_out, d_in] when
+    ``skip``; nonzero biases."""
+    rng = np.random.default_rng(seed + 20)
+    weights = {
+        "W_enc": rng.normal(0.0, 1.0 / np.sqrt(d_in), size=(d_in, d_sae)).astype(np.float32),
+        "b_enc": rng.normal(0.0, 0.1, size=d_sae).astype(np.float32),
+        "W_dec": rng.normal(0.0, 1.0 / np.sqrt(d_sae), size=(d_sae, d_out)).astype(np.float32),
+        "b_dec": rng.normal(0.0, 0.1, size=d_out).astype(np.float32),
+    }
+    if jumprelu:
+        weights["threshold"] = rng.uniform(0.0, 0.8, size=d_sae).astype(np.float32)
+    if skip:
+        weights["W_skip"] = rng.normal(0.0, 0.1, size=(d_out, d_in)).astype(np.float32)
+    return weights
+
+
+def write_saelens_transcoder(
+    folder: Path, weights: dict[str, NDArray[np.float32]], *, architecture: str,
+    hook_name: str = "blocks.4.ln2.hook_normalized", hook_name_out: str = "blocks.4.hook_mlp_out",
+    extra_cfg: dict[str, Any] | None = None,
+) -> Path:
+    """A SAELens 6 transcoder folder, as ``Transcoder.save_model`` writes it: ``d_out`` at the
+    top level, the hooks in ``metadata``, ``apply_b_dec_to_input`` false."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d_in, d_sae = weights["W_enc"].shape
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "d_out": int(weights["W_dec"].shape[1]),
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": "test-model",
+            "hook_name": hook_name,
+            "hook_name_out": hook_name_out,
+            "sae_lens_version": "6.5.0",
+        },
+    }
+    cfg.update(extra_cfg or {})
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    write_safetensors(folder / "sae_weights.safetensors", dict(weights))
+    return folder
+
+
+def random_gemmascope2_params(
+    d_in: int, d_sae: int, d_out: int | None = None, *, affine: bool = False, seed: int = 0
+) -> dict[str, NDArray[np.float32]]:
+    """Gemma Scope 2 ``params.safetensors`` tensors: w_enc [d_in, d_sae], w_dec [d_sae, d_out],
+    b_enc, b_dec, threshold, and affine_skip_connection [d_in, d_out] when ``affine``."""
+    d_out = d_in if d_out is None else d_out
+    rng = np.random.default_rng(seed + 30)
+    params = {
+        "w_enc": rng.normal(0.0, 1.0 / np.sqrt(d_in), size=(d_in, d_sae)).astype(np.float32),
+        "w_dec": rng.normal(0.0, 1.0 / np.sqrt(d_sae), size=(d_sae, d_out)).astype(np.float32),
+        "b_enc": rng.normal(0.0, 0.1, size=d_sae).astype(np.float32),
+        "b_dec": rng.normal(0.0, 0.1, size=d_out).astype(np.float32),
+        "threshold": rng.uniform(0.0, 0.8, size=d_sae).astype(np.float32),
+    }
+    if affine:  # not symmetric, so that x @ A and x @ A.T differ
+        params["affine_skip_connection"] = rng.normal(0.0, 0.2, size=(d_in, d_out)).astype(
+            np.float32)
+    return params
+
+
+def write_gemmascope2(
+    folder: Path, params: dict[str, NDArray[Any]], config: dict[str, Any] | None = None
+) -> Path:
+    """A Gemma Scope 2 folder: ``params.safetensors`` and, unless ``config`` is None, a
+    ``config.json`` with the keys Gemma Scope 2 publishes (given ones replace the defaults)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "params.safetensors", dict(params))
+    if config is not None:
+        published: dict[str, Any] = {
+            "architecture": "jump_relu",
+            "model_name": "google/gemma-3-1b-pt",
+            "width": int(params["w_enc"].shape[1]),
+            "l0": 20,
+        }
+        published.update(config)
+        (folder / "config.json").write_text(json.dumps(published))
+    return folder
+
+
+def random_llamascope_tensors(
+    d_model: int, d_sae: int, seed: int = 0
+) -> dict[str, NDArray[np.float32]]:
+    """Llama Scope ``checkpoints/final.safetensors``: nn.Linear weights, encoder.weight
+    [d_sae, d_model], decoder.weight [d_model, d_sae], and their biases; nonzero biases."""
+    rng = np.random.default_rng(seed + 40)
+    return {
+        "encoder.weight": rng.normal(0.0, 1.0 / np.sqrt(d_model), size=(d_sae, d_model)).astype(
+            np.float32),
+        "encoder.bias": rng.normal(0.0, 0.1, size=d_sae).astype(np.float32),
+        "decoder.weight": rng.normal(0.0, 1.0 / np.sqrt(d_sae), size=(d_model, d_sae)).astype(
+            np.float32),
+        "decoder.bias": rng.normal(0.0, 0.1, size=d_model).astype(np.float32),
+    }
+
+
+def llamascope_hyperparams(d_model: int, d_sae: int, /, **changes: Any) -> dict[str, Any]:
+    """A Llama Scope ``hyperparams.json`` (the fields lm_saes writes for Llama3_1-8B-Base-L15R;
+    ``changes`` replace them, None removes one)."""
+    hyperparams: dict[str, Any] = {
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "expansion_factor": d_sae // d_model,
+        "hook_point_in": "blocks.15.hook_resid_post",
+        "hook_point_out": "blocks.15.hook_resid_post",
+        "use_decoder_bias": True,
+        "apply_decoder_bias_to_pre_encoder": False,
+        "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.35546875,
+        "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": 10.8125, "out": 10.8125},
+        "sparsity_include_decoder_norm": True,
+        "use_glu_encoder": False,
+        "top_k": 50,
+    }
+    for key, value in changes.items():
+        if value is None:
+            hyperparams.pop(key, None)
+        else:
+            hyperparams[key] = value
+    return hyperparams
+
+
+def write_llamascope(
+    folder: Path, tensors: dict[str, NDArray[Any]], hyperparams: dict[str, Any]
+) -> Path:
+    """A Llama Scope folder: ``hyperparams.json`` + ``checkpoints/final.safetensors``."""
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "hyperparams.json").write_text(json.dumps(hyperparams))
+    write_safetensors(folder / "checkpoints" / "final.safetensors", dict(tensors))
+    return folder

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -20,7 +20,9 @@ from guard.sae.encoder import CPU, Encoder, create_session
 from guard.sae.formats import Artifact, load_any
 from guard.sae.formats.artifact import MANIFEST_FILE, parse_feature_labels, write_artifact
 from guard.sae.formats.fields import read_json_object
+from guard.sae.labels import read_feature_labels
 from guard.sae.model import SaeModel
+from guard.sae.neuronpedia import parse_neuronpedia_id
 from guard.sae.quantize import quantize_int8
 from guard.sae.safetensors import sha256_of_files
 
@@ -71,10 +73,25 @@ def compare(
 def synthetic_rows(model: SaeModel, rows: int = SAMPLE_ROWS, seed: int = 0) -> NDArray[np.float32]:
     """Rows shaped like what the SAE models: ``b_dec`` plus a few decoder directions with
     exponential magnitudes, plus a little noise. Real activations (``--sample``) are better;
-    these keep the report meaningful without them."""
+    these keep the report meaningful without them.
+
+    A transcoder's decoder writes another hook, so its rows are no input: there each row
+    follows a few encoder columns instead (``W_enc[:, j] / |W_enc[:, j]|^2``, which adds about
+    the drawn magnitude to feature ``j``'s pre-activation)."""
     rng = np.random.default_rng(seed)
-    w_dec = model.decoder.w_dec
     per_row = min(16, model.d_sae)
+    if model.decoder.is_transcoder:
+        x = np.zeros((rows, model.d_in), dtype=np.float64)
+        for i in range(rows):
+            chosen = np.sort(rng.choice(model.d_sae, size=per_row, replace=False))
+            columns = np.asarray(model.architecture.w_enc[:, chosen], dtype=np.float64).T
+            square = np.square(columns).sum(axis=1, keepdims=True)
+            directions = np.divide(columns, square, out=np.zeros_like(columns), where=square > 0)
+            x[i] = rng.exponential(2.0, size=per_row) @ directions
+        rms = float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
+        x += rng.normal(0.0, 0.1 * rms, size=x.shape)
+        return x.astype(np.float32)
+    w_dec = model.decoder.w_dec
     scale = float(np.sqrt(np.mean(np.square(w_dec[: min(1024, model.d_sae)], dtype=np.float64))))
     x = np.repeat(model.decoder.b_dec[None, :].astype(np.float64), rows, axis=0)
     for i in range(rows):
@@ -111,6 +128,9 @@ def read_labels(path: Path, d_sae: int) -> dict[int, str]:
     return parse_feature_labels(path, read_json_object(path), d_sae)
 
 
+LabelPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
 def encoder_graph(model: SaeModel, dtype: ExportDtype) -> onnx.ModelProto:
     """The full encoder in ``dtype``."""
     if dtype == "int8":
@@ -123,17 +143,23 @@ def export_artifact(
     out: str | os.PathLike[str],
     *,
     dtype: ExportDtype,
-    labels: str | os.PathLike[str] | None = None,
+    labels: LabelPaths | None = None,
     hook: str | None = None,
     sample: NDArray[np.float32] | None = None,
     force: bool = False,
     stream: TextIO | None,
+    neuronpedia_id: str | None = None,
 ) -> AccuracyReport:
     """Export ``source`` (any format :func:`guard.sae.open_sae` reads) to an artifact folder.
 
     Prints progress (large SAEs), the accuracy report and the artifact's sha256 (the sha256
     of its ``manifest.json``: what ``saes[].sha256`` pins, see
     ``guard.sae.formats.artifact``) to ``stream`` (None: silent); returns the report.
+
+    ``labels``: a ``{"12": "deception"}`` JSON file, or Neuronpedia explanation exports
+    (``.jsonl``/``.jsonl.gz`` files or folders of them) kept for the SAE's ``neuronpedia_id``
+    (see ``guard.sae.labels``); ``neuronpedia_id`` sets that id (recorded in the manifest)
+    where the source has none or another.
     """
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
@@ -146,8 +172,18 @@ def export_artifact(
     feature_labels: Mapping[int, str] = (
         loaded.feature_labels if isinstance(loaded, Artifact) else {}
     )
+    if neuronpedia_id is not None:
+        model_id, source_id = parse_neuronpedia_id(neuronpedia_id, "--neuronpedia-id")
+        model = dataclasses.replace(model, neuronpedia_id=f"{model_id}/{source_id}")
     if labels is not None:
-        feature_labels = read_labels(Path(labels), model.d_sae)
+        paths = ([Path(labels)] if isinstance(labels, str | os.PathLike)
+                 else [Path(p) for p in labels])
+        label_set = read_feature_labels(paths, model.d_sae, neuronpedia_id=model.neuronpedia_id)
+        feature_labels = label_set.labels
+        if model.neuronpedia_id is None and label_set.neuronpedia_id is not None:
+            model = dataclasses.replace(model, neuronpedia_id=label_set.neuronpedia_id)
+        if stream is not None:
+            print(label_set.summary(), file=stream, flush=True)
     large = model.d_in * model.d_sae >= PROGRESS_MIN_WEIGHTS
     progress = Progress(4, stream if large else None)
     progress.started = started

@@ -19,14 +19,15 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
-from guard.errors import SaeFileError
+from guard.errors import InvalidInput, SaeFileError
 from guard.sae.architectures.base import Architecture, FloatArray, IndexArray
 from guard.sae.graph import INPUT_NAME, GraphBuilder, GraphDtype
 
 InputNormalization = Literal["none", "constant_norm_rescale", "layer_norm"]
 INPUT_NORMALIZATIONS: tuple[str, ...] = get_args(InputNormalization)
 
-SourceFormat = Literal["saelens", "sparsify", "gemmascope", "artifact"]
+SourceFormat = Literal["saelens", "sparsify", "gemmascope", "artifact", "openai", "goodfire",
+                       "gemmascope2", "llamascope"]
 
 # SAELens's layer_norm adds this to the standard deviation before dividing.
 LAYER_NORM_EPS = 1e-5
@@ -36,14 +37,30 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-    """Decoder parameters; ``W_dec`` rows already include any per-feature decode scale."""
+    """Decoder parameters; ``W_dec`` rows already include any per-feature decode scale.
+
+    An SAE's decoder writes back the hook its encoder reads (``d_out == d_in``); a
+    transcoder's writes another one, ``hook_name_out``, ``d_out`` wide."""
 
     w_dec: FloatArray
-    """``[d_sae, d_in]``: row ``i`` is what one unit of feature ``i`` adds to the output."""
+    """``[d_sae, d_out]``: row ``i`` is what one unit of feature ``i`` adds to the output."""
     b_dec: FloatArray
-    """``[d_in]``."""
+    """``[d_out]``."""
     w_skip: FloatArray | None = None
-    """``[d_in, d_in]`` sparsify skip connection: the output gains ``x @ W_skip.T``."""
+    """``[d_out, d_in]`` skip connection (sparsify ``W_skip``, SAELens skip transcoders,
+    Gemma Scope 2's ``affine_skip_connection`` transposed): the output gains
+    ``x @ W_skip.T``, ``x`` the raw input row."""
+    hook_name_out: str | None = None
+    """Transcoders only: the hook the decoder writes (empty when the files do not name it).
+    None for an SAE, whose decoder reconstructs the hook it reads."""
+
+    @property
+    def d_out(self) -> int:
+        return int(self.w_dec.shape[1])
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_name_out is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +78,10 @@ class SaeModel:
     """sha256 of the source weights file (for artifacts: of the SAE they were exported from)."""
     weights_file: Path
     """The file ``sha256`` vouches for (for artifacts: their manifest, which records it)."""
+    neuronpedia_id: str | None = None
+    """Where Neuronpedia keeps the SAE's feature pages, ``model/<layer>-<set>`` (e.g.
+    ``gemma-2-2b/20-gemmascope-res-16k``): SAELens's cfg, a converted folder's cfg or an
+    artifact's manifest says; None when nothing does (see ``guard.sae.labels``)."""
 
     @property
     def d_in(self) -> int:
@@ -102,6 +123,21 @@ class SaeModel:
         # Normalised rows have |z_i| <= sqrt(d_in): the weights must take that.
         return norm_limit if math.sqrt(self.d_in) <= z_limit else 0.0
 
+    def check_steerable(self) -> None:
+        """Refuse steering through a transcoder: a steering edit adds decoder rows to the rows
+        of the hook the SAE reads, and a transcoder's decoder rows belong to another hook
+        (``hook_name_out``), so adding them there has no meaning."""
+        if not self.decoder.is_transcoder:
+            return
+        out = self.decoder.hook_name_out or "a hook its files do not name"
+        raise InvalidInput(
+            f"steering through the SAE at {self.hook_name!r} is refused: it is a transcoder "
+            f"({self.architecture.name} encoder, {self.source_format}), which reads the input "
+            f"of a computation and whose decoder predicts its output ({out}, "
+            f"d_out={self.decoder.d_out}), so its decoder rows are no direction in the rows "
+            "being steered; steer with an SAE of the hook to change"
+        )
+
     def encode(self, x: FloatArray) -> FloatArray:
         """Reference encode in NumPy float32 (the ONNX graph computes the same)."""
         acts: FloatArray = self.architecture.encode(self.normalize(x))
@@ -111,14 +147,16 @@ class SaeModel:
         """Reconstruct rows from full feature activations ``[rows, d_sae]``.
 
         ``x`` (the encoded rows) is needed when the SAE normalises its input (the output is
-        un-normalised with the input's statistics) or has a skip connection.
+        un-normalised with the input's statistics) or has a skip connection. A transcoder's
+        output (``[rows, d_out]``, at its output hook) is not un-normalised: SAELens's
+        ``Transcoder.decode`` leaves it as the decoder writes it.
         """
         out = acts.astype(np.float32) @ self.decoder.w_dec + self.decoder.b_dec
         if self.decoder.w_skip is not None:
             if x is None:
                 raise ValueError("this SAE has a skip connection: decode needs the input rows")
             out = out + x @ self.decoder.w_skip.T
-        if self.normalization == "none":
+        if self.normalization == "none" or self.decoder.is_transcoder:
             return np.asarray(out, dtype=np.float32)
         if x is None:
             raise ValueError(f"{self.normalization} SAEs need the input rows to decode")
@@ -219,19 +257,33 @@ def check_decoder(
     *,
     w_dec_name: str = "W_dec",
     b_dec_name: str = "b_dec",
+    width: str = "d_in",
 ) -> tuple[FloatArray, FloatArray]:
-    """Shape- and value-checked float32 decoder weights."""
+    """Shape- and value-checked float32 decoder weights; ``d_in`` is the decoder's output
+    width, named ``width`` in errors (a transcoder's is ``d_out``)."""
     if tuple(w_dec.shape) != (d_sae, d_in):
         raise SaeFileError(
             path,
-            f"tensor {w_dec_name!r}: expected shape {[d_sae, d_in]} (d_sae, d_in), "
+            f"tensor {w_dec_name!r}: expected shape {[d_sae, d_in]} (d_sae, {width}), "
             f"found {list(w_dec.shape)}",
         )
     if tuple(b_dec.shape) != (d_in,):
         raise SaeFileError(
-            path, f"tensor {b_dec_name!r}: expected shape {[d_in]}, found {list(b_dec.shape)}"
+            path,
+            f"tensor {b_dec_name!r}: expected shape {[d_in]} ({width}), found {list(b_dec.shape)}",
         )
     return finite_float32(path, w_dec_name, w_dec), finite_float32(path, b_dec_name, b_dec)
+
+
+def check_skip(path: Path, name: str, w_skip: NDArray[Any], d_out: int, d_in: int) -> FloatArray:
+    """A shape- and value-checked ``[d_out, d_in]`` skip connection (``x @ W_skip.T``)."""
+    if tuple(w_skip.shape) != (d_out, d_in):
+        raise SaeFileError(
+            path,
+            f"tensor {name!r}: expected shape {[d_out, d_in]} (d_out, d_in: the output gains "
+            f"x @ {name}.T), found {list(w_skip.shape)}",
+        )
+    return finite_float32(path, name, w_skip)
 
 
 def check_folded(weights_path: Path, architecture: Architecture[Any], w_dec: FloatArray,

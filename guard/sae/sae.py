@@ -51,10 +51,19 @@ class SaeInfo:
     """sha256 of the source weights file; for an artifact, the one its manifest records it
     was exported from (lineage, not vouched for). Equals ``sha256`` for a source format."""
     source_format: str
-    """``saelens``, ``sparsify``, ``gemmascope`` or ``artifact``."""
+    """``saelens``, ``sparsify``, ``gemmascope``, ``gemmascope2``, ``llamascope``, ``openai``,
+    ``goodfire`` or ``artifact``."""
     weight_dtype: str
     """The dtype the full encoder runs in: ``fp32``, ``fp16`` or ``int8``."""
     feature_labels: Mapping[int, str]
+    neuronpedia_id: str | None = None
+    """``model/<layer>-<set>``: where Neuronpedia keeps the SAE's feature pages (from its
+    SAELens cfg, converted folder's cfg or artifact manifest); None when nothing says."""
+    hook_name_out: str | None = None
+    """Transcoders only: the hook their decoder writes ("" when the files do not name it);
+    the features are still served on ``hook_name``. None for an SAE."""
+    d_out: int | None = None
+    """Transcoders only: the width of what their decoder writes. None for an SAE."""
 
 
 class Sae:
@@ -90,6 +99,9 @@ class Sae:
             source_format=source_format,
             weight_dtype=weight_dtype,
             feature_labels=MappingProxyType(dict(feature_labels or {})),
+            neuronpedia_id=model.neuronpedia_id,
+            hook_name_out=model.decoder.hook_name_out,
+            d_out=model.decoder.d_out if model.decoder.is_transcoder else None,
         )
         self.providers = list(providers)
         self._threads = threads
@@ -145,7 +157,9 @@ class Sae:
 
     def decoder_directions(self, feature_ids: Sequence[int]) -> NDArray[np.float32]:
         """``[k, d_in]`` rows of ``W_dec`` (with any per-feature decode scale folded in):
-        what one unit of each feature adds to the reconstruction, for steering."""
+        what one unit of each feature adds to the reconstruction, for steering. Refused
+        (InvalidInput) for a transcoder, whose decoder writes another hook."""
+        self.model.check_steerable()
         columns = self._columns(feature_ids)
         ids = np.arange(self.info.d_sae) if columns is None else columns
         return np.ascontiguousarray(self.model.decoder.w_dec[ids], dtype=np.float32)
@@ -231,8 +245,10 @@ def open_sae(
     require_hook: bool = True,
     rows_per_run: int = 0,
 ) -> Sae:
-    """Open an SAE: an exported artifact folder, a SAELens folder, a sparsify layer folder or
-    a Gemma Scope ``params.npz`` (or a folder holding one).
+    """Open an SAE or transcoder: an exported artifact folder, a SAELens folder, a sparsify
+    layer folder, a Gemma Scope ``params.npz`` or Gemma Scope 2 ``params.safetensors`` (or a
+    folder holding one), a Llama Scope folder, or a folder ``guard sae convert`` wrote (see
+    docs/saes.md for each format's conventions).
 
     :param hook: overrides the hook name found in the files.
     :param require_hook: False: files that name no hook open with an empty hook name
@@ -307,6 +323,9 @@ def open_sae(
         providers=chosen,
         sha256=sae.info.sha256,
         source_sha256=sae.info.source_sha256,
+        # Transcoders: the hook their decoder writes, and its width (None for SAEs).
+        hook_out=sae.info.hook_name_out,
+        d_out=sae.info.d_out,
         # Computed here, at load; None when unbounded (no weights).
         input_limit=float(f"{sae.input_limit:.3g}") if np.isfinite(sae.input_limit) else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from guard.sae.architectures import refused  # noqa: F401  (registers the refusals)
 from guard.sae.architectures.base import Architecture, ArchitectureConfig
 from guard.sae.architectures.gated import GatedConfig, GatedSae
 from guard.sae.architectures.jumprelu import JumpReluConfig, JumpReluSae

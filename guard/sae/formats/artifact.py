@@ -12,6 +12,10 @@ Layout::
 Every file the manifest lists is hashed once at load and checked against the sha256 it
 records there: an artifact whose files changed after export is refused, pin or no pin.
 
+A transcoder's manifest also records its decoder side, ``d_out`` and ``hook_name_out`` (the
+hook its decoder writes; ``W_dec`` is ``[d_sae, d_out]``), under ``format_version`` 2 so that
+guards which predate transcoders refuse it.
+
 Identity and pins: an artifact *is* its manifest. Its sha256 (:attr:`Artifact.sha256`, what
 ``saes[].sha256`` must equal, what ``guard sae export`` prints and what ``Describe``, decision
 logs and spans report) is the sha256 of ``manifest.json``'s bytes (``sha256sum
@@ -44,6 +48,7 @@ from guard.sae.model import (
     SaeModel,
     SourceFormat,
 )
+from guard.sae.neuronpedia import neuronpedia_id_field
 from guard.sae.registry import get_architecture, known_architectures
 from guard.sae.safetensors import SafetensorsFile, sha256_of_files, write_safetensors
 
@@ -52,6 +57,10 @@ ENCODER_FILE = "encoder.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT_NAME = "activation-guard-sae"
 FORMAT_VERSION = 1
+#: The version of a transcoder's artifact (its manifest adds ``d_out`` and ``hook_name_out``):
+#: a guard that knows only version 1 refuses it rather than serve it as an SAE, whose decoder
+#: rows would then steer the hook it reads.
+TRANSCODER_FORMAT_VERSION = 2
 WEIGHT_DTYPES = ("fp32", "fp16", "int8")
 _SOURCE_FORMATS = tuple(f for f in get_args(SourceFormat) if f != "artifact")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -87,11 +96,13 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
             manifest_path,
             f"field 'format': expected {FORMAT_NAME!r}, found {manifest.get('format')!r}",
         )
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if version not in (FORMAT_VERSION, TRANSCODER_FORMAT_VERSION) or isinstance(version, bool):
         raise SaeFileError(
             manifest_path,
-            f"field 'format_version': expected {FORMAT_VERSION}, found "
-            f"{manifest.get('format_version')!r} (exported by another guard version: re-export)",
+            f"field 'format_version': expected {FORMAT_VERSION} (or {TRANSCODER_FORMAT_VERSION} "
+            f"for a transcoder), found {version!r} (exported by another guard version: "
+            "re-export)",
         )
     files = _verify_files(folder, manifest_path, manifest)
     d_in = positive_int(manifest_path, manifest, "d_in")
@@ -138,12 +149,24 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
             f"characters), found {source_sha256!r}",
         )
 
+    hook_name_out: str | None = None
+    d_out = d_in
+    if version == TRANSCODER_FORMAT_VERSION:
+        d_out = positive_int(manifest_path, manifest, "d_out")
+        hook_name_out = manifest.get("hook_name_out")
+        if not isinstance(hook_name_out, str):
+            raise SaeFileError(
+                manifest_path,
+                f"field 'hook_name_out': expected the transcoder's output hook (a string), "
+                f"found {hook_name_out!r}",
+            )
+
     weights_path = folder / WEIGHTS_FILE
     weights = SafetensorsFile(weights_path)
     shapes = arch_cls.param_shapes(config)
-    shapes.update({"W_dec": (d_sae, d_in), "b_dec": (d_in,)})
+    shapes.update({"W_dec": (d_sae, d_out), "b_dec": (d_out,)})
     if manifest.get("skip_connection"):
-        shapes["W_skip"] = (d_in, d_in)
+        shapes["W_skip"] = (d_out, d_in)
     params: dict[str, FloatArray] = {}
     for name, shape in shapes.items():
         array = weights.raw(name)
@@ -155,7 +178,8 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
             )
         # Memory-mapped: the hashes above vouch for the values, and pages load on first use.
         params[name] = array
-    decoder = Decoder(params.pop("W_dec"), params.pop("b_dec"), params.pop("W_skip", None))
+    decoder = Decoder(params.pop("W_dec"), params.pop("b_dec"), params.pop("W_skip", None),
+                      hook_name_out)
     model = SaeModel(
         architecture=arch_cls(config, params),
         normalization=normalization,
@@ -164,6 +188,7 @@ def load_artifact(folder: Path, hook: str | None = None) -> Artifact:
         source_format=cast(SourceFormat, source_format),
         sha256=source_sha256,
         weights_file=manifest_path,
+        neuronpedia_id=neuronpedia_id_field(manifest_path, manifest.get("neuronpedia_id")),
     )
     return Artifact(
         folder=folder,
@@ -305,12 +330,16 @@ def write_artifact(
         tensors["W_skip"] = model.decoder.w_skip
     write_safetensors(folder / WEIGHTS_FILE, tensors)
     config = model.architecture.config.to_dict()
+    transcoder = model.decoder.is_transcoder
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": TRANSCODER_FORMAT_VERSION if transcoder else FORMAT_VERSION,
         "hook_name": model.hook_name,
         "d_in": model.d_in,
         "d_sae": model.d_sae,
+        # A transcoder's decoder side: what it writes, and where.
+        **({"d_out": model.decoder.d_out, "hook_name_out": model.decoder.hook_name_out}
+           if transcoder else {}),
         "architecture": model.architecture.name,
         "architecture_config": {k: v for k, v in config.items() if k not in ("d_in", "d_sae")},
         "input_normalization": model.normalization,
@@ -319,6 +348,9 @@ def write_artifact(
         "sha256": model.sha256,
         "weight_dtype": weight_dtype,
         "feature_labels": {str(k): v for k, v in sorted(feature_labels.items())},
+        # Only when known, so that the manifest (the artifact's identity) of an SAE without
+        # one is what earlier versions wrote.
+        **({"neuronpedia_id": model.neuronpedia_id} if model.neuronpedia_id else {}),
         "accuracy_vs_fp32": dict(accuracy),
         "files": {name: sha256_of_files([folder / name]) for name in (ENCODER_FILE, WEIGHTS_FILE)},
     }

@@ -18,8 +18,18 @@ computes them:
 - TopK: ``k`` (6.x) or ``activation_fn_kwargs.k`` (5.x, also as ``architecture: standard``
   with ``activation_fn: topk``); ``rescale_acts_by_decoder_norm`` multiplies pre-activations
   by the decoder row norms before the selection and divides them out before ``W_dec``.
-- JumpReLU: ``threshold`` (or an older ``log_threshold``, exponentiated).
+- JumpReLU: ``threshold`` (or an older ``log_threshold``, exponentiated). BatchTopK and
+  Matryoshka BatchTopK SAEs are saved for inference as JumpReLU with one threshold broadcast
+  to every latent (``batchtopk_sae.py``): read as any JumpReLU SAE.
 - hook name: ``metadata.hook_name`` (6.x), ``hook_name`` or ``hook_point`` (older).
+- transcoders (``transcoder.py``: ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+  ``jumprelu_skip_transcoder``): the ReLU or JumpReLU encoder of ``hook_name`` with no
+  ``b_dec`` subtraction (``b_dec`` is ``d_out`` wide and belongs to the output; SAELens refuses
+  ``apply_b_dec_to_input: true`` for them, and so do we); ``W_dec`` is ``[d_sae, d_out]``;
+  the decoder writes ``metadata.hook_name_out`` and is not un-normalised; skip transcoders add
+  ``x @ W_skip.T`` (``W_skip`` ``[d_out, d_in]``, ``x`` the raw input).
+- ``temporal``, ``matching_pursuit`` and the training-only ``batchtopk`` names are refused
+  with the reason (``guard.sae.architectures.refused``).
 """
 
 from __future__ import annotations
@@ -44,10 +54,12 @@ from guard.sae.model import (
     SaeModel,
     check_decoder,
     check_folded,
+    check_skip,
     checked_params,
     finite_float32,
 )
-from guard.sae.registry import get_architecture, known_architectures
+from guard.sae.neuronpedia import neuronpedia_id_field
+from guard.sae.registry import get_architecture, known_architectures, refusal
 from guard.sae.safetensors import SafetensorsFile, sha256_of_files
 
 CFG_FILE = "cfg.json"
@@ -57,6 +69,13 @@ SCALER_FILE = "activation_scaler.json"
 _FINETUNING_SCALE_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
 #: exp() of anything larger overflows float32.
 _MAX_R_MAG = float(np.log(np.finfo(np.float32).max))
+#: SAELens transcoder architectures: the encoder each runs, and whether it adds ``W_skip``.
+TRANSCODERS: dict[str, tuple[str, bool]] = {
+    "transcoder": ("standard", False),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
 
 
 def is_saelens_folder(path: Path) -> bool:
@@ -71,9 +90,11 @@ def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = 
     cfg_path = folder / CFG_FILE
     weights_path = folder / WEIGHTS_FILE
     cfg = read_json_object(cfg_path)
-    arch_cls = _architecture(cfg_path, cfg)
+    arch_cls, transcoder = _architecture(cfg_path, cfg)
+    skip = transcoder is not None and TRANSCODERS[transcoder][1]
     d_in = positive_int(cfg_path, cfg, "d_in")
     d_sae = positive_int(cfg_path, cfg, "d_sae")
+    d_out = positive_int(cfg_path, cfg, "d_out") if transcoder else d_in
     config: Any
     if arch_cls.name == "topk":
         config = TopKConfig(d_in, d_sae, _topk_k(cfg_path, cfg, d_sae))
@@ -84,13 +105,23 @@ def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = 
             cfg_path, "field 'normalize_decoder': gated SAEs with it are not supported"
         )
     normalization, scaling_factor = _normalization(folder, cfg_path, cfg)
-    apply_b_dec = boolean(cfg_path, cfg, "apply_b_dec_to_input", True)
+    if transcoder is None:
+        apply_b_dec = boolean(cfg_path, cfg, "apply_b_dec_to_input", True)
+    elif boolean(cfg_path, cfg, "apply_b_dec_to_input", False):
+        raise SaeFileError(
+            cfg_path,
+            f"field 'apply_b_dec_to_input': expected false for a {transcoder} (its b_dec is "
+            "d_out wide and belongs to the output hook; SAELens refuses it too), found true",
+        )
+    else:
+        apply_b_dec = False
     hook_name = hook or _hook_name(cfg_path, cfg, require_hook)
+    hook_name_out = _hook_name_out(cfg) if transcoder else None
 
     file = SafetensorsFile(weights_path)
     sha256 = sha256 or sha256_of_files([weights_path])
     encoder_names = set(arch_cls.param_shapes(config))
-    required = encoder_names | {"W_dec", "b_dec"}
+    required = encoder_names | {"W_dec", "b_dec"} | ({"W_skip"} if skip else set())
     optional = set(_FINETUNING_SCALE_TENSORS)
     if arch_cls.name == "jumprelu" and "threshold" not in file and "log_threshold" in file:
         required = (required - {"threshold"}) | {"log_threshold"}
@@ -100,7 +131,9 @@ def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = 
     if "log_threshold" in raw:
         raw["threshold"] = np.exp(raw.pop("log_threshold"))
     params = checked_params(weights_path, arch_cls, config, raw)
-    w_dec, b_dec = check_decoder(weights_path, d_in, d_sae, raw["W_dec"], raw["b_dec"])
+    w_dec, b_dec = check_decoder(weights_path, d_out, d_sae, raw["W_dec"], raw["b_dec"],
+                                 width="d_out" if transcoder else "d_in")
+    w_skip = check_skip(weights_path, "W_skip", raw["W_skip"], d_out, d_in) if skip else None
     if arch_cls.name == "jumprelu":
         params["threshold"] = np.maximum(params["threshold"], np.float32(0.0))
     if arch_cls.name == "gated":  # the magnitude path scales by exp(r_mag), in float32
@@ -141,15 +174,19 @@ def load_saelens(folder: Path, hook: str | None = None, *, require_hook: bool = 
     return SaeModel(
         architecture=architecture,
         normalization=normalization,
-        decoder=Decoder(w_dec, b_dec),
+        decoder=Decoder(w_dec, b_dec, w_skip, hook_name_out),
         hook_name=hook_name,
         source_format="saelens",
         sha256=sha256,
         weights_file=weights_path,
+        neuronpedia_id=_neuronpedia_id(cfg_path, cfg),
     )
 
 
-def _architecture(cfg_path: Path, cfg: dict[str, Any]) -> type[Architecture[Any]]:
+def _architecture(
+    cfg_path: Path, cfg: dict[str, Any]
+) -> tuple[type[Architecture[Any]], str | None]:
+    """The encoder's architecture class, and the SAELens transcoder name when it is one."""
     name = cfg.get("architecture", "standard")
     activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
     if activation_fn not in (None, "relu", "topk"):
@@ -164,14 +201,22 @@ def _architecture(cfg_path: Path, cfg: dict[str, Any]) -> type[Architecture[Any]
                 cfg_path, f"field 'activation_fn': 'topk' does not fit architecture {name!r}"
             )
         name = "topk"
+    transcoder = name if isinstance(name, str) and name in TRANSCODERS else None
+    if transcoder is not None:
+        name = TRANSCODERS[transcoder][0]
+    reason = refusal(name) if isinstance(name, str) else None
+    if reason is not None:
+        raise SaeFileError(cfg_path, f"field 'architecture': {name!r} is refused: {reason}")
     arch_cls = get_architecture(name) if isinstance(name, str) else None
     if arch_cls is None:
         raise SaeFileError(
             cfg_path,
             f"field 'architecture': unknown architecture {name!r}; known: "
-            + ", ".join(known_architectures()),
+            + ", ".join(known_architectures())
+            + "; transcoders: "
+            + ", ".join(TRANSCODERS),
         )
-    return arch_cls
+    return arch_cls, transcoder
 
 
 def _topk_k(cfg_path: Path, cfg: dict[str, Any], d_sae: int) -> int:
@@ -256,6 +301,24 @@ def _hook_name(cfg_path: Path, cfg: dict[str, Any], required: bool) -> str:
     raise SaeFileError(
         cfg_path, "missing field 'metadata.hook_name' (or 'hook_name'): pass the hook explicitly"
     )
+
+
+def _hook_name_out(cfg: dict[str, Any]) -> str:
+    """A transcoder's output hook (``metadata.hook_name_out`` in 6.x), or "" when unnamed."""
+    for section in ("metadata", "meta"):
+        meta = cfg.get(section)
+        if isinstance(meta, dict) and isinstance(meta.get("hook_name_out"), str):
+            return str(meta["hook_name_out"])
+    value = cfg.get("hook_name_out")
+    return value if isinstance(value, str) else ""
+
+
+def _neuronpedia_id(cfg_path: Path, cfg: dict[str, Any]) -> str | None:
+    """``metadata.neuronpedia_id`` (6.x) or ``neuronpedia_id`` (older); null: None."""
+    meta = cfg.get("metadata")
+    if isinstance(meta, dict) and meta.get("neuronpedia_id") is not None:
+        return neuronpedia_id_field(cfg_path, meta["neuronpedia_id"], "metadata.neuronpedia_id")
+    return neuronpedia_id_field(cfg_path, cfg.get("neuronpedia_id"))
 
 
 def _apply_finetuning_scale(

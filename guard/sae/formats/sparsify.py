@@ -12,6 +12,10 @@ Conventions, as ``sparsify/sparse_coder.py`` computes them:
   ``multi_topk`` only shape training (a unit-norm constraint, an extra loss): inference
   ignores them, as sparsify does.
 - the hook is the folder's name (sparsify names layer folders by hookpoint, ``layers.6``).
+- ``transcode``: a transcoder reads the input of the hooked module and predicts its output
+  (``d_out == d_in``); the encoder is the same, minus the ``b_dec`` subtraction, and the
+  decoder is recorded as writing the module's output (``hook_name_out``: the same name), so
+  steering through it is refused.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def load_sparsify(folder: Path, hook: str | None = None, *, sha256: str | None =
             )
         w_skip = finite_float32(weights_path, "W_skip", w_skip)
     architecture: Architecture[TopKConfig] = TopKSae(config, params)
+    hook_name = hook or folder.resolve().name
     if not transcode:
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             architecture = architecture.shifted_input(b_dec.astype(np.float64))
@@ -117,8 +122,9 @@ def load_sparsify(folder: Path, hook: str | None = None, *, sha256: str | None =
     return SaeModel(
         architecture=architecture,
         normalization="none",
-        decoder=Decoder(w_dec, b_dec, w_skip),
-        hook_name=hook or folder.resolve().name,
+        # A transcoder predicts the hooked module's output from its input: same name.
+        decoder=Decoder(w_dec, b_dec, w_skip, hook_name if transcode else None),
+        hook_name=hook_name,
         source_format="sparsify",
         sha256=sha256,
         weights_file=weights_path,
