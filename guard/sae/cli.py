@@ -1,4 +1,5 @@
-"""``guard sae export`` and ``guard sae encode`` (``guard sae train``: guard.training.cli)."""
+"""``guard sae export`` and ``guard sae encode`` (``guard sae train`` and ``guard sae convert``,
+which need torch: guard.training.cli and guard.training.convert)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def register(
     export = commands.add_parser(
         "export",
         help="write an ONNX artifact folder the sidecar loads",
-        description="Export a SAELens folder, sparsify layer folder, Gemma Scope params.npz or "
-        "artifact to an artifact folder (encoder.onnx, weights.safetensors, manifest.json), "
-        "and print the encoder's accuracy against fp32 on sample rows.",
+        description="Export a SAELens folder, sparsify layer folder, Gemma Scope params.npz, "
+        "folder from guard sae convert or artifact to an artifact folder (encoder.onnx, "
+        "weights.safetensors, manifest.json), and print the encoder's accuracy against fp32 "
+        "on sample rows.",
     )
     export.add_argument("source", metavar="SRC", type=Path, help="the SAE to export")
     export.add_argument("out", metavar="OUT", type=Path, help="artifact folder to create")
@@ -46,8 +48,18 @@ def register(
     export.add_argument(
         "--labels",
         type=Path,
+        nargs="+",
         metavar="FILE",
-        help='JSON object of feature labels: {"12": "deception"}',
+        help='feature labels: a JSON object ({"12": "deception"}), or Neuronpedia explanation '
+        "exports (batch-N.jsonl.gz or .jsonl files, or folders of them) kept for the SAE's "
+        "neuronpedia_id",
+    )
+    export.add_argument(
+        "--neuronpedia-id",
+        metavar="MODEL/SOURCE",
+        help="the SAE's Neuronpedia id (e.g. gemma-2-2b/20-gemmascope-res-16k), recorded in "
+        "the manifest and used to pick its --labels records; default: the SAE's own "
+        "(SAELens cfg neuronpedia_id, guard sae convert --neuronpedia-id)",
     )
     export.add_argument("--hook", help="hook name to record, overriding the one in the files")
     export.add_argument(
@@ -107,6 +119,7 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             dtype=args.dtype,
             labels=args.labels,
+            neuronpedia_id=args.neuronpedia_id,
             hook=args.hook,
             sample=sample,
             force=args.force,
@@ -144,7 +157,7 @@ def _encode(args: argparse.Namespace) -> int:
 def _load_rows(path: Path) -> NDArray[np.float32]:
     try:
         raw: Any = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise InvalidInput(f"{path}: cannot read a .npy array: {e}") from e
     if not isinstance(raw, np.ndarray) or raw.ndim != 2 or raw.dtype.kind != "f":
         shape = list(raw.shape) if isinstance(raw, np.ndarray) else type(raw).__name__

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from guard.errors import GuardError
+from guard.training.convert import register as register_convert
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``guard sae train`` to the ``sae`` command group."""
+    """Add ``guard sae train`` and ``guard sae convert`` to the ``sae`` command group."""
     # Defaults live in guard.training.train.TrainSettings; that module imports torch, so the
     # parser repeats them rather than import it (the sidecar's CLI must stay torch-free).
     train = commands.add_parser(
@@ -101,6 +102,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
+    register_convert(commands)
 
 
 def _train(args: argparse.Namespace) -> int:
