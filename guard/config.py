@@ -177,12 +177,15 @@ class LoggingConfig:
 class SaeConfig:
     """One SAE served on one hook."""
 
-    #: SAELens folder, sparsify layer folder, Gemma Scope params.npz or exported artifact.
+    #: An SAE or transcoder: a SAELens folder, a sparsify layer folder, Gemma Scope's
+    #: params.npz, a Gemma Scope 2 or Llama Scope folder, a folder written by `guard sae
+    #: convert` (OpenAI, Goodfire), or an exported artifact (docs/saes.md lists them all).
     path: Path
     #: Hook name; defaults to the one stored with the SAE.
     hook: str | None = None
-    #: sha256 pin of what is served (the weights file of a SAELens, sparsify or Gemma Scope
-    #: SAE; the manifest.json of an exported artifact); a mismatch refuses to start.
+    #: sha256 pin of what is served (the weights file of a folder format; the manifest.json
+    #: of an exported artifact), checked on the raw bytes before anything is parsed; a
+    #: mismatch refuses to start.
     sha256: str | None = None
     #: Weight dtype of the encoder graph.
     dtype: SaeDtype = "auto"
