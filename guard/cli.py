@@ -274,6 +274,10 @@ def format_description(reply: object, target: str) -> str:
                      f"{sae.weight_dtype}, from {sae.source}")
         lines.append(f"    provider    {sae.execution_provider}")
         lines.append(f"    sha256      {sae.sha256}")
+        if sae.neuronpedia_id:
+            lines.append(f"    neuronpedia {sae.neuronpedia_id} "
+                         f"(https://www.neuronpedia.org/{sae.neuronpedia_id}/FEATURE)")
+        lines.append(f"    labels      {sae.label_count} of {sae.d_sae} features")
         sub = subs.get(sae.hook)
         if sub is None or (not sub.all_features and not sub.feature_ids):
             features = "none subscribed (no encode)"

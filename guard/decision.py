@@ -56,10 +56,12 @@ class RowRole(enum.IntEnum):
 
 #: Role name (as configs and the host SDK spell it) -> role.
 ROLE_NAMES: Mapping[str, RowRole] = {role.name.lower(): role for role in RowRole}
-#: The rows a detector reads when its config does not say: content and generated tokens,
-#: never the template's markup nor the system prompt (the same on every request).
+#: The rows a detector reads when its config does not say: every message's content (system
+#: messages included: on an OpenAI-compatible server the client writes them, and a jailbreak
+#: placed there must be read) and the generated tokens; never the template's markup, nor the
+#: text a template adds by itself (a default system prompt), both marked TEMPLATE.
 CONTENT_ROLES: frozenset[RowRole] = frozenset(
-    {RowRole.USER, RowRole.ASSISTANT, RowRole.TOOL, RowRole.GENERATED})
+    {RowRole.SYSTEM, RowRole.USER, RowRole.ASSISTANT, RowRole.TOOL, RowRole.GENERATED})
 
 
 def role_mask(roles: NDArray[np.int8] | None, chosen: frozenset[RowRole] | None
@@ -101,6 +103,8 @@ class Segment:
     stop: int
     phase: Phase
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: Whether these rows end the request's prompt (None: the host did not say).
+    prompt_complete: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,11 @@ class ActivationRows:
     segments: tuple[Segment, ...] = ()
     #: Each row's :class:`RowRole` value (int8), or None when the host sent none.
     roles: NDArray[np.int8] | None = None
+    #: Whether the rows end the request's prompt (phase PROMPT only); None: the host did
+    #: not say. With segments, each segment's own.
+    prompt_complete: bool | None = None
+    #: The stream the batch came on (:func:`new_stream_id`; "" outside a stream).
+    stream: str = ""
 
     def request(self, segment: Segment) -> ActivationRows:
         """The rows of one segment as a single-request batch (views, no copy)."""
@@ -133,6 +142,7 @@ class ActivationRows:
             token_ids=None if self.token_ids is None else self.token_ids[rows],
             phase=segment.phase, attributes=segment.attributes,
             roles=None if self.roles is None else self.roles[rows],
+            prompt_complete=segment.prompt_complete, stream=self.stream,
         )
 
 
@@ -148,6 +158,12 @@ class FeatureRequest:
     hook: str
     feature_ids: Sequence[int] | Literal["all"]
     approximate_topk: bool = False
+    #: The residual width the plugin expects of this hook (a raw-activation probe's weight
+    #: count), or None. The guard refuses a configuration whose SAE for the hook has
+    #: another ``d_in``, naming ``key`` (a key path in the plugin's block, such as
+    #: ``probe.weights``). ``feature_ids`` may then be empty: the request only checks.
+    d_in: int | None = None
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,12 @@ class FeatureBatch:
 
     ``activations`` is ``[rows, len(feature_ids)]``: column ``j`` holds feature
     ``feature_ids[j]``. Every plugin sees the union of all plugins' subscriptions on the hook.
+
+    ``residual`` is the raw residual rows the features were encoded from (``[rows, d_in]``,
+    float32, read-only), for raw-activation probes. It is valid during the plugin call only
+    (it may be a view on the host's shared memory, which the host reuses once the batch is
+    answered): a plugin keeps what it computed from it, never the array. It never goes into
+    records, logs or spans.
     """
 
     request_id: str
@@ -173,6 +195,17 @@ class FeatureBatch:
     #: Each row's :class:`RowRole` value (int8 ``[rows]``), or None when the host labelled
     #: none (then every row counts as ``UNSPECIFIED``).
     roles: NDArray[np.int8] | None = None
+    #: Whether these rows end the request's prompt (phase PROMPT): False for an earlier
+    #: chunk of a prompt cut in pieces, True for the chunk that completes it; None when
+    #: the host does not say (and on generation rows).
+    prompt_complete: bool | None = None
+    #: The raw residual rows ``[rows, d_in]`` (read-only; see above), or None when the
+    #: batch was built without them.
+    residual: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+    #: An opaque id of the stream (host connection) the batch came on. Request ids are the
+    #: host's, unique on its stream only: a plugin that keeps state per request keys it by
+    #: ``(stream, request_id)``, so that two hosts naming a request alike do not share it.
+    stream: str = ""
 
     def rows_of(self, roles: frozenset[RowRole] | None) -> NDArray[np.bool_] | None:
         """Which rows have one of ``roles`` (None: every role), rows of unspecified role
@@ -182,6 +215,10 @@ class FeatureBatch:
 
     def select(self, mask: NDArray[np.bool_]) -> FeatureBatch:
         """This batch with only the rows ``mask`` keeps (copies of those rows)."""
+        residual = None
+        if self.residual is not None:
+            residual = self.residual[mask]
+            residual.flags.writeable = False  # as the engine's: shared by every plugin
         selected = FeatureBatch(
             request_id=self.request_id, sequence=self.sequence, hook=self.hook,
             feature_ids=self.feature_ids, activations=self.activations[mask],
@@ -190,6 +227,8 @@ class FeatureBatch:
             phase=self.phase, feature_labels=self.feature_labels,
             sae_sha256=self.sae_sha256, attributes=self.attributes,
             roles=None if self.roles is None else self.roles[mask],
+            prompt_complete=self.prompt_complete,
+            residual=residual, stream=self.stream,
         )
         cached = self.__dict__.get("_index_cache")
         if cached is not None:  # the same feature ids: the same index
@@ -309,6 +348,9 @@ class Decision:
     phase: Phase = Phase.UNSPECIFIED
     #: sha256 of the SAE weights (the SAE revision) that produced the features.
     sae_sha256: str = ""
+    #: The SAE's Neuronpedia id (``model/<layer>-<set>``; "" when unknown): a finding's
+    #: feature ``F`` has its page at ``https://www.neuronpedia.org/<id>/<F>``.
+    sae_neuronpedia_id: str = ""
     plugins: tuple[PluginRun, ...] = ()
     #: Plugins that failed on this batch (raised or overran their budget).
     plugin_errors: tuple[str, ...] = ()
@@ -345,6 +387,14 @@ class StepDecision:
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
+
+
+_STREAM_COUNTER = itertools.count(1)
+
+
+def new_stream_id() -> str:
+    """A unique, opaque id for a stream (:attr:`FeatureBatch.stream`)."""
+    return f"s{_ID_PREFIX[:8]}{next(_STREAM_COUNTER):x}"
 
 
 def new_decision_id() -> str:

@@ -39,8 +39,10 @@ def frozen_batch(
     sae_sha256: str,
     attributes: Mapping[str, str],
     roles: NDArray[Any] | None = None,
+    prompt_complete: bool | None = None,
 ) -> FeatureBatch:
-    """A batch whose arrays are read-only copies of the given ones, with rows checked."""
+    """A batch whose arrays are read-only copies of the given ones, with rows checked (and no
+    residual rows: they are never recorded)."""
     n_rows = activations.shape[0]
     if roles is not None and roles.size and (roles.min() < 0 or roles.max() > max(RowRole)):
         raise ValueError(f"roles: expected RowRole values (0 to {int(max(RowRole))}), found "
@@ -63,6 +65,7 @@ def frozen_batch(
         sae_sha256=sae_sha256,
         attributes=attributes,
         roles=None if roles is None else _read_only(roles, np.int8),
+        prompt_complete=prompt_complete,
     )
 
 
@@ -78,8 +81,9 @@ def _read_only(array: NDArray[Any], dtype: type[_Scalar]) -> NDArray[_Scalar]:
 def save_batches(path: str | os.PathLike[str], batches: Sequence[FeatureBatch]) -> None:
     """Write feature batches to ``path`` (a compressed ``.npz``, exactly that name).
 
-    Every field is kept: ids, activations, positions, token ids, row roles, phase, labels,
-    SAE revision and attributes. The file holds plain arrays and JSON text, so
+    Every field is kept: ids, activations, positions, token ids, row roles, phase, whether
+    the rows complete the prompt, labels, SAE revision and attributes; never the raw residual
+    rows. The file holds plain arrays and JSON text, so
     :func:`load_batches` reads it with ``allow_pickle=False``. Token ids can reveal the
     text: treat such files as data of the requests they came from.
 
@@ -103,6 +107,7 @@ def save_batches(path: str | os.PathLike[str], batches: Sequence[FeatureBatch]) 
             "feature_labels": {str(k): v for k, v in batch.feature_labels.items()},
             "sae_sha256": batch.sae_sha256,
             "attributes": dict(batch.attributes),
+            "prompt_complete": batch.prompt_complete,
         }
         arrays[f"{i}.meta"] = np.array(json.dumps(meta, sort_keys=True))
         arrays[f"{i}.feature_ids"] = np.asarray(batch.feature_ids, dtype=np.int64)
@@ -153,6 +158,7 @@ def _load_batch(data: np.lib.npyio.NpzFile, i: int) -> FeatureBatch:
         sae_sha256=meta["sae_sha256"],
         attributes=meta["attributes"],
         roles=data[role_key] if role_key in data.files else None,
+        prompt_complete=meta.get("prompt_complete"),  # absent from older files
     )
 
 
@@ -217,7 +223,7 @@ class BatchRecorder:
             positions=batch.positions, token_ids=batch.token_ids if self.token_ids else None,
             phase=batch.phase, feature_labels=dict(batch.feature_labels),
             sae_sha256=batch.sae_sha256, attributes=dict(batch.attributes),
-            roles=batch.roles,
+            roles=batch.roles, prompt_complete=batch.prompt_complete,
         ))
 
     @hookimpl

@@ -33,6 +33,7 @@ no side effects) and imports the plugin manager only when a harness is first bui
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -101,6 +102,8 @@ def make_feature_batch(
     sae_sha256: str = SAE_SHA256,
     attributes: Mapping[str, str] | None = None,
     roles: Sequence[RowRole | int | str] | None = None,
+    prompt_complete: bool | None = None,
+    residual: ArrayLike | None = None,
 ) -> FeatureBatch:
     """A :class:`~guard.FeatureBatch` as the engine hands it to ``guard_detect``.
 
@@ -113,8 +116,10 @@ def make_feature_batch(
 
     ``positions`` default to ``0 .. rows-1``. ``roles``: each row's :class:`~guard.RowRole`
     (a member, its value or its name such as ``"user"``); default none, as from a host that
-    labels no roles. The arrays are copies marked read-only, as plugins must treat them: a
-    batch is shared by every plugin of the guard.
+    labels no roles. ``prompt_complete``: whether the rows end the request's prompt (None:
+    the host does not say). ``residual``: the raw residual rows ``[rows, d_in]`` (for probe
+    detectors; default none). The arrays are copies marked read-only, as plugins must treat
+    them: a batch is shared by every plugin of the guard.
 
     >>> batch = make_feature_batch(activations={7: [0.25, 0.75], 3: [0.0, 0.5]})
     >>> batch.feature_ids.tolist(), batch.column(7).tolist(), batch.positions.tolist()
@@ -149,7 +154,14 @@ def make_feature_batch(
         )
     if len(set(ids.tolist())) != ids.size or (ids < 0).any():
         raise ValueError(f"feature_ids: expected distinct ids >= 0, found {ids.tolist()}")
-    return frozen_batch(
+    raw = None
+    if residual is not None:
+        raw = np.array(residual, dtype=np.float32)
+        if raw.ndim != 2 or raw.shape[0] != n_rows:
+            raise ValueError(f"residual: expected [rows, d_in] with {n_rows} rows, found shape "
+                             f"{raw.shape}")
+        raw.setflags(write=False)
+    batch = frozen_batch(
         request_id=request_id,
         sequence=sequence,
         hook=hook,
@@ -163,7 +175,9 @@ def make_feature_batch(
         attributes=dict(attributes or {}),
         roles=None if roles is None else np.array(
             [ROLE_NAMES[r] if isinstance(r, str) else int(r) for r in roles], dtype=np.int8),
+        prompt_complete=prompt_complete,
     )
+    return batch if raw is None else dataclasses.replace(batch, residual=raw)
 
 
 def make_decision(

@@ -574,8 +574,10 @@ def demo_guard() -> Iterator[tuple[str, Path]]:
 
 
 def demo_rows() -> dict[str, NDArray[np.float32]]:
-    """Rows the demo SAE encodes as: nothing of note, the jailbreak detector's heaviest
-    feature (2798), and the food feature (3725) that its dessert steering answers."""
+    """Rows for the demo's detectors: nothing of note (the SAE's b_dec), rows its jailbreak
+    probe scores well above its threshold, and rows that drive the food feature (3725) that
+    its dessert steering answers."""
+    import yaml
     from safetensors.numpy import load_file
 
     weights = load_file(str(Path(__file__).resolve().parent.parent / "guard" / "defaults"
@@ -589,7 +591,14 @@ def demo_rows() -> dict[str, NDArray[np.float32]]:
         direction = w_enc[:, feature] / float(w_enc[:, feature] @ w_enc[:, feature])
         return np.tile(b_dec + strength * direction, (n, 1)).astype(np.float32)
 
-    return {"benign": np.tile(b_dec, (3, 1)), "jailbreak": driving(2798, 2.0, 4),
+    demo = yaml.safe_load((Path(__file__).resolve().parent.parent / "guard" / "defaults"
+                           / "demo.yaml").read_text(encoding="utf-8"))
+    probe = demo["plugins"]["config"]["detectors"]["jailbreak"]
+    w = np.asarray(probe["weights"], dtype=np.float64)
+    # b_dec moved along the probe's weights until its score is 4 above the threshold.
+    lift = (float(probe["threshold"]) + 4.0 - float(probe.get("bias", 0.0)) - w @ b_dec) / (w @ w)
+    jailbreak = np.tile(b_dec + lift * w, (4, 1)).astype(np.float32)
+    return {"benign": np.tile(b_dec, (3, 1)), "jailbreak": jailbreak,
             "food": driving(3725, 2.0, 2)}
 
 

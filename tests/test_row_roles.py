@@ -167,8 +167,10 @@ def test_unlabelled_rows_are_read_whatever_the_choice() -> None:
 
 
 def test_the_plugin_default_is_the_content_roles() -> None:
-    assert DEFAULT_ROWS == CONTENT_ROLES == {RowRole.USER, RowRole.ASSISTANT, RowRole.TOOL,
-                                              RowRole.GENERATED}
+    # System messages are read: on an OpenAI-compatible server the client writes them.
+    assert DEFAULT_ROWS == CONTENT_ROLES == {RowRole.SYSTEM, RowRole.USER, RowRole.ASSISTANT,
+                                              RowRole.TOOL, RowRole.GENERATED}
+    assert RowRole.TEMPLATE not in DEFAULT_ROWS
 
 
 # -- detectors choose their rows --------------------------------------------------------------

@@ -75,7 +75,8 @@ class Run:
                     part = slice(starts[i], starts[i + 1])
                     found.append(Sent(int(match.group(1)), int(match.group(2) or 0), name,
                                       str(data["phases"][i]), data["positions"][part],
-                                      data["rows"][part]))
+                                      data["rows"][part], data["roles"][part],
+                                      int(data["prompt_complete"][i])))
         return found
 
     def notices(self) -> list[dict[str, Any]]:
@@ -95,6 +96,9 @@ class Sent:
     phase: str
     positions: np.ndarray
     rows: np.ndarray
+    #: Each row's RowRole value, and the segment's prompt_complete (-1: unset, 0, 1).
+    roles: np.ndarray
+    prompt_complete: int
 
 
 def scenarios(address: str, state: Path, mode: str, *extra: str) -> tuple[dict[str, Any], float]:
@@ -271,12 +275,14 @@ CROWD = ("crowd-0", "crowd-1", "crowd-2")
 
 @pytest.fixture(scope="module")
 def edge_guard() -> Iterator[tuple[str, Path]]:
-    """``guard serve`` for the --edge engine: the demo configuration with ``EVERY_TOKEN`` and
-    without the jailbreak detector. That detector averages a request's rows in a batch and was
-    calibrated on whole prompts: on the first 32-token chunk of a prompt (mostly the chat
-    template's system prompt) it fires for every prompt (docs/vllm.md, limits). The plugins'
-    budget is raised from 100 ms: a call that overruns it is skipped, and on these busy cores
-    a skipped detector call would break the counts the tests check."""
+    """``guard serve`` for the --edge engine: the demo configuration with ``EVERY_TOKEN``, and
+    its jailbreak detector logging rather than aborting (the other scenarios' requests must
+    run to their end whatever it finds; their prompts, sent as token ids, carry no roles).
+    That detector averages a request's prompt rows: before prompts carried ``prompt_complete``
+    it judged each 32-token chunk alone, and the first (mostly the chat template's system
+    prompt) fired for every prompt. The plugins' budget is raised from 100 ms: a call that
+    overruns it is skipped, and on these busy cores a skipped detector call would break the
+    counts the tests check."""
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} is missing: run `make vllm-env`")
     import yaml
@@ -290,7 +296,7 @@ def edge_guard() -> Iterator[tuple[str, Path]]:
         config = demo_config(state, socket)
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
         detectors = data["plugins"]["config"]["detectors"]
-        del detectors["jailbreak"]
+        detectors["jailbreak"]["action"] = "log"
         detectors["every-token"] = EVERY_TOKEN
         data["plugins"]["timeout_ms"] = 60_000
         config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -366,10 +372,13 @@ def test_each_row_goes_to_the_guard_with_its_own_phase(edge: Run) -> None:
 def test_a_sustained_detector_counts_each_token_once_through_chunks_and_preemption(
         edge: Run) -> None:
     counted: dict[str, int] = {}
+    chats = set(edge.results["chat_roles"])  # their template rows are not read: gaps
     for record in edge.decisions:
         if record.get("event") != "decision":
             continue
         assert not record["plugin_errors"], record  # every batch was counted
+        if record["request_id"] in chats:
+            continue
         for finding in record["findings"]:
             if finding["detector"] != "every-token":
                 continue
@@ -456,3 +465,84 @@ def test_the_closed_policy_aborts_the_requests_of_a_step_the_guard_misses_and_op
         again = edge.results["restored"][name.replace("open-unreachable", "restored")]
         assert again["finish_reason"] == "length" and output["text"] == again["text"]
     assert edge.results["stats"]["client_fail_open"] == 0, edge.results["stats"]
+
+
+def test_chat_rows_carry_their_roles_through_chunks_and_the_last_chunk_completes_the_prompt(
+        edge: Run) -> None:
+    from guard.decision import RowRole
+
+    lengths = edge.results["prompt_lengths"]
+    for name, roles in edge.results["chat_roles"].items():
+        mine = [s for s in edge.segments() if s.request_id == name]
+        prompt = [s for s in mine if s.phase == "prompt"]
+        assert len(prompt) >= 2, (name, mine)  # prefilled in chunks
+        for sent in prompt:  # each row has its token's role, found by its position
+            assert sent.roles.tolist() == [roles[p] for p in sent.positions], name
+            ends = int(sent.positions.max()) == lengths[name] - 1
+            assert sent.prompt_complete == int(ends), (name, sent.positions)
+        assert sum(s.prompt_complete for s in prompt) == 1
+        assert RowRole.USER in np.concatenate([s.roles for s in prompt])
+        for sent in mine:
+            if sent.phase == "generation":
+                assert (sent.roles == RowRole.GENERATED).all() and sent.prompt_complete == -1
+    # Prompts sent as token ids (no chat) have prompt rows of unspecified role.
+    chunked = [s for s in edge.segments() if s.request_id == "chunked"]
+    assert all((s.roles == RowRole.UNSPECIFIED).all() for s in chunked if s.phase == "prompt")
+
+
+def whole_prompt_findings(edge: Run, names: list[str]) -> dict[str, bool]:
+    """Whether the edge guard's jailbreak detector fires on each request's whole prompt sent
+    as one batch: its prompt rows and roles as the worker sent them (the tap), through an
+    engine of the edge guard's own configuration in this process."""
+    import dataclasses
+
+    from guard.config import PluginsConfig, load_config
+    from guard.decision import ActivationRows, Phase
+    from guard.engine.core import Engine
+
+    config = load_config(edge.tap.parent / "guard.yaml")
+    detectors = {"jailbreak": config.plugins.config["detectors"]["jailbreak"]}
+    engine = Engine.load(dataclasses.replace(config, plugins=PluginsConfig(
+        enabled=("detectors",), timeout_ms=60_000, config={"detectors": detectors})))
+    lengths = edge.results["prompt_lengths"]
+    found = {}
+    try:
+        for name in names:
+            rows, roles = {}, {}
+            for sent in edge.segments():  # a recomputed prompt's rows again: the same rows
+                if sent.request_id == name and sent.phase == "prompt":
+                    for i, position in enumerate(sent.positions.tolist()):
+                        rows[position], roles[position] = sent.rows[i], sent.roles[i]
+            positions = sorted(rows)
+            assert positions == list(range(1, lengths[name])), name
+            decision = engine.inspect(ActivationRows(
+                request_id=name, sequence=1, hook=HOOK,
+                rows=np.stack([rows[p] for p in positions]).astype(np.float32),
+                positions=np.array(positions, dtype=np.int64), token_ids=None,
+                phase=Phase.PROMPT, roles=np.array([roles[p] for p in positions], np.int8),
+                prompt_complete=True), {})
+            found[name] = any(f.detector == "jailbreak" for f in decision.findings)
+    finally:
+        engine.close()
+    return found
+
+
+def test_the_demo_detector_judges_a_prompt_prefilled_in_chunks_as_the_whole_prompt(
+        edge: Run) -> None:
+    lengths = edge.results["prompt_lengths"]
+    judged = set()
+    for record in edge.decisions:
+        if record.get("event") != "decision":
+            continue
+        if any(f["detector"] == "jailbreak" for f in record["findings"]):
+            # It decided only on a batch that completed the prompt, never on a chunk.
+            assert max(record["positions"]) == lengths[record["request_id"]] - 1, record
+            judged.add(record["request_id"])
+    # Its decision on the chunks is its decision on the whole prompt in one batch: before,
+    # the first chunk alone (mostly the template's system prompt) fired it on every prompt.
+    names = ["chunked", *edge.results["chat_roles"]]
+    whole = whole_prompt_findings(edge, names)
+    assert {name for name in names if name in judged} == {n for n, f in whole.items() if f}
+    assert "chunked" not in judged, judged  # the long benign prompt
+    for name, output in edge.results["chat"].items():
+        assert output["finish_reason"] == "length" and output["tokens"] == 4, (name, output)

@@ -135,6 +135,7 @@ def server() -> Iterator[Server]:
                "GUARD_VLLM_ADDRESS": address, "GUARD_VLLM_HOOKS": HOOK,
                "GUARD_VLLM_DEADLINE_MS": "30000", "GUARD_VLLM_FAILURE_POLICY": "closed",
                "GUARD_VLLM_REQUEST_OVERRIDES": "mode",
+               "GUARD_VLLM_TAP": str(state / "tap"),
                # On CPUs vLLM turns the `uni` executor into `mp` (the worker in a process
                # of its own, away from the scheduler) unless this is 0.
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -286,3 +287,42 @@ def test_the_docs_give_the_flags_this_test_serves_with() -> None:
     assert block is not None, "docs/vllm.md has no `vllm serve` command block"
     given = flags(block.group(1).replace("\\\n", " ").split())
     assert flags(SERVE_FLAGS).items() <= given.items(), given
+
+
+def sent_roles(server: Server, request_id: str) -> tuple[list[int], list[int], list[int]]:
+    """The positions and roles of the prompt rows the worker sent for a request (its tap),
+    and each of its prompt segments' prompt_complete."""
+    import numpy as np
+
+    positions: list[int] = []
+    roles: list[int] = []
+    complete: list[int] = []
+    for path in sorted((server.guard_state / "tap").glob(f"step*-{HOOK}.npz")):
+        with np.load(path) as data:
+            starts = np.concatenate([[0], np.cumsum(data["counts"])])
+            for i, name in enumerate(data["request_ids"].tolist()):
+                if name == request_id and str(data["phases"][i]) == "prompt":
+                    positions += data["positions"][starts[i]:starts[i + 1]].tolist()
+                    roles += data["roles"][starts[i]:starts[i + 1]].tolist()
+                    complete.append(int(data["prompt_complete"][i]))
+    return positions, roles, complete
+
+
+def test_chat_rows_carry_the_roles_of_the_chat_never_the_clients(server: Server) -> None:
+    from transformers import AutoTokenizer
+
+    from guard.host.chat import render
+    from guard.models.smollm2 import smollm2_for_vllm
+
+    # A client that labels its own rows template (so that no detector would read them) is
+    # not listened to: its rows get the roles of its chat.
+    status, body = server.chat(BENIGN[1], {"guard_request_id": "spoof",
+                                           "guard_roles": [5, 10_000]}, max_tokens=2)
+    assert status == 200, body
+    server.decisions(lambda found: ended(found, "spoof"))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_for_vllm())
+    expected = render(tokenizer, [{"role": "user", "content": BENIGN[1]}]).roles
+    positions, roles, complete = sent_roles(server, "spoof")
+    assert positions == list(range(1, len(expected)))  # every prompt row but BOS
+    assert roles == expected[1:].tolist()
+    assert 2 in roles and complete == [1]  # user rows; the whole prompt in one batch

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from guard.decision import Action
+from guard.decision import Action, RowRole
 from guard.host import StepVerdict, Verdict
 from guard.vllm.manifest import (
     ABORTS,
@@ -20,6 +20,14 @@ from guard.vllm.manifest import (
     GuardAbort,
     build_manifest,
     client_request_id,
+)
+from guard.vllm.roles import (
+    RoleStash,
+    decode_runs,
+    encode_runs,
+    remember_chat,
+    with_roles,
+    without_client_roles,
 )
 from guard.vllm.settings import (
     RequestArgsError,
@@ -263,10 +271,15 @@ class StepClient:
         self.source = source
         self.segments: list[tuple[str, int]] = []
         self.ended: list[tuple[tuple[str, ...], str]] = []
+        #: Per step sent: each row's role, and each segment's prompt_complete.
+        self.roles: list[list[int]] = []
+        self.complete: list[list[bool | None]] = []
 
     def inspect_step(self, hook: str, rows: np.ndarray, segments: Any, positions: Any,
-                     token_ids: Any) -> StepVerdict:
+                     token_ids: Any, roles: Any = None) -> StepVerdict:
         self.segments = [(s.request_id, s.rows) for s in segments]
+        self.roles.append([] if roles is None else [int(r) for r in roles])
+        self.complete.append([s.prompt_complete for s in segments])
         verdicts = tuple(Verdict(self.actions.get(s.request_id, Action.CONTINUE),
                                  self.source, s.request_id,  # type: ignore[arg-type]
                                  decision_id=f"d-{s.request_id}", details="stand-in",
@@ -297,21 +310,25 @@ class Engine:
 
     def add(self, internal: str, prompt: int, **extra_args: object) -> None:
         self.runner.requests[internal] = SimpleNamespace(
-            sampling_params=SimpleNamespace(extra_args=extra_args or None))
+            sampling_params=SimpleNamespace(extra_args=extra_args or None),
+            num_prompt_tokens=prompt)
         batch = self.runner.input_batch
         batch.req_ids.append(internal)
         batch.num_prompt_tokens.append(prompt)
         batch.num_reqs += 1
 
-    def step(self, scheduled: dict[str, int], finished: tuple[str, ...] = ()) -> np.ndarray:
-        """One step of ``scheduled`` prompt rows per request (from position 1); the delta
-        the worker adds to layer 15's output."""
+    def step(self, scheduled: dict[str, int], finished: tuple[str, ...] = (),
+             start: dict[str, int] | None = None) -> np.ndarray:
+        """One step of ``scheduled`` rows per request (from position ``start[request]``,
+        default 1); the delta the worker adds to layer 15's output."""
         import torch
 
         self.guard.begin_step(SimpleNamespace(num_scheduled_tokens=scheduled,
                                               finished_req_ids=set(finished)))
         total = sum(scheduled.values())
-        positions = torch.cat([torch.arange(1, n + 1) for n in scheduled.values()])
+        first = start or {}
+        positions = torch.cat([torch.arange(first.get(r, 1), first.get(r, 1) + n)
+                               for r, n in scheduled.items()])
         self.guard._before_forward(None, (), {"positions": positions,
                                               "input_ids": torch.zeros(total, dtype=torch.long)})
         delta = self.guard.on_layer(15, torch.zeros(total, 4), torch.zeros(total, 4))
@@ -397,10 +414,10 @@ def test_a_recomputed_request_goes_to_the_guard_in_two_batches_each_steered() ->
 
     class Recording(StepClient):
         def inspect_step(self, hook: str, rows: np.ndarray, segments: Any, positions: Any,
-                         token_ids: Any) -> StepVerdict:
+                         token_ids: Any, roles: Any = None) -> StepVerdict:
             sent.append(([(s.request_id, s.rows, str(s.phase)) for s in segments],
                          positions.tolist()))
-            return super().inspect_step(hook, rows, segments, positions, token_ids)
+            return super().inspect_step(hook, rows, segments, positions, token_ids, roles)
 
     engine = Engine(settings_with(), Recording({"A": Action.STEER}))
     engine.add("a-00000000", 4, guard_request_id="A")  # a 4-token prompt, recomputed
@@ -436,3 +453,138 @@ def test_reconnecting_reaches_the_guard_with_the_new_settings_from_the_next_step
         assert engine.guard.counters["policy_verdicts"] == 1
     finally:
         engine.guard.close()
+
+
+# -- row roles and prompt completeness (guard.vllm.roles, the manifest, the worker) ----------
+
+T, U, G, X = (int(RowRole.TEMPLATE), int(RowRole.USER), int(RowRole.GENERATED),
+              int(RowRole.UNSPECIFIED))
+#: A 10-token chat prompt: template 0..3, user 4..6, template 7..9.
+PROMPT_ROLES = np.array([T, T, T, T, U, U, U, T, T, T], dtype=np.int8)
+
+
+def test_prefill_chunks_take_their_rows_roles_by_position_and_the_last_one_completes() -> None:
+    # Request A's 10-token prompt in two chunks (positions 0..5, then 6..9); B decodes.
+    first = build_manifest(["a", "b"], ["A", "B"], [6, 1], [10, 4],
+                           np.array([*range(6), 7], dtype=np.int64), np.zeros(7, np.int64),
+                           prompt_roles=[PROMPT_ROLES, None])
+    assert first.roles.tolist() == [T, T, T, U, U, G]  # BOS (position 0) is not sent
+    assert [s.prompt_complete for s in first.segments] == [False, None]
+    second = build_manifest(["a", "c"], ["A", "C"], [4, 3], [10, 3],
+                            np.array([6, 7, 8, 9, 0, 1, 2], dtype=np.int64),
+                            np.zeros(7, np.int64), prompt_roles=[PROMPT_ROLES, None])
+    assert second.roles.tolist() == [U, T, T, T, X, X]  # C has no roles: unspecified
+    assert [s.prompt_complete for s in second.segments] == [True, True]
+
+
+def test_a_recomputed_request_completes_its_prompt_and_labels_its_generated_rows() -> None:
+    manifest = build_manifest(["a"], ["A"], [13], [10], np.arange(13, dtype=np.int64),
+                              np.zeros(13, np.int64), prompt_roles=[PROMPT_ROLES])
+    assert manifest.segments[0].prompt_complete is True
+    assert manifest.roles.tolist() == PROMPT_ROLES[1:].tolist()
+    assert manifest.then is not None
+    assert manifest.then.roles.tolist() == [G, G, G]
+    assert manifest.then.segments[0].prompt_complete is None
+
+
+def test_roles_travel_as_runs_and_come_back_only_when_they_fit_the_prompt() -> None:
+    runs = encode_runs(PROMPT_ROLES)
+    assert runs == [T, 4, U, 3, T, 3]
+    assert decode_runs(runs, 10).tolist() == PROMPT_ROLES.tolist()
+    assert encode_runs([]) == []
+    for bad, fragment in [([T, 4, U], "pairs"), ("5,4", "pairs"), ([T, 4.0], "integers"),
+                          ([99, 10], "RowRole"), ([T, 0, U, 10], "counts >= 1"),
+                          ([T, 4, U, 3], "cover 7 tokens, the prompt has 10"),
+                          ([True, 10], "integers")]:
+        with pytest.raises(ValueError, match=fragment):
+            decode_runs(bad, 10)
+
+
+def test_the_stash_hands_roles_over_for_the_exact_token_ids_only_once() -> None:
+    stash = RoleStash(size=2)
+    stash.put([1, 2, 3], PROMPT_ROLES[:3])
+    assert stash.take([1, 2]) is None and stash.take(None) is None
+    taken = stash.take([1, 2, 3])
+    assert taken is not None and taken.tolist() == PROMPT_ROLES[:3].tolist()
+    assert stash.take([1, 2, 3]) is None
+    for key in ([1], [2], [3]):
+        stash.put(key, PROMPT_ROLES[:1])
+    assert len(stash) == 2 and stash.take([1]) is None  # the oldest went first
+
+
+class Params(SimpleNamespace):
+    def clone(self) -> Params:
+        return Params(**vars(self))
+
+
+def test_the_front_end_puts_rendered_roles_in_and_a_clients_own_out() -> None:
+    stash = RoleStash()
+    stash.put([7, 8, 9], np.array([T, U, T], dtype=np.int8))
+    shared = {"guard_request_id": "r"}
+    request = SimpleNamespace(prompt_token_ids=[7, 8, 9], sampling_params=Params(
+        extra_args=shared))
+    with_roles(request, stash)
+    assert request.sampling_params.extra_args == {"guard_request_id": "r",
+                                                  "guard_roles": [T, 1, U, 1, T, 1]}
+    assert shared == {"guard_request_id": "r"}  # the caller's dict is not changed
+    other = SimpleNamespace(prompt_token_ids=[1, 2], sampling_params=Params(extra_args=None))
+    assert with_roles(other, stash).sampling_params.extra_args is None  # never rendered
+    spoofed = Params(extra_args={"guard_roles": [T, 3], "x": 1})
+    cleaned = without_client_roles(spoofed)
+    assert cleaned.extra_args == {"x": 1} and spoofed.extra_args == {"guard_roles": [T, 3],
+                                                                      "x": 1}
+    plain = Params(extra_args=None)
+    assert without_client_roles(plain) is plain
+
+
+def test_a_request_may_carry_roles_that_the_server_set() -> None:
+    assert settings_with().request_settings({"guard_roles": [T, 3]}).name is None
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """SmolLM2's real tokenizer (fast, with its chat template); skips without the model."""
+    models = pytest.importorskip("guard.models.smollm2")
+    transformers = pytest.importorskip("transformers")
+    try:
+        models.smollm2_gguf_dir()
+    except models.ModelUnavailable as exc:  # pragma: no cover - make test installs it
+        pytest.skip(f"SmolLM2 not installed: {exc}")
+    folder = models.cache_dir() / "smollm2-135m-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        models.load_smollm2()
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_rendered_chat_waits_for_its_request_with_render_s_roles(tokenizer: Any) -> None:
+    from guard.host.chat import render
+
+    stash = RoleStash()
+    messages = [{"role": "user", "content": "How tall is Mount Everest?"}]
+    # What vLLM's renderer hands over: its template arguments, tokenize and return_dict too.
+    assert remember_chat(tokenizer, messages, {"chat_template": None, "return_dict": False,
+                                               "tokenize": False,
+                                               "add_generation_prompt": True}, stash)
+    ids, roles = render(tokenizer, messages)
+    taken = stash.take(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+    assert taken is not None and taken.tolist() == roles.tolist()
+    assert int((taken == RowRole.USER).sum()) == len(
+        tokenizer("How tall is Mount Everest?", add_special_tokens=False)["input_ids"])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert not remember_chat(tokenizer, parts, {}, stash)  # not plain text: no roles
+    assert len(stash) == 0 and ids
+
+
+def test_the_worker_labels_each_chunk_by_position_and_says_when_the_prompt_is_whole() -> None:
+    client = StepClient({})
+    engine = Engine(settings_with(), client)
+    engine.add("a-00000000", 10, guard_request_id="A", guard_roles=encode_runs(PROMPT_ROLES))
+    engine.add("b-00000000", 10, guard_request_id="B", guard_roles=[T, 3])  # does not fit
+    engine.step({"a-00000000": 5, "b-00000000": 2})  # positions 1..5 and 1..2
+    engine.step({"a-00000000": 4, "b-00000000": 2}, start={"a-00000000": 6,
+                                                           "b-00000000": 3})
+    assert client.roles == [[T, T, T, U, U, X, X], [U, T, T, T, X, X]]
+    assert client.complete == [[False, False], [True, False]]
+    assert engine.guard.counters["with_roles"] == 1
+    assert engine.guard.counters["roles_dropped"] == 1

@@ -47,6 +47,12 @@ CROWD = {"crowd-0": "Describe a walk through a quiet forest in autumn.",
          "crowd-2": "Tell me about the history of the printing press."}
 #: Answered in a few tokens, then the model's end-of-sequence token.
 SHORT = "Reply with one word only: what colour is a clear daytime sky?"
+#: Everyday questions (issue 15's), sent as chats in --edge: with SmolLM2's system prompt
+#: each is prefilled in two or three 32-token chunks, the first mostly template.
+EVERYDAY = {"chat-everest": "How tall is Mount Everest?",
+            "chat-celsius": "How do I convert Celsius to Fahrenheit?",
+            "chat-haiku": "Write a haiku about autumn leaves.",
+            "chat-chicago": "What time zone is Chicago in?"}
 
 
 def main() -> None:
@@ -194,7 +200,26 @@ def edge(llm: Any, chat: Callable[[str], list[int]]) -> dict[str, Any]:
         later={"plain-late": (BENIGN[3], params(6)),
                "client-late": (BENIGN[4], params(6, "named-late"))})
 
-    # 4. The failure policy, the guard unreachable or too slow (a deadline it cannot meet),
+    # 4. Chats (LLM.chat: the guard's hook on vLLM's renderer gives their rows roles), each
+    #    prefilled in chunks: everyday questions and the jailbreak, and what the guard's
+    #    renderer (guard.host.chat.render) says each prompt token is.
+    from guard.host.chat import render
+
+    chats = {**EVERYDAY, "chat-jailbreak": JAILBREAK}
+    conversations = [[{"role": "user", "content": text}] for text in chats.values()]
+    tokenizer = llm.get_tokenizer()
+    found["chat_roles"] = {}
+    for name, conversation in zip(chats, conversations, strict=True):
+        rendered = render(tokenizer, conversation)
+        found["chat_roles"][name] = rendered.roles.tolist()
+        found["prompt_lengths"][name] = len(rendered.token_ids)
+    outputs = llm.chat(conversations, [params(4, name) for name in chats], use_tqdm=False)
+    found["chat"] = {name: {"finish_reason": output.outputs[0].finish_reason,
+                            "tokens": len(output.outputs[0].token_ids)}
+                     for name, output in zip(chats, outputs, strict=True)}
+    engine.step()  # the worker tells the guard of their ends (see drive)
+
+    # 5. The failure policy, the guard unreachable or too slow (a deadline it cannot meet),
     #    on a long prompt (aborted in its first prefill chunk) and two short ones.
     def under(tag: str, max_tokens: int, long: bool = False, **settings: Any) -> dict[str, Any]:
         llm.collective_rpc("guard_reconnect", args=(settings,))

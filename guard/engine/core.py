@@ -266,7 +266,12 @@ class Engine:
             if request.hook not in self._saes:
                 raise ConfigError(f"plugins.config.{plugin}",
                                   f"subscriptions to served hooks ({served})", request.hook)
-            d_sae = self._saes[request.hook][0].info.d_sae
+            info = self._saes[request.hook][0].info
+            if request.d_in is not None and request.d_in != info.d_in:
+                key = f"plugins.config.{plugin}" + (f".{request.key}" if request.key else "")
+                raise ConfigError(key, f"{info.d_in} values (d_in of the SAE served for hook "
+                                       f"{request.hook})", f"{request.d_in} values")
+            d_sae = info.d_sae
             if request.feature_ids != "all":
                 bad = [f for f in request.feature_ids if not 0 <= int(f) < d_sae]
                 if bad:
@@ -557,13 +562,17 @@ class Engine:
     @staticmethod
     def _features(runtime: HookRuntime, batch: ActivationRows,
                   activations: NDArray[np.float32]) -> FeatureBatch:
-        """What the plugins see of one request: its encoded rows, ids, positions, phase."""
+        """What the plugins see of one request: its encoded rows, ids, positions, phase, and
+        its raw rows (a read-only view: valid during the call, never recorded)."""
+        residual = batch.rows.view()
+        residual.flags.writeable = False
         features = FeatureBatch(
             request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
             feature_ids=runtime.feature_ids, activations=activations,
             positions=batch.positions, token_ids=batch.token_ids, phase=batch.phase,
             feature_labels=runtime.info.feature_labels, sae_sha256=runtime.info.sha256,
             attributes=batch.attributes, roles=batch.roles,
+            prompt_complete=batch.prompt_complete, residual=residual, stream=batch.stream,
         )
         object.__setattr__(features, "_index_cache", runtime.index)  # see FeatureBatch.column
         return features
@@ -752,7 +761,8 @@ class Engine:
             decision_id=decision_id, action=action, request_id=batch.request_id,
             sequence=batch.sequence, hook=batch.hook, positions=batch.positions,
             findings=tuple(findings), edits=tuple(edits), steering=steering, details=details,
-            phase=batch.phase, sae_sha256=runtime.info.sha256, plugins=pipeline.plugin_runs,
+            phase=batch.phase, sae_sha256=runtime.info.sha256,
+            sae_neuronpedia_id=runtime.info.neuronpedia_id or "", plugins=pipeline.plugin_runs,
             plugin_errors=tuple(sorted({f.plugin for f in failures})) if failures else (),
             timings=dict(timings), timestamp=time.time(), token_ids=batch.token_ids,
         )

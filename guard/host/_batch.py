@@ -44,12 +44,16 @@ class Segment:
     """One request's rows in a step (``inspect_step``): the next ``rows`` rows of the step's
     array are ``request_id``'s (the rows of one request are contiguous, as in vLLM's flat
     ``[tokens, hidden]`` layout). ``attributes`` go to the plugins with this request's rows
-    (a key here wins over the same key in the step's attributes)."""
+    (a key here wins over the same key in the step's attributes). ``prompt_complete``
+    (prompt rows only): True when these rows end the request's prompt, False for an earlier
+    chunk of it, None (default) when the host does not say (see :meth:`GuardClient.inspect
+    <guard.host.GuardClient.inspect>`)."""
 
     request_id: str
     rows: int
     phase: PhaseName | Phase = "prompt"
     attributes: Mapping[str, str] | None = None
+    prompt_complete: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +65,12 @@ class StepSegment:
     rows: int
     phase: Phase
     attributes: dict[str, str]
+    prompt_complete: bool | None = None
 
     def to_proto(self) -> pb.Segment:
         return pb.Segment(request_id=self.request_id, rows=self.rows,
                           phase=pb.Phase.ValueType(int(self.phase)),
-                          attributes=self.attributes)
+                          attributes=self.attributes, prompt_complete=self.prompt_complete)
 
 
 @dataclass(slots=True)
@@ -83,6 +88,8 @@ class BatchItem:
     attributes: dict[str, str] = field(default_factory=dict)
     #: One :class:`RowRole` value per row, or empty (the host does not say).
     roles: list[int] = field(default_factory=list)
+    #: Whether the rows end the request's prompt (None: the host does not say).
+    prompt_complete: bool | None = None
     #: Set when the batch is given its place on a stream.
     sequence: int = 0
     #: MONITOR mode: batches dropped just before this one; its sequence number skips them,
@@ -116,6 +123,7 @@ class BatchItem:
             phase=pb.Phase.ValueType(int(self.phase)),
             attributes=self.attributes,
             roles=cast("list[pb.RowRole.ValueType]", self.roles),  # checked values
+            prompt_complete=self.prompt_complete,
         ))
 
 
@@ -163,6 +171,7 @@ def prepare_batch(
     *,
     place: Placer | None = None,
     roles: Roles | None = None,
+    prompt_complete: bool | None = None,
 ) -> BatchItem:
     """Validate the arguments of ``inspect`` and encode the rows; errors name the argument.
 
@@ -173,8 +182,22 @@ def prepare_batch(
     resolved_phase = _PHASES.get(phase)
     if resolved_phase is None:
         raise ValueError(f"phase: expected 'prompt' or 'generation', found {phase!r}")
-    return _encode(options, request_id, hook, rows, positions, token_ids, resolved_phase,
+    _check_prompt_complete("prompt_complete", prompt_complete, resolved_phase)
+    item = _encode(options, request_id, hook, rows, positions, token_ids, resolved_phase,
                    attributes, (), place, roles)
+    item.prompt_complete = prompt_complete
+    return item
+
+
+def _check_prompt_complete(name: str, value: object, phase: Phase) -> None:
+    """``prompt_complete``: None, or a bool on prompt rows only."""
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True, False or None, found {value!r}")
+    if phase is not Phase.PROMPT:
+        raise ValueError(f"{name}: only for prompt rows (phase 'prompt'), found "
+                         f"{value!r} with phase {phase.name.lower()!r}")
 
 
 def prepare_step(
@@ -219,7 +242,9 @@ def prepare_step(
                              f"{segment.phase!r}")
         own = dict(segment.attributes or {})
         _check_attributes(f"{name}.attributes", own)
-        resolved.append(StepSegment(request_id, start, int(count), phase, own))
+        _check_prompt_complete(f"{name}.prompt_complete", segment.prompt_complete, phase)
+        resolved.append(StepSegment(request_id, start, int(count), phase, own,
+                                    segment.prompt_complete))
         start += int(count)
     if isinstance(rows, np.ndarray) and rows.ndim == 2 and start != rows.shape[0]:
         raise ValueError(f"segments: the segments' rows sum to {start}, expected the "

@@ -381,11 +381,12 @@ class BaseClient(ABC, Generic[StreamT, KeeperT]):
 
     def _prepare(self, request_id: str, hook: str, rows: NDArray[np.floating],
                  positions: Positions, token_ids: Positions | None, phase: PhaseName | Phase,
-                 attributes: Mapping[str, str] | None, roles: Roles | None = None
-                 ) -> BatchItem:
+                 attributes: Mapping[str, str] | None, roles: Roles | None = None,
+                 prompt_complete: bool | None = None) -> BatchItem:
         """Validate and encode ``inspect``'s arguments (into the region when there is one)."""
         return prepare_batch(self._options, request_id, hook, rows, positions, token_ids,
-                             phase, attributes, place=self._place, roles=roles)
+                             phase, attributes, place=self._place, roles=roles,
+                             prompt_complete=prompt_complete)
 
     @staticmethod
     def _single(answer: Answer) -> Verdict:

@@ -281,13 +281,14 @@ class AsyncGuardClient(BaseClient[_AioStream, asyncio.Task[None]]):
                       phase: PhaseName | Phase = "prompt",
                       attributes: Mapping[str, str] | None = None,
                       *, deadline_ms: float | None = None,
-                      roles: Roles | None = None) -> Verdict:
+                      roles: Roles | None = None,
+                      prompt_complete: bool | None = None) -> Verdict:
         """See :meth:`guard.host.GuardClient.inspect`."""
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             await self._check_shm()  # before the first batch is placed in the region
         item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes,
-                             roles)
+                             roles, prompt_complete)
         return self._single(await self._run(item, timeout))
 
     async def inspect_step(self, hook: str, rows: NDArray[np.floating],

@@ -36,10 +36,15 @@ gives them with the token ids), each batch carries each row's role: the prompt's
 given roles, the generated tokens' rows :attr:`RowRole.GENERATED`, and prompt rows past the
 given roles :attr:`RowRole.UNSPECIFIED`. Without roles, batches carry none (detectors then
 read every row), as before.
+
+Prompt completeness: a prompt always reaches the guard whole, in one batch (or one segment of
+a step), so its batch says ``prompt_complete=True`` (detectors that average the prompt decide
+on it). A client whose ``inspect`` takes no ``prompt_complete`` argument is sent none.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 import uuid
@@ -165,6 +170,8 @@ class Attachment:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     keep_verdicts: int = 1024
     _paused: bool = False
+    #: Whether the client's ``inspect`` takes ``prompt_complete`` (GuardClient's does).
+    _says_complete: bool = False
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -337,6 +344,8 @@ class Attachment:
             extra: dict[str, Any] = {}
             if state.roles and state.roles[0] is not None:
                 extra["roles"] = _row_roles(state.roles[0], sent, phase == "generation")
+            if phase == "prompt" and self._says_complete:
+                extra["prompt_complete"] = True  # the prompt's rows all come in this pass
             verdict = self.client.inspect(
                 state.request_id, hook, rows, sent, token_ids, phase, **extra
             )
@@ -384,8 +393,8 @@ class Attachment:
             return
         counts = keep.sum(dim=1).tolist()
         first = torch.where(real, positions, positions.new_full((), 2**62)).min(dim=1).values
-        segments = [Segment(ids[b], int(n),
-                            "prompt" if length > 1 or int(first[b]) == 0 else "generation")
+        segments = [Segment(ids[b], int(n), "prompt", prompt_complete=True)
+                    if length > 1 or int(first[b]) == 0 else Segment(ids[b], int(n), "generation")
                     for b, n in enumerate(counts) if n]
         # Select the rows on the device first, then copy only those to the host.
         rows = hidden[batch_index, step_index].detach().float().cpu().numpy()
@@ -565,7 +574,8 @@ def attach(
     if check:
         _check_widths(model, client, hooks)
     attachment = Attachment(model=model, client=client, hooks=tuple(hooks), on_abort=on_abort,
-                            skip_positions=skip_positions)
+                            skip_positions=skip_positions,
+                            _says_complete=_takes(client.inspect, "prompt_complete"))
     base = getattr(model, "model", model)
     attachment._handles.append(
         base.register_forward_pre_hook(attachment._on_model_input, with_kwargs=True))
@@ -573,6 +583,16 @@ def attach(
         attachment._handles.append(
             layers[index].register_forward_hook(attachment._layer_hook(hook), with_kwargs=True))
     return attachment
+
+
+def _takes(function: Callable[..., Any], argument: str) -> bool:
+    """Whether ``function`` accepts the keyword ``argument`` (or any keyword)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in parameters)
 
 
 def _check_widths(model: Any, client: InspectClient, hooks: Sequence[str]) -> None:

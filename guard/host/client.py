@@ -180,7 +180,8 @@ class GuardClient(BaseClient[HostStream, threading.Thread]):
     def inspect(self, request_id: str, hook: str, rows: NDArray[np.floating],
                 positions: Positions, token_ids: Positions | None = None,
                 phase: PhaseName | Phase = "prompt", attributes: Mapping[str, str] | None = None,
-                *, deadline_ms: float | None = None, roles: Roles | None = None) -> Verdict:
+                *, deadline_ms: float | None = None, roles: Roles | None = None,
+                prompt_complete: bool | None = None) -> Verdict:
         """Send one batch ``rows [n, d_in]`` of one hook of one request; returns its verdict.
 
         INLINE: waits for the guard's verdict up to the deadline (``deadline_ms`` overrides
@@ -188,14 +189,18 @@ class GuardClient(BaseClient[HostStream, threading.Thread]):
         CONTINUE with source ``monitor`` at once. ``roles`` (optional): what each row's token
         is, one :class:`guard.RowRole` (or its name, e.g. ``"user"``) per row, as
         :func:`guard.host.chat.render` gives them; detectors read the roles they chose.
-        Raises ValueError or TypeError for bad arguments, :class:`guard.errors.TooLarge` for
-        a batch above ``max_message_bytes``, :class:`ClientClosedError` after :meth:`close`.
+        ``prompt_complete`` (prompt rows only): True when the rows end the request's prompt
+        (a whole prompt in one batch, or its last chunk), False for an earlier chunk; None
+        (default) does not say, and detectors that average the prompt then decide on every
+        batch with the rows so far. Raises ValueError or TypeError for bad arguments,
+        :class:`guard.errors.TooLarge` for a batch above ``max_message_bytes``,
+        :class:`ClientClosedError` after :meth:`close`.
         """
         timeout = deadline_seconds(self._options, deadline_ms)
         if self._keeper is None:
             self._check_shm()  # before the first batch is placed in the region
         item = self._prepare(request_id, hook, rows, positions, token_ids, phase, attributes,
-                             roles)
+                             roles, prompt_complete)
         return self._single(self._run(item, timeout))
 
     def inspect_step(self, hook: str, rows: NDArray[np.floating], segments: Sequence[Segment],

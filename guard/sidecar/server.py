@@ -300,6 +300,8 @@ class GuardServicer(pb_grpc.GuardServicer):
                 execution_provider=runtime.execution_provider,
                 source=info.source_format,
                 weight_dtype=info.weight_dtype,
+                neuronpedia_id=info.neuronpedia_id or "",
+                label_count=len(info.feature_labels),
             )
             sub = runtime.subscription
             response.subscriptions.add(

@@ -25,6 +25,8 @@ Rules for bad input, as docs/protocol.md documents them:
   misaligned, ``raw`` and ``shm`` both set: INVALID_ARGUMENT) gets a per-batch error reply;
 - row roles (``batch.roles``): not none or one per row, or a value that is not a known
   ``RowRole``: INVALID_ARGUMENT naming ``batch.roles`` (``batch.roles[i]``);
+- ``prompt_complete`` set on a batch (or segment) whose phase is not PROMPT: INVALID_ARGUMENT
+  naming ``batch.prompt_complete`` (``batch.segments[i].prompt_complete``);
 - segments (several requests in one batch): more than ``max_segments``: RESOURCE_EXHAUSTED;
   an empty or repeated request id, a segment of no rows, row counts that do not sum to the
   tensor's rows: INVALID_ARGUMENT naming ``batch.segments[i]...``. The reply then holds one
@@ -66,6 +68,7 @@ from guard.decision import (
     Segment,
     Steering,
     StepDecision,
+    new_stream_id,
 )
 from guard.engine.core import Engine
 from guard.errors import (
@@ -171,6 +174,8 @@ class InspectStream:
                  doorbell: bool = False, alive: Callable[[], bool] | None = None,
                  peer_uid: int | None = None, limits: StreamLimits | None = None) -> None:
         self._engine = engine
+        #: Scopes the plugins' per-request state (FeatureBatch.stream): ids are the host's.
+        self.stream_id = new_stream_id()
         self.limits = limits if limits is not None else StreamLimits()
         #: Per-request state, freed by RequestEnded, bounded by ``limits.max_requests``.
         self.requests = RequestTable(self.limits.max_requests)
@@ -507,6 +512,11 @@ class InspectStream:
                 f"found {len(token_field)}"
             )
         roles = codec.row_roles("batch.roles", batch.roles, n_rows)
+        phase = _PHASES.get(batch.phase, Phase.UNSPECIFIED)
+        prompt_complete = None
+        if not segment_field and batch.HasField("prompt_complete"):
+            prompt_complete = codec.prompt_complete("batch.prompt_complete",
+                                                    batch.prompt_complete, phase)
         attributes = batch.attributes
         batch_attributes = dict(attributes) if attributes else {}
         segments = (self._segments(segment_field, n_rows, batch_attributes)
@@ -527,10 +537,12 @@ class InspectStream:
             rows=rows,
             positions=positions,
             token_ids=np.array(token_field, dtype=np.int64) if token_field else None,
-            phase=_PHASES.get(batch.phase, Phase.UNSPECIFIED),
+            phase=phase,
             attributes=batch_attributes,
             segments=segments,
             roles=roles,
+            prompt_complete=prompt_complete,
+            stream=self.stream_id,
         )
 
     def _segments(self, field: Iterable[pb.Segment], n_rows: int,
@@ -564,8 +576,13 @@ class InspectStream:
                                    f"found {count}")
             own = segment.attributes
             attributes = {**batch_attributes, **own} if own else batch_attributes
-            segments.append(Segment(request_id, start, start + count,
-                                    _PHASES.get(segment.phase, Phase.UNSPECIFIED), attributes))
+            phase = _PHASES.get(segment.phase, Phase.UNSPECIFIED)
+            complete = None
+            if segment.HasField("prompt_complete"):
+                complete = codec.prompt_complete(f"batch.segments[{index}].prompt_complete",
+                                                 segment.prompt_complete, phase)
+            segments.append(Segment(request_id, start, start + count, phase, attributes,
+                                    complete))
             start += count
         if start != n_rows:
             raise InvalidInput(

@@ -408,6 +408,7 @@ class Segment(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    PROMPT_COMPLETE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request these rows belong to: non-empty, and at most once per batch. The
     same request may appear in batches of several hooks and in later batches.
@@ -416,6 +417,10 @@ class Segment(_message.Message):
     """How many consecutive rows of the batch are this request's; at least 1."""
     phase: Global___Phase.ValueType
     """Whether these rows are prompt (prefill) or generated (decode) tokens."""
+    prompt_complete: _builtins.bool
+    """Whether these rows end the request's prompt (as
+    ActivationBatch.prompt_complete, for this segment's request).
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Per-request attributes, handed to plugins with the request's rows; a key
@@ -429,12 +434,15 @@ class Segment(_message.Message):
         rows: _builtins.int = ...,
         phase: Global___Phase.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        prompt_complete: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete", "prompt_complete", b"prompt_complete"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "phase", b"phase", "request_id", b"request_id", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete", "attributes", b"attributes", "phase", b"phase", "prompt_complete", b"prompt_complete", "request_id", b"request_id", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prompt_complete: _TypeAlias = _typing.Literal["prompt_complete"]  # noqa: Y015
+    _WhichOneofArgType__prompt_complete: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_complete) -> _WhichOneofReturnType__prompt_complete | None: ...
 
 Global___Segment: _TypeAlias = Segment  # noqa: Y015
 
@@ -475,6 +483,7 @@ class ActivationBatch(_message.Message):
     STEERING_REF_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    PROMPT_COMPLETE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request of every row, for a batch without segments; left empty (and
     ignored) when `segments` is set.
@@ -484,6 +493,18 @@ class ActivationBatch(_message.Message):
     hook: _builtins.str
     phase: Global___Phase.ValueType
     """The rows' phase, for a batch without segments; ignored when `segments` is set."""
+    prompt_complete: _builtins.bool
+    """Whether this batch holds the last rows of the request's prompt (phase
+    PHASE_PROMPT only), for a batch without segments (ignored when `segments` is
+    set: each segment carries its own). An engine that cuts a prompt into chunks
+    (vLLM's chunked prefill) sets false on every chunk but the last, and true on
+    the chunk that reaches the prompt's end; a host that sends the whole prompt
+    in one batch sets true. Detectors that average a request's prompt rows
+    decide once it is true (or at the first generated row). Unset: the host does
+    not say (as a host that predates it): such detectors then decide on every
+    batch with the rows so far. Set on a batch (or segment) whose phase is not
+    PHASE_PROMPT: an INVALID_ARGUMENT error reply naming the field.
+    """
     @_builtins.property
     def activations(self) -> Global___Tensor:
         """Shape [rows, d_in]."""
@@ -547,12 +568,15 @@ class ActivationBatch(_message.Message):
         steering_ref: Global___SharedMemoryRef | None = ...,
         segments: _abc.Iterable[Global___Segment] | None = ...,
         roles: _abc.Iterable[Global___RowRole.ValueType] | None = ...,
+        prompt_complete: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "steering_ref", b"steering_ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete", "activations", b"activations", "prompt_complete", b"prompt_complete", "steering_ref", b"steering_ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "request_id", b"request_id", "roles", b"roles", "segments", b"segments", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete", "activations", b"activations", "attributes", b"attributes", "hook", b"hook", "phase", b"phase", "positions", b"positions", "prompt_complete", b"prompt_complete", "request_id", b"request_id", "roles", b"roles", "segments", b"segments", "sequence", b"sequence", "steering_ref", b"steering_ref", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prompt_complete: _TypeAlias = _typing.Literal["prompt_complete"]  # noqa: Y015
+    _WhichOneofArgType__prompt_complete: _TypeAlias = _typing.Literal["_prompt_complete", b"_prompt_complete"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_complete) -> _WhichOneofReturnType__prompt_complete | None: ...
 
 Global___ActivationBatch: _TypeAlias = ActivationBatch  # noqa: Y015
 
@@ -986,6 +1010,8 @@ class SaeInfo(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     WEIGHT_DTYPE_FIELD_NUMBER: _builtins.int
+    NEURONPEDIA_ID_FIELD_NUMBER: _builtins.int
+    LABEL_COUNT_FIELD_NUMBER: _builtins.int
     hook: _builtins.str
     d_in: _builtins.int
     d_sae: _builtins.int
@@ -995,6 +1021,13 @@ class SaeInfo(_message.Message):
     """The ONNX Runtime execution provider actually in use (e.g. "CPUExecutionProvider")."""
     source: _builtins.str
     weight_dtype: _builtins.str
+    neuronpedia_id: _builtins.str
+    """The SAE's Neuronpedia id, "model/<layer>-<set>" (e.g.
+    "gemma-2-2b/20-gemmascope-res-16k"): feature F's page is
+    https://www.neuronpedia.org/<neuronpedia_id>/<F>. Empty when unknown.
+    """
+    label_count: _builtins.int
+    """How many of the SAE's features carry a label (an artifact's manifest)."""
     def __init__(
         self,
         *,
@@ -1006,10 +1039,12 @@ class SaeInfo(_message.Message):
         execution_provider: _builtins.str = ...,
         source: _builtins.str = ...,
         weight_dtype: _builtins.str = ...,
+        neuronpedia_id: _builtins.str = ...,
+        label_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "execution_provider", b"execution_provider", "hook", b"hook", "sha256", b"sha256", "source", b"source", "weight_dtype", b"weight_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "execution_provider", b"execution_provider", "hook", b"hook", "label_count", b"label_count", "neuronpedia_id", b"neuronpedia_id", "sha256", b"sha256", "source", b"source", "weight_dtype", b"weight_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from guard.vllm.settings import VllmGuardSettings
+from guard.vllm.settings import ROLES_ARG, RequestArgsError, VllmGuardSettings
 
 
 @cache
@@ -33,7 +33,11 @@ class GuardArgsCheck(LogitsProcessor):  # type: ignore[misc]  # vLLM is untyped 
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        _settings().request_settings(getattr(sampling_params, "extra_args", None))
+        extra = getattr(sampling_params, "extra_args", None)
+        if extra and ROLES_ARG in extra:  # the front end's hook drops it before this check
+            raise RequestArgsError(f"vllm_xargs: {ROLES_ARG} is set by the guard from the "
+                                   "chat's messages, not by a client")
+        _settings().request_settings(extra)
 
     def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
         pass

@@ -25,12 +25,15 @@ from typing import Any, Final, Literal
 import numpy as np
 import structlog
 import torch
+from numpy.typing import NDArray
 
 from guard.decision import Action
 from guard.host import GuardClient, StepVerdict, Verdict
 from guard.vllm.manifest import ABORTS, GuardAbort, StepManifest, build_manifest, client_request_id
+from guard.vllm.roles import decode_runs
 from guard.vllm.settings import (
     REQUEST_ID_ARG,
+    ROLES_ARG,
     RequestArgsError,
     RequestSettings,
     VllmGuardSettings,
@@ -93,9 +96,13 @@ class Attachment:
         self._names: set[str] = set()
         self._logged_refusal = False
         self._logged_rename = False
+        self._logged_roles = False
         self.counters: dict[str, float] = {
             "steps": 0, "batches": 0, "rows": 0, "op_calls": 0, "aborts": 0, "steered_rows": 0,
             "policy_verdicts": 0, "inspect_seconds": 0.0, "refused": 0, "renamed": 0,
+            # Requests whose prompt rows have roles (from their chat), and whose roles were
+            # unusable (dropped: their prompt rows go unlabelled).
+            "with_roles": 0, "roles_dropped": 0,
             # Where a step's time goes (bench/vllm_throughput.py): the manifest (outer pre-hook)
             # and the rows' copy out; the client's CPU on this thread in ``inspect_step``
             # (encode, queue, reply) and the rest of that call (off CPU: waiting for the
@@ -178,13 +185,14 @@ class Attachment:
         scheduled_by_id = self._scheduled
         scheduled = [int(scheduled_by_id.get(r, 0)) for r in internal]
         prompt_lengths = [int(n) for n in batch.num_prompt_tokens[:len(internal)]]
-        client_ids = [self._request(r).name for r in internal]
+        requests = [self._request(r) for r in internal]
         total = sum(scheduled)
         pos = positions[:total].detach().to("cpu", torch.int64).numpy()
         ids = (input_ids[:total].detach().to("cpu", torch.int64).numpy()
                if input_ids is not None else np.zeros(total, dtype=np.int64))
-        manifest = build_manifest(internal, client_ids, scheduled, prompt_lengths, pos, ids,
-                                  self.settings.skip_positions)
+        manifest = build_manifest(internal, [r.name for r in requests], scheduled,
+                                  prompt_lengths, pos, ids, self.settings.skip_positions,
+                                  [r.roles for r in requests])
         for r, c in zip(manifest.internal_ids, (s.request_id for s in manifest.segments),
                         strict=True):
             self._known[r] = c
@@ -220,7 +228,7 @@ class Attachment:
                 ).to("cpu", torch.float32).numpy()
         started, cpu = time.perf_counter(), time.thread_time()
         step = self.client.inspect_step(hook, rows, manifest.segments, manifest.positions,
-                                        manifest.token_ids)
+                                        manifest.token_ids, roles=manifest.roles)
         answered, cpu = time.perf_counter(), time.thread_time() - cpu
         call = answered - started
         self.counters["copy_seconds"] += started - copying
@@ -318,7 +326,7 @@ class Attachment:
                 log.warning("two live requests share a guard request id: the later ones are "
                             "renamed (logged once; counted as renamed)", request_id=wanted,
                             renamed=name)
-        request = _Request(name, settings)
+        request = _Request(name, settings, self._roles(state, extra, name))
         self._requests[internal] = request
         self._names.add(name)
         if refused:
@@ -330,6 +338,26 @@ class Attachment:
                 log.warning("guard refused a request's arguments and ends it (logged once; "
                             "counted as refused)", request_id=name, error=refused)
         return request
+
+    def _roles(self, state: Any, extra: Any, name: str) -> NDArray[np.int8] | None:
+        """The roles of the request's prompt positions, from the runs the front end put in
+        its ``extra_args`` (:mod:`guard.vllm.roles`); None without them, or when they do not
+        fit its prompt (counted and logged once: its prompt rows then go unlabelled)."""
+        runs = (extra or {}).get(ROLES_ARG)
+        if runs is None:
+            return None
+        try:
+            roles = decode_runs(runs, int(getattr(state, "num_prompt_tokens", -1)))
+        except ValueError as exc:
+            self.counters["roles_dropped"] += 1
+            if not self._logged_roles:
+                self._logged_roles = True
+                log.warning("a request's row roles do not fit its prompt: its prompt rows "
+                            "are sent unlabelled (logged once; counted as roles_dropped)",
+                            request_id=name, error=str(exc))
+            return None
+        self.counters["with_roles"] += 1
+        return roles
 
     def _forget_requests(self, finished: Any) -> None:
         gone = []
@@ -351,6 +379,11 @@ class Attachment:
                  request_ids=np.array([s.request_id for s in manifest.segments]),
                  counts=np.array([s.rows for s in manifest.segments]),
                  phases=np.array([str(s.phase) for s in manifest.segments]),
+                 roles=manifest.roles,
+                 # -1: not said (generation), 0: an earlier chunk, 1: the prompt's end
+                 prompt_complete=np.array([-1 if s.prompt_complete is None
+                                           else int(s.prompt_complete)
+                                           for s in manifest.segments]),
                  actions=np.array([v.action.name for v in step.verdicts]))
 
     # -- the worker's other calls ---------------------------------------------------------------
@@ -385,6 +418,8 @@ class Attachment:
 class _Request:
     name: str
     settings: RequestSettings
+    #: The role of each position of its prompt (from its chat), or None.
+    roles: NDArray[np.int8] | None = None
 
 
 def _layer_hook(layer: int) -> Any:

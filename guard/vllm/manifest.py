@@ -7,12 +7,13 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
+from guard.decision import RowRole
 from guard.host import Segment
 
 #: vLLM 0.32 makes a request's internal id from the client's: ``<id>-<8 hex digits>``.
@@ -37,7 +38,12 @@ class StepManifest:
 
     A request recomputed after a preemption can have prompt and generated rows in one step;
     a batch holds a request once, with one phase, so its generated rows go in a second batch
-    of the step, ``then`` (sent after this one, so that positions still arrive in order)."""
+    of the step, ``then`` (sent after this one, so that positions still arrive in order).
+
+    Each row has its role: a prompt row the role of its position in the request's prompt
+    (``UNSPECIFIED`` when the request has none), a generated row ``GENERATED``. A prompt
+    segment says whether it ends the prompt (``prompt_complete``: its last row is the
+    prompt's last position), so that a prompt prefilled in chunks is decided once whole."""
 
     internal_ids: tuple[str, ...]
     segments: tuple[Segment, ...]
@@ -48,6 +54,8 @@ class StepManifest:
     token_ids: NDArray[np.int64]
     #: Rows of the step (sent or not).
     step_rows: int
+    #: The :class:`RowRole` value of each sent row ``[sent]``.
+    roles: NDArray[np.int8] = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
     #: The step's second batch (generated rows of requests recomputed across their prompt's
     #: end), or None; ``part`` numbers the batches of a step from 0.
     then: StepManifest | None = None
@@ -62,15 +70,20 @@ class StepManifest:
 def build_manifest(internal_ids: Sequence[str], client_ids: Sequence[str],
                    scheduled: Sequence[int], prompt_lengths: Sequence[int],
                    positions: NDArray[np.int64], token_ids: NDArray[np.int64],
-                   skip_positions: int = 1) -> StepManifest:
+                   skip_positions: int = 1,
+                   prompt_roles: Sequence[NDArray[np.int8] | None] | None = None
+                   ) -> StepManifest:
     """The manifest of a step whose rows hold, in order, ``scheduled[i]`` rows of request
     ``internal_ids[i]`` (vLLM lays a step out in its input batch's order). A request's rows
     are prompt rows while their positions are inside its prompt, generation rows after (a
     request with both, recomputed after a preemption, has its generation rows in ``then``).
+    ``prompt_roles[i]``: the role of each position of request ``i``'s prompt, or None.
     Requests with no rows to send this step are left out."""
     if not len(internal_ids) == len(client_ids) == len(scheduled) == len(prompt_lengths):
         raise ValueError("internal_ids, client_ids, scheduled and prompt_lengths differ in "
                          "length")
+    if prompt_roles is not None and len(prompt_roles) != len(internal_ids):
+        raise ValueError("prompt_roles: expected one entry per request")
     total = int(sum(scheduled))
     if positions.shape[0] < total or token_ids.shape[0] < total:
         raise ValueError(f"the step has {total} scheduled rows but {positions.shape[0]} "
@@ -91,14 +104,30 @@ def build_manifest(internal_ids: Sequence[str], client_ids: Sequence[str],
                              "guard: give each its own guard_request_id")
         seen.add(name)
         # A request's rows are consecutive positions: its prompt rows come first.
-        prompt = int(np.count_nonzero(positions[rows] < int(prompt_lengths[i])))
+        length = int(prompt_lengths[i])
+        prompt = int(np.count_nonzero(positions[rows] < length))
         if prompt:
-            first.add(internal_ids[i], Segment(name, prompt, "prompt"), rows[:prompt])
+            ends = int(positions[rows[prompt - 1]]) == length - 1
+            known = prompt_roles[i] if prompt_roles is not None else None
+            first.add(internal_ids[i], Segment(name, prompt, "prompt", prompt_complete=ends),
+                      rows[:prompt], _prompt_row_roles(known, positions[rows[:prompt]]))
         if prompt < rows.shape[0]:
             generation = Segment(name, int(rows.shape[0]) - prompt, "generation")
-            (second if prompt else first).add(internal_ids[i], generation, rows[prompt:])
+            (second if prompt else first).add(
+                internal_ids[i], generation, rows[prompt:],
+                np.full(rows.shape[0] - prompt, RowRole.GENERATED, dtype=np.int8))
     then = second.manifest(positions, token_ids, total, 1, None) if second.kept else None
     return first.manifest(positions, token_ids, total, 0, then)
+
+
+def _prompt_row_roles(known: NDArray[np.int8] | None, at: NDArray[np.int64]
+                      ) -> NDArray[np.int8]:
+    """The roles of prompt rows at positions ``at``: the prompt's where it has them."""
+    out = np.full(at.shape[0], RowRole.UNSPECIFIED, dtype=np.int8)
+    if known is not None:
+        inside = (at >= 0) & (at < known.shape[0])
+        out[inside] = known[at[inside]]
+    return out
 
 
 class _Batch:
@@ -108,19 +137,23 @@ class _Batch:
         self.kept: list[str] = []
         self.segments: list[Segment] = []
         self.keep: list[NDArray[np.int64]] = []
+        self.roles: list[NDArray[np.int8]] = []
 
-    def add(self, internal_id: str, segment: Segment, rows: NDArray[np.int64]) -> None:
+    def add(self, internal_id: str, segment: Segment, rows: NDArray[np.int64],
+            roles: NDArray[np.int8]) -> None:
         self.kept.append(internal_id)
         self.segments.append(segment)
         self.keep.append(rows)
+        self.roles.append(roles)
 
     def manifest(self, positions: NDArray[np.int64], token_ids: NDArray[np.int64],
                  step_rows: int, part: int, then: StepManifest | None) -> StepManifest:
         index = np.concatenate(self.keep) if self.keep else np.zeros(0, dtype=np.int64)
+        roles = np.concatenate(self.roles) if self.roles else np.zeros(0, dtype=np.int8)
         return StepManifest(internal_ids=tuple(self.kept), segments=tuple(self.segments),
                             keep=index, positions=positions[index].astype(np.int64),
                             token_ids=token_ids[index].astype(np.int64), step_rows=step_rows,
-                            then=then, part=part)
+                            roles=roles, then=then, part=part)
 
 
 @dataclass(frozen=True)

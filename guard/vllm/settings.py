@@ -20,6 +20,9 @@ REQUEST_ID_ARG: Final = "guard_request_id"
 #: Per-request overrides in ``extra_args``: the request's mode and failure policy.
 MODE_ARG: Final = "guard_mode"
 FAILURE_POLICY_ARG: Final = "guard_failure_policy"
+#: The prompt's row roles as runs (:mod:`guard.vllm.roles`): set by the guard's hook on vLLM's
+#: front end from the chat's messages, never by a client (the front end drops a client's).
+ROLES_ARG: Final = "guard_roles"
 #: The ``extra_args`` keys the guard reads; any other ``guard_*`` key is refused (a typo must
 #: not pass for a setting).
 REQUEST_ARGS: Final = (REQUEST_ID_ARG, MODE_ARG, FAILURE_POLICY_ARG)
@@ -142,7 +145,7 @@ class VllmGuardSettings:
         RequestArgsError, naming the key and what was expected, for anything else."""
         args = extra_args or {}
         unknown = sorted(k for k in args if isinstance(k, str) and k.startswith("guard_")
-                         and k not in REQUEST_ARGS)
+                         and k not in REQUEST_ARGS and k != ROLES_ARG)
         if unknown:
             raise RequestArgsError(f"vllm_xargs: unknown guard argument {unknown[0]!r}; the "
                                    f"guard reads {', '.join(REQUEST_ARGS)}")

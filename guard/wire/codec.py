@@ -15,7 +15,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.decision import RowRole
+from guard.decision import Phase, RowRole
 from guard.errors import InvalidInput
 
 #: Datatypes the guard accepts on the wire, with their item size in bytes.
@@ -87,6 +87,16 @@ def row_roles(field: str, values: Sequence[int], n_rows: int) -> NDArray[np.int8
             f"{', '.join(f'ROLE_{r.name}' for r in RowRole)}), found {int(wide[first])}"
             + (f" ({bad.size} rows hold unknown values)" if bad.size > 1 else ""))
     return wide.astype(np.int8)
+
+
+def prompt_complete(field: str, value: bool, phase: Phase) -> bool:
+    """A batch's (or segment's) ``prompt_complete``, which only a PROMPT batch may set;
+    :class:`InvalidInput` naming ``field`` otherwise."""
+    if phase is not Phase.PROMPT:
+        raise InvalidInput(f"{field}: only meaningful for phase PHASE_PROMPT, found it set "
+                           f"({str(value).lower()}) with phase PHASE_{phase.name}; leave it "
+                           "unset")
+    return bool(value)
 
 
 def expected_nbytes(datatype: str, shape: Sequence[int]) -> int:

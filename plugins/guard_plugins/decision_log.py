@@ -41,7 +41,8 @@ class DecisionLog:
 
     A line holds decision_id, timestamp (ISO 8601 UTC), request_id, sequence, hook, phase,
     action, details, positions, findings, edits, plugins (with versions), plugin_errors,
-    sae_sha256 and timings_ms; never activations or token text. Each line is flushed as it
+    sae_sha256 (and sae_neuronpedia_id when the SAE has one) and timings_ms; never activations
+    or token text. Each line is flushed as it
     is written, so a record the sink accepted survives a SIGTERM. Non-finite numbers are
     written as null, so every line is valid JSON.
 
@@ -142,6 +143,8 @@ class DecisionLog:
         record["plugins"] = [{"name": p.name, "version": p.version} for p in decision.plugins]
         record["plugin_errors"] = list(decision.plugin_errors)
         record["sae_sha256"] = decision.sae_sha256
+        if decision.sae_neuronpedia_id:  # links each finding's features to their pages
+            record["sae_neuronpedia_id"] = decision.sae_neuronpedia_id
         # dict() copies in one step: the stream may still add "total" to this dict while the
         # sink thread reads it, and iterating it directly could fail mid-way.
         timings = dict(decision.timings)
