@@ -182,6 +182,12 @@ def test_explicit_features_are_used_as_given() -> None:
                       features=[999])
 
 
+def feature_blocks(result: cal.Calibration) -> dict[str, Any]:
+    """The written entries that read SAE features (the probe reads raw rows: its own tests)."""
+    return {n: b for n, b in cal.detector_blocks(result, action="abort").items()
+            if b["type"] != "probe"}
+
+
 def expected_firing(result: cal.Calibration, acts: PromptActivations) -> dict[str, Any]:
     """Per config entry, the prompts calibration says it fires on."""
     reduced = acts.max_acts if result.threshold_fit.reduce == "max" else acts.mean_acts
@@ -197,7 +203,7 @@ def test_the_written_block_loads_through_the_plugin_and_fires_as_calibrated(
     calibrated: tuple[cal.Calibration, PromptActivations],
 ) -> None:
     result, acts = calibrated
-    blocks = cal.detector_blocks(result, action="abort")
+    blocks = feature_blocks(result)
     assert f"planted-f{PLANTED}" in blocks
     text = cal.detector_yaml(blocks, header=["test"], labels={PLANTED: "planted"})
     assert f"# feature {PLANTED}: planted" in text
@@ -224,7 +230,7 @@ def test_shadow_mode_logs_only_and_counts_the_same_prompts(
     calibrated: tuple[cal.Calibration, PromptActivations], tmp_path: Path,
 ) -> None:
     result, acts = calibrated
-    blocks = cal.detector_blocks(result, action="abort")
+    blocks = feature_blocks(result)
     shadow = cal.shadow_prompts(blocks, acts)
     assert shadow.failures == []
     expected = expected_firing(result, acts)
@@ -291,13 +297,20 @@ def test_a_detectors_block_is_found_in_any_document() -> None:
 def test_the_shipped_detector_loads_and_its_metrics_are_complete() -> None:
     config = SHIPPED / "jailbreak.yaml"
     blocks = cal.detectors_block(yaml.safe_load(config.read_text()), str(config))
-    plugins = plugin(blocks)
+    plugins = plugin({n: b for n, b in blocks.items() if b["type"] != "probe"})
     assert "jailbreak-linear" in blocks
     record = json.loads((SHIPPED / "metrics.json").read_text())
     record_entries = record["detectors"]["threshold"]["entries"]
-    assert {*record_entries, "jailbreak-linear"} == set(blocks)
+    assert {*record_entries, "jailbreak-linear", "jailbreak-probe"} == set(blocks)
+    # the demo aborts with the shipped probe, as calibrated
+    demo = yaml.safe_load((SHIPPED.parent / "demo.yaml").read_text())
+    shipped = demo["plugins"]["config"]["detectors"]["jailbreak"]
+    assert {**shipped, "action": "log"} == blocks["jailbreak-probe"]
+    assert shipped["action"] == "abort" and shipped["type"] == "probe"
+    assert record["leave_one_source_out"]["probe"]["worst_source_fpr"]["source"]
     hooks = {r.hook for r in plugins.subscriptions({})}
     assert hooks == {"blocks.15.hook_resid_post"}
+    assert len(blocks["jailbreak-probe"]["weights"]) == 576
     check_metrics(record, probe=True)
     for name, entry in record_entries.items():
         assert blocks[name]["threshold"] == entry["threshold"]
@@ -331,7 +344,7 @@ def test_shadow_command_over_recorded_batches(
 ) -> None:
     result, acts = calibrated
     config = tmp_path / "detector.yaml"
-    config.write_text(cal.detector_yaml(cal.detector_blocks(result, action="abort")))
+    config.write_text(cal.detector_yaml(feature_blocks(result)))
     features = subscribed(plugin(cal.detectors_block(yaml.safe_load(config.read_text()), "")))
     path = tmp_path / "batches.npz"
     save_batches(path, [batch_of(acts, i, features) for i in range(len(acts))])
@@ -371,3 +384,146 @@ def test_reports_render(calibrated: tuple[cal.Calibration, PromptActivations]) -
     html_page = ranking_html(ranks, acts, title="t")
     assert "&lt;planted&gt;" in html_page  # labels and prompt text are escaped
     assert "class='tok'" in html_page
+
+
+# -- length weights, probes, pooling and leave-one-source-out ------------------------------
+
+
+def test_length_weights_balance_each_bucket_and_keep_every_prompt() -> None:
+    from guard.audit.data import length_weights
+
+    labels = np.array([1] * 30 + [0] * 3 + [1] * 5 + [0] * 50 + [0] * 4, dtype=np.int64)
+    buckets = np.array([0] * 33 + [1] * 55 + [2] * 4, dtype=np.int64)
+    w = length_weights(labels, buckets)
+    assert (w > 0).all() and len(w) == len(labels)  # nothing dropped
+    for b in (0, 1):
+        members = buckets == b
+        assert w[members & (labels == 1)].sum() == pytest.approx(
+            w[members & (labels == 0)].sum())
+    assert w.sum() == pytest.approx(len(labels))
+
+
+def test_a_weight_of_two_is_a_duplicated_prompt() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 3))
+    y = (x[:, 0] + rng.normal(size=60) > 0).astype(np.int64)
+    w = np.ones(60)
+    w[:10] = 2.0
+    weighted = cal.logistic_fit(x, y, l2=0.01, sample_weight=w)
+    duplicated = cal.logistic_fit(np.r_[x, x[:10]], np.r_[y, y[:10]], l2=0.01)
+    np.testing.assert_allclose(weighted.weights, duplicated.weights, rtol=1e-6, atol=1e-8)
+    assert weighted.bias == pytest.approx(duplicated.bias, rel=1e-6, abs=1e-8)
+
+
+def test_pooling_mean_max_and_rolling_max() -> None:
+    from guard.audit.probe import pool
+
+    scores = np.array([0.0, 10.0, 0.0, 0.0, 3.0, 3.0, 3.0, 5.0, 1.0])
+    offsets = np.array([0, 4, 8, 9, 9])  # the last prompt has no rows
+    np.testing.assert_allclose(pool(scores, offsets, "mean")[:3], [2.5, 3.5, 1.0])
+    np.testing.assert_allclose(pool(scores, offsets, "max")[:3], [10.0, 5.0, 1.0])
+    # a spike on one row is diluted over the window; fewer rows than the window: their mean
+    np.testing.assert_allclose(pool(scores, offsets, "rolling_max", 3)[:3],
+                               [10 / 3, 11 / 3, 1.0])
+    assert np.isnan(pool(scores, offsets, "max")[3])
+    with pytest.raises(InvalidInput, match="pooling"):
+        pool(scores, offsets, "median")
+
+
+def shifted_sources(seed: int = 0) -> tuple[Any, Any, list[str], list[str]]:
+    """Raw rows in 6 dims: positives lean along dim 0 in two sources; benign sources 'a' and
+    'b' sit at 0, benign source 'odd' sits far along dim 1 and a little along dim 0 (a style
+    the other sources never show)."""
+    from guard.audit.probe import PromptRows
+
+    rng = np.random.default_rng(seed)
+    rows, offsets, labels, sources = [], [0], [], []
+    for source, label, n, centre in (("p1", 1, 80, (1.5, 0)), ("p2", 1, 80, (1.5, 0.5)),
+                                     ("a", 0, 80, (0, 0)), ("b", 0, 80, (0, -0.5)),
+                                     ("odd", 0, 60, (0.9, 3.0))):
+        for _ in range(n):
+            k = int(rng.integers(3, 12))
+            r = rng.normal(size=(k, 6)) * 0.8
+            r[:, 0] += centre[0]
+            r[:, 1] += centre[1]
+            rows.append(r)
+            offsets.append(offsets[-1] + k)
+            labels.append(label)
+            sources.append(source)
+    prompt_rows = PromptRows(np.concatenate(rows).astype(np.float32),
+                             np.array(offsets, dtype=np.int64))
+    labels_arr = np.array(labels, dtype=np.int64)
+    acts = acts_from_rows([np.abs(r[:, :4]).astype(np.float32) for r in rows], labels_arr,
+                          [[f"t{j}" for j in range(len(r))] for r in rows], hook=HOOK)
+    acts.resid_mean = prompt_rows.means().astype(np.float32)
+    groups = [f"g{i}" for i in range(len(labels))]
+    return acts, prompt_rows, groups, sources
+
+
+def test_leave_one_source_out_finds_the_source_the_random_split_hides() -> None:
+    acts, rows, groups, sources = shifted_sources()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(acts))
+    train, test = np.sort(order[:250]), np.sort(order[250:])
+    result = cal.calibrate(acts, train, test, name="s", groups=groups, sources=sources,
+                           target_fpr=0.05, top=4, probe=True, prompt_rows=rows,
+                           per_source=True, by_source=True)
+    probe = result.by_source["probe"]
+    assert set(probe.by_source) == {"p1", "p2", "a", "b", "odd"}
+    # every prompt was scored by a fit that never saw its source
+    assert np.isfinite(probe.scores).all()
+    worst = probe.worst_fpr()
+    assert worst.source == "odd"
+    # in-distribution (random split, 'odd' on both sides) the probe looks fine ...
+    assert result.results["probe"].test.fpr is not None
+    assert result.results["probe"].test.fpr <= 0.1
+    # ... held out, the unseen style fires far more often than the target
+    assert worst.rate > 0.2
+    record = json.loads(json.dumps(cal.metrics_record(result)))
+    loso = record["leave_one_source_out"]["probe"]
+    assert loso["worst_source_fpr"]["source"] == "odd"
+    assert set(loso["by_length_bucket"]) and loso["source_auroc_range"][1] > 0.5
+    assert record["operating_point_rule"] == "per-source"
+
+
+def test_the_per_source_operating_point_keeps_every_benign_source_in_budget() -> None:
+    from guard.audit.probe import threshold_per_source
+
+    rng = np.random.default_rng(2)
+    scores = np.r_[rng.normal(0, 1, 200), rng.normal(2, 1, 20), rng.normal(4, 1, 100)]
+    labels = np.r_[np.zeros(220), np.ones(100)].astype(np.int64)
+    sources = ["big"] * 200 + ["small"] * 20 + ["pos"] * 100
+    t = threshold_per_source(scores, labels, sources, 0.05)
+    assert np.mean(scores[:200] >= t) <= 0.05 and np.mean(scores[200:220] >= t) <= 0.05
+    pooled = cal.threshold_for_fpr(scores[:220], 0.05, scores)
+    assert np.mean(scores[200:220] >= pooled) > 0.05  # what the pooled rule lets through
+
+
+def test_the_probe_block_is_what_the_probe_detector_reads() -> None:
+    from guard.audit.probe import PromptRows, alignment, pool, probe_block
+
+    acts, rows, groups, sources = shifted_sources(1)
+    train = np.arange(len(acts))[::2]
+    test = np.arange(len(acts))[1::2]
+    result = cal.calibrate(acts, train, test, name="s", groups=groups, sources=sources,
+                           target_fpr=0.05, top=4, probe=True, prompt_rows=rows,
+                           pooling="rolling_max", window=4)
+    fit = result.probe_fit
+    assert fit is not None and fit.pooling == "rolling_max"
+    w_dec = np.random.default_rng(0).normal(size=(10, 6))
+    explain = alignment(w_dec, fit.weights, top=3)
+    block = probe_block(fit, hook=HOOK, rows=["user"], action="abort", explain=explain)
+    assert list(block) == ["type", "hook", "weights", "bias", "threshold", "pooling", "window",
+                           "rows", "phases", "action", "explain"]
+    assert block["type"] == "probe" and len(block["weights"]) == 6
+    a = w_dec @ fit.weights
+    assert block["explain"]["features"] == [int(j) for j in np.argsort(-a)[:3]]
+    # the block's numbers reproduce the calibrated scores (the reference of the detector)
+    reference = pool(rows.rows.astype(np.float64) @ np.array(block["weights"]) + block["bias"],
+                     rows.offsets, "rolling_max", 4)
+    np.testing.assert_allclose(reference, fit.scores(rows))
+    np.testing.assert_allclose(PromptRows(rows.rows, rows.offsets).means(), acts.resid_mean,
+                               rtol=1e-5, atol=1e-6)
+    # the training split's benign prompts fire at most at the target rate
+    s = fit.scores(rows)
+    assert np.mean(s[np.flatnonzero(acts.labels == 0)] >= fit.threshold) <= 0.05 + 1e-9

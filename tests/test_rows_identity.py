@@ -46,7 +46,10 @@ def _demo() -> tuple[dict[str, Any], Path]:
 
 
 def detector_blocks() -> dict[str, dict[str, Any]]:
-    jailbreak = _demo()[0]["plugins"]["config"]["detectors"]["jailbreak"]
+    # the calibrated SAE-feature linear detector (the demo ships the raw-residual probe)
+    shipped = _demo()[1] / "detectors" / "jailbreak.yaml"
+    jailbreak = yaml.safe_load(shipped.read_text(encoding="utf-8"))[
+        "plugins"]["config"]["detectors"]["jailbreak-linear"]
     probe = {**jailbreak, "threshold": -1e9, "action": "flag"}  # always fires: a score
     return {"content": dict(probe), "every-row": {**probe, "rows": "all"}}
 

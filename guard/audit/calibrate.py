@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.audit.data import bucket_names, length_buckets
+from guard.audit.probe import ProbeFit, PromptRows, SourceEvaluation, leave_one_source_out
 from guard.audit.rank import PromptActivations, auroc, rank_features, role_names
 from guard.decision import RowRole
 from guard.errors import InvalidInput
@@ -43,7 +44,7 @@ Reduce = Literal["max", "mean"]
 FloatArray = NDArray[np.float64]
 
 #: L2 strengths tried (on standardised inputs; the loss is the mean log-loss).
-L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 CV_FOLDS = 5
 
 
@@ -175,16 +176,22 @@ class LogisticModel:
 
 
 def logistic_fit(x: NDArray[Any], y: NDArray[Any], *, l2: float,
-                 iterations: int = 50) -> LogisticModel:
-    """Minimise ``mean log-loss + l2/2 |w|^2`` over standardised columns (the bias is not
-    penalised) by Newton's method with step halving; returns raw-space weights."""
+                 iterations: int = 50, sample_weight: NDArray[Any] | None = None,
+                 ) -> LogisticModel:
+    """Minimise ``weighted mean log-loss + l2/2 |w|^2`` over standardised columns (the bias
+    is not penalised) by Newton's method with step halving; returns raw-space weights.
+    ``sample_weight`` (default: all 1) weighs each prompt's loss, e.g. the length weights of
+    :func:`guard.audit.data.length_weights`."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
         raise InvalidInput(f"logistic fit: expected x [n, d] and y [n], found {x.shape} and "
                            f"{y.shape}")
-    mu = x.mean(axis=0)
-    sd = x.std(axis=0)
+    sw = (np.ones(len(x)) if sample_weight is None
+          else np.asarray(sample_weight, dtype=np.float64))
+    sw = sw / sw.mean()
+    mu = np.average(x, axis=0, weights=sw)
+    sd = np.sqrt(np.average((x - mu) ** 2, axis=0, weights=sw))
     sd[sd == 0] = 1.0
     z = np.c_[(x - mu) / sd, np.ones(len(x))]
     n, d = z.shape
@@ -194,13 +201,14 @@ def logistic_fit(x: NDArray[Any], y: NDArray[Any], *, l2: float,
 
     def loss(t: FloatArray) -> float:
         m = z @ t
-        return float(np.mean(np.logaddexp(0.0, m) - y * m) + 0.5 * np.sum(penalty * t * t))
+        return float(np.mean(sw * (np.logaddexp(0.0, m) - y * m))
+                     + 0.5 * np.sum(penalty * t * t))
 
     current = loss(theta)
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(z @ theta)))
-        grad = z.T @ (p - y) / n + penalty * theta
-        hess = (z * (p * (1 - p))[:, None]).T @ z / n + np.diag(penalty + 1e-10)
+        grad = z.T @ (sw * (p - y)) / n + penalty * theta
+        hess = (z * (sw * p * (1 - p))[:, None]).T @ z / n + np.diag(penalty + 1e-10)
         step = np.linalg.solve(hess, grad)
         scale = 1.0
         while scale > 1e-6:
@@ -230,9 +238,12 @@ def group_folds(groups: Sequence[str], folds: int, seed: int) -> NDArray[np.int6
 
 def fit_logistic_cv(x: NDArray[Any], y: NDArray[np.int64], groups: Sequence[str], *,
                     grid: Sequence[float] = L2_GRID, folds: int = CV_FOLDS,
-                    seed: int = 0) -> tuple[LogisticModel, dict[float, float]]:
-    """The L2 strength with the lowest cross-validated log-loss (group-aware folds), refitted
-    on all of ``x``; also the mean held-out log-loss of each strength tried."""
+                    seed: int = 0, sample_weight: NDArray[Any] | None = None,
+                    ) -> tuple[LogisticModel, dict[float, float]]:
+    """The L2 strength with the lowest cross-validated (weighted) log-loss (group-aware
+    folds), refitted on all of ``x``; also the mean held-out log-loss of each strength
+    tried."""
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
     fold = group_folds(groups, folds, seed)
     scores: dict[float, float] = {}
     for l2 in grid:
@@ -241,11 +252,13 @@ def fit_logistic_cv(x: NDArray[Any], y: NDArray[np.int64], groups: Sequence[str]
             train, test = fold != k, fold == k
             if not test.any() or len(np.unique(y[train])) < 2:
                 continue
-            m = logistic_fit(x[train], y[train], l2=l2).logits(x[test])
-            losses.append(float(np.mean(np.logaddexp(0.0, m) - y[test] * m)))
+            m = logistic_fit(x[train], y[train], l2=l2,
+                             sample_weight=sw[train]).logits(x[test])
+            losses.append(float(np.average(np.logaddexp(0.0, m) - y[test] * m,
+                                           weights=sw[test])))
         scores[l2] = float(np.mean(losses)) if losses else math.inf
     best = min(scores, key=lambda k: (scores[k], -k))
-    return logistic_fit(x, y, l2=best), scores
+    return logistic_fit(x, y, l2=best, sample_weight=sw), scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,14 +361,33 @@ def fit_threshold_group(
 def fit_linear(
     mean_acts: NDArray[Any], labels: NDArray[np.int64], features: Sequence[int],
     groups: Sequence[str], *, target_fpr: float, seed: int = 0,
+    sample_weight: NDArray[Any] | None = None, sources: Sequence[str] | None = None,
+    l2: float | None = None,
 ) -> LinearFit:
-    """A linear detector over ``features``' per-prompt means, with its threshold on the logit."""
+    """A linear detector over ``features``' per-prompt means, with its threshold on the logit
+    (for every benign source when ``sources`` is given: :func:`operating_point`); ``l2``
+    fixes the strength instead of cross-validating it."""
     x = np.asarray(mean_acts[:, list(features)], dtype=np.float64)
-    model, _ = fit_logistic_cv(x, labels, groups, seed=seed)
+    if l2 is None:
+        model, _ = fit_logistic_cv(x, labels, groups, seed=seed, sample_weight=sample_weight)
+    else:
+        model = logistic_fit(x, labels, l2=l2, sample_weight=sample_weight)
     logits = model.logits(x)
-    t = threshold_for_fpr(logits[labels == 0], target_fpr, logits)
+    t = operating_point(logits, labels, sources, target_fpr)
     return LinearFit(tuple(int(f) for f in features), tuple(float(w) for w in model.weights),
                      model.bias, t, model.l2)
+
+
+def operating_point(scores: NDArray[Any], labels: NDArray[np.int64],
+                    sources: Sequence[str] | None, target_fpr: float) -> float:
+    """The lowest threshold whose training FPR is at most ``target_fpr`` on the benign
+    prompts pooled (``sources`` None) or on every benign source (the largest of the
+    per-source thresholds)."""
+    if sources is None:
+        return threshold_for_fpr(scores[labels == 0], target_fpr, scores)
+    from guard.audit.probe import threshold_per_source
+
+    return threshold_per_source(scores, labels, sources, target_fpr)
 
 
 def linear_scores(fit: LinearFit, mean_acts: NDArray[Any]) -> FloatArray:
@@ -408,6 +440,17 @@ class Calibration:
     rows: frozenset[RowRole] | None = None
     """The roles of the rows the detectors were fitted on (None: every row), which the
     written blocks' ``rows`` setting names."""
+    probe_fit: ProbeFit | None = None
+    """The raw-residual probe, refitted on every prompt (the one written), when asked."""
+    by_source: dict[str, SourceEvaluation] = dataclasses.field(default_factory=dict)
+    """Leave-one-source-out results per detector kind (empty unless asked)."""
+    labels: NDArray[np.int64] | None = None
+    buckets: NDArray[np.int64] | None = None
+    bucket_names: tuple[str, ...] = ()
+    weighting: str = "none"
+    """How length was balanced: ``reweight`` (length weights in every fit), ``none``."""
+    operating: str = "pooled"
+    """``per-source`` (every benign training source within the target) or ``pooled``."""
 
 
 def calibrate(
@@ -428,43 +471,92 @@ def calibrate(
     probe: bool = False,
     edges: Sequence[int] | None = None,
     seed: int = 0,
+    sample_weight: NDArray[Any] | None = None,
+    prompt_rows: PromptRows | None = None,
+    pooling: str = "mean",
+    window: int = 1,
+    per_source: bool = False,
+    by_source: bool = False,
 ) -> Calibration:
-    """Fit both detectors (and the probe) on ``train`` and measure them on ``test``."""
+    """Fit both detectors (and the probe) on ``train`` and measure them on ``test``; with
+    ``by_source``, also leave each source out in turn (fit on the others, all prompts).
+
+    ``sample_weight`` weighs each prompt in the logistic fits (length weights);
+    ``prompt_rows`` are the probe's chosen residual rows (default: each prompt's mean row
+    only, which serves ``pooling: mean``); ``per_source`` sets operating points so that every
+    benign training source is within ``target_fpr``.
+    """
     labels = acts.labels
     y_train, y_test = labels[train], labels[test]
     for split_name, y in (("training", y_train), ("held-out", y_test)):
         if not ((y == 1).any() and (y == 0).any()):
             raise InvalidInput(f"the {split_name} split needs both classes; found "
                                f"{int((y == 1).sum())} positive, {int((y == 0).sum())} benign")
-    train_groups = [groups[i] for i in train]
+    if pooling != "mean" and prompt_rows is None:
+        raise InvalidInput(f"probe pooling {pooling!r}: needs every prompt's rows, not only "
+                           "their mean")
+    weight = (np.ones(len(labels)) if sample_weight is None
+              else np.asarray(sample_weight, dtype=np.float64))
     reduced = acts.max_acts if reduce == "max" else acts.mean_acts
     if features:
-        candidates = [int(f) for f in features]
-        bad = [f for f in candidates if not 0 <= f < acts.d_sae]
+        bad = [f for f in features if not 0 <= f < acts.d_sae]
         if bad:
             raise InvalidInput(f"--features: expected ids in [0, {acts.d_sae}), found {bad[0]}")
-        threshold_fit = fit_threshold(reduced[train], y_train, candidates,
-                                      target_fpr=target_fpr, combine=combine, reduce=reduce)
-        linear_candidates = candidates
-    else:
-        ranked = rank_features(acts.max_acts[train], acts.mean_acts[train], y_train,
-                               top=max(top, linear_top or top))
-        candidates = [r.feature for r in ranked[:top]]
-        linear_candidates = [r.feature for r in ranked[: linear_top or top]]
-        threshold_fit = fit_threshold_group(reduced[train], y_train, candidates,
-                                            target_fpr=target_fpr, reduce=reduce,
-                                            max_features=max_features)
-    linear_fit = fit_linear(acts.mean_acts[train], y_train, linear_candidates, train_groups,
-                            target_fpr=target_fpr, seed=seed)
+
+    def src(idx: NDArray[np.int64]) -> list[str] | None:
+        return [sources[i] for i in idx] if per_source else None
+
+    # the L2 strength is cross-validated over near-duplicate groups (choosing it over whole
+    # sources was tried: it picked the strongest penalty and lost most recall)
+    cv_groups = list(groups)
+
+    def fit_features(idx: NDArray[np.int64], l2: float | None = None,
+                     ) -> tuple[ThresholdFit, LinearFit]:
+        y = labels[idx]
+        if features:
+            candidates = [int(f) for f in features]
+            tfit = fit_threshold(reduced[idx], y, candidates, target_fpr=target_fpr,
+                                 combine=combine, reduce=reduce)
+            lin_candidates = candidates
+        else:
+            ranked = rank_features(acts.max_acts[idx], acts.mean_acts[idx], y,
+                                   top=max(top, linear_top or top))
+            candidates = [r.feature for r in ranked[:top]]
+            lin_candidates = [r.feature for r in ranked[: linear_top or top]]
+            tfit = fit_threshold_group(reduced[idx], y, candidates, target_fpr=target_fpr,
+                                       reduce=reduce, max_features=max_features)
+        lfit = fit_linear(acts.mean_acts[idx], y, lin_candidates, [cv_groups[i] for i in idx],
+                          target_fpr=target_fpr, seed=seed, sample_weight=weight[idx],
+                          sources=src(idx), l2=l2)
+        return tfit, lfit
+
+    def probe_scores(model: LogisticModel) -> FloatArray:
+        if pooling == "mean" or prompt_rows is None:
+            return model.logits(acts.resid_mean)
+        fit = ProbeFit(model.weights, model.bias, 0.0, pooling, window, model.l2)
+        return fit.scores(prompt_rows)
+
+    def fit_probe(idx: NDArray[np.int64], l2: float | None = None) -> tuple[ProbeFit,
+                                                                             FloatArray]:
+        x = acts.resid_mean[idx]
+        if l2 is None:
+            model, _ = fit_logistic_cv(x, labels[idx], [cv_groups[i] for i in idx], seed=seed,
+                                       sample_weight=weight[idx])
+        else:
+            model = logistic_fit(x, labels[idx], l2=l2, sample_weight=weight[idx])
+        s = probe_scores(model)
+        t = operating_point(s[idx], labels[idx], src(idx), target_fpr)
+        return ProbeFit(model.weights, model.bias, t, pooling, window, model.l2), s
+
+    threshold_fit, linear_fit = fit_features(train)
     scores = {
         "threshold": (threshold_scores(threshold_fit, acts), threshold_fit.threshold),
         "linear": (linear_scores(linear_fit, acts.mean_acts), linear_fit.threshold),
     }
+    probe_fit: ProbeFit | None = None
     if probe:
-        model, _ = fit_logistic_cv(acts.resid_mean[train], y_train, train_groups, seed=seed)
-        logits = model.logits(acts.resid_mean)
-        scores["probe"] = (logits, threshold_for_fpr(logits[train][y_train == 0], target_fpr,
-                                                     logits[train]))
+        split_probe, s = fit_probe(train)
+        scores["probe"] = (s, split_probe.threshold)
     buckets = length_buckets(acts.prompt_tokens, *(() if edges is None else (edges,)))
     names = bucket_names(*(() if edges is None else (edges,)))
     results = {}
@@ -473,20 +565,51 @@ def calibrate(
         for b in np.unique(buckets[test]):
             members = test[buckets[test] == b]
             by_bucket[names[int(b)]] = metrics_at(s[members], labels[members], t)
-        by_source: dict[str, dict[str, Any]] = {}
+        by_src: dict[str, dict[str, Any]] = {}
         for source in sorted({sources[i] for i in test}):
             members = np.array([i for i in test if sources[i] == source], dtype=np.int64)
             fired = int((s[members] >= t).sum())
             label = int(labels[members[0]])
-            by_source[source] = {"label": "positive" if label else "benign",
-                                 "prompts": len(members), "fired": fired,
-                                 "fire_rate": round(fired / len(members), 4)}
+            by_src[source] = {"label": "positive" if label else "benign",
+                              "prompts": len(members), "fired": fired,
+                              "fire_rate": round(fired / len(members), 4)}
         results[kind] = DetectorResult(kind, t, metrics_at(s[train], y_train, t),
                                        metrics_at(s[test], y_test, t), s[test], by_bucket,
-                                       by_source)
+                                       by_src)
+    everything = np.arange(len(labels), dtype=np.int64)
+    if probe:
+        probe_fit, _ = fit_probe(everything)
+    evaluations: dict[str, SourceEvaluation] = {}
+    if by_source:
+        l2_linear = linear_fit.l2
+
+        def linear_fold(idx: NDArray[np.int64]) -> tuple[Any, float]:
+            _t, lfit = fit_features(idx, l2_linear)
+            return (lambda held: linear_scores(lfit, acts.mean_acts[held])), lfit.threshold
+
+        def threshold_fold(idx: NDArray[np.int64]) -> tuple[Any, float]:
+            tfit, _l = fit_features(idx, l2_linear)
+            all_scores = threshold_scores(tfit, acts)
+            return (lambda held: all_scores[held]), tfit.threshold
+
+        folds: dict[str, Any] = {"threshold": threshold_fold, "linear": linear_fold}
+        if probe_fit is not None:
+            l2_probe = probe_fit.l2
+
+            def probe_fold(idx: NDArray[np.int64]) -> tuple[Any, float]:
+                fit, s = fit_probe(idx, l2_probe)
+                return (lambda held: s[held]), fit.threshold
+
+            folds["probe"] = probe_fold
+        evaluations = {kind: leave_one_source_out(kind, fold, labels, sources)
+                       for kind, fold in folds.items()}
     return Calibration(name, acts.hook, acts.sae_sha256, target_fpr, threshold_fit,
                        linear_fit, results, y_test, len(train), len(test),
-                       rows=acts.rows if acts.roles is not None else None)
+                       rows=acts.rows if acts.roles is not None else None,
+                       probe_fit=probe_fit, by_source=evaluations, labels=labels,
+                       buckets=buckets, bucket_names=tuple(names),
+                       weighting="none" if sample_weight is None else "reweight",
+                       operating="per-source" if per_source else "pooled")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,9 +626,13 @@ def threshold_entries(cal: Calibration) -> dict[str, tuple[list[int], float]]:
             for f, v in zip(t.features, t.thresholds, strict=True)}
 
 
-def detector_blocks(cal: Calibration, *, action: str = "log") -> dict[str, dict[str, Any]]:
+def detector_blocks(cal: Calibration, *, action: str = "log",
+                    explain: tuple[list[int], list[float]] | None = None,
+                    ) -> dict[str, dict[str, Any]]:
     """``plugins.config.detectors`` entries: the threshold detector(s) (see
-    :func:`threshold_entries`) and ``<name>-linear``.
+    :func:`threshold_entries`), ``<name>-linear`` and, with a probe, ``<name>-probe``
+    (``type: probe``, refitted on every prompt; ``explain``: the SAE features whose decoder
+    directions align most with it, see :func:`guard.audit.probe.alignment`).
 
     Thresholds are written at full precision so that the plugin reproduces the measured
     operating point exactly. ``phases: [prompt]``: they were calibrated on prompts; ``rows``:
@@ -519,6 +646,11 @@ def detector_blocks(cal: Calibration, *, action: str = "log") -> dict[str, dict[
                "action": action, "phases": ["prompt"], "rows": rows}
         for name, (features, threshold) in threshold_entries(cal).items()
     }
+    if cal.probe_fit is not None:
+        from guard.audit.probe import probe_block
+
+        blocks[f"{cal.name}-probe"] = probe_block(cal.probe_fit, hook=cal.hook, rows=rows,
+                                                  action=action, explain=explain)
     return {
         **blocks,
         f"{cal.name}-linear": {"type": "linear", "hook": cal.hook,
@@ -537,7 +669,9 @@ def detector_yaml(blocks: Mapping[str, Mapping[str, Any]], *, header: Sequence[s
     import yaml
 
     used = sorted({int(f) for b in blocks.values()
-                   for f in (b.get("features") or list(b.get("weights") or {}))})
+                   for f in (b.get("features") or (b.get("explain") or {}).get("features")
+                             or (list(b["weights"]) if isinstance(b.get("weights"), Mapping)
+                                 else []))})
     comments = [*header]
     if labels:
         comments += [f"feature {f}: {labels[f]}" for f in used if labels.get(f)]
@@ -575,8 +709,17 @@ def metrics_record(cal: Calibration) -> dict[str, Any]:
     detectors["linear"]["features"] = list(cal.linear_fit.features)
     detectors["linear"]["l2"] = cal.linear_fit.l2
     if "probe" in detectors:
-        detectors["probe"]["what"] = ("logistic regression on the mean residual row of the "
-                                      "same hook (the ceiling)")
+        detectors["probe"]["what"] = ("logistic regression on the raw residual rows the "
+                                      "detector reads, fitted on each prompt's mean row")
+        if cal.probe_fit is not None:
+            detectors["probe"]["pooling"] = cal.probe_fit.pooling
+            detectors["probe"]["window"] = cal.probe_fit.window
+            detectors["probe"]["l2"] = cal.probe_fit.l2
+            detectors["probe"]["written_threshold"] = cal.probe_fit.threshold
+    held_out_sources = {}
+    if cal.by_source and cal.labels is not None and cal.buckets is not None:
+        held_out_sources = {kind: e.as_dict(cal.labels, cal.buckets, cal.bucket_names)
+                            for kind, e in cal.by_source.items()}
     return {
         "name": cal.name,
         "hook": cal.hook,
@@ -590,6 +733,9 @@ def metrics_record(cal: Calibration) -> dict[str, Any]:
         "heldout_positive": int((cal.test_labels == 1).sum()),
         "heldout_benign": int((cal.test_labels == 0).sum()),
         "detectors": detectors,
+        "length_balance": cal.weighting,
+        "operating_point_rule": cal.operating,
+        "leave_one_source_out": held_out_sources,
     }
 
 

