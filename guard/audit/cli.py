@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 
 
 def register(commands: Subparsers) -> None:
-    """Add the ``features`` and ``detectors`` command groups to the ``guard`` CLI."""
+    """Add the ``features``, ``detectors`` and ``steer`` command groups to the ``guard``
+    CLI."""
     register_features(commands)
     register_detectors(commands)
+    register_steer(commands)
 
 
 def register_features(commands: Subparsers) -> None:
@@ -101,6 +103,44 @@ def register_features(commands: Subparsers) -> None:
     steer.add_argument("--out", type=Path, metavar="OUT.json", help="write the measurement")
     steer.set_defaults(func=cmd_steer)
 
+    verify = sub.add_parser(
+        "verify", help="ablate features and measure the behaviour change, against controls",
+        description="Edit features (ablate by default) through the guard's steering path and "
+        "measure a behaviour on prompts with and without the edit, against three controls: "
+        "as many random features of similar firing rate, a random residual direction of "
+        "the same norm per row, and no edit; with 95%% bootstrap intervals over prompts and "
+        "the coherence cost (benign-text loss) of every edit.")
+    verify.add_argument("--sae", type=Path, required=True, help="the SAE")
+    verify.add_argument("--hook", help="hook name, overriding the SAE's")
+    chosen = verify.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--features", metavar="IDS", help="comma-separated feature ids")
+    chosen.add_argument("--detector", metavar="FILE:NAMES",
+                        help="the features of these detectors of a guard config or detector "
+                        "file (names comma-separated, shell patterns allowed: jailbreak-f*)")
+    verify.add_argument("--measure-detector", metavar="FILE:NAME", dest="measure_detector",
+                        help="with --features: the file of the detector that --measure "
+                        "detector:NAME scores")
+    verify.add_argument("--top", type=int, default=8,
+                        help="with --detector: at most N features, those carrying most of "
+                        "its score on the prompts (default: 8)")
+    verify.add_argument("--each", action=argparse.BooleanOptionalAction, default=True,
+                        help="edit each feature alone (default: on)")
+    verify.add_argument("--group", action=argparse.BooleanOptionalAction, default=True,
+                        help="also edit all the features together (default: on)")
+    edit = verify.add_mutually_exclusive_group()
+    edit.add_argument("--ablate", action="store_true", help="set them to 0 (the default)")
+    edit.add_argument("--scale", type=float, metavar="M", help="multiply their contribution")
+    edit.add_argument("--pin", type=float, metavar="V", help="set them to V")
+    verify.add_argument("--rows", default="all", metavar="ROLES",
+                        help="edit the rows of these roles (comma-separated, as the detectors' "
+                        "rows; default: all, every row but position 0)")
+    verify.add_argument("--draws", type=int, default=3,
+                        help="draws of each random control (default: 3)")
+    verify.add_argument("--labels", type=Path, metavar="FILE",
+                        help="feature labels ({\"12\": \"label\"} or a Neuronpedia export)")
+    _measure_arguments(verify, default="refusal")
+    verify.set_defaults(func=cmd_verify)
+
 
 def register_detectors(commands: Subparsers) -> None:
     """Add ``guard detectors calibrate``, ``shadow`` and ``example-data``."""
@@ -141,8 +181,30 @@ def register_detectors(commands: Subparsers) -> None:
     cal.add_argument("--test-fraction", type=float, default=0.3,
                      help="share of prompts held out (default: 0.3)")
     cal.add_argument("--probe", action="store_true",
-                     help="also fit the ceiling: a logistic regression on the mean raw "
-                     "residual row of the same layer")
+                     help="also fit a probe on the raw residual rows the detector reads "
+                     "(a logistic regression on each prompt's mean row) and write it as a "
+                     "`type: probe` entry NAME-probe")
+    cal.add_argument("--pooling", choices=("mean", "max", "rolling_max"), default="mean",
+                     help="how the probe pools its row scores per request (default: mean)")
+    cal.add_argument("--window", type=int, default=8,
+                     help="rows per rolling mean with --pooling rolling_max (default: 8)")
+    cal.add_argument("--explain-top", type=int, default=8, metavar="N",
+                     help="the probe's explain: the N SAE features whose decoder directions "
+                     "align most with it (default: 8)")
+    cal.add_argument("--length-balance", choices=("reweight", "subsample", "none"),
+                     default="reweight",
+                     help="reweight: keep every prompt and weigh each so that both classes "
+                     "have the same weight in every length bucket (default); subsample: "
+                     "drop prompts of the larger class per bucket (--match-lengths); none")
+    cal.add_argument("--operating-point", choices=("per-source", "pooled"),
+                     default="per-source",
+                     help="per-source: the lowest threshold at which every benign training "
+                     "source stays within --target-fpr (default); pooled: the benign "
+                     "training prompts together")
+    cal.add_argument("--by-source", action=argparse.BooleanOptionalAction, default=True,
+                     help="leave each source out in turn (fit on the others, measure it) and "
+                     "headline the worst held-out-source FPR (default: on; needs two "
+                     "sources of each class)")
     cal.add_argument("--name", default="detector",
                      help="detector name in the config (default: detector); the linear one "
                      "is NAME-linear")
@@ -190,6 +252,77 @@ def register_detectors(commands: Subparsers) -> None:
     data.set_defaults(func=cmd_example_data)
 
 
+def register_steer(commands: Subparsers) -> None:
+    """Add ``guard steer sweep``."""
+    steer = commands.add_parser(
+        "steer", help="measure steering rules",
+        description="Measure what a steering rule does, and what it costs.")
+    sub = steer.add_subparsers(dest="steer_command", metavar="COMMAND", required=True)
+    sweep = sub.add_parser(
+        "sweep", help="a steering rule over a range of strengths: effect and coherence cost",
+        description="Run a steering rule (through the installed steering and detectors "
+        "plugins, as the sidecar does) with its residual delta times each strength, and "
+        "report the target effect and the coherence cost (benign-text loss) per strength, "
+        "with 95%% bootstrap intervals, a plot, and the largest strength whose cost stays "
+        "within --budget.")
+    sweep.add_argument("--sae", type=Path, required=True, help="the SAE")
+    sweep.add_argument("--hook", help="hook name, overriding the SAE's")
+    rule = sweep.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rule", metavar="FILE:NAME",
+                      help="a steering rule of a guard config (plugins.config.steering); "
+                      "its `when` detectors come from the same file")
+    rule.add_argument("--feature", type=int, help="or one edit of this feature")
+    edit = sweep.add_mutually_exclusive_group()
+    edit.add_argument("--nudge", type=float, metavar="C", help="with --feature")
+    edit.add_argument("--pin", type=float, metavar="V", help="with --feature")
+    edit.add_argument("--scale", type=float, metavar="M", help="with --feature")
+    sweep.add_argument("--strengths", default="0,0.5,1,1.5,2,3",
+                       help="multipliers of the rule's delta: comma-separated, or "
+                       "start:stop:count (default: %(default)s)")
+    sweep.add_argument("--budget", type=float, default=0.10,
+                       help="largest relative benign-loss increase allowed for the "
+                       "suggestion (default: 0.10, +10%%)")
+    sweep.add_argument("--measure-detector", metavar="FILE:NAME", dest="measure_detector",
+                       help="the file of the detector that --measure detector:NAME scores "
+                       "(default: the --rule file)")
+    _measure_arguments(sweep, default="kl")
+    sweep.set_defaults(func=cmd_sweep)
+
+
+def _measure_arguments(parser: argparse.ArgumentParser, *, default: str) -> None:
+    parser.add_argument("--measure", default=default,
+                        help="logodds (alias refusal: log-odds of --toward over --away "
+                        "continuations), kl (first answer token), detector:NAME (its score "
+                        "on the generated tokens), marker (greedy answers matching --marker) "
+                        "or module:function (function(model, tokenizer, prompt) -> float) "
+                        "(default: %(default)s)")
+    parser.add_argument("--toward", action="append", metavar="TEXT",
+                        help="logodds: a continuation counted for (repeatable; default: a "
+                        "refusal)")
+    parser.add_argument("--away", action="append", metavar="TEXT",
+                        help="logodds: a continuation counted against (repeatable; default: "
+                        "a compliance)")
+    parser.add_argument("--marker", metavar="REGEX", help="marker: the pattern")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="detector and marker: greedy tokens generated (default: 16)")
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="prompts (.txt one a line, .jsonl with 'prompt', or .json; "
+                        "default: 20 built-in jailbreak and harmful prompts)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="at most N prompts (a seeded random subset)")
+    parser.add_argument("--benign", type=Path, metavar="FILE",
+                        help="benign texts for the coherence cost (same formats; default: 8 "
+                        "built-in paragraphs)")
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="cut each prompt to this many tokens (default: 256; 0: no cut)")
+    parser.add_argument("--resamples", type=int, default=2000,
+                        help="bootstrap resamples (default: 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--json", type=Path, metavar="OUT.json", help="write every number")
+    parser.add_argument("--plot", type=Path, metavar="OUT.png", help="write the plot")
+    parser.add_argument("--report", type=Path, metavar="OUT.html", help="write an HTML report")
+
+
 def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positive", type=Path, required=True, metavar="FILE",
                         help="prompts showing the behaviour (.txt one a line, .jsonl with "
@@ -200,9 +333,14 @@ def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the SAE (SAELens folder, artifact, ...)")
     parser.add_argument("--hook", help="hook name, overriding the SAE's "
                         "(blocks.L.hook_resid_post)")
-    parser.add_argument("--labels", type=Path, metavar="FILE",
-                        help="feature labels: {\"12\": \"label\"} or a Neuronpedia-style JSON "
-                        "export (list of {index, description})")
+    parser.add_argument("--labels", type=Path, nargs="+", metavar="FILE",
+                        help="feature labels: {\"12\": \"label\"}, a Neuronpedia-style JSON "
+                        "list of {index, description}, or Neuronpedia explanation exports "
+                        "(batch-N.jsonl.gz or .jsonl files, or folders of them) kept for the "
+                        "SAE's neuronpedia_id")
+    parser.add_argument("--neuronpedia-id", metavar="MODEL/SOURCE",
+                        help="the SAE's Neuronpedia id (e.g. gemma-2-2b/20-gemmascope-res-16k) "
+                        "whose records --labels keeps (default: the SAE's own)")
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="cut each user message to this many tokens (default: 256; 0: "
                         "no cut, the rows a host sends)")
@@ -238,6 +376,8 @@ class _Prepared:
         self.edges = edges
         self.counts = counts
         self.sae = sae
+        self.rows: Any = None
+        """With ``keep_rows``: every prompt's chosen residual rows (a ``PromptRows``)."""
 
 
 def _max_tokens(args: argparse.Namespace) -> int | None:
@@ -264,7 +404,7 @@ def _cache(path: Path | None) -> Path | None:
     return path if path is not None else cache_dir() / "audit"
 
 
-def _prepare(args: argparse.Namespace) -> _Prepared:
+def _prepare(args: argparse.Namespace, *, keep_rows: bool = False) -> _Prepared:
     from guard.audit.rank import cached_activations, parse_rows, prompt_token_ids
     from guard.models.smollm2 import load_smollm2
     from guard.sae import open_sae
@@ -289,9 +429,10 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
         "before_matching": _histogram(prompts, buckets, names),
         "sources_before_matching": dict(Counter(p.source for p in prompts)),
     }
-    if args.match_lengths or args.max_per_bucket:
+    balance = _length_balance(args)
+    if balance == "subsample" or args.max_per_bucket:
         cap = args.max_per_bucket
-        if args.match_lengths:
+        if balance == "subsample":
             keep = match_lengths(labels, buckets, seed=args.seed, cap_per_bucket=cap)
         else:
             keep = np.sort(np.concatenate([
@@ -304,11 +445,38 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     counts["sources_used"] = dict(Counter(p.source for p in prompts))
     print(f"{sum(p.label for p in prompts)} positive and "
           f"{sum(1 - p.label for p in prompts)} benign prompts"
-          + (" (lengths matched per bucket)" if args.match_lengths else ""), file=sys.stderr)
-    acts = cached_activations(_cache(args.cache), [p.text for p in prompts],
-                              [p.label for p in prompts], sae, model, tokenizer,
-                              hook=args.hook, max_tokens=_max_tokens(args), rows=rows)
-    return _Prepared(prompts, acts, edges, counts, sae)
+          + {"subsample": " (lengths matched per bucket)",
+             "reweight": " (every prompt kept; lengths balanced by weights)"}.get(balance, ""),
+          file=sys.stderr)
+    prompt_texts = [p.text for p in prompts]
+    if not keep_rows:
+        acts = cached_activations(_cache(args.cache), prompt_texts, [p.label for p in prompts], sae,
+                                  model, tokenizer, hook=args.hook,
+                                  max_tokens=_max_tokens(args), rows=rows)
+        return _Prepared(prompts, acts, edges, counts, sae)
+    from guard.audit.probe import cached_residuals, chosen_rows
+    from guard.audit.rank import encode_prompts
+    from guard.decision import role_mask
+    from guard.host.attach import layer_index
+
+    resid = cached_residuals(_cache(args.cache), prompt_texts, model, tokenizer,
+                             layer_index(args.hook or sae.info.hook_name), _max_tokens(args))
+    started = time.monotonic()
+    acts = encode_prompts(resid, [p.label for p in prompts], sae, hook=args.hook, rows=rows)
+    print(f"  encoded {len(resid.rows)} rows with the SAE in "
+          f"{time.monotonic() - started:.0f} s", file=sys.stderr)
+    prepared = _Prepared(prompts, acts, edges, counts, sae)
+    prepared.rows = chosen_rows(resid.rows, resid.offsets, role_mask(resid.roles, rows))
+    return prepared
+
+
+def _length_balance(args: argparse.Namespace) -> str:
+    """``subsample``, ``reweight`` or ``none``: calibrate's --length-balance (none when
+    --no-match-lengths is given); rank's --match-lengths."""
+    chosen = getattr(args, "length_balance", None)
+    if chosen is None:
+        return "subsample" if args.match_lengths else "none"
+    return "none" if not args.match_lengths else str(chosen)
 
 
 def _histogram(prompts: Sequence[LabelledPrompt], buckets: NDArray[np.int64],
@@ -325,7 +493,9 @@ def _labels(args: argparse.Namespace, sae: Any) -> dict[int, str]:
 
     labels = dict(sae.info.feature_labels)
     if args.labels is not None:
-        labels.update(load_labels(args.labels, sae.info.d_sae))
+        labels.update(load_labels(args.labels, sae.info.d_sae,
+                                  neuronpedia_id=getattr(args, "neuronpedia_id", None)
+                                  or sae.info.neuronpedia_id))
     return labels
 
 
@@ -384,31 +554,62 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         detector_yaml,
         metrics_record,
     )
+    from guard.audit.data import length_weights
+    from guard.audit.probe import alignment
     from guard.audit.report import calibration_html, roc_png, write_bytes, write_text
 
     started = time.monotonic()
     try:
         features = _feature_list(args.features) if args.features else None
-        prepared = _prepare(args)
+        if args.window < 1:
+            raise InvalidInput(f"--window: expected a number of rows >= 1, found {args.window}")
+        prepared = _prepare(args, keep_rows=args.probe)
         labels = _labels(args, prepared.sae)
         groups = [p.group for p in prepared.prompts]
+        sources = [p.source for p in prepared.prompts]
         buckets = length_buckets(prepared.acts.prompt_tokens, prepared.edges)
         train, test = split(prepared.acts.labels, buckets, groups,
                             test_fraction=args.test_fraction, seed=args.seed)
+        balance = _length_balance(args)
+        weights = (length_weights(prepared.acts.labels, buckets) if balance == "reweight"
+                   else None)
+        by_source = args.by_source and all(
+            len({s for s, p in zip(sources, prepared.prompts, strict=True) if p.label == c})
+            >= 2 for c in (0, 1))
+        if args.by_source and not by_source:
+            print("leave-one-source-out skipped: it needs two sources of each class",
+                  file=sys.stderr)
         cal = calibrate(prepared.acts, train, test, name=args.name, groups=groups,
-                        sources=[p.source for p in prepared.prompts],
+                        sources=sources,
                         target_fpr=args.target_fpr, features=features, top=args.top,
                         linear_top=args.linear_top,
                         combine=args.combine, reduce=args.reduce,
                         max_features=args.max_features, probe=args.probe,
-                        edges=prepared.edges, seed=args.seed)
+                        edges=prepared.edges, seed=args.seed, sample_weight=weights,
+                        prompt_rows=prepared.rows, pooling=args.pooling, window=args.window,
+                        per_source=args.operating_point == "per-source",
+                        by_source=by_source)
     except GuardError as e:
         return _fail("detectors calibrate", e)
+    explain = None
+    if cal.probe_fit is not None and args.explain_top > 0:
+        explain = alignment(prepared.sae.model.decoder.w_dec, cal.probe_fit.weights,
+                            args.explain_top)
     record = metrics_record(cal)
     record["prompts"] = prepared.counts
-    record["feature_labels"] = {str(f): labels[f] for f in
-                                sorted({*cal.threshold_fit.features, *cal.linear_fit.features})
-                                if f in labels}
+    if weights is not None:
+        record["length_weights"] = {
+            name: {cls: round(float(weights[(buckets == b) & (prepared.acts.labels == c)][0]),
+                              4)
+                   for c, cls in ((1, "positive"), (0, "benign"))
+                   if ((buckets == b) & (prepared.acts.labels == c)).any()}
+            for b, name in enumerate(bucket_names(prepared.edges)) if (buckets == b).any()}
+    used = {*cal.threshold_fit.features, *cal.linear_fit.features, *(explain[0] if explain
+                                                                     else [])}
+    record["feature_labels"] = {str(f): labels[f] for f in sorted(used) if f in labels}
+    if explain is not None:
+        record["detectors"]["probe"]["explain"] = {"features": explain[0],
+                                                   "alignment": explain[1]}
     record["run"] = {
         "command": shlex.join(["guard", *sys.argv[1:]]),
         "seconds": round(time.monotonic() - started, 1),
@@ -417,15 +618,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "machine": f"{platform.machine()}, {_cpus()} CPUs, {platform.python_version()}",
     }
-    blocks = detector_blocks(cal, action=args.action)
-    held = record["detectors"]
-    header = [f"Calibrated by `guard detectors calibrate` on {cal.train_size} training "
-              f"prompts; target FPR {cal.target_fpr:g}.",
-              *(f"held-out {kind}: precision {_pct(d['heldout']['precision'])}, recall "
-                f"{_pct(d['heldout']['recall'])}, FPR {_pct(d['heldout']['fpr'])}, AUROC "
-                f"{d['heldout']['auroc']}" for kind, d in held.items() if kind != "probe"),
-              f"SAE sha256 {cal.sae_sha256}; action {args.action} (shadow mode until reviewed)"]
-    text = detector_yaml(blocks, header=header, labels=labels)
+    blocks = detector_blocks(cal, action=args.action, explain=explain)
+    text = detector_yaml(blocks, header=_header(record, cal.train_size, args.action),
+                         labels=labels)
     print(_summary(record), file=sys.stderr)
     png = roc_png(cal) if args.roc is not None or args.report is not None else None
     if args.out is not None:
@@ -445,6 +640,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _header(record: dict[str, Any], train_size: int, action: str) -> list[str]:
+    """The written config's comment header: the leave-one-source-out numbers first (the
+    headline: the worst held-out-source FPR), then the random split's."""
+    rule = ("every benign training source" if record["operating_point_rule"] == "per-source"
+            else "the benign training prompts")
+    lines = [f"Calibrated by `guard detectors calibrate`; operating points: FPR at most "
+             f"{record['target_fpr']:g} on {rule}; length buckets: {record['length_balance']}."]
+    loso = record.get("leave_one_source_out") or {}
+    if loso:
+        lines.append("Headline: leave-one-source-out (each source measured by a detector "
+                     "fitted without it):")
+        for kind, d in loso.items():
+            w, r = d["worst_source_fpr"], d["worst_source_recall"]
+            lines.append(f"  {kind}: worst held-out-source FPR {_pct(w['fpr'])} (95% CI "
+                         f"{_pct(w['fpr_ci95'][0])}-{_pct(w['fpr_ci95'][1])}, {w['source']}); "
+                         f"recall {_pct(d['pooled_recall'])} (worst {_pct(r['recall'])}, "
+                         f"{r['source']}); FPR {_pct(d['pooled_fpr'])}; per-source AUROC "
+                         f"{d['source_auroc_range'][0]}-{d['source_auroc_range'][1]}")
+    lines.append(f"Random split ({train_size} training prompts; in-distribution):")
+    for kind, d in record["detectors"].items():
+        m = d["heldout"]
+        lines.append(f"  {kind}: precision {_pct(m['precision'])}, recall {_pct(m['recall'])}, "
+                     f"FPR {_pct(m['fpr'])}, AUROC {m['auroc']}")
+    lines.append(f"SAE sha256 {record['sae_sha256']}; action {action} (shadow mode until "
+                 "reviewed)")
+    return lines
+
+
 def _cpus() -> int:
     import os
 
@@ -456,7 +679,19 @@ def _pct(value: float | None) -> str:
 
 
 def _summary(record: dict[str, Any]) -> str:
-    lines = [f"held-out: {record['heldout_positive']} positive, {record['heldout_benign']} "
+    lines = []
+    loso = record.get("leave_one_source_out") or {}
+    for kind, d in loso.items():
+        lines.append(f"leave-one-source-out, {kind}: fire rate per held-out source "
+                     "(AUROC against the other class)")
+        for source, r in d["by_source"].items():
+            lines.append(f"  {source:<34} {r['label']:<8} {r['fired']:>4}/{r['prompts']:<4} "
+                         f"{_pct(r['fire_rate']):>6}  (95% CI {_pct(r['fire_rate_ci95'][0])}-"
+                         f"{_pct(r['fire_rate_ci95'][1])})  AUROC {r['auroc']}")
+        for bucket, b in d["by_length_bucket"].items():
+            lines.append(f"  tokens {bucket:<7} recall {_pct(b['recall']):>6} FPR "
+                         f"{_pct(b['fpr']):>6}")
+    lines += [f"held-out: {record['heldout_positive']} positive, {record['heldout_benign']} "
              f"benign prompts; target FPR {record['target_fpr']:g}",
              f"  {'detector':<10} {'precision':>9} {'recall':>7} {'F1':>6} {'AUROC':>6} "
              f"{'FPR':>6}  FPR 95% CI   (train FPR)"]
@@ -590,4 +825,197 @@ def cmd_example_data(args: argparse.Namespace) -> int:
     for name, prompts in (("positive", positives), ("benign", benign)):
         sources = ", ".join(f"{s} {n}" for s, n in Counter(p.source for p in prompts).items())
         print(f"{args.out / (name + '.jsonl')}: {len(prompts)} prompts ({sources})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification and sweeps
+
+
+def _texts(path: Path | None, default: Sequence[str], count: int | None, seed: int,
+           option: str) -> list[str]:
+    """The texts of ``path`` (or ``default``), at most ``count`` (a seeded random subset)."""
+    texts = list(default) if path is None else [p.text for p in read_prompts(path, 0)]
+    if count is not None:
+        if count < 1:
+            raise InvalidInput(f"--count: expected at least 1, found {count}")
+        if count < len(texts):
+            keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:count])
+            texts = [texts[int(i)] for i in keep]
+    if not texts:
+        raise InvalidInput(f"{option}: expected at least one text, found none")
+    return texts
+
+
+def _measure(args: argparse.Namespace, detectors: dict[str, Any] | None) -> Any:
+    from guard.audit.verify import parse_measure
+
+    if args.measure_detector is not None:
+        from guard.audit.verify import read_detectors
+
+        _chosen, detectors = read_detectors(args.measure_detector)
+    return parse_measure(args.measure, detectors=detectors, toward=args.toward or (),
+                         away=args.away or (), marker=_marker(args.marker),
+                         new_tokens=args.max_new_tokens, max_tokens=_max_tokens(args))
+
+
+def _write_outputs(args: argparse.Namespace, record: dict[str, Any], png: bytes | None,
+                   html_text: str | None) -> None:
+    from guard.audit.report import write_bytes, write_text
+
+    if args.json is not None:
+        write_text(args.json, json.dumps(record, indent=2) + "\n")
+        print(f"numbers: {args.json}", file=sys.stderr)
+    if args.plot is not None and png is not None:
+        write_bytes(args.plot, png)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if args.report is not None and html_text is not None:
+        write_text(args.report, html_text)
+        print(f"report: {args.report}", file=sys.stderr)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from guard.audit.rank import load_labels, parse_rows
+    from guard.audit.verify import (
+        DEFAULT_BENIGN,
+        DEFAULT_PROMPTS,
+        Subject,
+        detector_features,
+        format_verify,
+        read_detectors,
+        top_contributors,
+        verify,
+        verify_html,
+        verify_png,
+    )
+    from guard.models.smollm2 import load_smollm2
+    from guard.sae import open_sae
+
+    started = time.monotonic()
+    kind: EditKind = "pin"
+    value = 0.0
+    if args.scale is not None:
+        kind, value = "scale", args.scale
+    elif args.pin is not None:
+        value = args.pin
+    try:
+        roles = parse_rows(args.rows)
+        if args.top < 1:
+            raise InvalidInput(f"--top: expected at least 1, found {args.top}")
+        if not (args.each or args.group):
+            raise InvalidInput("--no-each --no-group: nothing to edit; keep one of them")
+        prompts = _texts(args.prompts, DEFAULT_PROMPTS, args.count, args.seed, "--prompts")
+        benign = _texts(args.benign, DEFAULT_BENIGN, None, args.seed, "--benign")
+        detectors: dict[str, Any] | None = None
+        exclude: list[int] = []
+        if args.detector is not None:
+            chosen, detectors = read_detectors(args.detector)
+            weights = detector_features(chosen)
+            exclude = list(weights)
+        else:
+            features = _feature_list(args.features)
+        measure = _measure(args, detectors)
+        sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
+        labels = dict(sae.info.feature_labels)
+        if args.labels is not None:
+            labels.update(load_labels(args.labels, sae.info.d_sae))
+        hook = args.hook or sae.info.hook_name
+        unknown = [f for f in (list(weights) if args.detector is not None else features)
+                   if not 0 <= f < sae.info.d_sae]
+        if unknown:
+            raise InvalidInput(f"--features: feature {unknown[0]} is not a feature of the SAE "
+                               f"at {hook} (expected ids in [0, {sae.info.d_sae}))")
+        model, tokenizer = load_smollm2()
+        subject = Subject(model, tokenizer, sae, args.hook)
+        if args.detector is not None:
+            features = top_contributors(subject, weights, prompts, args.top)
+        targets = [[f] for f in features] if args.each else []
+        if args.group and (len(features) > 1 or not targets):
+            targets.append(list(features))
+        print(f"{len(targets)} feature sets x (edit + {args.draws} random features + "
+              f"{args.draws} random directions), {len(prompts)} prompts", file=sys.stderr)
+        result = verify(subject, targets=targets, measure=measure, prompts=prompts,
+                        benign=benign, kind=kind, value=value, roles=roles, draws=args.draws,
+                        exclude=exclude, resamples=args.resamples, seed=args.seed,
+                        labels=labels, progress=sys.stderr)
+    except GuardError as e:
+        return _fail("features verify", e)
+    print(format_verify(result))
+    record = result.as_dict()
+    command = shlex.join(["guard", *sys.argv[1:]])
+    record["run"] = {"command": command, "seconds": round(time.monotonic() - started, 1),
+                     "machine": f"{platform.machine()}, {_cpus()} CPUs, "
+                                f"{platform.python_version()}"}
+    print(f"{record['run']['seconds']} s", file=sys.stderr)
+    png = verify_png(result) if args.plot is not None or args.report is not None else None
+    _write_outputs(args, record, png, verify_html(result, png, command)
+                   if args.report is not None else None)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from guard.audit.sweep import (
+        describe_rule,
+        edit_rule,
+        format_sweep,
+        parse_strengths,
+        rule_blocks,
+        sweep,
+        sweep_html,
+        sweep_png,
+    )
+    from guard.audit.verify import (
+        DEFAULT_BENIGN,
+        DEFAULT_PROMPTS,
+        PluginPolicy,
+        Subject,
+    )
+    from guard.models.smollm2 import load_smollm2
+    from guard.sae import open_sae
+
+    started = time.monotonic()
+    policy = None
+    try:
+        strengths = parse_strengths(args.strengths)
+        prompts = _texts(args.prompts, DEFAULT_PROMPTS, args.count, args.seed, "--prompts")
+        benign = _texts(args.benign, DEFAULT_BENIGN, None, args.seed, "--benign")
+        sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
+        hook = args.hook or sae.info.hook_name
+        detectors: dict[str, Any] = {}
+        if args.rule is not None:
+            path, _, name = args.rule.rpartition(":")
+            if not path or not name:
+                raise InvalidInput(f"--rule: expected FILE:NAME, found {args.rule!r}")
+            if any(v is not None for v in (args.nudge, args.pin, args.scale)):
+                raise InvalidInput("--nudge/--pin/--scale: only with --feature (a rule "
+                                   "carries its own edits)")
+            rule, detectors = rule_blocks(Path(path), name)
+        else:
+            edits = [(k, v) for k, v in (("nudge", args.nudge), ("pin", args.pin),
+                                         ("scale", args.scale)) if v is not None]
+            if not edits:
+                raise InvalidInput("--feature: needs one of --nudge, --pin, --scale")
+            rule = edit_rule(hook, args.feature, *edits[0])
+        measure = _measure(args, detectors or None)
+        policy = PluginPolicy(hook, rule, detectors)
+        model, tokenizer = load_smollm2()
+        subject = Subject(model, tokenizer, sae, args.hook)
+        result = sweep(subject, policy, rule=describe_rule(rule), strengths=strengths,
+                       measure=measure, prompts=prompts, benign=benign, budget=args.budget,
+                       resamples=args.resamples, seed=args.seed, progress=sys.stderr)
+    except GuardError as e:
+        return _fail("steer sweep", e)
+    finally:
+        if policy is not None:
+            policy.close()
+    print(format_sweep(result))
+    record = result.as_dict()
+    command = shlex.join(["guard", *sys.argv[1:]])
+    record["run"] = {"command": command, "seconds": round(time.monotonic() - started, 1),
+                     "machine": f"{platform.machine()}, {_cpus()} CPUs, "
+                                f"{platform.python_version()}"}
+    print(f"{record['run']['seconds']} s", file=sys.stderr)
+    png = sweep_png(result) if args.plot is not None or args.report is not None else None
+    _write_outputs(args, record, png, sweep_html(result, png, command)
+                   if args.report is not None else None)
     return 0

@@ -81,7 +81,7 @@ class SteeringPlugin:
           when: jailbreak      # optional: a detector name (any plugin's) or a list of them
           rows: fired          # with `when`: fired (default, the findings' positions); or the
                                # roles of the rows edited, as the detectors' `rows` (default
-                               # without `when`: user, assistant, tool, generated) | all
+                               # without `when`: system, user, assistant, tool, generated)
           edits:
             - {feature: 12, pin: 0.0}     # set the activation to 0
             - {feature: 40, nudge: -2.0}  # add -2 times the decoder direction
