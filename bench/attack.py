@@ -761,7 +761,12 @@ def _describe(reply: object) -> str:
         return f"{reply.code().name}: {reply.details()}"
     if reply is None:
         return "no reply"
-    return str(reply)[:500]
+    if isinstance(reply, pb.InspectResponse):
+        if reply.HasField("error"):
+            return f"error reply: {reply.error.code}: {reply.error.message[:200]}"
+        found = ", ".join(f.detector for f in reply.findings)
+        return f"{pb.Action.Name(reply.action)}" + (f" (findings: {found})" if found else "")
+    return str(reply)[:200].replace("\n", " ")
 
 
 # -- 21 thread limits ------------------------------------------------------------------------------
