@@ -272,6 +272,9 @@ def format_description(reply: object, target: str) -> str:
         lines.append(f"  {sae.hook}")
         lines.append(f"    SAE         {sae.architecture}, d_in {sae.d_in}, d_sae {sae.d_sae}, "
                      f"{sae.weight_dtype}, from {sae.source}")
+        if sae.d_out:
+            lines.append(f"    transcoder  writes {sae.hook_out} (d_out {sae.d_out}); steering "
+                         "through it is refused")
         lines.append(f"    provider    {sae.execution_provider}")
         lines.append(f"    sha256      {sae.sha256}")
         if sae.neuronpedia_id:

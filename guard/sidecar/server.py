@@ -302,6 +302,8 @@ class GuardServicer(pb_grpc.GuardServicer):
                 weight_dtype=info.weight_dtype,
                 neuronpedia_id=info.neuronpedia_id or "",
                 label_count=len(info.feature_labels),
+                hook_out=(info.hook_name_out or "(not named)") if info.d_out else "",
+                d_out=info.d_out or 0,
             )
             sub = runtime.subscription
             response.subscriptions.add(

@@ -1012,6 +1012,8 @@ class SaeInfo(_message.Message):
     WEIGHT_DTYPE_FIELD_NUMBER: _builtins.int
     NEURONPEDIA_ID_FIELD_NUMBER: _builtins.int
     LABEL_COUNT_FIELD_NUMBER: _builtins.int
+    HOOK_OUT_FIELD_NUMBER: _builtins.int
+    D_OUT_FIELD_NUMBER: _builtins.int
     hook: _builtins.str
     d_in: _builtins.int
     d_sae: _builtins.int
@@ -1028,6 +1030,11 @@ class SaeInfo(_message.Message):
     """
     label_count: _builtins.int
     """How many of the SAE's features carry a label (an artifact's manifest)."""
+    hook_out: _builtins.str
+    """A transcoder's decoder side: the hook its decoder writes and that hook's width
+    (its features are served on `hook`, the input side). Empty and 0 for an SAE.
+    """
+    d_out: _builtins.int
     def __init__(
         self,
         *,
@@ -1041,10 +1048,12 @@ class SaeInfo(_message.Message):
         weight_dtype: _builtins.str = ...,
         neuronpedia_id: _builtins.str = ...,
         label_count: _builtins.int = ...,
+        hook_out: _builtins.str = ...,
+        d_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "execution_provider", b"execution_provider", "hook", b"hook", "label_count", b"label_count", "neuronpedia_id", b"neuronpedia_id", "sha256", b"sha256", "source", b"source", "weight_dtype", b"weight_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_out", b"d_out", "d_sae", b"d_sae", "execution_provider", b"execution_provider", "hook", b"hook", "hook_out", b"hook_out", "label_count", b"label_count", "neuronpedia_id", b"neuronpedia_id", "sha256", b"sha256", "source", b"source", "weight_dtype", b"weight_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from structlog.testing import capture_logs
 
 from guard import FeatureBatch, FeatureEdit, FeatureRequest, Finding, hookimpl
+from guard.cli import format_description
 from guard.config import GuardConfig, LoggingConfig, PluginsConfig, SaeConfig, ServerConfig
 from guard.decision import Action, ActivationRows, Phase
 from guard.engine.core import Engine
@@ -127,6 +128,14 @@ def test_served_through_grpc(tmp_path: Path, make: Callable[[Path], Served]) -> 
             (sae,) = described.saes
             assert (sae.hook, sae.source, sae.architecture) == (hook, source, "jumprelu")
             assert (sae.d_in, sae.d_sae) == (D_IN, D_SAE)
+            # A transcoder's decoder side is described; an SAE has none.
+            info = server.servicer.engine.hooks[hook].info  # type: ignore[union-attr]
+            assert sae.d_out == (info.d_out or 0)
+            assert bool(sae.hook_out) == bool(info.d_out)
+            if make is not _llamascope:
+                assert sae.d_out > 0 and sae.hook_out, sae
+                assert (f"transcoder  writes {sae.hook_out} (d_out {sae.d_out})"
+                        in format_description(described, "here"))
             client = StreamClient(channel)
             client.configure(hooks=[hook])
             rows = (np.random.default_rng(0).normal(0.0, 2.0, size=(6, D_IN)) + 0.3).astype(
