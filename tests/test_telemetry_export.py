@@ -116,8 +116,10 @@ def test_spans_and_metrics_reach_an_otlp_collector(
     children = {s.name: s for s in spans if s.parent_span_id == batch.span_id}
     assert set(children) >= {"guard.decode", "guard.encode", "guard.plugin.detect",
                              "guard.plugin.record"}
-    assert attributes(children["guard.plugin.detect"].attributes)["guard.plugin.name"] == (
-        "detectors")
+    # One detect span per detecting plugin (an installed but unconfigured one too).
+    detecting = {attributes(s.attributes)["guard.plugin.name"] for s in spans
+                 if s.parent_span_id == batch.span_id and s.name == "guard.plugin.detect"}
+    assert "detectors" in detecting, detecting
     assert attributes(children["guard.plugin.record"].attributes)["guard.plugin.name"] == (
         "decision_log")
     found = attributes(batch.attributes)
