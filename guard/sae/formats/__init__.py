@@ -79,19 +79,18 @@ def identity_file(path: str | os.PathLike[str]) -> tuple[Path, bool]:
     kind = _detect(where)
     if kind == "artifact":
         return where / MANIFEST_FILE, True
-    if kind == "saelens":
-        return where / SAELENS_WEIGHTS, False
-    if kind == "sparsify":
-        return where / SPARSIFY_WEIGHTS, False
-    if kind == "openai":
-        return where / OPENAI_WEIGHTS, False
-    if kind == "goodfire":
-        return where / GOODFIRE_WEIGHTS, False
-    if kind == "llamascope":
-        return where / LLAMASCOPE_WEIGHTS, False
     if kind == "gemmascope2":
         return params_file(where), False
+    if kind in _WEIGHTS_FILE:
+        return where / _WEIGHTS_FILE[kind], False
     return (where if where.suffix == ".npz" else where / PARAMS_FILE), False
+
+
+#: A folder format -> its weights file (the SAE's identity; see :func:`identity_file`).
+_WEIGHTS_FILE: dict[str, str] = {
+    "saelens": SAELENS_WEIGHTS, "sparsify": SPARSIFY_WEIGHTS, "openai": OPENAI_WEIGHTS,
+    "goodfire": GOODFIRE_WEIGHTS, "llamascope": LLAMASCOPE_WEIGHTS,
+}
 
 
 def load_any(path: str | os.PathLike[str], hook: str | None = None, *,
