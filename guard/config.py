@@ -174,6 +174,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructionConfig:
+    """``saes[].reconstruction``: how often the guard measures how well the SAE explains the
+    rows it serves."""
+
+    #: The fraction of batches (0 to 1; 0: off) on which the guard measures the SAE's
+    #: reconstruction error per request (normalised MSE, exported as the
+    #: ``guard.sae.reconstruction.nmse`` histogram, handed to plugins as
+    #: ``FeatureBatch.reconstruction``, read by ``type: reconstruction`` detectors). A sampled
+    #: batch whose plugins do not read every feature is encoded once more in full: set it with
+    #: the cost in mind (docs/operations.md). Refused for a transcoder.
+    sample: float = 0.0
+
+
+@dataclass(frozen=True)
 class SaeConfig:
     """One SAE served on one hook."""
 
@@ -195,6 +209,8 @@ class SaeConfig:
     #: the encoder's intermediates to this many rows x d_sae; 0: automatic (rows of 16 MiB of
     #: float32 features: 910 for a 4608-feature SAE). Results are the same either way.
     max_rows_per_encode: int = 0
+    #: Measuring the SAE's reconstruction error on served traffic.
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
 
 @dataclass(frozen=True)
@@ -352,9 +368,24 @@ def _sae_entry(section: Settings, base_dir: Path | None) -> SaeConfig:
                                             fold_case=True)),
         features=features if features == "all" else tuple(sorted(set(features))),
         max_rows_per_encode=section.get("max_rows_per_encode", _rows_per_encode, 0),
+        reconstruction=_reconstruction(section.section("reconstruction")),
     )
     section.finish()
     return entry
+
+
+def _reconstruction(section: Settings) -> ReconstructionConfig:
+    """``saes[].reconstruction``: ``sample``, the fraction of batches measured (0: off)."""
+    def fraction(key: str, value: object) -> float:
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0.0 <= value <= 1.0):
+            raise ConfigError(key, "a fraction of batches from 0 (off) to 1 (every batch)",
+                              value)
+        return float(value)
+
+    sample = section.get("sample", fraction, ReconstructionConfig.sample)
+    section.finish()
+    return ReconstructionConfig(sample=sample)
 
 
 def _resolve(path: str, base_dir: Path | None) -> Path:

@@ -164,6 +164,58 @@ class FeatureRequest:
     #: ``probe.weights``). ``feature_ids`` may then be empty: the request only checks.
     d_in: int | None = None
     key: str = ""
+    #: The plugin reads ``FeatureBatch.reconstruction``: the guard refuses a configuration
+    #: whose SAE for the hook is not sampled for it (``saes[].reconstruction.sample`` 0),
+    #: naming ``key``. ``feature_ids`` may then be empty.
+    reconstruction: bool = False
+
+
+#: Rows of float64 at a time when :meth:`Reconstruction.of` centres a request's rows (bounds
+#: the temporary copy to 8 MiB at d_in 1024).
+_CENTRE_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How well the SAE explains one request's rows of a batch: set on the batches the guard
+    samples (``saes[].reconstruction.sample``), None on the others.
+
+    ``squared_error[i]`` is ``||x_i - x_hat_i||^2`` of row ``i``, where ``x_hat`` is the
+    SAE's decode of its full encode (float64; NaN for a row not measured: position 0, the
+    BOS row, which hosts do not send by default and SAEs are not trained on). ``nmse``, the
+    normalised MSE, is ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the measured
+    rows: the share of their variance the SAE leaves unexplained (0: perfect; 1: no better
+    than the rows' mean). NaN when fewer than two rows were measured (a generation step's
+    single row has no variance of its own to normalise by). ``squared_error`` never goes
+    into records, logs or spans; ``nmse`` goes into the decision record
+    (``Decision.reconstruction_nmse``) and the ``guard.sae.reconstruction.nmse`` histogram.
+    """
+
+    squared_error: NDArray[np.float64] = field(repr=False, compare=False)
+    nmse: float
+    #: Rows measured (finite ``squared_error``).
+    rows: int
+
+    @classmethod
+    def of(cls, residual: NDArray[np.floating] | None,
+           squared_error: NDArray[np.float64]) -> Reconstruction:
+        """The reconstruction of ``residual`` rows ``[rows, d_in]`` whose per-row squared
+        errors are ``squared_error`` (NaN: not measured); ``nmse`` NaN without the rows."""
+        errors = np.asarray(squared_error, dtype=np.float64)
+        errors.setflags(write=False)
+        measured = np.isfinite(errors)
+        count = int(measured.sum())
+        nmse = float("nan")
+        if residual is not None and count >= 2:
+            rows = residual if count == len(errors) else residual[measured]
+            mean = rows.mean(axis=0, dtype=np.float64)
+            spread = 0.0
+            for start in range(0, count, _CENTRE_ROWS):  # float64 copies of bounded size
+                centred = rows[start:start + _CENTRE_ROWS].astype(np.float64) - mean
+                spread += float(np.einsum("ij,ij->", centred, centred))
+            if spread > 0.0:
+                nmse = float(errors[measured].sum()) / spread
+        return cls(errors, nmse, count)
 
 
 @dataclass(frozen=True)
@@ -206,6 +258,9 @@ class FeatureBatch:
     #: host's, unique on its stream only: a plugin that keeps state per request keys it by
     #: ``(stream, request_id)``, so that two hosts naming a request alike do not share it.
     stream: str = ""
+    #: How well the SAE explains these rows (:class:`Reconstruction`), on the batches the
+    #: guard samples for it (``saes[].reconstruction.sample``); None on the others.
+    reconstruction: Reconstruction | None = field(default=None, repr=False, compare=False)
 
     def rows_of(self, roles: frozenset[RowRole] | None) -> NDArray[np.bool_] | None:
         """Which rows have one of ``roles`` (None: every role), rows of unspecified role
@@ -219,6 +274,10 @@ class FeatureBatch:
         if self.residual is not None:
             residual = self.residual[mask]
             residual.flags.writeable = False  # as the engine's: shared by every plugin
+        reconstruction = None
+        if self.reconstruction is not None:  # the NMSE of the rows kept
+            reconstruction = Reconstruction.of(residual,
+                                               self.reconstruction.squared_error[mask])
         selected = FeatureBatch(
             request_id=self.request_id, sequence=self.sequence, hook=self.hook,
             feature_ids=self.feature_ids, activations=self.activations[mask],
@@ -228,7 +287,7 @@ class FeatureBatch:
             sae_sha256=self.sae_sha256, attributes=self.attributes,
             roles=None if self.roles is None else self.roles[mask],
             prompt_complete=self.prompt_complete,
-            residual=residual, stream=self.stream,
+            residual=residual, stream=self.stream, reconstruction=reconstruction,
         )
         cached = self.__dict__.get("_index_cache")
         if cached is not None:  # the same feature ids: the same index
@@ -282,6 +341,10 @@ class Finding:
     message: str = ""
     #: Set by the engine: the plugin that returned the finding.
     plugin: str = ""
+    #: The finding says that the SAE does not explain the request's rows (its reconstruction
+    #: error is beyond what it was calibrated on): every feature-based verdict on them reads
+    #: outside the SAE's training distribution (:attr:`Decision.out_of_distribution`).
+    out_of_distribution: bool = False
 
 
 EditKind = Literal["pin", "nudge", "scale"]
@@ -361,6 +424,15 @@ class Decision:
     #: Token ids of the rows (None when the host sent none). Sinks must not write them
     #: unless the user turned that on: token ids are the prompt's text.
     token_ids: NDArray[np.int64] | None = None
+    #: The request's reconstruction error (:attr:`Reconstruction.nmse`) when its batch was
+    #: sampled for it and it had rows enough; None otherwise.
+    reconstruction_nmse: float | None = None
+
+    @property
+    def out_of_distribution(self) -> bool:
+        """Whether a finding says the SAE does not explain these rows: then the decision's
+        feature-based verdicts read outside the SAE's training distribution."""
+        return any(f.out_of_distribution for f in self.findings)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from guard.decision import (
     Finding,
     Phase,
     PluginRun,
+    Reconstruction,
     RequestEndReason,
     RowRole,
     Steering,
@@ -104,6 +105,7 @@ def make_feature_batch(
     roles: Sequence[RowRole | int | str] | None = None,
     prompt_complete: bool | None = None,
     residual: ArrayLike | None = None,
+    squared_error: ArrayLike | None = None,
 ) -> FeatureBatch:
     """A :class:`~guard.FeatureBatch` as the engine hands it to ``guard_detect``.
 
@@ -118,7 +120,10 @@ def make_feature_batch(
     (a member, its value or its name such as ``"user"``); default none, as from a host that
     labels no roles. ``prompt_complete``: whether the rows end the request's prompt (None:
     the host does not say). ``residual``: the raw residual rows ``[rows, d_in]`` (for probe
-    detectors; default none). The arrays are copies marked read-only, as plugins must treat
+    detectors; default none). ``squared_error``: each row's ``||x - x_hat||^2`` (NaN: not
+    measured), making the batch one the guard sampled for its reconstruction error
+    (``FeatureBatch.reconstruction``, its NMSE computed over ``residual``, which it needs);
+    default none. The arrays are copies marked read-only, as plugins must treat
     them: a batch is shared by every plugin of the guard.
 
     >>> batch = make_feature_batch(activations={7: [0.25, 0.75], 3: [0.0, 0.5]})
@@ -177,7 +182,17 @@ def make_feature_batch(
             [ROLE_NAMES[r] if isinstance(r, str) else int(r) for r in roles], dtype=np.int8),
         prompt_complete=prompt_complete,
     )
-    return batch if raw is None else dataclasses.replace(batch, residual=raw)
+    reconstruction = None
+    if squared_error is not None:
+        errors = np.array(squared_error, dtype=np.float64)
+        if raw is None or errors.shape != (n_rows,):
+            raise ValueError(f"squared_error: expected {n_rows} values (one per row) and the "
+                             f"residual rows, found shape {errors.shape}"
+                             + ("" if raw is not None else " and no residual"))
+        reconstruction = Reconstruction.of(raw, errors)
+    if raw is None:
+        return batch
+    return dataclasses.replace(batch, residual=raw, reconstruction=reconstruction)
 
 
 def make_decision(

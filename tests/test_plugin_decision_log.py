@@ -112,6 +112,7 @@ def test_one_json_line_per_decision_with_every_field(log_path: Path) -> None:
                     {"name": "decision_log", "version": "0.1.0"}],
         "plugin_errors": ["broken"],
         "sae_sha256": "ab" * 32,
+        "out_of_distribution": False,
         "timings_ms": {"decode": 0.1, "encode": 2.5, "detect": None},
         "event": "decision",
     }

@@ -1,5 +1,6 @@
 """``guard features rank``, ``guard features steer``, ``guard detectors calibrate``,
-``guard detectors shadow`` and ``guard detectors example-data``.
+``guard detectors shadow``, ``guard detectors example-data`` and ``guard detectors
+reconstruction``.
 
 Host-side commands: they run the model (torch, transformers: the ``host`` extra), so their
 heavy imports happen inside the commands and the sidecar's CLI stays torch-free.
@@ -250,6 +251,50 @@ def register_detectors(commands: Subparsers) -> None:
         "into OUT. The prompt sets are not part of the repository.")
     data.add_argument("--out", type=Path, required=True, metavar="DIR")
     data.set_defaults(func=cmd_example_data)
+    register_reconstruction(sub)
+
+
+def register_reconstruction(sub: Subparsers) -> None:
+    """Add ``guard detectors reconstruction``."""
+    rec = sub.add_parser(
+        "reconstruction", help="calibrate a detector that says when the SAE does not explain "
+        "the traffic",
+        description="Run benign (training-like) prompts through SmolLM2 (chat template, every "
+        "position but 0) and the SAE (the guard's own encode and decode), compute each "
+        "prompt's reconstruction error (normalised MSE: sum ||x - x_hat||^2 / sum ||x - "
+        "mean(x)||^2 over its rows of --rows roles), and write a `type: reconstruction` "
+        "detector block with the threshold at --percentile, its header showing the "
+        "distribution. The guard measures the NMSE on batches sampled with "
+        "saes[].reconstruction.sample.")
+    rec.add_argument("--prompts", type=Path, required=True, metavar="FILE",
+                     help="benign prompts like the SAE's training traffic (.txt one a line, "
+                     ".jsonl with 'prompt', or .json)")
+    rec.add_argument("--sae", type=Path, required=True, help="the SAE the guard serves")
+    rec.add_argument("--hook", help="hook name, overriding the SAE's")
+    rec.add_argument("--dtype", choices=("auto", "fp32", "fp16", "int8"), default="auto",
+                     help="the weight dtype the guard serves the SAE in (saes[].dtype; "
+                     "default: auto, fp32 on CPU)")
+    rec.add_argument("--percentile", type=float, default=99.0,
+                     help="the threshold's percentile of the prompts' NMSE (default: 99)")
+    rec.add_argument("--min-rows", type=int, default=8,
+                     help="prompts with fewer rows read are left out, as the detector leaves "
+                     "such batches alone (default: 8)")
+    rec.add_argument("--rows", default=",".join(_DEFAULT_ROWS), metavar="ROLES",
+                     help="the roles of the rows measured, as the detectors' `rows` setting "
+                     "(default: %(default)s)")
+    rec.add_argument("--max-tokens", type=int, default=256,
+                     help="cut each prompt to this many tokens (default: 256; 0: no cut)")
+    rec.add_argument("--name", default="sae-coverage",
+                     help="detector name in the config (default: sae-coverage)")
+    rec.add_argument("--action", choices=("log", "flag", "abort"), default="log",
+                     help="action written into the config (default: log)")
+    rec.add_argument("--out", type=Path, metavar="DETECTOR.yaml",
+                     help="write the config block here (default: print it)")
+    rec.add_argument("--json", type=Path, metavar="OUT.json",
+                     help="also write the distribution and each prompt's NMSE")
+    rec.add_argument("--cache", type=Path, help="activation cache folder (default: the "
+                     "guard cache folder; 'none' disables it)")
+    rec.set_defaults(func=cmd_reconstruction)
 
 
 def register_steer(commands: Subparsers) -> None:
@@ -757,6 +802,64 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             for i in fired:
                 text = texts[int(i)].replace("\n", " ")
                 print(f"    {scores[int(i)]:8.3f}  {text[:100]}")
+    return 0
+
+
+def cmd_reconstruction(args: argparse.Namespace) -> int:
+    from guard.audit.calibrate import detector_yaml
+    from guard.audit.probe import cached_residuals
+    from guard.audit.rank import parse_rows
+    from guard.audit.reconstruction import (
+        calibrate,
+        detector_block,
+        format_calibration,
+        header,
+        prompt_nmse,
+    )
+    from guard.host.attach import layer_index
+    from guard.models.smollm2 import load_smollm2
+    from guard.sae import open_sae
+    from guard.sae.reconstruction import check_reconstructs
+
+    try:
+        roles = parse_rows(args.rows)
+        if args.min_rows < 2:
+            raise InvalidInput(f"--min-rows: expected at least 2 rows (one row has no spread "
+                               f"to normalise by), found {args.min_rows}")
+        texts = [p.text for p in read_prompts(args.prompts, 0)]
+        sae = open_sae(args.sae, hook=args.hook, dtype=args.dtype,
+                       providers=["CPUExecutionProvider"])
+        check_reconstructs(sae)
+        hook = args.hook or sae.info.hook_name
+        try:
+            layer = layer_index(hook)
+        except ValueError as e:
+            raise InvalidInput(f"--hook: {e}") from None
+        model, tokenizer = load_smollm2()
+        resid = cached_residuals(_cache(args.cache), texts, model, tokenizer, layer,
+                                 _max_tokens(args))
+        nmse, counts = prompt_nmse(sae, resid.rows, resid.offsets, resid.roles, roles,
+                                   min_rows=args.min_rows)
+        cal = calibrate(sae, nmse, counts, hook=hook, percentile=args.percentile,
+                        min_rows=args.min_rows, roles=roles)
+    except GuardError as e:
+        return _fail("detectors reconstruction", e)
+    command = shlex.join(["guard", *sys.argv[1:]])
+    print(format_calibration(cal), file=sys.stderr)
+    text = detector_yaml({args.name: detector_block(cal, action=args.action)},
+                         header=header(cal, command))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        print(f"detector block: {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    if args.json is not None:
+        record = {**cal.summary(), "command": command,
+                  "prompt_nmse": [None if not np.isfinite(v) else float(v) for v in cal.nmse],
+                  "prompt_rows": [int(c) for c in cal.rows]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

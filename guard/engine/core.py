@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,7 +59,9 @@ from guard.decision import (
     FeatureRequest,
     Finding,
     PluginRun,
+    Reconstruction,
     RequestEndReason,
+    Segment,
     Steering,
     StepDecision,
     new_decision_id,
@@ -76,6 +80,7 @@ from guard.engine.plugins import (
 from guard.engine.record_queue import Outcome, RecordQueue, RecordSinks, RequestsEnded
 from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
+from guard.sae import reconstruction as sae_reconstruction
 from guard.telemetry.instruments import DECISION_ID, Instruments
 
 log = structlog.get_logger(__name__)
@@ -109,6 +114,9 @@ class HookRuntime:
     feature_ids: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_IDS)
     #: feature id -> column of the encoder's output (built once, not per batch).
     index: dict[int, int] = field(default_factory=dict)
+    #: The fraction of batches whose reconstruction error is measured
+    #: (``saes[].reconstruction.sample``; 0: none).
+    reconstruction_sample: float = 0.0
     _directions: dict[int, NDArray[np.float32]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,6 +127,12 @@ class HookRuntime:
     @property
     def d_in(self) -> int:
         return self.sae.info.d_in
+
+    @property
+    def encodes_every_feature(self) -> bool:
+        """Whether the encoder's output is every feature, exact (the reconstruction reuses
+        it instead of a second, full encode)."""
+        return self.encoder is not None and self.subscription.all_features
 
     @property
     def execution_provider(self) -> str:
@@ -184,6 +198,8 @@ class Engine:
         self.instruments = instruments if instruments is not None else Instruments()
         self._swap_lock = threading.Lock()
         self._counter_lock = threading.Lock()
+        #: Draws which batches are measured for their reconstruction error.
+        self._sampler = random.Random()
         self.counters: dict[str, int] = {"plugin_failures": 0, "plugin_timeouts": 0,
                                          "plugin_not_run": 0, "steering_conflicts": 0,
                                          "reloads": 0, "reloads_rejected": 0}
@@ -216,6 +232,14 @@ class Engine:
             if hook in saes:
                 raise ConfigError(f"saes[{index}].hook", "a hook not served by an earlier entry",
                                   hook, source=config.source)
+            if entry.reconstruction.sample > 0:
+                try:
+                    sae_reconstruction.check_reconstructs(sae)
+                except InvalidInput as exc:
+                    raise ConfigError(f"saes[{index}].reconstruction.sample",
+                                      f"0 (off) for this SAE: {exc}",
+                                      entry.reconstruction.sample,
+                                      source=config.source) from None
             saes[hook] = (sae, entry)
         engine = cls(saes, config.plugins, extra_plugins=extra_plugins, instruments=instruments,
                      encode_budget=EncodeBudget.of(config.server))
@@ -271,6 +295,11 @@ class Engine:
                 key = f"plugins.config.{plugin}" + (f".{request.key}" if request.key else "")
                 raise ConfigError(key, f"{info.d_in} values (d_in of the SAE served for hook "
                                        f"{request.hook})", f"{request.d_in} values")
+            if request.reconstruction and self._saes[request.hook][1].reconstruction.sample <= 0:
+                key = f"plugins.config.{plugin}" + (f".{request.key}" if request.key else "")
+                raise ConfigError(key, f"an SAE sampled for its reconstruction error on hook "
+                                       f"{request.hook} (saes[].reconstruction.sample > 0)",
+                                  "saes[].reconstruction.sample: 0 (off)")
             d_sae = info.d_sae
             if request.feature_ids != "all":
                 bad = [f for f in request.feature_ids if not 0 <= int(f) < d_sae]
@@ -320,8 +349,11 @@ class Engine:
         else:  # nothing subscribes: computing features nobody reads would only cost time
             encoder, ids = None, _EMPTY_IDS
             sub = Subscription(hook, (), all_features=False)
+        if entry.reconstruction.sample > 0:
+            sae.encoder(None)  # built now (start, reload), not on the first sampled batch
         return HookRuntime(sae=sae, encoder=encoder, subscription=sub, feature_ids=ids,
-                           index={int(f): j for j, f in enumerate(ids)})
+                           index={int(f): j for j, f in enumerate(ids)},
+                           reconstruction_sample=entry.reconstruction.sample)
 
     def _route(self, pipeline: Pipeline) -> None:
         """Give the pipeline's sinks their record queues (each sink's thread starts the first
@@ -443,17 +475,26 @@ class Engine:
                  decision_id: str, deferred: list[Callable[[], object]] | None) -> Decision:
         pipeline = self._pipeline  # one consistent configuration for the whole batch
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
+        sampled = self._sampled(runtime)
         if not (pipeline.runs_plugins or pipeline.records):
             # Nobody reads features or records: encoding would only cost time.
+            nmse = self._measure_only(runtime, batch, (), timings, deferred) if sampled \
+                else None
             timings["total"] = time.perf_counter() - t0
-            return self._decision(decision_id, batch, runtime, pipeline, Action.CONTINUE, [],
-                                  [], (), "", [], timings)
+            decision = self._decision(decision_id, batch, runtime, pipeline, Action.CONTINUE,
+                                      [], [], (), "", [], timings)
+            if nmse is None or nmse[0] is None:
+                return decision
+            return replace(decision, reconstruction_nmse=nmse[0])
         traced = self.instruments.tracer is not None
-        with self._encode_budget(runtime, batch):  # features live until the decision
+        with self._encode_budget(runtime, batch, sampled):  # features live until the decision
             activations = self._encode(runtime, batch, timings, traced)
+            errors = self._squared_errors(runtime, batch, activations, timings) if sampled \
+                else None
             # The caller's timings themselves, not a copy: it reads the plugin stages from them.
-            (decision,) = self._decide_requests(pipeline, runtime, [(batch, activations)],
-                                                [timings], [decision_id], t0, deferred, traced)
+            (decision,) = self._decide_requests(pipeline, runtime,
+                                                [(batch, activations, errors)], [timings],
+                                                [decision_id], t0, deferred, traced)
         return decision
 
     def inspect_step(
@@ -475,18 +516,27 @@ class Engine:
         runtime = pipeline.hooks.get(batch.hook) or self.hook(batch.hook)
         requests = [batch.request(segment) for segment in batch.segments]
         decisions: list[Decision] = []
+        sampled = self._sampled(runtime)
         if not (pipeline.runs_plugins or pipeline.records):
+            nmses = self._measure_only(runtime, batch, batch.segments, timings, deferred) \
+                if sampled else None
             timings["total"] = time.perf_counter() - t0
             decisions = [self._decision(new_decision_id(), request, runtime, pipeline,
                                         Action.CONTINUE, [], [], (), "", [], timings)
                          for request in requests]
+            if nmses:
+                decisions = [replace(d, reconstruction_nmse=n) if n is not None else d
+                             for d, n in zip(decisions, nmses, strict=True)]
         else:
             traced = self.instruments.tracer is not None
-            with self._encode_budget(runtime, batch):
+            with self._encode_budget(runtime, batch, sampled):
                 activations = self._encode(runtime, batch, timings, traced)
+                errors = self._squared_errors(runtime, batch, activations, timings) \
+                    if sampled else None
                 decisions = self._decide_requests(
                     pipeline, runtime,
-                    [(request, activations[segment.start:segment.stop])
+                    [(request, activations[segment.start:segment.stop],
+                      None if errors is None else errors[segment.start:segment.stop])
                      for segment, request in zip(batch.segments, requests, strict=True)],
                     [dict(timings) for _ in requests], [new_decision_id() for _ in requests],
                     t0, deferred, traced)
@@ -498,16 +548,58 @@ class Engine:
             steering=_combined_steering(batch, decisions), timings=dict(timings),
         )
 
-    def _encode_budget(self, runtime: HookRuntime, batch: ActivationRows
-                       ) -> contextlib.AbstractContextManager[None]:
+    def _encode_budget(self, runtime: HookRuntime, batch: ActivationRows,
+                       sampled: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold the batch's share of ``server.max_inflight_encode_bytes`` (its features and
-        one encode chunk's intermediates) while it is encoded and decided
-        (:mod:`guard.engine.budget`); nothing to hold without an encoder."""
-        if runtime.encoder is None:
-            return contextlib.nullcontext()
+        one encode chunk's intermediates; on a batch sampled for its reconstruction error,
+        one reconstruction chunk's too) while it is encoded and decided
+        (:mod:`guard.engine.budget`); nothing to hold without an encoder or a sample."""
         rows = int(batch.rows.shape[0])
-        return self.encode_budget.hold(runtime.encoder.peak_bytes(rows),
-                                       f"batch of {rows} rows for hook {batch.hook!r}")
+        needed = 0 if runtime.encoder is None else runtime.encoder.peak_bytes(rows)
+        if sampled:
+            needed += sae_reconstruction.peak_bytes(
+                runtime.sae, rows, encoded=runtime.encodes_every_feature)
+        if not needed:
+            return contextlib.nullcontext()
+        return self.encode_budget.hold(needed, f"batch of {rows} rows for hook {batch.hook!r}")
+
+    def _sampled(self, runtime: HookRuntime) -> bool:
+        """Whether this batch is measured for its reconstruction error (drawn per batch)."""
+        sample = runtime.reconstruction_sample
+        return sample > 0 and self._sampler.random() < sample
+
+    def _squared_errors(self, runtime: HookRuntime, batch: ActivationRows,
+                        activations: NDArray[np.float32] | None, timings: dict[str, float]
+                        ) -> NDArray[np.float64]:
+        """Each row's ``||x - x_hat||^2`` (:mod:`guard.sae.reconstruction`), NaN at position
+        0 (the BOS row: hosts do not send it by default, SAEs are not trained on it, and its
+        norm, about 100x the others', would swamp the request's variance). The encoder's
+        features are reused when they are every feature; otherwise rows are encoded once
+        more, in full, chunk by chunk (the ``reconstruct`` timing)."""
+        started = time.perf_counter()
+        check_input_range(batch, runtime.sae.input_limit)  # also when nothing was encoded
+        measured = batch.positions != 0
+        errors = sae_reconstruction.squared_errors(
+            runtime.sae, batch.rows, measured=None if bool(measured.all()) else measured,
+            activations=activations if runtime.encodes_every_feature else None)
+        timings["reconstruct"] = time.perf_counter() - started
+        return errors
+
+    def _measure_only(self, runtime: HookRuntime, batch: ActivationRows,
+                      segments: Sequence[Segment], timings: dict[str, float],
+                      deferred: list[Callable[[], object]] | None) -> list[float | None]:
+        """The reconstruction error of a sampled batch that nothing else encodes (no plugin
+        reads features, none records): each request's NMSE (None: too few rows), counted in
+        the histogram."""
+        with self._encode_budget(runtime, batch, True):
+            errors = self._squared_errors(runtime, batch, None, timings)
+        spans = [(s.start, s.stop) for s in segments] or [(0, int(batch.rows.shape[0]))]
+        nmses = [Reconstruction.of(batch.rows[a:b], errors[a:b]).nmse for a, b in spans]
+        measured = [n for n in nmses if math.isfinite(n)]
+        if measured:
+            _defer(deferred, partial(self.instruments.reconstruction_measured, batch.hook,
+                                     measured))
+        return [n if math.isfinite(n) else None for n in nmses]
 
     def _encode(self, runtime: HookRuntime, batch: ActivationRows, timings: dict[str, float],
                 traced: bool) -> NDArray[np.float32]:
@@ -534,20 +626,29 @@ class Engine:
 
     def _decide_requests(
         self, pipeline: Pipeline, runtime: HookRuntime,
-        requests: Sequence[tuple[ActivationRows, NDArray[np.float32]]],
+        requests: Sequence[tuple[ActivationRows, NDArray[np.float32],
+                                 NDArray[np.float64] | None]],
         timings: Sequence[dict[str, float]], decision_ids: Sequence[str], t0: float,
         deferred: list[Callable[[], object]] | None, traced: bool,
     ) -> list[Decision]:
-        """Plugins, steering delta, decision and record for each request's encoded rows, in
-        order, each with its own decision id, timings, findings and failures."""
-        calls = [_PluginCall(self._features(runtime, batch, activations), decision_id, own)
-                 for (batch, activations), decision_id, own
+        """Plugins, steering delta, decision and record for each request's encoded rows (and
+        their squared reconstruction errors on a sampled batch), in order, each with its own
+        decision id, timings, findings and failures."""
+        calls = [_PluginCall(self._features(runtime, batch, activations, errors), decision_id,
+                             own)
+                 for (batch, activations, errors), decision_id, own
                  in zip(requests, decision_ids, timings, strict=True)]
+        measured = [c.features.reconstruction.nmse for c in calls
+                    if c.features.reconstruction is not None
+                    and math.isfinite(c.features.reconstruction.nmse)]
+        if measured:
+            _defer(deferred, partial(self.instruments.reconstruction_measured,
+                                     runtime.info.hook_name, measured))
         # Lazily, in order: request i is decided here while the worker runs i+1's plugins.
         results = self._plugin_results(pipeline, calls, deferred) if pipeline.runs_plugins \
             else None
         decisions: list[Decision] = []
-        for call, (batch, _activations) in zip(calls, requests, strict=True):
+        for call, (batch, _activations, _errors) in zip(calls, requests, strict=True):
             token = DECISION_ID.set(call.decision_id)  # the request's log lines carry its id
             try:
                 findings, edits, failures = next(results) if results is not None \
@@ -561,11 +662,14 @@ class Engine:
 
     @staticmethod
     def _features(runtime: HookRuntime, batch: ActivationRows,
-                  activations: NDArray[np.float32]) -> FeatureBatch:
-        """What the plugins see of one request: its encoded rows, ids, positions, phase, and
-        its raw rows (a read-only view: valid during the call, never recorded)."""
+                  activations: NDArray[np.float32],
+                  errors: NDArray[np.float64] | None = None) -> FeatureBatch:
+        """What the plugins see of one request: its encoded rows, ids, positions, phase, its
+        raw rows (a read-only view: valid during the call, never recorded), and on a sampled
+        batch how well the SAE reconstructs them."""
         residual = batch.rows.view()
         residual.flags.writeable = False
+        reconstruction = None if errors is None else Reconstruction.of(residual, errors)
         features = FeatureBatch(
             request_id=batch.request_id, sequence=batch.sequence, hook=batch.hook,
             feature_ids=runtime.feature_ids, activations=activations,
@@ -573,6 +677,7 @@ class Engine:
             feature_labels=runtime.info.feature_labels, sae_sha256=runtime.info.sha256,
             attributes=batch.attributes, roles=batch.roles,
             prompt_complete=batch.prompt_complete, residual=residual, stream=batch.stream,
+            reconstruction=reconstruction,
         )
         object.__setattr__(features, "_index_cache", runtime.index)  # see FeatureBatch.column
         return features
@@ -600,6 +705,9 @@ class Engine:
         timings["total"] = time.perf_counter() - t0
         decision = self._decide(decision_id, pipeline, batch, runtime, findings, edits,
                                 steering, failures, timings)
+        reconstruction = features.reconstruction
+        if reconstruction is not None and math.isfinite(reconstruction.nmse):
+            decision = replace(decision, reconstruction_nmse=reconstruction.nmse)
         if decision.action is Action.ABORT:
             log.info("batch aborted", request_id=batch.request_id, sequence=batch.sequence,
                      hook=batch.hook, details=decision.details)

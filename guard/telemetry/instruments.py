@@ -31,6 +31,7 @@ from guard import __version__
 from guard.decision import Action
 from guard.telemetry.conventions import (
     LATENCY_BUCKETS,
+    NMSE_BUCKETS,
     RPC_ATTRIBUTES,
 )
 
@@ -132,6 +133,13 @@ class Instruments:
         self.plugin_duration = meter.create_histogram(
             "guard.plugin.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
             description="Time of one plugin's hook call")
+        self.reconstruction_nmse = meter.create_histogram(
+            "guard.sae.reconstruction.nmse", unit="1",
+            explicit_bucket_boundaries_advisory=NMSE_BUCKETS,
+            description="The SAE's reconstruction error per request on the batches sampled "
+                        "for it (saes[].reconstruction.sample): sum ||x - x_hat||^2 over "
+                        "sum ||x - mean(x)||^2 of the request's rows, by hook; requests with "
+                        "fewer than two rows in the batch are not measured")
         self.plugin_errors = meter.create_counter(
             "guard.plugin.errors", unit="{error}",
             description="Plugin hook calls that raised or returned a malformed result")
@@ -306,6 +314,13 @@ class Instruments:
             with self._lock:
                 self._plugin_attributes[(plugin, hook)] = labels
         return labels
+
+    def reconstruction_measured(self, hook: str, nmses: Iterable[float]) -> None:
+        """Record the reconstruction NMSE of each request of a sampled batch of ``hook``."""
+        if self.metering:
+            labels = {"guard.hook": hook}
+            for nmse in nmses:
+                self.reconstruction_nmse.record(nmse, labels)
 
     # -- requests ---------------------------------------------------------------------
 

@@ -41,8 +41,10 @@ class DecisionLog:
 
     A line holds decision_id, timestamp (ISO 8601 UTC), request_id, sequence, hook, phase,
     action, details, positions, findings, edits, plugins (with versions), plugin_errors,
-    sae_sha256 (and sae_neuronpedia_id when the SAE has one) and timings_ms; never activations
-    or token text. Each line is flushed as it
+    sae_sha256 (and sae_neuronpedia_id when the SAE has one), out_of_distribution (true when a
+    finding says the SAE does not explain the rows, so that feature-based verdicts on them
+    read outside its distribution), reconstruction_nmse (on batches sampled for it) and
+    timings_ms; never activations or token text. Each line is flushed as it
     is written, so a record the sink accepted survives a SIGTERM. Non-finite numbers are
     written as null, so every line is valid JSON.
 
@@ -143,6 +145,11 @@ class DecisionLog:
         record["plugins"] = [{"name": p.name, "version": p.version} for p in decision.plugins]
         record["plugin_errors"] = list(decision.plugin_errors)
         record["sae_sha256"] = decision.sae_sha256
+        # A finding says the SAE does not explain these rows: its features read them outside
+        # the SAE's training distribution (a reconstruction detector).
+        record["out_of_distribution"] = decision.out_of_distribution
+        if decision.reconstruction_nmse is not None:  # the batch was sampled for it
+            record["reconstruction_nmse"] = _number(decision.reconstruction_nmse)
         if decision.sae_neuronpedia_id:  # links each finding's features to their pages
             record["sae_neuronpedia_id"] = decision.sae_neuronpedia_id
         # dict() copies in one step: the stream may still add "total" to this dict while the
@@ -174,6 +181,8 @@ class DecisionLog:
             item["positions"] = [int(p) for p in finding.positions]
         item["message"] = finding.message
         item["plugin"] = finding.plugin
+        if finding.out_of_distribution:
+            item["out_of_distribution"] = True
         return item
 
     def _edit(self, edit: FeatureEdit) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""First-party detectors: threshold, sustained and linear rules over SAE features, and linear
-probes over the raw residual rows.
+"""First-party detectors: threshold, sustained and linear rules over SAE features, linear
+probes over the raw residual rows, and a check that the SAE explains the rows at all
+(``reconstruction``: its error beyond what it was calibrated on puts every feature-based verdict
+on the request outside the SAE's distribution).
 
 Each detector reads the rows of the roles it chooses (``rows``: by default the content of
 every message and the generated tokens; never the chat template's markup nor the text it adds
@@ -43,6 +45,10 @@ from guard import (
     hookimpl,
 )
 
+#: Fewest rows a reconstruction detector judges by default: the NMSE of a handful of similar
+#: rows divides by their small spread, and is noisy.
+DEFAULT_MIN_ROWS = 8
+
 log = structlog.get_logger("guard_plugins.detectors")
 
 Combine = Literal["any", "all"]
@@ -63,7 +69,11 @@ _TYPE_KEYS: Mapping[str, tuple[str, ...]] = {
     "sustained": ("features", "combine", "window", "max_requests", "idle_seconds"),
     "linear": ("weights", "bias", "reduce", *_POOLED_KEYS),
     "probe": ("weights", "bias", "explain", *_POOLED_KEYS),
+    "reconstruction": ("percentile", "min_rows"),
 }
+#: The action of a detector whose config does not say (reconstruction: a caveat on the other
+#: verdicts, logged; the others: flagged to the host).
+_DEFAULT_ACTION: Mapping[str, FindingAction] = {"reconstruction": "log"}
 
 #: The role names a ``rows`` list may hold (``unspecified`` rows are always read).
 ROW_ROLES: Mapping[str, RowRole] = {
@@ -724,7 +734,51 @@ class SustainedDetector:
                                  message)
 
 
-Detector = ThresholdDetector | SustainedDetector | LinearDetector | ProbeDetector
+@dataclass(frozen=True)
+class ReconstructionDetector:
+    """Fires on a request whose rows the SAE explains worse than the traffic it was
+    calibrated on: the normalised MSE of its reconstruction (``FeatureBatch.reconstruction``,
+    over the rows of this batch that the detector reads) at or above ``threshold``, written
+    by ``guard detectors reconstruction`` at a percentile of benign traffic's NMSE.
+
+    It judges the batches the guard samples for their reconstruction error
+    (``saes[].reconstruction.sample``) with at least ``min_rows`` measured rows (a prompt;
+    a generation step's single row has no variance of its own), each on its own: no state is
+    kept per request. Its finding has no features: score is the NMSE, positions the rows
+    measured, and ``out_of_distribution`` set, so the decision record says that the
+    feature-based verdicts on the request read outside the SAE's distribution.
+    """
+
+    rule: Rule
+    #: The percentile of the calibration traffic's NMSE the threshold is at (for the
+    #: message), or None when not said.
+    percentile: float | None
+    min_rows: int
+
+    def evaluate(self, batch: FeatureBatch, decides: bool) -> Finding | None:
+        reconstruction = batch.reconstruction
+        if reconstruction is None or reconstruction.rows < self.min_rows:
+            return None
+        nmse = reconstruction.nmse
+        threshold = self.rule.threshold
+        if not nmse >= threshold:  # NaN (no spread): no verdict
+            return None
+        where = (f"the {self.percentile:g}th percentile of its training traffic"
+                 if self.percentile is not None else "its calibrated threshold")
+        message = (f"the SAE explains this request's residual worse than {where} (NMSE "
+                   f"{nmse:.4g} >= {threshold:.4g} over {reconstruction.rows} rows): "
+                   "feature-based verdicts on it read outside the SAE's distribution")
+        positions = batch.positions[np.isfinite(reconstruction.squared_error)]
+        return Finding(detector=self.rule.name, score=float(nmse), threshold=threshold,
+                       action=self.rule.action,
+                       positions=tuple(int(p) for p in np.sort(positions)),
+                       message=message, out_of_distribution=True)
+
+
+Detector = (ThresholdDetector | SustainedDetector | LinearDetector | ProbeDetector
+            | ReconstructionDetector)
+#: Detectors that pool a request's rows across its batches (the others keep no pool).
+_POOLING = (ThresholdDetector, LinearDetector, ProbeDetector)
 
 
 class Detectors:
@@ -769,6 +823,13 @@ class Detectors:
           threshold: 0.0
           pooling: mean
           explain: {features: [12, 40], alignment: [0.9, 0.4]}   # optional: W_dec[j] . w
+        sae-coverage:
+          type: reconstruction   # the SAE's reconstruction NMSE on a sampled batch's rows
+          hook: blocks.15.hook_resid_post   # (needs saes[].reconstruction.sample > 0)
+          threshold: 0.31        # NMSE at a percentile of benign traffic (guard detectors
+          percentile: 99         # reconstruction writes both)
+          min_rows: 8            # fewest measured rows judged (default 8)
+          action: log            # the default for this type
     """
 
     def __init__(self) -> None:
@@ -795,11 +856,17 @@ class Detectors:
 
     @hookimpl
     def guard_subscriptions(self) -> Sequence[FeatureRequest]:
+        def reads_features(d: Detector) -> bool:
+            return not isinstance(d, ProbeDetector | ReconstructionDetector)
+
         requests = [FeatureRequest(hook, sorted({f for d in group for f in d.rule.features
-                                                 if not isinstance(d, ProbeDetector)}))
+                                                 if reads_features(d)}))
                     for hook, group in self._by_hook.items()
-                    if any(not isinstance(d, ProbeDetector) for d in group)]
+                    if any(reads_features(d) for d in group)]
         for detector in self._detectors:
+            if isinstance(detector, ReconstructionDetector):  # its SAE must be sampled
+                requests.append(FeatureRequest(detector.rule.hook, [], approximate_topk=True,
+                                               reconstruction=True, key=detector.rule.name))
             if isinstance(detector, ProbeDetector):  # its width checked against the SAE's
                 features = sorted(detector.rule.features)
                 requests.append(FeatureRequest(
@@ -826,7 +893,7 @@ class Detectors:
                 findings.append(finding)
             if (batch.prompt_complete and batch.phase is Phase.PROMPT
                     and Phase.GENERATION not in rule.phases
-                    and not isinstance(detector, SustainedDetector)):
+                    and isinstance(detector, _POOLING)):
                 # The prompt is decided and it reads nothing later: free its pool now.
                 detector.pools.drop(batch.request_id, batch.stream)
         return findings
@@ -840,7 +907,7 @@ class Detectors:
         if batch.prompt_complete is not None:
             return batch.prompt_complete
         if not self._unsaid_seen and any(
-                not isinstance(d, SustainedDetector) and d.pool.mode != "max" for d in group):
+                isinstance(d, _POOLING) and d.pool.mode != "max" for d in group):
             self._unsaid_seen = True
             log.info("prompt batch that does not say whether it completes the prompt: "
                      "mean-pooling detectors decide on every batch with the rows so far "
@@ -872,7 +939,7 @@ class Detectors:
         for detector in self._detectors:
             if isinstance(detector, SustainedDetector):
                 detector.runs.forget(request_id)
-            else:
+            elif isinstance(detector, _POOLING):
                 detector.pools.forget(request_id)
 
 
@@ -881,9 +948,25 @@ def _parse(name: str, block: Settings) -> Detector:
     block.only((*_COMMON_KEYS, *_TYPE_KEYS[kind]), f"of a {kind} detector")
     hook = block.string("hook")
     threshold = block.number("threshold")
-    action = cast(FindingAction, block.choice("action", ("log", "flag", "abort"), "flag"))
+    action = cast(FindingAction, block.choice("action", ("log", "flag", "abort"),
+                                              _DEFAULT_ACTION.get(kind, "flag")))
     phase_set = _phases(block) if "phases" in block else _ALL_PHASES
     roles = parse_rows(block)
+    if kind == "reconstruction":
+        if threshold <= 0:
+            raise block.error("threshold", "a normalised MSE > 0 (guard detectors "
+                              "reconstruction writes one)", threshold)
+        percentile = None
+        if "percentile" in block:
+            percentile = block.number("percentile", above=0)
+            if percentile > 100:
+                raise block.error("percentile", "a percentile in (0, 100]", percentile)
+        min_rows = block.positive_int("min_rows", DEFAULT_MIN_ROWS)
+        if min_rows < 2:
+            raise block.error("min_rows", "at least 2 rows (one row has no spread to "
+                              "normalise by)", min_rows)
+        return ReconstructionDetector(Rule(name, hook, (), threshold, action, phase_set, roles),
+                                      percentile, min_rows)
     combine = cast(Combine, block.choice("combine", ("any", "all"), "any"))
     max_requests = block.positive_int("max_requests", 10_000)
     idle_seconds = block.number("idle_seconds", 600.0, above=0)
