@@ -82,6 +82,7 @@ from guard.errors import ConfigError, GuardError, InvalidInput, NotFound
 from guard.sae import Encoder, Sae, SaeInfo, open_sae
 from guard.sae import reconstruction as sae_reconstruction
 from guard.telemetry.instruments import DECISION_ID, Instruments
+from guard.workqueue import WorkQueue, cancel_waiting, settle
 
 log = structlog.get_logger(__name__)
 
@@ -1054,8 +1055,7 @@ class DaemonExecutor:
         self._name = name
         self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self.max_detached = self.max_workers if max_detached is None else max_detached
-        self._work: queue.SimpleQueue[tuple[futures.Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue())
+        self._work: WorkQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         #: Workers serving the queue (detached ones not counted), and among them the ones
         #: waiting for work that no submit has claimed yet.
@@ -1103,12 +1103,7 @@ class DaemonExecutor:
             if future.set_running_or_notify_cancel():
                 with self._lock:
                     self._running[future] = me
-                try:
-                    result = fn()
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+                settle(future, fn)
                 with self._lock:
                     del self._running[future]
                     if me.detached:  # replaced while in the call: leave
@@ -1156,13 +1151,7 @@ class DaemonExecutor:
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
+                cancel_waiting(self._work)
             for _ in range(self._active):
                 self._work.put(None)
 

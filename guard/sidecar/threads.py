@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from guard.errors import GuardError
+from guard.workqueue import WorkQueue, cancel_waiting, settle
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -53,8 +54,7 @@ class StartedPool(futures.Executor):
     def __init__(self, workers: int, name: str, what: str) -> None:
         if workers < 1:
             raise ValueError(f"{what}: expected at least one worker, got {workers}")
-        self._work: queue.SimpleQueue[tuple[futures.Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue())
+        self._work: WorkQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._shutdown = False
         self.threads: list[threading.Thread] = []
@@ -86,12 +86,7 @@ class StartedPool(futures.Executor):
             future, fn = item
             del item
             if future.set_running_or_notify_cancel():
-                try:
-                    result = fn()
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+                settle(future, fn)
             del future, fn  # no reference kept while idle
 
     def alive(self) -> int:
@@ -104,13 +99,7 @@ class StartedPool(futures.Executor):
                 return
             self._shutdown = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
+                cancel_waiting(self._work)
             for _ in self.threads:
                 self._work.put(None)
         if wait:
