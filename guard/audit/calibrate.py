@@ -477,6 +477,7 @@ def calibrate(
     window: int = 1,
     per_source: bool = False,
     by_source: bool = False,
+    probe_l2: float | None = None,
 ) -> Calibration:
     """Fit both detectors (and the probe) on ``train`` and measure them on ``test``; with
     ``by_source``, also leave each source out in turn (fit on the others, all prompts).
@@ -484,7 +485,8 @@ def calibrate(
     ``sample_weight`` weighs each prompt in the logistic fits (length weights);
     ``prompt_rows`` are the probe's chosen residual rows (default: each prompt's mean row
     only, which serves ``pooling: mean``); ``per_source`` sets operating points so that every
-    benign training source is within ``target_fpr``.
+    benign training source is within ``target_fpr``; ``probe_l2`` fixes the probe's L2
+    strength (default: cross-validated over near-duplicate groups).
     """
     labels = acts.labels
     y_train, y_test = labels[train], labels[test]
@@ -539,6 +541,7 @@ def calibrate(
     def fit_probe(idx: NDArray[np.int64], l2: float | None = None) -> tuple[ProbeFit,
                                                                              FloatArray]:
         x = acts.resid_mean[idx]
+        l2 = probe_l2 if l2 is None else l2
         if l2 is None:
             model, _ = fit_logistic_cv(x, labels[idx], [cv_groups[i] for i in idx], seed=seed,
                                        sample_weight=weight[idx])

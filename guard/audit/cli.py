@@ -197,6 +197,13 @@ def register_detectors(commands: Subparsers) -> None:
                      help="reweight: keep every prompt and weigh each so that both classes "
                      "have the same weight in every length bucket (default); subsample: "
                      "drop prompts of the larger class per bucket (--match-lengths); none")
+    cal.add_argument("--source-balance", action=argparse.BooleanOptionalAction, default=True,
+                     help="weigh prompts so that every source has the same total weight "
+                     "within its class (times the length weights; default: on)")
+    cal.add_argument("--probe-l2", type=float, metavar="L2",
+                     help="the probe's L2 strength (on standardised rows); default: "
+                     "cross-validated over near-duplicate groups, which is in-distribution "
+                     "and tends to pick a weak penalty (see docs/auditing.md)")
     cal.add_argument("--operating-point", choices=("per-source", "pooled"),
                      default="per-source",
                      help="per-source: the lowest threshold at which every benign training "
@@ -599,7 +606,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         detector_yaml,
         metrics_record,
     )
-    from guard.audit.data import length_weights
+    from guard.audit.data import length_weights, source_weights
     from guard.audit.probe import alignment
     from guard.audit.report import calibration_html, roc_png, write_bytes, write_text
 
@@ -618,6 +625,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         balance = _length_balance(args)
         weights = (length_weights(prepared.acts.labels, buckets) if balance == "reweight"
                    else None)
+        if args.source_balance:
+            balanced = source_weights(prepared.acts.labels, sources)
+            weights = balanced if weights is None else weights * balanced
+            weights = weights * (len(weights) / weights.sum())
+        if args.probe_l2 is not None and not args.probe_l2 > 0:
+            raise InvalidInput(f"--probe-l2: expected a number > 0, found {args.probe_l2}")
         by_source = args.by_source and all(
             len({s for s, p in zip(sources, prepared.prompts, strict=True) if p.label == c})
             >= 2 for c in (0, 1))
@@ -633,7 +646,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         edges=prepared.edges, seed=args.seed, sample_weight=weights,
                         prompt_rows=prepared.rows, pooling=args.pooling, window=args.window,
                         per_source=args.operating_point == "per-source",
-                        by_source=by_source)
+                        by_source=by_source, probe_l2=args.probe_l2)
     except GuardError as e:
         return _fail("detectors calibrate", e)
     explain = None
@@ -642,7 +655,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             args.explain_top)
     record = metrics_record(cal)
     record["prompts"] = prepared.counts
-    if weights is not None:
+    record["source_balance"] = bool(args.source_balance)
+    if weights is not None and balance == "reweight" and not args.source_balance:
         record["length_weights"] = {
             name: {cls: round(float(weights[(buckets == b) & (prepared.acts.labels == c)][0]),
                               4)
@@ -691,7 +705,9 @@ def _header(record: dict[str, Any], train_size: int, action: str) -> list[str]:
     rule = ("every benign training source" if record["operating_point_rule"] == "per-source"
             else "the benign training prompts")
     lines = [f"Calibrated by `guard detectors calibrate`; operating points: FPR at most "
-             f"{record['target_fpr']:g} on {rule}; length buckets: {record['length_balance']}."]
+             f"{record['target_fpr']:g} on {rule}; length buckets: {record['length_balance']}"
+             + ("; sources weighed equally within each class." if record.get("source_balance")
+                else ".")]
     loso = record.get("leave_one_source_out") or {}
     if loso:
         lines.append("Headline: leave-one-source-out (each source measured by a detector "

