@@ -198,6 +198,9 @@ class SourceEvaluation:
                 "fpr": round(fp / int(neg.sum()), 4) if neg.any() else None,
                 "fpr_ci95": [round(v, 4) for v in wilson_interval(fp, int(neg.sum()))]
                 if neg.any() else None,
+                # how the out-of-source score depends on length, before any threshold
+                "benign_score": _quantiles(self.scores[neg]),
+                "positive_score": _quantiles(self.scores[pos]),
             }
         worst = self.worst_fpr()
         low = self.worst_recall()
@@ -215,6 +218,15 @@ class SourceEvaluation:
             # scores of different folds' fits are on different scales: no pooled AUROC
             "source_auroc_range": [round(min(a), 4), round(max(a), 4)] if a else None,
         }
+
+
+def _quantiles(scores: NDArray[Any]) -> dict[str, float] | None:
+    """Median and 95th percentile of the finite ``scores`` (None for none)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if not len(s):
+        return None
+    return {"median": round(float(np.median(s)), 4), "p95": round(float(np.percentile(s, 95)), 4)}
 
 
 #: A fit on training indices: returns a scorer of any indices and its operating point.

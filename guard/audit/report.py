@@ -170,9 +170,52 @@ def calibration_html(cal: Calibration, record: Mapping[str, Any], blocks_yaml: s
                         f"{s['label']}</td><td>{s['prompts']}</td><td>{s['fired']}</td>"
                         f"<td>{s['fire_rate']:.1%}</td></tr>")
         body.append("</table>")
+    body += _held_out_sources_html(record.get("leave_one_source_out") or {})
     body.append(f"<h2>Detector config</h2><pre>{html.escape(blocks_yaml)}</pre>")
     body.append(f"<h2>metrics.json</h2><pre>{html.escape(json.dumps(record, indent=2))}</pre>")
     return _page(f"Calibration: {cal.name}", "\n".join(body))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _held_out_sources_html(loso: Mapping[str, Any]) -> list[str]:
+    """Leave-one-source-out: the headline, each held-out source, and each length bucket's
+    out-of-source scores and rates, with any bucket whose benign FPR is above the headline
+    called out (a length bias to fix before the detector ships)."""
+    body: list[str] = []
+    for kind, d in loso.items():
+        worst = d["worst_source_fpr"]
+        body.append(f"<h2>{kind}: leave one source out (the headline)</h2><p>Worst held-out-"
+                    f"source FPR <b>{worst['fpr']:.1%}</b> ({worst['fpr_ci95'][0]:.1%}-"
+                    f"{worst['fpr_ci95'][1]:.1%}, {html.escape(worst['source'])}); pooled FPR "
+                    f"{d['pooled_fpr']:.1%}, recall {d['pooled_recall']:.1%}.</p>"
+                    "<table><tr><th class='l'>held-out source</th><th class='l'>class</th>"
+                    "<th>prompts</th><th>fired</th><th>rate</th><th>95% CI</th><th>AUROC</th>"
+                    "</tr>")
+        for source, r in d["by_source"].items():
+            auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
+            ci = r["fire_rate_ci95"]
+            body.append(f"<tr><td class='l'>{html.escape(source)}</td><td class='l'>"
+                        f"{r['label']}</td><td>{r['prompts']}</td><td>{r['fired']}</td>"
+                        f"<td>{r['fire_rate']:.1%}</td><td>{ci[0]:.1%}-{ci[1]:.1%}</td>"
+                        f"<td>{auroc}</td></tr>")
+        body.append("</table><table><tr><th class='l'>length bucket</th><th>positives</th>"
+                    "<th>benign</th><th>recall</th><th>FPR</th><th>benign score median / "
+                    "p95</th><th>positive score median</th><th class='l'></th></tr>")
+        for bucket, b in d["by_length_bucket"].items():
+            above = b["fpr"] is not None and b["fpr"] > worst["fpr"]
+            ben, pos = b.get("benign_score"), b.get("positive_score")
+            ben_text = "-" if not ben else f"{ben['median']:.3g} / {ben['p95']:.3g}"
+            pos_text = "-" if not pos else f"{pos['median']:.3g}"
+            body.append(
+                f"<tr><td class='l'>{html.escape(bucket)}</td><td>{b['positives']}</td>"
+                f"<td>{b['benign']}</td><td>{_pct(b['recall'])}</td><td>{_pct(b['fpr'])}</td>"
+                f"<td>{ben_text}</td><td>{pos_text}</td><td class='l'>"
+                f"{'<b>above the headline</b>' if above else ''}</td></tr>")
+        body.append("</table>")
+    return body
 
 
 def write_text(path: Path, text: str) -> None:
