@@ -22,7 +22,12 @@ try:
 except models.ModelUnavailable as exc:  # pragma: no cover - make test installs it
     pytest.skip(f"SmolLM2 not installed: {exc}", allow_module_level=True)
 
-from guard.demo.runner import demo_config, sidecar, start_inference_server  # noqa: E402
+from guard.demo.runner import (  # noqa: E402
+    demo_config,
+    everyday_prompts,
+    sidecar,
+    start_inference_server,
+)
 from tests.test_telemetry_export import PROMETHEUS, Prometheus  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -143,6 +148,9 @@ def test_guard_demo_once(tmp_path: Path) -> None:
          str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("-> ok") == 3
+    everyday = everyday_prompts()
+    assert len(everyday) >= 5
+    assert f"{len(everyday)} of {len(everyday)} passed" in result.stdout, result.stdout
     decisions = (tmp_path / "decisions.jsonl").read_text().splitlines()
     actions = {json.loads(line)["action"] for line in decisions}
     assert actions == {"continue", "abort", "steer"}

@@ -3,7 +3,8 @@
 ``guard demo`` starts the sidecar (``guard serve`` with the embedded SmolLM2 SAE, detector and
 steering), then the demo inference server (SmolLM2 behind an OpenAI-compatible endpoint,
 guarded over the sidecar's Unix socket), sends the scripted prompts (a benign one, one the
-detector blocks, one that steering changes), prints each decision, and leaves both running
+detector blocks, one that steering changes) and a handful of everyday prompts that must all
+pass, prints each decision, and leaves both running
 for you to try (``--once`` stops after the script, for CI). ``guard demo serve`` runs only the
 inference server against a guard that is already running (the demo container's command).
 """
@@ -35,6 +36,8 @@ from guard.sidecar.process import GuardProcess
 DEFAULT_PORT = 8000
 DEMO_CONFIG = "defaults/demo.yaml"
 DEMO_SCRIPT = "defaults/demo_prompts.json"
+#: Tokens generated for each everyday prompt (the verdict on the prompt comes first).
+EVERYDAY_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ class ScriptedPrompt:
 def scripted_prompts() -> list[ScriptedPrompt]:
     raw = json.loads(resources.files("guard").joinpath(DEMO_SCRIPT).read_text())
     return [ScriptedPrompt(**item) for item in raw["prompts"]]
+
+
+def everyday_prompts() -> list[str]:
+    """Everyday questions and tasks the demo sends after the script: each must pass (they
+    were written for the demo, not taken from the data any detector was calibrated on)."""
+    raw = json.loads(resources.files("guard").joinpath(DEMO_SCRIPT).read_text())
+    return [str(p) for p in raw.get("everyday", [])]
 
 
 def demo_config(state: Path, socket: Path) -> Path:
@@ -167,7 +177,19 @@ def run_script(url: str, attachment: Any, tokenizer: Any, out: Any = None) -> Sc
             line += f" ({guard['decisions']} batches inspected)"
         print(line, file=out)
         print(f"  expected: {item.expect} -> {'ok' if matched else 'UNEXPECTED'}", file=out)
-    return ScriptOutcome(ok, guards)
+    everyday = everyday_prompts()
+    if everyday:
+        print(f"\n[{len(guards) + 1}] Everyday prompts pass (expected: CONTINUE)", file=out)
+    passed = 0
+    for prompt in everyday:
+        guard = post_chat(url, prompt, EVERYDAY_TOKENS)["guard"]
+        action = guard["action"]
+        passed += action == "CONTINUE"
+        mark = "ok" if action == "CONTINUE" else f"UNEXPECTED {action}: {guard.get('details')}"
+        print(f"  {mark:<4} {prompt}", file=out)
+    if everyday:
+        print(f"  {passed} of {len(everyday)} passed", file=out)
+    return ScriptOutcome(ok and passed == len(everyday), guards)
 
 
 def trace_walk(tracing: DemoTracing, outcome: ScriptOutcome, state: Path) -> str:
