@@ -54,6 +54,20 @@ def guard_subscriptions(settings: Mapping[str, Any]) -> Sequence[FeatureRequest]
 
 
 @hookspec
+def guard_idle() -> bool | None:
+    """Whether this plugin, as configured, has nothing to do on the hot path.
+
+    Asked once after ``guard_configure`` (at start-up and on every reload). True: the guard
+    does not call this plugin's ``guard_detect`` or ``guard_steer`` (nor time or trace them)
+    until the next configuration; its other hooks are called as usual. A plugin installed for
+    everyone but configured by few (a shadow check, an optional detector) stays off the
+    per-batch path where it is not configured. Raising here is a start-up (or reload) error.
+
+    :return: True when idle; False or None when it wants every batch.
+    """
+
+
+@hookspec
 def guard_startup() -> None:
     """Called once the SAEs are loaded, before the guard reports SERVING."""
 

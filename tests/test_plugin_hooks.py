@@ -367,7 +367,7 @@ def test_an_argument_the_hook_does_not_have_is_rejected() -> None:
 
 def test_hook_names_are_the_specs() -> None:
     assert PluginSet.hook_names() == [
-        "guard_configure", "guard_detect", "guard_record", "guard_request_ended",
+        "guard_configure", "guard_detect", "guard_idle", "guard_record", "guard_request_ended",
         "guard_shutdown", "guard_startup", "guard_steer", "guard_subscriptions",
     ]
 
@@ -456,3 +456,66 @@ def test_the_environment_variable_turns_autoload_off(
 def test_autoload_off_in_the_config_loads_only_enabled(fake_plugins: list[str]) -> None:
     assert discover(autoload=False, env={}) == []
     assert "fake_one" in [s.name for s in discover(env={AUTOLOAD_ENV: "0"})]
+
+
+class Idle(Calls):
+    """Idle on the hot path unless its settings say ``busy: true``."""
+
+    busy = False
+
+    @hookimpl
+    def guard_configure(self, settings: Mapping[str, Any]) -> None:
+        super().guard_configure(settings)
+        self.busy = bool(settings.get("busy"))
+
+    @hookimpl
+    def guard_idle(self) -> bool:
+        return not self.busy
+
+
+def test_an_idle_plugin_is_not_called_on_the_hot_path_until_configured_busy() -> None:
+    idle, other = Idle(), Calls()
+    plugins = plugin_set(("idle", idle), ("other", other))
+    plugins.configure({})
+    assert plugins.idle == {"idle"}
+    assert plugins.hot_plugins() == ["other"]
+    findings, failures = plugins.detect(batch())
+    plugins.steer(batch(), findings)
+    assert not failures
+    assert not any(name in ("detect", "steer") for name, _ in idle.calls)
+    assert [name for name, _ in other.calls] == ["configure", "detect", "steer"]
+    plugins.record(make_decision())  # its other hooks still run
+    assert idle.calls[-1][0] == "record"
+    plugins.configure({"idle": {"busy": True}})  # a reload that gives it work
+    assert plugins.idle == frozenset()
+    plugins.detect(batch())
+    assert idle.calls[-1][0] == "detect"
+
+
+def test_guard_idle_must_answer_a_bool_and_raising_is_a_start_up_error() -> None:
+    class Bad:
+        @hookimpl
+        def guard_idle(self) -> Any:
+            return "yes"
+
+    class Raises:
+        @hookimpl
+        def guard_idle(self) -> bool:
+            raise RuntimeError("boom")
+
+    with pytest.raises(PluginError, match="'bad': guard_idle must return True, False or None"):
+        plugin_set(("bad", Bad())).configure({})
+    with pytest.raises(PluginError, match="'raises': guard_idle raised RuntimeError"):
+        plugin_set(("raises", Raises())).configure({})
+
+
+def test_the_first_party_plugins_are_idle_without_configuration() -> None:
+    from guard_plugins.detectors import Detectors
+    from guard_plugins.steering import SteeringPlugin
+    from guard_plugins.verify import ShadowVerify
+
+    plugins = plugin_set(("detectors", Detectors), ("steering", SteeringPlugin),
+                         ("verify", ShadowVerify))
+    plugins.configure({})
+    assert plugins.idle == {"detectors", "steering", "verify"}
+    assert plugins.hot_plugins() == []

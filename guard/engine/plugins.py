@@ -55,6 +55,8 @@ LOG_FAILURES_EVERY = 1000
 ENTRY_POINT_GROUP: Final = "guard"
 #: Hooks called per batch: each call gets a span (when the batch is traced) and a latency.
 OBSERVED_HOOKS: Final = frozenset({"guard_detect", "guard_steer", "guard_record"})
+#: The per-batch hooks a plugin's ``guard_idle`` turns off.
+_HOT_HOOKS: Final = frozenset({"guard_detect", "guard_steer"})
 #: Set to 1 to load only the plugins named in ``plugins.enabled``.
 AUTOLOAD_ENV: Final = "GUARD_DISABLE_PLUGIN_AUTOLOAD"
 
@@ -289,6 +291,8 @@ class PluginSet:
     def __init__(self, sources: Iterable[PluginSource], *, trace: bool = False,
                  instruments: Instruments | None = None) -> None:
         self._instruments = instruments if instruments is not None else Instruments()
+        #: Plugins that said (``guard_idle``) they have nothing to do on the hot path.
+        self.idle: frozenset[str] = frozenset()
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._versions: dict[str, str] = {}
@@ -338,8 +342,11 @@ class PluginSet:
         caller: pluggy.HookCaller = getattr(self._pm.hook, hook)
         # tryfirst plugins first and trylast ones last (as pluggy does); otherwise in
         # registration order, which is deterministic (discovery sorts by name).
-        return sorted(caller.get_hookimpls(),
-                      key=lambda impl: 0 if impl.tryfirst else 2 if impl.trylast else 1)
+        impls = sorted(caller.get_hookimpls(),
+                       key=lambda impl: 0 if impl.tryfirst else 2 if impl.trylast else 1)
+        if self.idle and hook in _HOT_HOOKS:
+            return [impl for impl in impls if impl.plugin_name not in self.idle]
+        return impls
 
     def _traced(self, hook: str, plugin: str, started: float) -> None:
         if self.trace:
@@ -466,6 +473,28 @@ class PluginSet:
                 ) from exc
             finally:
                 self._traced("guard_configure", name, started)
+        self.idle = self._ask_idle()
+
+    def _ask_idle(self) -> frozenset[str]:
+        """The plugins whose ``guard_idle`` says they have nothing to do on the hot path."""
+        idle = set()
+        for impl in self._impls("guard_idle"):
+            started = time.perf_counter()
+            try:
+                answer = impl.function()
+            except (Exception, SystemExit) as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r}: guard_idle raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._traced("guard_idle", impl.plugin_name, started)
+            if answer is not None and not isinstance(answer, bool):
+                raise PluginError(f"plugin {impl.plugin_name!r}: guard_idle must return True, "
+                                  f"False or None, found {type(answer).__name__}")
+            if answer:
+                idle.add(impl.plugin_name)
+        if idle:
+            log.info("plugins idle on the hot path", plugins=sorted(idle))
+        return frozenset(idle)
 
     def subscriptions(self, config: Mapping[str, Mapping[str, Any]]) -> list[FeatureRequest]:
         """Every plugin's feature requests; a raising plugin is a start-up error."""

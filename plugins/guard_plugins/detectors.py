@@ -875,6 +875,11 @@ class Detectors:
         return requests
 
     @hookimpl
+    def guard_idle(self) -> bool:
+        """No detector configured: nothing to do per batch."""
+        return not self._detectors
+
+    @hookimpl
     def guard_detect(self, batch: FeatureBatch) -> Sequence[Finding] | None:
         group = self._by_hook.get(batch.hook)
         if not group:

@@ -110,6 +110,11 @@ class SteeringPlugin:
         self._rules, self._by_hook = rules, by_hook
 
     @hookimpl
+    def guard_idle(self) -> bool:
+        """No steering rule configured: nothing to do per batch."""
+        return not self._rules
+
+    @hookimpl
     def guard_subscriptions(self) -> Sequence[FeatureRequest]:
         requests = []
         for hook, rules in self._by_hook.items():

@@ -191,6 +191,12 @@ class ShadowVerify:
         return [] if self._detectors is None else list(self._detectors.guard_subscriptions())
 
     @hookimpl
+    def guard_idle(self) -> bool:
+        """Installed with the first-party plugins, configured by few: off the hot path
+        without detectors to check or with a sample of 0."""
+        return self._detectors is None or not self._checks or not self._sample
+
+    @hookimpl
     def guard_detect(self, batch: FeatureBatch) -> Sequence[Finding] | None:
         real = self._detectors
         if real is None or not self._checks or not self._sample or \
