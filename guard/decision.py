@@ -226,10 +226,11 @@ class FeatureBatch:
     ``feature_ids[j]``. Every plugin sees the union of all plugins' subscriptions on the hook.
 
     ``residual`` is the raw residual rows the features were encoded from (``[rows, d_in]``,
-    float32, read-only), for raw-activation probes. It is valid during the plugin call only
-    (it may be a view on the host's shared memory, which the host reuses once the batch is
-    answered): a plugin keeps what it computed from it, never the array. It never goes into
-    records, logs or spans.
+    float32, read-only), for raw-activation probes. A plugin keeps what it computed from it,
+    never the array: over gRPC and shared memory it is the guard's own copy (regions are read
+    with ``pread``, never mapped), but an in-process caller of the engine may reuse its array
+    once the batch is answered, and a plugin that overran its budget would then read the next
+    rows. It never goes into records, logs or spans.
     """
 
     request_id: str
