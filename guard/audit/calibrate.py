@@ -783,10 +783,14 @@ def shadow_plugins(blocks: Mapping[str, Any]) -> Any:
     return plugins
 
 
-def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations) -> ShadowResult:
+def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations, *,
+                   residual: NDArray[np.float32] | None = None,
+                   errors: NDArray[np.float64] | None = None) -> ShadowResult:
     """Each prompt as one prompt-phase batch of its rows (positions 1..., with their roles
-    and token ids), through the plugin."""
-    from guard import FeatureBatch, Phase
+    and token ids), through the plugin. ``residual``: every prompt's raw rows, aligned with
+    ``acts`` (for probe detectors); ``errors``: each of those rows' squared reconstruction
+    error (for reconstruction detectors), as the guard hands them on a sampled batch."""
+    from guard import FeatureBatch, Phase, Reconstruction
 
     plugins = shadow_plugins(blocks)
     requests = plugins.subscriptions({})
@@ -796,17 +800,25 @@ def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations) -> Shadow
     fired: dict[str, list[int]] = {n: [] for n in names}
     scores = {n: np.full(len(acts), np.nan) for n in names}
     failures: list[str] = []
+    offsets = acts.row_offsets
     for i in range(len(acts)):
         rows = acts.rows_of(i)[:, features] if features else np.zeros((len(acts.tokens[i]), 0))
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        raw = None
+        if residual is not None:
+            raw = residual[a:b]
+            raw.flags.writeable = False
         batch = FeatureBatch(
             request_id=f"prompt-{i}", sequence=1, hook=acts.hook,
             feature_ids=np.array(features, dtype=np.int64),
             activations=np.ascontiguousarray(rows, dtype=np.float32),
             positions=np.arange(1, rows.shape[0] + 1, dtype=np.int64),
             token_ids=acts.token_ids_of(i), phase=Phase.PROMPT, feature_labels={},
-            sae_sha256=acts.sae_sha256, roles=acts.roles_of(i))
-        findings, errors = plugins.detect(batch)
-        failures += [f"prompt {i}: {e.error}" for e in errors]
+            sae_sha256=acts.sae_sha256, roles=acts.roles_of(i), prompt_complete=True,
+            residual=raw,
+            reconstruction=None if errors is None else Reconstruction.of(raw, errors[a:b]))
+        findings, failed = plugins.detect(batch)
+        failures += [f"prompt {i}: {e.error}" for e in failed]
         for finding in findings:
             fired.setdefault(finding.detector, []).append(i)
             scores.setdefault(finding.detector, np.full(len(acts), np.nan))[i] = finding.score

@@ -802,10 +802,27 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             texts = [p.text for p in prompts]
             sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
             model, tokenizer = load_smollm2()
-            acts = cached_activations(_cache(args.cache), texts, [0] * len(texts), sae, model,
-                                      tokenizer, hook=args.hook,
-                                      max_tokens=_max_tokens(args))
-            result = shadow_prompts(blocks, acts)
+            kinds = {str(b.get("type")) for b in blocks.values() if isinstance(b, dict)}
+            if kinds & {"probe", "reconstruction"}:
+                # the rows themselves: a probe scores them, a reconstruction detector
+                # measures how well the SAE explains them
+                from guard.audit.probe import cached_residuals
+                from guard.audit.rank import encode_prompts
+                from guard.host.attach import layer_index
+                from guard.sae.reconstruction import squared_errors
+
+                resid = cached_residuals(_cache(args.cache), texts, model, tokenizer,
+                                         layer_index(args.hook or sae.info.hook_name),
+                                         _max_tokens(args))
+                acts = encode_prompts(resid, [0] * len(texts), sae, hook=args.hook)
+                errors = (squared_errors(sae, np.ascontiguousarray(resid.rows))
+                          if "reconstruction" in kinds else None)
+                result = shadow_prompts(blocks, acts, residual=resid.rows, errors=errors)
+            else:
+                acts = cached_activations(_cache(args.cache), texts, [0] * len(texts), sae,
+                                          model, tokenizer, hook=args.hook,
+                                          max_tokens=_max_tokens(args))
+                result = shadow_prompts(blocks, acts)
     except GuardError as e:
         return _fail("detectors shadow", e)
     print(format_shadow(result, labels))
