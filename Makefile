@@ -76,6 +76,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m bench.transport --write-results
 	$(PY) -m bench.shm --write-results
 	$(PY) -m bench.sae_encode --write-results
+	$(PY) -m bench.reconstruction --write-results
 	$(PY) -m bench.e2e --write-results
 	$(PY) -m bench.steps --write-results
 	$(PY) -m bench.tracing --write-results

@@ -21,8 +21,8 @@ from bench._stats import HEADLINES, markdown_table, write_section
 
 PLOT = Path(__file__).resolve().parent / "performance.png"
 #: Page order: the path of one batch from the wire inwards, then the whole host.
-ORDER = ("transport", "shm", "sae_encode", "e2e", "steps", "tracing", "host_overhead", "soak",
-         "soak-doorbell", "faults", "faults-doorbell", "fuzz")
+ORDER = ("transport", "shm", "sae_encode", "reconstruction", "e2e", "steps", "tracing",
+         "host_overhead", "soak", "soak-doorbell", "faults", "faults-doorbell", "fuzz")
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def header(cal: ReconstructionCalibration, command: str) -> list[str]:
         f"threshold: the {cal.percentile:g}th percentile, {cal.threshold:.6g}: flags "
         f"{cal.flagged_fraction:.1%} of these prompts",
         "The guard measures the NMSE on sampled batches only: serve the SAE with "
-        "saes[].reconstruction.sample > 0 (e.g. 0.05).",
+        "saes[].reconstruction.sample > 0 (its cost: docs/operations.md).",
         "",
     ]
 
