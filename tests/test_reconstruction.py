@@ -437,3 +437,42 @@ def test_the_calibration_command_refuses_bad_options(
     assert run_cli("detectors", "reconstruction", "--prompts", str(prompts), "--sae",
                    str(DEMO_SAE), "--min-rows", "1") == 1
     assert "--min-rows: expected at least 2 rows" in capsys.readouterr().err
+
+
+def test_spans_carry_the_nmse_and_the_out_of_distribution_flag_not_the_rows() -> None:
+    """A sampled batch's span (and a step's verdict event) has the request's NMSE and, when
+    a reconstruction finding said so, ``guard.decision.out_of_distribution``."""
+    from dataclasses import replace
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from guard import Finding
+    from guard.telemetry.instruments import decision_attributes, step_attributes
+    from guard.testing import make_decision
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    outside = replace(make_decision(findings=[Finding(
+        "coverage", 0.93, 0.46, "log", out_of_distribution=True)]), reconstruction_nmse=0.93)
+    unsampled = make_decision()
+    with tracer.start_as_current_span("batch") as span:
+        decision_attributes(span, outside, record_sensitive=False)
+    with tracer.start_as_current_span("quiet") as span:
+        decision_attributes(span, unsampled, record_sensitive=False)
+    with tracer.start_as_current_span("step") as span:
+        step_attributes(span, [outside, unsampled], record_sensitive=False)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    batch = dict(spans["batch"].attributes or {})
+    assert batch["guard.sae.reconstruction.nmse"] == pytest.approx(0.93)
+    assert batch["guard.decision.out_of_distribution"] is True
+    quiet = dict(spans["quiet"].attributes or {})
+    assert "guard.sae.reconstruction.nmse" not in quiet
+    assert "guard.decision.out_of_distribution" not in quiet
+    verdicts = [dict(e.attributes or {}) for e in spans["step"].events
+                if e.name == "guard.verdict"]
+    assert verdicts[0]["guard.decision.out_of_distribution"] is True
+    assert "guard.sae.reconstruction.nmse" not in verdicts[1]

@@ -460,6 +460,7 @@ def step_attributes(span: Span, decisions: Sequence[Decision], record_sensitive:
         if decision.edits:
             verdict["guard.steering.feature_ids"] = sorted({int(e.feature_id)
                                                            for e in decision.edits})
+        verdict.update(_reconstruction_attributes(decision))
         span.add_event("guard.verdict", verdict)
         _finding_events(span, decision, record_sensitive, decision.request_id)
 
@@ -485,8 +486,20 @@ def decision_attributes(span: Span, decision: Decision, record_sensitive: bool) 
     if decision.edits:
         attributes["guard.steering.feature_ids"] = sorted({int(e.feature_id)
                                                            for e in decision.edits})
+    attributes.update(_reconstruction_attributes(decision))
     span.set_attributes(attributes)
     _finding_events(span, decision, record_sensitive)
+
+
+def _reconstruction_attributes(decision: Decision) -> dict[str, Any]:
+    """A sampled batch's reconstruction error (one number per request: no activation value)
+    and whether a finding said its features read outside the SAE's distribution."""
+    attributes: dict[str, Any] = {}
+    if decision.reconstruction_nmse is not None:
+        attributes["guard.sae.reconstruction.nmse"] = float(decision.reconstruction_nmse)
+    if decision.out_of_distribution:
+        attributes["guard.decision.out_of_distribution"] = True
+    return attributes
 
 
 def _finding_events(span: Span, decision: Decision, record_sensitive: bool,
