@@ -317,7 +317,8 @@ def test_a_served_guard_exports_the_histogram_and_flags_the_request_outside(
         "logging": {"level": "info"},
         "saes": [{"path": str(subspace_sae), "reconstruction": {"sample": 1}}],
         "plugins": {"enabled": ["detectors", "decision_log"], "watch_interval_seconds": 0,
-                    "config": {"detectors": {"coverage": coverage()},
+                    "config": {"detectors": {"coverage": coverage(),
+                                             "coverage-flag": coverage(action="flag")},
                                "decision_log": {"path": str(tmp_path / "guard" /
                                                             "decisions.jsonl")}}},
         "telemetry": {"metrics_listen": "127.0.0.1:0", "tracing": False},
@@ -332,15 +333,21 @@ def test_a_served_guard_exports_the_histogram_and_flags_the_request_outside(
                  HostSegment("outside", 24, "prompt", prompt_complete=True)],
                 list(range(1, 25)) * 2).verdicts
             assert {v.request_id: v.action.name for v in verdicts} == {
-                "inside": "CONTINUE", "outside": "CONTINUE"}  # action log: a caveat only
+                "inside": "CONTINUE", "outside": "CONTINUE"}  # log and flag: a caveat only
+            told = {v.request_id: v.findings for v in verdicts}
+            assert told["inside"] == ()
+            # the host hears of the flag (not of the log-only finding), marked as such
+            [reported] = told["outside"]
+            assert reported.detector == "coverage-flag" and reported.out_of_distribution
         poll(lambda: len(sidecar.decisions()) == 2, 30, "two decision records")
         records = {r["request_id"]: r for r in sidecar.decisions()}
         assert records["inside"]["out_of_distribution"] is False
         assert records["inside"]["findings"] == []
         assert records["inside"]["reconstruction_nmse"] < 0.01
         assert records["outside"]["out_of_distribution"] is True
-        [finding] = records["outside"]["findings"]
+        finding, flagged = records["outside"]["findings"]
         assert finding["detector"] == "coverage" and finding["out_of_distribution"] is True
+        assert flagged["detector"] == "coverage-flag" and flagged["out_of_distribution"]
         assert records["outside"]["reconstruction_nmse"] == pytest.approx(finding["score"])
         assert finding["score"] > 0.9
         assert "read outside the SAE's distribution" in finding["message"]

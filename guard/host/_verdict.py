@@ -51,6 +51,9 @@ class ReportedFinding:
     #: Positions of the rows that fired.
     positions: tuple[int, ...] = ()
     message: str = ""
+    #: The SAE does not explain the request's residual (a ``reconstruction`` detector):
+    #: feature-based verdicts on it read outside the SAE's distribution.
+    out_of_distribution: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def _findings(findings: Iterable[pb.Finding]) -> tuple[ReportedFinding, ...]:
             action=_ACTIONS.get(f.action, Action.CONTINUE),
             feature_ids=tuple(f.feature_ids), feature_activations=tuple(f.feature_activations),
             feature_labels=tuple(f.feature_labels), positions=tuple(f.positions),
-            message=f.message,
+            message=f.message, out_of_distribution=f.out_of_distribution,
         )
         for f in findings
     )

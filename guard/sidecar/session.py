@@ -743,6 +743,7 @@ def _add_findings(findings: RepeatedCompositeFieldContainer[pb.Finding],
             feature_labels=finding.feature_labels,
             positions=finding.positions,
             message=finding.message,
+            out_of_distribution=finding.out_of_distribution,
         )
 
 

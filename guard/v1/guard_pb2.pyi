@@ -760,12 +760,17 @@ class Finding(_message.Message):
     FEATURE_LABELS_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     detector: _builtins.str
     score: _builtins.float
     threshold: _builtins.float
     action: Global___Action.ValueType
     """The action this finding asks for."""
     message: _builtins.str
+    out_of_distribution: _builtins.bool
+    """The SAE does not explain this request's residual (a `reconstruction` detector's
+    finding): feature-based verdicts on it read outside the SAE's distribution.
+    """
     @_builtins.property
     def feature_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Features that contributed, with their activations and labels (parallel lists)."""
@@ -790,10 +795,11 @@ class Finding(_message.Message):
         feature_labels: _abc.Iterable[_builtins.str] | None = ...,
         positions: _abc.Iterable[_builtins.int] | None = ...,
         message: _builtins.str = ...,
+        out_of_distribution: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "detector", b"detector", "feature_activations", b"feature_activations", "feature_ids", b"feature_ids", "feature_labels", b"feature_labels", "message", b"message", "positions", b"positions", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "detector", b"detector", "feature_activations", b"feature_activations", "feature_ids", b"feature_ids", "feature_labels", b"feature_labels", "message", b"message", "out_of_distribution", b"out_of_distribution", "positions", b"positions", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
