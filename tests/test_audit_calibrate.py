@@ -574,7 +574,7 @@ def test_the_example_data_has_every_source_and_none_of_the_reserved() -> None:
         benign = data.example_benign(cache_dir())
     except WheelUnavailable as exc:  # pragma: no cover - pip needs PyPI
         pytest.fail(f"the example data's wheels: {exc}")
-    by_source = {}
+    by_source: dict[str, list[Any]] = {}
     for p in [*positives, *benign]:
         by_source.setdefault(p.source, []).append(p)
     assert {p.source for p in positives} == {
@@ -622,3 +622,30 @@ def test_shadow_over_prompts_runs_probe_and_reconstruction_detectors(
     assert re.search(r"jailbreak\s+fired on\s+1 ", out), out
     assert re.search(r"sae-coverage\s+fired on\s+\d+ ", out), out
     assert "DAN" in out.split("jailbreak: highest scores")[1], out
+
+
+def test_the_report_shows_held_out_sources_and_each_length_buckets_scores() -> None:
+    from guard.audit.report import calibration_html
+
+    acts, groups, sources = planted_set()
+    sources = [f"{s}-{i % 2}" for i, s in enumerate(sources)]  # two sources per class
+    everything = np.arange(len(acts))
+    result = cal.calibrate(acts, everything[::2], everything[1::2], name="planted",
+                           groups=groups, sources=sources, target_fpr=0.02, top=6,
+                           by_source=True)
+    record = cal.metrics_record(result)
+    loso = record["leave_one_source_out"]["linear"]
+    headline = loso["worst_source_fpr"]["fpr"]
+    for bucket in loso["by_length_bucket"].values():
+        if bucket["benign"]:
+            assert bucket["benign_score"]["median"] <= bucket["benign_score"]["p95"]
+    page = calibration_html(result, record, "plugins: {}", png=None)
+    assert "linear: leave one source out (the headline)" in page
+    assert "benign score median / p95" in page
+    # a bucket whose benign FPR is above its detector's headline is called out, and only it
+    for kind in record["leave_one_source_out"].values():
+        for bucket in kind["by_length_bucket"].values():
+            bucket["fpr"] = 0.0
+    assert "above the headline</b>" not in calibration_html(result, record, "", png=None)
+    next(iter(loso["by_length_bucket"].values()))["fpr"] = headline + 0.1
+    assert calibration_html(result, record, "", png=None).count("above the headline</b>") == 1
