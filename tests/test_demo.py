@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 models = pytest.importorskip("guard.models.smollm2")
 try:
@@ -233,3 +234,20 @@ def test_a_prometheus_server_reads_the_running_demos_counters(tmp_path: Path) ->
         if process.stdout is not None:
             process.stdout.close()
     assert code == 0, "".join(output)
+
+
+def test_demo_config_can_turn_reconstruction_sampling_off(tmp_path: Path) -> None:
+    """What the vLLM throughput bench runs: the demo without the sampled diagnostic, and
+    without the detector that would then refuse to start."""
+    on = yaml.safe_load(demo_config(tmp_path, tmp_path / "g.sock").read_text())
+    assert on["saes"][0]["reconstruction"]["sample"] == 1.0
+    assert on["plugins"]["config"]["detectors"]["sae-coverage"]["type"] == "reconstruction"
+    (tmp_path / "off").mkdir()
+    path = demo_config(tmp_path / "off", tmp_path / "g.sock", reconstruction_sample=0.0)
+    off = yaml.safe_load(path.read_text())
+    assert off["saes"][0]["reconstruction"]["sample"] == 0.0
+    assert "sae-coverage" not in off["plugins"]["config"]["detectors"]
+    assert "jailbreak" in off["plugins"]["config"]["detectors"]
+    result = subprocess.run([sys.executable, "-m", "guard", "config", "check", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

@@ -61,14 +61,24 @@ def everyday_prompts() -> list[str]:
     return [str(p) for p in raw.get("everyday", [])]
 
 
-def demo_config(state: Path, socket: Path) -> Path:
-    """The demo's guard config, with absolute SAE paths and the decision log in ``state``."""
+def demo_config(state: Path, socket: Path, *, reconstruction_sample: float | None = None
+                ) -> Path:
+    """The demo's guard config, with absolute SAE paths and the decision log in ``state``;
+    ``reconstruction_sample`` overrides ``saes[].reconstruction.sample`` (a benchmark that
+    measures the guard's path without that diagnostic sets 0, and drops the detector that
+    reads it)."""
     source = resources.files("guard").joinpath(DEMO_CONFIG)
     data: dict[str, Any] = yaml.safe_load(source.read_text())
     base = Path(str(resources.files("guard").joinpath("defaults")))
     for entry in data.get("saes", []):
         path = Path(entry["path"])
         entry["path"] = str(path if path.is_absolute() else (base / path).resolve())
+        if reconstruction_sample is not None:
+            entry["reconstruction"] = {"sample": reconstruction_sample}
+    if reconstruction_sample == 0:
+        detectors = data.get("plugins", {}).get("config", {}).get("detectors", {})
+        for name in [n for n, d in detectors.items() if d.get("type") == "reconstruction"]:
+            del detectors[name]
     data.setdefault("server", {})["listen"] = f"unix://{socket}"
     plugins = data.setdefault("plugins", {}).setdefault("config", {})
     plugins.setdefault("decision_log", {})["path"] = str(state / "decisions.jsonl")
