@@ -649,3 +649,13 @@ def test_the_report_shows_held_out_sources_and_each_length_buckets_scores() -> N
     assert "above the headline</b>" not in calibration_html(result, record, "", png=None)
     next(iter(loso["by_length_bucket"].values()))["fpr"] = headline + 0.1
     assert calibration_html(result, record, "", png=None).count("above the headline</b>") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_bad_probe_l2_is_refused_before_any_model_runs(
+        value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none.jsonl"  # never read: the option is checked first
+    code = run_cli("detectors", "calibrate", "--positive", str(missing), "--benign",
+                   str(missing), "--sae", str(tmp_path), "--probe", "--probe-l2", value)
+    assert code == 1
+    assert "--probe-l2: expected a number > 0" in capsys.readouterr().err

@@ -783,6 +783,19 @@ def shadow_plugins(blocks: Mapping[str, Any]) -> Any:
     return plugins
 
 
+def shadow_needs(blocks: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(whether a detector reads the raw residual rows, whether one reads their
+    reconstruction error), as the detectors' own subscriptions declare them (``d_in``,
+    ``reconstruction``): what a shadow run over prompts must compute besides features."""
+    plugins = shadow_plugins(blocks)
+    try:
+        requests = plugins.subscriptions({})
+    finally:
+        plugins.shutdown()
+    return (any(r.d_in is not None for r in requests),
+            any(r.reconstruction for r in requests))
+
+
 def shadow_prompts(blocks: Mapping[str, Any], acts: PromptActivations, *,
                    residual: NDArray[np.float32] | None = None,
                    errors: NDArray[np.float64] | None = None) -> ShadowResult:

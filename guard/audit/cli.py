@@ -35,6 +35,7 @@ from guard.audit.data import (
     split,
     write_prompts,
 )
+from guard.audit.report import percent as _pct
 from guard.decision import CONTENT_ROLES, EditKind
 from guard.errors import GuardError, InvalidInput
 
@@ -615,6 +616,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         features = _feature_list(args.features) if args.features else None
         if args.window < 1:
             raise InvalidInput(f"--window: expected a number of rows >= 1, found {args.window}")
+        if args.probe_l2 is not None and not args.probe_l2 > 0:  # NaN too
+            raise InvalidInput(f"--probe-l2: expected a number > 0, found {args.probe_l2}")
         prepared = _prepare(args, keep_rows=args.probe)
         labels = _labels(args, prepared.sae)
         groups = [p.group for p in prepared.prompts]
@@ -629,8 +632,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             balanced = source_weights(prepared.acts.labels, sources)
             weights = balanced if weights is None else weights * balanced
             weights = weights * (len(weights) / weights.sum())
-        if args.probe_l2 is not None and not args.probe_l2 > 0:
-            raise InvalidInput(f"--probe-l2: expected a number > 0, found {args.probe_l2}")
         by_source = args.by_source and all(
             len({s for s, p in zip(sources, prepared.prompts, strict=True) if p.label == c})
             >= 2 for c in (0, 1))
@@ -735,10 +736,6 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
 def _summary(record: dict[str, Any]) -> str:
     lines = []
     loso = record.get("leave_one_source_out") or {}
@@ -772,6 +769,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
         detectors_block,
         format_shadow,
         shadow_batches,
+        shadow_needs,
         shadow_prompts,
     )
 
@@ -802,8 +800,8 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             texts = [p.text for p in prompts]
             sae = open_sae(args.sae, hook=args.hook, providers=["CPUExecutionProvider"])
             model, tokenizer = load_smollm2()
-            kinds = {str(b.get("type")) for b in blocks.values() if isinstance(b, dict)}
-            if kinds & {"probe", "reconstruction"}:
+            rows_read, errors_read = shadow_needs(blocks)
+            if rows_read or errors_read:
                 # the rows themselves: a probe scores them, a reconstruction detector
                 # measures how well the SAE explains them
                 from guard.audit.probe import cached_residuals
@@ -816,7 +814,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
                                          _max_tokens(args))
                 acts = encode_prompts(resid, [0] * len(texts), sae, hook=args.hook)
                 errors = (squared_errors(sae, np.ascontiguousarray(resid.rows))
-                          if "reconstruction" in kinds else None)
+                          if errors_read else None)
                 result = shadow_prompts(blocks, acts, residual=resid.rows, errors=errors)
             else:
                 acts = cached_activations(_cache(args.cache), texts, [0] * len(texts), sae,

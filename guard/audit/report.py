@@ -176,7 +176,8 @@ def calibration_html(cal: Calibration, record: Mapping[str, Any], blocks_yaml: s
     return _page(f"Calibration: {cal.name}", "\n".join(body))
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A rate as ``12.3%`` (``-`` for none): the reports' and summaries' one format."""
     return "-" if value is None else f"{value:.1%}"
 
 
@@ -211,7 +212,7 @@ def _held_out_sources_html(loso: Mapping[str, Any]) -> list[str]:
             pos_text = "-" if not pos else f"{pos['median']:.3g}"
             body.append(
                 f"<tr><td class='l'>{html.escape(bucket)}</td><td>{b['positives']}</td>"
-                f"<td>{b['benign']}</td><td>{_pct(b['recall'])}</td><td>{_pct(b['fpr'])}</td>"
+                f"<td>{b['benign']}</td><td>{percent(b['recall'])}</td><td>{percent(b['fpr'])}</td>"
                 f"<td>{ben_text}</td><td>{pos_text}</td><td class='l'>"
                 f"{'<b>above the headline</b>' if above else ''}</td></tr>")
         body.append("</table>")
