@@ -26,6 +26,7 @@ from guard.config import (
 )
 from guard.decision import CONTENT_ROLES, ActivationRows, Segment, role_mask
 from guard.engine.core import Engine
+from guard.errors import InvalidInput
 from guard.host import GuardClient
 from guard.host import Segment as HostSegment
 from guard.sae import open_sae
@@ -483,3 +484,19 @@ def test_spans_carry_the_nmse_and_the_out_of_distribution_flag_not_the_rows() ->
                 if e.name == "guard.verdict"]
     assert verdicts[0]["guard.decision.out_of_distribution"] is True
     assert "guard.sae.reconstruction.nmse" not in verdicts[1]
+
+
+@pytest.mark.parametrize("features", [(), (1, 3)])
+def test_a_sampled_batch_out_of_the_input_range_is_refused_whatever_is_encoded(
+        tmp_path: Path, subspace_sae: Path, features: tuple[int, ...]) -> None:
+    """The range check runs once per batch: in the encode when features are subscribed, in
+    the reconstruction when only it reads the rows; either way a NaN row is refused."""
+    rows = traffic(6, inside=True)
+    rows[2, 0] = np.nan
+    engine = Engine.load(config_for(tmp_path, subspace_sae, sample=1.0, features=features,
+                                    detectors={"coverage": coverage()}))
+    try:
+        with pytest.raises(InvalidInput, match=r"1 of 6 rows .* out of the range .* positions 3\)"):
+            engine.inspect_step(step([rows]), {})
+    finally:
+        engine.close()

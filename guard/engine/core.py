@@ -578,7 +578,8 @@ class Engine:
         features are reused when they are every feature; otherwise rows are encoded once
         more, in full, chunk by chunk (the ``reconstruct`` timing)."""
         started = time.perf_counter()
-        check_input_range(batch, runtime.sae.input_limit)  # also when nothing was encoded
+        if runtime.encoder is None:  # otherwise _encode checked these rows already
+            check_input_range(batch, runtime.sae.input_limit)
         measured = batch.positions != 0
         errors = sae_reconstruction.squared_errors(
             runtime.sae, batch.rows, measured=None if bool(measured.all()) else measured,
